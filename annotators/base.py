@@ -1,0 +1,101 @@
+"""The annotator protocol: batch of RGB images in, condition maps of the same size out.
+
+An annotator is constructed once per worker (that is where weights load), is called on batches,
+and knows its own name, parameters and provenance. It knows nothing of Ray or of manifests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from abc import ABC, abstractmethod
+from importlib import metadata
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class AnnotatorParams:
+    """Base for each annotator's parameters; subclasses add documented fields and checks."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class AnnotationSkipped(Exception):
+    """Raised per image when the annotator found nothing to annotate (e.g. no person).
+
+    The pipeline records such a row as ``status=filtered`` with this message as the reason.
+    """
+
+
+class Annotator(ABC):
+    """Base class of every annotator.
+
+    Subclasses set ``name`` (the registry key and the ``cond_<name>`` column), ``Params`` (a
+    dataclass of parameters), ``packages`` (distributions whose versions go in provenance) and
+    implement :meth:`annotate`.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[AnnotatorParams]] = AnnotatorParams
+    packages: ClassVar[tuple[str, ...]] = ()
+    #: True when the annotator loads a model: the pipeline then runs it in an actor pool.
+    uses_model: ClassVar[bool] = False
+
+    def __init__(self, params: AnnotatorParams | None = None) -> None:
+        """Cheap: checks parameters only, so the driver can validate a job before any work."""
+        self.params = params if params is not None else self.Params()
+        #: Weight files loaded, as {file name: sha256}; filled by model annotators.
+        self.weights: dict[str, str] = {}
+
+    def setup(self) -> None:
+        """Load weights; called once per worker before the first batch (no-op by default)."""
+
+    @abstractmethod
+    def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
+        """Condition maps for a batch of uint8 HxWx3 RGB images.
+
+        ``ids`` are the rows' stable ids, used to seed any per-image randomness so that a
+        result never depends on batching, sharding or worker. Each returned map is uint8,
+        HxW or HxWx3, with the same HxW as its image.
+        """
+
+    def versions(self) -> dict[str, str | None]:
+        """Versions of the packages that compute the maps."""
+        return {p: package_version(p) for p in self.packages}
+
+    def provenance(self) -> dict[str, Any]:
+        """What made this annotator's maps: class, package versions, parameters, weight hashes."""
+        cls = type(self)
+        return {
+            "name": self.name,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "versions": self.versions(),
+            "params": self.params.to_dict(),
+            "weights": dict(self.weights),
+        }
+
+
+def package_version(distribution: str) -> str | None:
+    """Installed version of ``distribution``, or None when it is not installed."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (weight files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A per-image seed from a job seed and the row id, stable across runs and workers."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")

@@ -1,0 +1,6 @@
+"""Manifest format v1: Parquet shards of (image, caption, condition maps) plus ``_manifest.json``."""
+
+from manifests.io import read, read_manifest_json
+from manifests.schema import SCHEMA_VERSION
+
+__all__ = ["SCHEMA_VERSION", "read", "read_manifest_json"]

@@ -1,0 +1,179 @@
+"""Write and read manifests: Parquet shards made visible atomically, ``_manifest.json`` last."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from manifests.schema import (
+    KNOWN_SCHEMA_VERSIONS,
+    MANIFEST_JSON,
+    PROVENANCE_KEY,
+    STATUSES,
+    is_shard_name,
+)
+
+# Row groups are cut by size, not by pyarrow's default of 1Mi rows: a row here carries
+# hundreds of kB of image bytes, and readers load a whole row group at a time.
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+
+
+def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
+    """A filesystem and path for a local path or any URI pyarrow (or fsspec) can open."""
+    if "://" not in uri_or_path:
+        local = pafs.LocalFileSystem()
+        return local, _abspath(uri_or_path)
+    try:
+        return pafs.FileSystem.from_uri(uri_or_path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        import fsspec  # only needed for schemes pyarrow does not know
+
+        fs, path = fsspec.core.url_to_fs(uri_or_path)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _abspath(path: str) -> str:
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/', as every pyarrow filesystem expects."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _row_group_rows(table: pa.Table) -> int:
+    """Rows per row group so that a group holds about ``ROW_GROUP_BYTES``."""
+    if table.num_rows == 0:
+        return 1
+    per_row = max(1, table.nbytes // table.num_rows)
+    return max(1, ROW_GROUP_BYTES // per_row)
+
+
+def write_shard(rows: Sequence[dict[str, Any]], schema: pa.Schema, out_dir: str, name: str) -> str:
+    """Write ``rows`` as shard ``name`` under ``out_dir``; visible only once complete.
+
+    The shard is written under a temporary name and then moved into place, so a crash never
+    leaves a file that looks finished and a rerun can trust every ``part-*.parquet`` it sees.
+    """
+    fs, base = resolve(out_dir)
+    fs.create_dir(base, recursive=True)
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    final = join(base, name)
+    tmp = join(base, f".tmp-{uuid.uuid4().hex}-{name}")
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            pq.write_table(
+                table,
+                stream,
+                row_group_size=_row_group_rows(table),
+                compression="zstd",
+                # Images are already compressed; dictionary-encoding them only costs time.
+                use_dictionary=["id", "status", "error", "caption", "source"],
+            )
+        fs.move(tmp, final)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
+    return final
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def write_manifest_json(out_dir: str, summary: dict[str, Any]) -> str:
+    """Write ``_manifest.json`` (last, atomically): its presence means the manifest is complete."""
+    fs, base = resolve(out_dir)
+    final = join(base, MANIFEST_JSON)
+    tmp = join(base, f".tmp-{uuid.uuid4().hex}-{MANIFEST_JSON}")
+    with fs.open_output_stream(tmp) as stream:
+        stream.write(json.dumps(summary, indent=2, sort_keys=True).encode())
+    fs.move(tmp, final)
+    return final
+
+
+def read_manifest_json(path: str) -> dict[str, Any]:
+    """The parsed ``_manifest.json`` of the manifest at ``path``."""
+    fs, base = resolve(path)
+    try:
+        with fs.open_input_stream(join(base, MANIFEST_JSON)) as stream:
+            summary = json.loads(stream.read())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{path} has no {MANIFEST_JSON}: it is not a manifest, or the job that writes it "
+            "has not finished (rerun `python pipeline/annotate.py` with the same flags to finish it)"
+        ) from exc
+    version = summary.get("schema_version")
+    if version not in KNOWN_SCHEMA_VERSIONS:
+        raise ValueError(
+            f"{path}: schema_version {version!r} is not one this code reads "
+            f"({sorted(KNOWN_SCHEMA_VERSIONS)}); upgrade the project"
+        )
+    return summary
+
+
+def list_shards(path: str) -> list[str]:
+    """Full paths of the complete shards under ``path``, sorted by name."""
+    fs, base = resolve(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    except FileNotFoundError:
+        return []
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    return [join(base, n) for n in names if is_shard_name(n)]
+
+
+def shard_provenance(shard_path: str) -> dict[str, Any] | None:
+    """The job provenance stored in a shard's key-value metadata, if any."""
+    fs, path = resolve(shard_path)
+    with fs.open_input_file(path) as f:
+        metadata = pq.read_schema(f).metadata or {}
+    raw = metadata.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
+def shard_row_count(shard_path: str) -> int:
+    """Rows in one shard, from its footer (no data read)."""
+    fs, path = resolve(shard_path)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def read(
+    path: str,
+    columns: Iterable[str] | None = None,
+    status: str | None = "ok",
+) -> pd.DataFrame:
+    """Read a manifest into pandas, rows in shard order.
+
+    ``status`` keeps only rows with that status (``None`` keeps all); ``columns`` limits what is
+    read, which matters because image columns dominate the size.
+    """
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES} or None, not {status!r}")
+    read_manifest_json(path)  # fails clearly on a folder that is not a (finished) manifest
+    fs, base = resolve(path)
+    shards = list_shards(path)
+    cols = None if columns is None else list(dict.fromkeys([*columns, "status"]))
+    tables = [pq.read_table(s, columns=cols, filesystem=fs) for s in shards]
+    if not tables:
+        return pd.DataFrame(columns=cols or [])
+    table = pa.concat_tables(tables)
+    if status is not None:
+        table = table.filter(pc.equal(table["status"], status))
+    frame = table.to_pandas()
+    if columns is not None and "status" not in columns:
+        frame = frame.drop(columns=["status"])
+    return frame

@@ -1,0 +1,97 @@
+"""Manifest schema v1: the one contract between annotation and training.
+
+A manifest is a folder of Parquet shards plus ``_manifest.json``. Every input file is one row,
+failures included. Image-like columns are ``struct<bytes, path>`` so Hugging Face ``datasets``
+decodes them as PIL images (declared through the ``huggingface`` schema metadata key).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+KNOWN_SCHEMA_VERSIONS = frozenset({1})
+
+MANIFEST_JSON = "_manifest.json"
+SHARD_PREFIX = "part-"
+SHARD_SUFFIX = ".parquet"
+COND_PREFIX = "cond_"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_FILTERED = "filtered"
+STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_FILTERED)
+
+# Key in each shard's Parquet key-value metadata holding the job's provenance (JSON).
+PROVENANCE_KEY = b"controlforge"
+
+IMAGE_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+BASE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("caption", pa.string()),
+    pa.field("image", IMAGE_STRUCT),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+)
+TAIL_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("source_sha256", pa.string()),
+    pa.field("orig_width", pa.int32()),
+    pa.field("orig_height", pa.int32()),
+)
+
+
+def cond_column(annotator_name: str) -> str:
+    """Column name holding the condition map made by ``annotator_name``."""
+    return f"{COND_PREFIX}{annotator_name}"
+
+
+def image_columns(schema: pa.Schema) -> list[str]:
+    """The ``struct<bytes, path>`` columns: ``image`` and every ``cond_*``."""
+    return [f.name for f in schema if f.type == IMAGE_STRUCT]
+
+
+def cond_columns(names: Iterable[str]) -> list[str]:
+    """The ``cond_*`` columns among ``names``, in order."""
+    return [n for n in names if n.startswith(COND_PREFIX)]
+
+
+def _hf_features(schema: pa.Schema) -> dict:
+    """The ``datasets.Features`` dict for ``schema``: image structs become ``Image``."""
+    features = {}
+    for field in schema:
+        if field.type == IMAGE_STRUCT:
+            features[field.name] = {"_type": "Image"}
+        else:
+            features[field.name] = {"dtype": str(field.type), "_type": "Value"}
+    return features
+
+
+def manifest_schema(annotator_names: Iterable[str], provenance: dict | None = None) -> pa.Schema:
+    """The Arrow schema of a shard with one ``cond_<name>`` column per annotator.
+
+    ``provenance`` (job settings, annotators, versions) is stored in the schema metadata so
+    every shard describes itself even without ``_manifest.json``.
+    """
+    cond = [pa.field(cond_column(n), IMAGE_STRUCT) for n in annotator_names]
+    schema = pa.schema([*BASE_FIELDS, *cond, *TAIL_FIELDS])
+    metadata = {b"huggingface": json.dumps({"info": {"features": _hf_features(schema)}})}
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    return schema.with_metadata(metadata)
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` (``part-00000.parquet``)."""
+    return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
+
+
+def is_shard_name(name: str) -> bool:
+    """True for a complete shard's file name (temporary files never match)."""
+    return name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)

@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Annotate an image collection into a ControlNet training manifest, with Ray.
+
+    python pipeline/annotate.py --input photos/ --output data/manifests/photos --annotators canny
+    ray job submit --working-dir . -- python pipeline/annotate.py --input s3://bucket/photos ...
+
+Reads top to bottom: parse flags -> list inputs -> plan shards (skipping finished ones) ->
+start Ray -> annotate shards in parallel -> write ``_manifest.json`` -> print a summary.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: make the project's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import collections
+import datetime
+import logging
+import time
+from typing import Any, Sequence
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from annotators import registry
+from manifests.io import list_shards, resolve, shard_provenance, write_manifest_json
+from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, shard_name
+from pipeline import ray_runtime
+from pipeline.config import AnnotateConfig, fingerprint
+from pipeline.decode import PrepareSettings
+from pipeline.reader import InputListing, list_inputs
+from pipeline.shard import ShardAnnotator, ShardJob, shard_spec
+
+log = logging.getLogger("annotate")
+
+
+class ResumeConflict(RuntimeError):
+    """The output folder holds shards written with other settings."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
+    """Flags -> a checked ``AnnotateConfig``; a bad flag exits with a message saying what to do."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="folder or URI of the raw images (recursive)")
+    p.add_argument("--output", required=True, help="folder or URI to write the manifest to")
+    p.add_argument("--annotators", default="canny",
+                   help=f"comma-separated names; known: {', '.join(registry.available())}")
+    p.add_argument("--param", "-p", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="annotator parameter, e.g. -p canny.low=50 (repeatable)")
+    p.add_argument("--resolution", type=int, default=512, help="shortest side in pixels, multiple of 8")
+    p.add_argument("--center-crop", action="store_true", help="crop to resolution x resolution")
+    p.add_argument("--min-side", type=int, default=0, help="mark smaller images as filtered (0: upscale all)")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, help="reject images above this many pixels")
+    p.add_argument("--image-format", default="jpeg", help="jpeg or png for the prepared image")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--shard-size", type=int, default=256, help="files per shard (the unit of resume)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per annotator call")
+    p.add_argument("--limit", type=int, default=None, help="only the first N files of the sorted input")
+    p.add_argument("--overwrite", action="store_true", help="redo every shard")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default: all)")
+    args = p.parse_args(argv)
+    try:
+        names = tuple(n.strip() for n in args.annotators.split(",") if n.strip())
+        for name in names:
+            registry.get(name)
+        config = AnnotateConfig(
+            input=args.input, output=args.output, annotators=names,
+            annotator_params=_parse_params(args.param), resolution=args.resolution,
+            center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels,
+            image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
+            batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
+            address=args.address, num_cpus=args.num_cpus,
+        )
+        for name in config.annotators:  # parameter names and values, checked before any work
+            registry.parse_params(registry.get(name), config.annotator_params.get(name, {}))
+    except (ValueError, TypeError) as exc:
+        p.error(str(exc))
+    return config
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``["canny.low=50"]`` -> ``{"canny": {"low": "50"}}``."""
+    params: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    for item in items:
+        key, eq, value = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not (eq and dot and name and field):
+            raise ValueError(f"--param {item!r}: write NAME.KEY=VALUE, e.g. canny.low=50")
+        params[name][field] = value
+    return dict(params)
+
+
+def make_job(config: AnnotateConfig) -> ShardJob:
+    """The worker-side description of the job, with provenance recorded in every shard."""
+    annotators = [registry.create(n, config.annotator_params.get(n, {})) for n in config.annotators]
+    provenance = {
+        "schema_version": SCHEMA_VERSION,
+        "settings": config.output_settings(),
+        "annotators": [a.provenance() for a in annotators],
+    }
+    provenance["settings_fingerprint"] = fingerprint(
+        {"settings": provenance["settings"], "params": [a.params.to_dict() for a in annotators]}
+    )
+    return ShardJob(
+        input=config.input, output=config.output,
+        prepare=PrepareSettings(config.resolution, config.center_crop, config.min_side, config.max_pixels),
+        image_format=config.image_format, jpeg_quality=config.jpeg_quality,
+        annotators=tuple((n, dict(config.annotator_params.get(n, {}))) for n in config.annotators),
+        batch_size=config.batch_size, provenance=provenance,
+    )
+
+
+def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) -> tuple[list[dict], list[int]]:
+    """Split the sorted input into fixed slices; return (shards to do, indices already done).
+
+    A complete shard from an earlier run with the same settings and the same files is kept;
+    one whose files changed is redone; one written with other settings stops the job.
+    """
+    items = listing.items
+    size = config.shard_size
+    settings_fp = job.provenance["settings_fingerprint"]
+    specs = [shard_spec(i, items[s:s + size], settings_fp) for i, s in enumerate(range(0, len(items), size))]
+    fs, base = resolve(config.output)
+    existing = {Path(p).name: p for p in list_shards(config.output)}
+    _delete(fs, base, MANIFEST_JSON)  # present only while the manifest is complete
+    if config.overwrite:
+        for path in existing.values():
+            fs.delete_file(path)
+        return specs, []
+    wanted = {shard_name(s["shard"]) for s in specs}
+    for name, path in existing.items():
+        if name not in wanted:  # the input shrank: this shard belongs to no slice now
+            fs.delete_file(path)
+    todo, done = [], []
+    for spec in specs:
+        path = existing.get(shard_name(spec["shard"]))
+        stored = (shard_provenance(path) or {}).get("fingerprint", "") if path else None
+        if stored is not None and not stored.startswith(settings_fp):
+            raise ResumeConflict(
+                f"{config.output} holds shards written with other settings or annotators; "
+                "pass --overwrite to redo them, or choose another --output"
+            )
+        (done if stored == spec["fingerprint"] else todo).append(spec)
+    return todo, [s["shard"] for s in done]
+
+
+def _delete(fs: Any, base: str, name: str) -> None:
+    try:
+        fs.delete_file(f"{base}/{name}")
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int, config: AnnotateConfig) -> float:
+    """Run the shards through Ray Data with a progress bar; returns the seconds they took."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar counts images, not blocks
+    ctx.print_on_execution_start = False
+    workers = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1))))
+    shards = ray.data.from_items(todo, override_num_blocks=len(todo))
+    # A pool of long-lived workers: each builds its annotators (and loads weights) once.
+    results = shards.map(
+        ShardAnnotator, fn_constructor_kwargs={"job": job},
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+    )
+    start = time.perf_counter()
+    with tqdm(total=total_rows, unit="img", desc="annotate", file=sys.stderr) as bar:
+        for stat in results.iter_rows():
+            bar.update(stat["rows"])
+            bar.set_postfix(error=stat["error"], refresh=False)
+    return time.perf_counter() - start
+
+
+def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run: dict[str, Any]) -> dict[str, Any]:
+    """The ``_manifest.json`` content: counts are read back from the shards on disk."""
+    fs, _ = resolve(config.output)
+    counts: collections.Counter[str] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
+    shards = []
+    for path in list_shards(config.output):
+        table = pq.read_table(path, columns=["status", "error"], filesystem=fs)
+        statuses = table["status"].to_pylist()
+        counts.update(statuses)
+        reasons.update(e.split(":")[0] for e in table["error"].to_pylist() if e)
+        shards.append({"name": Path(path).name, "rows": table.num_rows})
+    rows = sum(s["rows"] for s in shards)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input": {"uri": config.input, "images": len(listing.items), "ignored_files": listing.ignored},
+        "settings": job.provenance["settings"],
+        "settings_fingerprint": job.provenance["settings_fingerprint"],
+        "annotators": job.provenance["annotators"],
+        "columns": ["image", *[f"cond_{n}" for n in config.annotators]],
+        "counts": {"rows": rows, **{s: counts.get(s, 0) for s in STATUSES}},
+        "error_reasons": dict(reasons.most_common()),
+        "shards": shards,
+        "run": run,
+    }
+
+
+def run(config: AnnotateConfig) -> dict[str, Any]:
+    """The whole job; returns the summary written to ``_manifest.json``."""
+    started = time.perf_counter()
+    listing = list_inputs(config.input)
+    if config.limit is not None:
+        listing.items = listing.items[: config.limit]
+    job = make_job(config)
+    todo, done = plan_shards(config, listing, job)
+    log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
+    ray_info: dict[str, Any] = {"mode": None}
+    work_s = 0.0
+    if todo:
+        ray_info = ray_runtime.connect(config.address, config.num_cpus)
+        work_s = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo), config)
+    done_rows = sum(len(s["ids"]) for s in todo)
+    run_info = {
+        "ray": ray_info, "shards_written": len(todo), "shards_kept": len(done),
+        "wall_s": round(time.perf_counter() - started, 3), "annotate_s": round(work_s, 3),
+        "images_per_s": round(done_rows / work_s, 2) if work_s else None,
+    }
+    summary = summarize(config, listing, job, run_info)
+    write_manifest_json(config.output, summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], output: str) -> None:
+    counts = summary["counts"]
+    run_info = summary["run"]
+    print(f"manifest: {output}  ({counts['rows']} rows: {counts['ok']} ok, "
+          f"{counts['error']} error, {counts['filtered']} filtered)")
+    if summary["error_reasons"]:
+        print("  not ok by reason: " + ", ".join(f"{k}={v}" for k, v in summary["error_reasons"].items()))
+    speed = run_info["images_per_s"]
+    print(f"  shards: {run_info['shards_written']} written, {run_info['shards_kept']} kept from an earlier run; "
+          f"{speed if speed is not None else '-'} images/s; wall {run_info['wall_s']} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    try:
+        summary = run(config)
+    except (FileNotFoundError, ResumeConflict, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray_runtime.shutdown()
+    print_summary(summary, config.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

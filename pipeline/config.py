@@ -1,0 +1,85 @@
+"""Settings of one annotation job, as a typed dataclass checked on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+IMAGE_FORMATS = ("jpeg", "png")
+
+
+@dataclasses.dataclass
+class AnnotateConfig:
+    """Everything that decides what an annotation job writes, and how it runs."""
+
+    input: str
+    """Folder or URI (``s3://``, ``gs://``, ``file://``, any fsspec scheme) holding the images."""
+    output: str
+    """Folder or URI the manifest is written to."""
+    annotators: tuple[str, ...] = ("canny",)
+    """Registry names; each makes one ``cond_<name>`` column."""
+    annotator_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per-annotator parameter overrides, e.g. ``{"canny": {"low": "50"}}``."""
+    resolution: int = 512
+    """Shortest side of the prepared image, in pixels; a multiple of 8."""
+    center_crop: bool = False
+    """Crop the prepared image to a ``resolution`` x ``resolution`` square."""
+    min_side: int = 0
+    """Images whose shortest side is below this become ``filtered`` rows (0: keep all, upscale)."""
+    max_pixels: int = 100_000_000
+    """Images with more pixels (read from the header, before decoding) become ``error`` rows."""
+    image_format: str = "jpeg"
+    """Encoding of the prepared image: ``jpeg`` or ``png`` (maps are always PNG)."""
+    jpeg_quality: int = 95
+    """JPEG quality of the prepared image."""
+    shard_size: int = 256
+    """Input files per shard; shards are fixed slices of the sorted input, the unit of resume."""
+    batch_size: int = 16
+    """Images per annotator call."""
+    limit: int | None = None
+    """Annotate only the first N files of the sorted input (for trying settings out)."""
+    overwrite: bool = False
+    """Redo every shard instead of keeping complete ones from an earlier run."""
+    address: str | None = None
+    """Ray cluster to join (``ray://...``, ``auto``, ``host:port``); None starts local Ray."""
+    num_cpus: int | None = None
+    """CPUs of the embedded local Ray (None: all of this machine's)."""
+
+    def __post_init__(self) -> None:
+        self.annotators = tuple(self.annotators)
+        if not self.annotators:
+            raise ValueError("--annotators: give at least one annotator")
+        if len(set(self.annotators)) != len(self.annotators):
+            raise ValueError(f"--annotators lists a name twice: {','.join(self.annotators)}")
+        unknown = set(self.annotator_params) - set(self.annotators)
+        if unknown:
+            raise ValueError(f"parameters given for annotators not in --annotators: {sorted(unknown)}")
+        if self.resolution < 64 or self.resolution % 8:
+            raise ValueError(f"--resolution {self.resolution}: use a multiple of 8, at least 64 (e.g. 512)")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"--image-format {self.image_format!r}: choose one of {IMAGE_FORMATS}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality {self.jpeg_quality}: use 1..100")
+        for key in ("shard_size", "batch_size", "max_pixels"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.min_side < 0:
+            raise ValueError("--min-side must be 0 or more")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be at least 1")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError("--num-cpus must be at least 1")
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that decide the rows written (not how the job runs)."""
+        keys = ("resolution", "center_crop", "min_side", "max_pixels", "image_format",
+                "jpeg_quality", "shard_size", "annotators")
+        return {k: getattr(self, k) for k in keys}
+
+
+def fingerprint(payload: Any) -> str:
+    """Short stable hash of a JSON-able value."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
