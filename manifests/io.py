@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 from manifests.schema import (
+    IMAGE_STRUCT,
     KNOWN_SCHEMA_VERSIONS,
     MANIFEST_JSON,
     PROVENANCE_KEY,
@@ -75,8 +78,9 @@ def write_shard(rows: Sequence[dict[str, Any]], schema: pa.Schema, out_dir: str,
                 table,
                 stream,
                 row_group_size=_row_group_rows(table),
-                compression="zstd",
-                # Images are already compressed; dictionary-encoding them only costs time.
+                # Image bytes are JPEG/PNG already: compressing or dictionary-encoding them again
+                # costs time and saves nothing. Text columns get zstd.
+                compression={f.name: "none" if f.type == IMAGE_STRUCT else "zstd" for f in schema},
                 use_dictionary=["id", "status", "error", "caption", "source"],
             )
         fs.move(tmp, final)
@@ -155,12 +159,14 @@ def read(
     path: str,
     columns: Iterable[str] | None = None,
     status: str | None = "ok",
-) -> pd.DataFrame:
+) -> "pd.DataFrame":
     """Read a manifest into pandas, rows in shard order.
 
     ``status`` keeps only rows with that status (``None`` keeps all); ``columns`` limits what is
     read, which matters because image columns dominate the size.
     """
+    import pandas as pd
+
     if status is not None and status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES} or None, not {status!r}")
     read_manifest_json(path)  # fails clearly on a folder that is not a (finished) manifest

@@ -33,13 +33,17 @@ from pipeline import ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
 from pipeline.decode import PrepareSettings
 from pipeline.reader import InputListing, list_inputs
-from pipeline.shard import ShardAnnotator, ShardJob, shard_spec
+from pipeline.shard import ShardJob, annotate_shard, shard_spec
 
 log = logging.getLogger("annotate")
 
 
 class ResumeConflict(RuntimeError):
     """The output folder holds shards written with other settings."""
+
+
+class ShardFailures(RuntimeError):
+    """Some shards' tasks failed; the manifest is left without ``_manifest.json``."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
@@ -156,26 +160,31 @@ def _delete(fs: Any, base: str, name: str) -> None:
         pass
 
 
-def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int, config: AnnotateConfig) -> float:
-    """Run the shards through Ray Data with a progress bar; returns the seconds they took."""
+def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int) -> tuple[float, list[str]]:
+    """Run one Ray task per shard, with a progress bar; returns (seconds, failed-shard messages).
+
+    A shard whose task fails after Ray's retries is reported and left unwritten; the other
+    shards go on, and the same command again redoes just the missing ones.
+    """
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own bar counts images, not blocks
-    ctx.print_on_execution_start = False
-    workers = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1))))
-    shards = ray.data.from_items(todo, override_num_blocks=len(todo))
-    # A pool of long-lived workers: each builds its annotators (and loads weights) once.
-    results = shards.map(
-        ShardAnnotator, fn_constructor_kwargs={"job": job},
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-    )
+    task = ray.remote(num_cpus=1, max_retries=2)(annotate_shard)
+    job_ref = ray.put(job)
+    pending = {task.remote(job_ref, spec): spec["shard"] for spec in todo}
+    failures: list[str] = []
     start = time.perf_counter()
     with tqdm(total=total_rows, unit="img", desc="annotate", file=sys.stderr) as bar:
-        for stat in results.iter_rows():
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            shard = pending.pop(ready[0])
+            try:
+                stat = ray.get(ready[0])
+            except Exception as exc:  # the task itself died: record it and keep going
+                failures.append(f"{shard_name(shard)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                continue
             bar.update(stat["rows"])
             bar.set_postfix(error=stat["error"], refresh=False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, failures
 
 
 def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run: dict[str, Any]) -> dict[str, Any]:
@@ -209,17 +218,22 @@ def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run:
 def run(config: AnnotateConfig) -> dict[str, Any]:
     """The whole job; returns the summary written to ``_manifest.json``."""
     started = time.perf_counter()
+    ray_info = ray_runtime.connect(config.address, config.num_cpus)
+    ray_runtime.warm_up_workers()  # workers start while the input is listed
     listing = list_inputs(config.input)
     if config.limit is not None:
         listing.items = listing.items[: config.limit]
     job = make_job(config)
     todo, done = plan_shards(config, listing, job)
     log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
-    ray_info: dict[str, Any] = {"mode": None}
     work_s = 0.0
     if todo:
-        ray_info = ray_runtime.connect(config.address, config.num_cpus)
-        work_s = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo), config)
+        work_s, failures = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo))
+        if failures:
+            raise ShardFailures(
+                f"{len(failures)} of {len(todo)} shards failed (the others are written; run the "
+                "same command again to redo only these):\n  " + "\n  ".join(failures)
+            )
     done_rows = sum(len(s["ids"]) for s in todo)
     run_info = {
         "ray": ray_info, "shards_written": len(todo), "shards_kept": len(done),
@@ -248,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         summary = run(config)
-    except (FileNotFoundError, ResumeConflict, ValueError) as exc:
+    except (FileNotFoundError, ResumeConflict, ShardFailures, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

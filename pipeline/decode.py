@@ -68,8 +68,8 @@ def prepare(data: bytes, settings: PrepareSettings) -> Prepared:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency"
             im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = to_rgb(im)
+            ImageOps.exif_transpose(im, in_place=True)
+            rgb = np.asarray(to_rgb(im))
     except Exception as exc:
         raise DecodeError(str(exc) or type(exc).__name__) from exc
     return Prepared(resize_crop(rgb, settings), upright[0], upright[1])
@@ -110,17 +110,20 @@ def target_size(width: int, height: int, settings: PrepareSettings) -> tuple[int
     )
 
 
-def resize_crop(im: Image.Image, settings: PrepareSettings) -> np.ndarray:
-    """Resize and center-crop in one resampling pass (the crop box is mapped to the source)."""
-    width, height = im.size
+def resize_crop(rgb: np.ndarray, settings: PrepareSettings) -> np.ndarray:
+    """Center-crop the source to the output's aspect ratio, then resize it to the output size.
+
+    Area averaging when shrinking (no aliasing, and several times faster than Pillow's Lanczos),
+    bicubic when enlarging.
+    """
+    import cv2
+
+    height, width = rgb.shape[:2]
     out_w, out_h = target_size(width, height, settings)
     scale = settings.resolution / min(width, height)
-    box_w, box_h = out_w / scale, out_h / scale
-    left, top = (width - box_w) / 2, (height - box_h) / 2
-    resized = im.resize(
-        (out_w, out_h),
-        Image.Resampling.LANCZOS,
-        box=(left, top, left + box_w, top + box_h),
-        reducing_gap=3.0,  # reduce by an integer factor first on big downscales: faster, same look
-    )
-    return np.asarray(resized)
+    box_w = min(width, max(1, round(out_w / scale)))
+    box_h = min(height, max(1, round(out_h / scale)))
+    left, top = (width - box_w) // 2, (height - box_h) // 2
+    crop = rgb[top:top + box_h, left:left + box_w]
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return np.ascontiguousarray(cv2.resize(crop, (out_w, out_h), interpolation=interpolation))

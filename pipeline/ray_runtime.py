@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
 PROJECT_PACKAGES = ("annotators", "manifests", "pipeline")
+
+
+def _loopback_only() -> None:
+    """Make this process and the Ray processes it starts use 127.0.0.1 only.
+
+    Ray reads the variable when ``ray`` is first imported and its daemons read it at start; a
+    process that imported Ray earlier gets the already-read constant updated too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def project_modules() -> list[str]:
@@ -36,26 +49,44 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
     Otherwise we join that cluster; outside ``ray job submit`` the driver ships the project's
     packages to the workers, so running the one script on a head node works.
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        _loopback_only()
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return {"mode": "existing", "address": None}
     if address is None:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Local workers inherit this environment: a PYTHONPATH entry makes our packages
+        # importable without a runtime_env, which would bypass Ray's prestarted workers.
+        root = str(Path(__file__).resolve().parents[1])
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
         ray.init(
             address="local",
             _node_ip_address=LOOPBACK,
             include_dashboard=False,
             num_cpus=num_cpus,
-            runtime_env={"py_modules": project_modules()},
             logging_level=logging.WARNING,
-            log_to_driver=True,
         )
         return {"mode": "local", "address": LOOPBACK, "num_cpus": int(ray.cluster_resources().get("CPU", 0))}
     runtime_env = None if in_ray_job() else {"py_modules": project_modules()}
     ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     return {"mode": "cluster", "address": address, "num_cpus": int(ray.cluster_resources().get("CPU", 0))}
+
+
+def _import_worker_modules() -> None:
+    import pipeline.shard  # noqa: F401  (numpy, Pillow, OpenCV, pyarrow: the slow imports)
+
+
+def warm_up_workers() -> list[Any]:
+    """Start one worker per CPU importing the job's modules; returns refs to wait on (or not).
+
+    Called right after Ray starts, so worker start-up overlaps listing the input.
+    """
+    import ray
+
+    task = ray.remote(num_cpus=1)(_import_worker_modules)
+    return [task.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
 
 
 def shutdown() -> None:

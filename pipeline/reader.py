@@ -14,7 +14,6 @@ import io
 import json
 import posixpath
 
-import pandas as pd
 import pyarrow.fs as pafs
 
 from manifests.io import join, resolve
@@ -82,6 +81,7 @@ def list_inputs(root: str) -> InputListing:
 
 def _metadata_captions(fs: pafs.FileSystem, base: str, metadata_files: list[str]) -> dict[str, str]:
     """{relative image path: caption} from every metadata file in the tree."""
+    import pandas as pd
     captions: dict[str, str] = {}
     for rel in metadata_files:
         with fs.open_input_file(join(base, rel)) as f:
@@ -100,7 +100,9 @@ def _metadata_captions(fs: pafs.FileSystem, base: str, metadata_files: list[str]
     return captions
 
 
-def _read_table(name: str, data: bytes) -> pd.DataFrame:
+def _read_table(name: str, data: bytes) -> "pd.DataFrame":
+    import pandas as pd
+
     if name.endswith(".jsonl"):
         return pd.read_json(io.BytesIO(data), lines=True, dtype=False)
     if name.endswith(".csv"):

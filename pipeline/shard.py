@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ from manifests.schema import (
     manifest_schema,
     shard_name,
 )
+from pipeline.config import fingerprint
 from pipeline.decode import DecodeError, PrepareSettings, TooSmall, prepare
 from pipeline.encode import encode_image, encode_map
 from pipeline.reader import read_sidecar_caption
@@ -67,6 +69,7 @@ class ShardAnnotator:
 
     def __init__(self, job: ShardJob) -> None:
         self.job = job
+        limit_cv2_threads()
         self.annotators: list[Annotator] = [registry.create(n, p) for n, p in job.annotators]
         for annotator in self.annotators:
             annotator.setup()
@@ -142,6 +145,30 @@ class ShardAnnotator:
                     mark(row, STATUS_ERROR, f"annotate[{annotator.name}]: {describe(result)}")
                 else:
                     row[cond_column(annotator.name)] = {"bytes": encode_map(result), "path": None}
+
+
+_WORKER_CACHE: dict[str, ShardAnnotator] = {}
+
+
+def annotate_shard(job: ShardJob, spec: dict[str, Any]) -> dict[str, Any]:
+    """Annotate one shard with this process's ``ShardAnnotator`` for ``job``.
+
+    Ray reuses worker processes across tasks, so annotators (and their weights) load once per
+    worker process and job, as in an actor, while shards stay independent retryable tasks.
+    """
+    key = fingerprint(dataclasses.asdict(job))
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE.clear()
+        _WORKER_CACHE[key] = ShardAnnotator(job)
+    return _WORKER_CACHE[key](spec)
+
+
+def limit_cv2_threads() -> None:
+    """Follow Ray's one-thread-per-task setting in OpenCV too: its pool would oversubscribe CPUs."""
+    import cv2
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        cv2.setNumThreads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def run_annotator(annotator: Annotator, batch: list[tuple[dict[str, Any], np.ndarray]]) -> list[Any]:
