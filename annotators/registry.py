@@ -36,10 +36,17 @@ def available() -> list[str]:
 
 
 def get(name: str) -> type[Annotator]:
-    """The annotator class registered as ``name``."""
-    if name in BUILTIN:
-        module, _, attr = BUILTIN[name].partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+    """The annotator class registered as ``name``, or at import path ``package.module:Class``.
+
+    The import-path form runs an annotator of your own without packaging it (its ``name``
+    attribute names the column); on a cluster its module must be importable by the workers.
+    """
+    if name in BUILTIN or ":" in name:
+        module, _, attr = BUILTIN.get(name, name).partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UnknownAnnotatorError(f"annotator {name!r} cannot be imported: {exc}") from exc
     else:
         plugins = _entry_points()
         if name not in plugins:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from annotators import registry
 from manifests.io import list_shards, resolve, shard_provenance, write_manifest_json
-from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, shard_name
+from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, cond_column, shard_name
 from pipeline import ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
 from pipeline.decode import PrepareSettings
@@ -92,7 +92,7 @@ def _parse_params(items: Sequence[str]) -> dict[str, dict[str, str]]:
     params: dict[str, dict[str, str]] = collections.defaultdict(dict)
     for item in items:
         key, eq, value = item.partition("=")
-        name, dot, field = key.partition(".")
+        name, dot, field = key.rpartition(".")
         if not (eq and dot and name and field):
             raise ValueError(f"--param {item!r}: write NAME.KEY=VALUE, e.g. canny.low=50")
         params[name][field] = value
@@ -102,6 +102,9 @@ def _parse_params(items: Sequence[str]) -> dict[str, dict[str, str]]:
 def make_job(config: AnnotateConfig) -> ShardJob:
     """The worker-side description of the job, with provenance recorded in every shard."""
     annotators = [registry.create(n, config.annotator_params.get(n, {})) for n in config.annotators]
+    names = [a.name for a in annotators]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two annotators write the same column: {names}")
     provenance = {
         "schema_version": SCHEMA_VERSION,
         "settings": config.output_settings(),
@@ -207,7 +210,7 @@ def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run:
         "settings": job.provenance["settings"],
         "settings_fingerprint": job.provenance["settings_fingerprint"],
         "annotators": job.provenance["annotators"],
-        "columns": ["image", *[f"cond_{n}" for n in config.annotators]],
+        "columns": ["image", *[cond_column(a["name"]) for a in job.provenance["annotators"]]],
         "counts": {"rows": rows, **{s: counts.get(s, 0) for s in STATUSES}},
         "error_reasons": dict(reasons.most_common()),
         "shards": shards,

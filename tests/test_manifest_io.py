@@ -1,0 +1,94 @@
+"""The manifest format round-trips, bounds row groups, and never shows half-written shards."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import manifests
+from manifests import io as mio
+from manifests.schema import IMAGE_STRUCT, SCHEMA_VERSION, manifest_schema, shard_name
+from pipeline.shard import empty_row
+
+
+def png(value: int, size=(24, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full(size[::-1], value, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_rows(n: int, start: int = 0) -> list[dict]:
+    rows = []
+    for i in range(start, start + n):
+        row = empty_row(f"id{i:04d}", f"img_{i}.png", ["canny"])
+        row.update(caption=f"caption {i}", image={"bytes": png(i % 256), "path": None},
+                   cond_canny={"bytes": png(255 - i % 256), "path": None}, width=24, height=16,
+                   source_sha256="0" * 64, orig_width=48, orig_height=32)
+        rows.append(row)
+    return rows
+
+
+def write_manifest(out, shards: list[list[dict]]):
+    schema = manifest_schema(["canny"], {"job": "test"})
+    for k, rows in enumerate(shards):
+        mio.write_shard(rows, schema, str(out), shard_name(k))
+    counts = {"rows": sum(map(len, shards)), "ok": sum(map(len, shards)), "error": 0, "filtered": 0}
+    mio.write_manifest_json(str(out), {"schema_version": SCHEMA_VERSION, "counts": counts,
+                                       "shards": [{"name": shard_name(k)} for k in range(len(shards))]})
+
+
+def test_round_trip_keeps_every_value(tmp_path):
+    rows = make_rows(5)
+    write_manifest(tmp_path, [rows[:3], rows[3:]])
+    frame = manifests.read(str(tmp_path), status=None)
+    assert frame["id"].tolist() == [r["id"] for r in rows]
+    assert frame.iloc[4]["image"]["bytes"] == rows[4]["image"]["bytes"]
+    assert frame["width"].dtype.name == "int32"
+    assert manifests.read(str(tmp_path), columns=["id", "caption"]).columns.tolist() == ["id", "caption"]
+
+
+def test_schema_declares_image_columns_for_datasets(tmp_path):
+    write_manifest(tmp_path, [make_rows(2)])
+    schema = pq.read_schema(tmp_path / shard_name(0))
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"} and features["cond_canny"] == {"_type": "Image"}
+    assert schema.field("image").type == IMAGE_STRUCT
+    assert mio.shard_provenance(str(tmp_path / shard_name(0))) == {"job": "test"}
+
+
+def test_row_groups_are_bounded_in_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(mio, "ROW_GROUP_BYTES", 2000)
+    write_manifest(tmp_path, [make_rows(40)])
+    meta = pq.read_metadata(tmp_path / shard_name(0))
+    assert meta.num_row_groups > 1
+    assert all(meta.row_group(g).total_byte_size < 20000 for g in range(meta.num_row_groups))
+
+
+def test_failed_write_leaves_no_shard_and_no_temp_file(tmp_path):
+    bad = make_rows(2)
+    bad[1]["width"] = "not a number"
+    with pytest.raises(Exception):
+        mio.write_shard(bad, manifest_schema(["canny"]), str(tmp_path), shard_name(0))
+    assert list(tmp_path.iterdir()) == [] or all(not p.name.startswith(("part-", ".tmp")) for p in tmp_path.iterdir())
+
+
+def test_temporary_files_are_not_shards(tmp_path):
+    write_manifest(tmp_path, [make_rows(2)])
+    (tmp_path / f".tmp-abc-{shard_name(1)}").write_bytes(b"half written")
+    assert [p.rsplit("/", 1)[1] for p in mio.list_shards(str(tmp_path))] == [shard_name(0)]
+
+
+def test_reading_a_folder_without_manifest_json_says_why(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no _manifest.json"):
+        manifests.read(str(tmp_path))
+
+
+def test_unknown_schema_version_is_refused(tmp_path):
+    mio.write_manifest_json(str(tmp_path), {"schema_version": 99})
+    with pytest.raises(ValueError, match="schema_version 99"):
+        manifests.read(str(tmp_path))
