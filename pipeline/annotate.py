@@ -221,13 +221,12 @@ def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run:
 def run(config: AnnotateConfig) -> dict[str, Any]:
     """The whole job; returns the summary written to ``_manifest.json``."""
     started = time.perf_counter()
-    ray_info = ray_runtime.connect(config.address, config.num_cpus)
-    ray_runtime.warm_up_workers()  # workers start while the input is listed
     listing = list_inputs(config.input)
     if config.limit is not None:
         listing.items = listing.items[: config.limit]
     job = make_job(config)
     todo, done = plan_shards(config, listing, job)
+    ray_info = ray_runtime.connect(config.address, config.num_cpus)
     log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
     work_s = 0.0
     if todo:
@@ -263,13 +262,15 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    ray_was_running = ray_runtime.is_running()
     try:
         summary = run(config)
     except (FileNotFoundError, ResumeConflict, ShardFailures, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        ray_runtime.shutdown()
+        if not ray_was_running:  # leave a caller's Ray (a notebook, the tests) running
+            ray_runtime.shutdown()
     print_summary(summary, config.output)
     return 0
 

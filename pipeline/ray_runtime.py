@@ -74,19 +74,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
     return {"mode": "cluster", "address": address, "num_cpus": int(ray.cluster_resources().get("CPU", 0))}
 
 
-def _import_worker_modules() -> None:
-    import pipeline.shard  # noqa: F401  (numpy, Pillow, OpenCV, pyarrow: the slow imports)
-
-
-def warm_up_workers() -> list[Any]:
-    """Start one worker per CPU importing the job's modules; returns refs to wait on (or not).
-
-    Called right after Ray starts, so worker start-up overlaps listing the input.
-    """
+def is_running() -> bool:
+    """True when this process is already connected to Ray."""
     import ray
 
-    task = ray.remote(num_cpus=1)(_import_worker_modules)
-    return [task.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
+    return ray.is_initialized()
 
 
 def shutdown() -> None:
