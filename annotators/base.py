@@ -44,11 +44,24 @@ class Annotator(ABC):
     #: True when the annotator loads a model: the pipeline then runs it in an actor pool.
     uses_model: ClassVar[bool] = False
 
-    def __init__(self, params: AnnotatorParams | None = None) -> None:
-        """Cheap: checks parameters only, so the driver can validate a job before any work."""
+    def __init__(self, params: AnnotatorParams | None = None, weights_dir: str | None = None) -> None:
+        """Cheap: checks parameters only, so the driver can validate a job before any work.
+
+        ``weights_dir`` is a folder laid out like ``lllyasviel/Annotators`` (or a hub id);
+        None falls back to the ``CONTROLFORGE_WEIGHTS`` environment variable.
+        """
+        from annotators.weights import weights_source
+
         self.params = params if params is not None else self.Params()
+        self.weights_dir = weights_source(weights_dir)
         #: Weight files loaded, as {file name: sha256}; filled by model annotators.
         self.weights: dict[str, str] = {}
+
+    def locate_weights(self) -> dict[str, str]:
+        """{file name: sha256} of every weight file this annotator will load; raises
+        ``MissingWeightsError`` naming the file when one is missing. Called on the driver before
+        any work, so a bad weights folder fails in seconds, not after Ray starts."""
+        return {}
 
     def setup(self) -> None:
         """Load weights; called once per worker before the first batch (no-op by default)."""

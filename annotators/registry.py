@@ -19,6 +19,13 @@ ENTRY_POINT_GROUP = "controlforge.annotators"
 
 BUILTIN: dict[str, str] = {
     "canny": "annotators.canny:CannyAnnotator",
+    "hed": "annotators.hed:HedAnnotator",
+    "depth": "annotators.depth:DepthAnnotator",
+    "openpose": "annotators.openpose:OpenposeAnnotator",
+    "mediapipe_pose": "annotators.mediapipe_pose:MediapipePoseAnnotator",
+    "mediapipe_face": "annotators.mediapipe_face:MediapipeFaceAnnotator",
+    "person_mask": "annotators.person_mask:PersonMaskAnnotator",
+    "segmentation": "annotators.segmentation:SegmentationAnnotator",
 }
 
 
@@ -102,7 +109,7 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
-def create(name: str, overrides: Mapping[str, Any] | None = None) -> Annotator:
-    """An annotator instance by name with parameter overrides (loads its weights)."""
+def create(name: str, overrides: Mapping[str, Any] | None = None, weights_dir: str | None = None) -> Annotator:
+    """An annotator instance by name with parameter overrides (weights load in ``setup``)."""
     cls = get(name)
-    return cls(parse_params(cls, overrides or {}))
+    return cls(parse_params(cls, overrides or {}), weights_dir)

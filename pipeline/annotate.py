@@ -18,10 +18,11 @@ if __package__ in (None, ""):  # run by path: make the project's packages import
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -65,6 +66,13 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
     p.add_argument("--batch-size", type=int, default=16, help="images per annotator call")
     p.add_argument("--limit", type=int, default=None, help="only the first N files of the sorted input")
     p.add_argument("--overwrite", action="store_true", help="redo every shard")
+    p.add_argument("--weights-dir", default=None,
+                   help="folder laid out like lllyasviel/Annotators (or a hub id); default: $CONTROLFORGE_WEIGHTS")
+    p.add_argument("--require-detection", action="store_true",
+                   help="pose/face/person annotators mark images where they find nothing as filtered")
+    p.add_argument("--concurrency", type=int, default=None, help="model-annotator workers (default: per GPU or CPU)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per model worker (default: 1 if any, else 0)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default: all)")
     args = p.parse_args(argv)
@@ -78,7 +86,9 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
             center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels,
             image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
             batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
-            address=args.address, num_cpus=args.num_cpus,
+            weights_dir=args.weights_dir, require_detection=args.require_detection,
+            concurrency=args.concurrency, gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker, address=args.address, num_cpus=args.num_cpus,
         )
         for name in config.annotators:  # parameter names and values, checked before any work
             registry.parse_params(registry.get(name), config.annotator_params.get(name, {}))
@@ -99,12 +109,28 @@ def _parse_params(items: Sequence[str]) -> dict[str, dict[str, str]]:
     return dict(params)
 
 
+def annotator_overrides(config: AnnotateConfig, name: str) -> dict[str, Any]:
+    """An annotator's parameters from the flags, with ``--require-detection`` where it applies."""
+    overrides = dict(config.annotator_params.get(name, {}))
+    fields = {f.name for f in dataclasses.fields(registry.get(name).Params)}
+    if config.require_detection and "require_detection" in fields:
+        overrides.setdefault("require_detection", True)
+    return overrides
+
+
 def make_job(config: AnnotateConfig) -> ShardJob:
-    """The worker-side description of the job, with provenance recorded in every shard."""
-    annotators = [registry.create(n, config.annotator_params.get(n, {})) for n in config.annotators]
+    """The worker-side description of the job, with provenance recorded in every shard.
+
+    Every weight file is located (and hashed) here, so a missing one stops the job before
+    Ray starts, with a message naming the file and where to get it.
+    """
+    overrides = {n: annotator_overrides(config, n) for n in config.annotators}
+    annotators = [registry.create(n, overrides[n], config.weights_dir) for n in config.annotators]
     names = [a.name for a in annotators]
     if len(set(names)) != len(names):
         raise ValueError(f"two annotators write the same column: {names}")
+    for annotator in annotators:
+        annotator.locate_weights()
     provenance = {
         "schema_version": SCHEMA_VERSION,
         "settings": config.output_settings(),
@@ -117,8 +143,8 @@ def make_job(config: AnnotateConfig) -> ShardJob:
         input=config.input, output=config.output,
         prepare=PrepareSettings(config.resolution, config.center_crop, config.min_side, config.max_pixels),
         image_format=config.image_format, jpeg_quality=config.jpeg_quality,
-        annotators=tuple((n, dict(config.annotator_params.get(n, {}))) for n in config.annotators),
-        batch_size=config.batch_size, provenance=provenance,
+        annotators=tuple((n, overrides[n]) for n in config.annotators),
+        batch_size=config.batch_size, provenance=provenance, weights_dir=config.weights_dir,
     )
 
 
@@ -163,31 +189,61 @@ def _delete(fs: Any, base: str, name: str) -> None:
         pass
 
 
-def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int) -> tuple[float, list[str]]:
-    """Run one Ray task per shard, with a progress bar; returns (seconds, failed-shard messages).
+def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int, config: AnnotateConfig) -> tuple[float, list[str]]:
+    """Annotate the shards on Ray with a progress bar; returns (seconds, failed-shard messages).
 
-    A shard whose task fails after Ray's retries is reported and left unwritten; the other
-    shards go on, and the same command again redoes just the missing ones.
+    CPU-only annotators run as one task per shard; model annotators run in a pool of actors
+    that load their weights once (on a GPU each when there are GPUs). A shard whose task fails
+    after Ray's retries is reported and left unwritten; the same command again redoes it.
     """
-    import ray
-
-    task = ray.remote(num_cpus=1, max_retries=2)(annotate_shard)
-    job_ref = ray.put(job)
-    pending = {task.remote(job_ref, spec): spec["shard"] for spec in todo}
+    uses_model = any(registry.get(n).uses_model for n, _ in job.annotators)
+    submit = _actor_pool(job, config) if uses_model else _task_submitter(job)
+    pending = {submit(spec): spec["shard"] for spec in todo}
     failures: list[str] = []
     start = time.perf_counter()
+    import ray
+
     with tqdm(total=total_rows, unit="img", desc="annotate", file=sys.stderr) as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             shard = pending.pop(ready[0])
             try:
                 stat = ray.get(ready[0])
-            except Exception as exc:  # the task itself died: record it and keep going
+            except Exception as exc:  # the task or actor died: record it and keep going
                 failures.append(f"{shard_name(shard)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                 continue
             bar.update(stat["rows"])
-            bar.set_postfix(error=stat["error"], refresh=False)
+            bar.set_postfix(error=stat["error"], filtered=stat["filtered"], refresh=False)
     return time.perf_counter() - start, failures
+
+
+def _task_submitter(job: ShardJob) -> Callable[[dict], Any]:
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(annotate_shard)
+    job_ref = ray.put(job)
+    return lambda spec: task.remote(job_ref, spec)
+
+
+def _actor_pool(job: ShardJob, config: AnnotateConfig) -> Callable[[dict], Any]:
+    """Round-robin submission to ``concurrency`` ShardAnnotator actors (Ray queues per actor)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = config.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    if config.concurrency is not None:
+        size = config.concurrency
+    elif gpus > 0:
+        size = max(1, int(resources.get("GPU", 0) // gpus))
+    else:
+        size = max(1, int(resources.get("CPU", 1) // config.cpus_per_worker))
+    actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1,
+                           max_task_retries=1)(ShardAnnotator)
+    actors = [actor_cls.remote(job) for _ in range(size)]
+    counter = iter(range(1 << 62))
+    return lambda spec: actors[next(counter) % size].run.remote(spec)
 
 
 def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +286,7 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
     work_s = 0.0
     if todo:
-        work_s, failures = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo))
+        work_s, failures = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo), config)
         if failures:
             raise ShardFailures(
                 f"{len(failures)} of {len(todo)} shards failed (the others are written; run the "

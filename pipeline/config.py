@@ -42,6 +42,17 @@ class AnnotateConfig:
     """Annotate only the first N files of the sorted input (for trying settings out)."""
     overwrite: bool = False
     """Redo every shard instead of keeping complete ones from an earlier run."""
+    weights_dir: str | None = None
+    """Folder laid out like ``lllyasviel/Annotators`` (or a hub id); default ``CONTROLFORGE_WEIGHTS``."""
+    require_detection: bool = False
+    """Detection annotators (pose, face, person mask) mark images where they find nothing as
+    ``filtered`` instead of writing an empty map."""
+    concurrency: int | None = None
+    """Model-annotator workers (actors); None: one per GPU with GPUs, else one per CPU."""
+    gpus_per_worker: float | None = None
+    """GPUs per model-annotator worker; None: 1 when the cluster has GPUs, else 0 (CPU)."""
+    cpus_per_worker: int = 1
+    """CPUs per worker (torch uses as many threads)."""
     address: str | None = None
     """Ray cluster to join (``ray://...``, ``auto``, ``host:port``); None starts local Ray."""
     num_cpus: int | None = None
@@ -69,13 +80,19 @@ class AnnotateConfig:
             raise ValueError("--min-side must be 0 or more")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("--concurrency must be at least 1")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError("--gpus-per-worker must be 0 or more")
+        if self.cpus_per_worker < 1:
+            raise ValueError("--cpus-per-worker must be at least 1")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError("--num-cpus must be at least 1")
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that decide the rows written (not how the job runs)."""
         keys = ("resolution", "center_crop", "min_side", "max_pixels", "image_format",
-                "jpeg_quality", "shard_size", "annotators")
+                "jpeg_quality", "shard_size", "annotators", "require_detection")
         return {k: getattr(self, k) for k in keys}
 
 

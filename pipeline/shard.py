@@ -48,6 +48,8 @@ class ShardJob:
     batch_size: int
     provenance: dict[str, Any]
     """Job provenance stored in every shard's metadata (settings fingerprint, annotators)."""
+    weights_dir: str | None = None
+    """Folder (or hub id) the model annotators load weights from."""
 
 
 def shard_spec(index: int, items: Sequence[Any], settings_fingerprint: str) -> dict[str, Any]:
@@ -70,10 +72,14 @@ class ShardAnnotator:
     def __init__(self, job: ShardJob) -> None:
         self.job = job
         limit_cv2_threads()
-        self.annotators: list[Annotator] = [registry.create(n, p) for n, p in job.annotators]
+        self.annotators: list[Annotator] = [registry.create(n, p, job.weights_dir) for n, p in job.annotators]
         for annotator in self.annotators:
             annotator.setup()
         self.fs, self.base = resolve(job.input)
+
+    def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Actor-method spelling of ``__call__`` (Ray actors call methods by name)."""
+        return self(spec)
 
     def __call__(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Annotate and write one shard; returns its counts by status and its time."""
@@ -177,7 +183,7 @@ def run_annotator(annotator: Annotator, batch: list[tuple[dict[str, Any], np.nda
     ids = [row["id"] for row, _ in batch]
     try:
         maps = annotator.annotate(images, ids)
-        return [check_map(m, img, annotator.name) for m, img in zip(maps, images, strict=True)]
+        return [_checked(m, img, annotator.name) for m, img in zip(maps, images, strict=True)]
     except Exception:
         if len(batch) == 1:
             return [_single(annotator, images[0], ids[0])]
@@ -186,9 +192,14 @@ def run_annotator(annotator: Annotator, batch: list[tuple[dict[str, Any], np.nda
 
 def _single(annotator: Annotator, image: np.ndarray, image_id: str) -> Any:
     try:
-        return check_map(annotator.annotate([image], [image_id])[0], image, annotator.name)
+        return _checked(annotator.annotate([image], [image_id])[0], image, annotator.name)
     except Exception as exc:
         return exc
+
+
+def _checked(result: Any, image: np.ndarray, name: str) -> Any:
+    """A valid map, or the ``AnnotationSkipped`` an annotator returned for this image."""
+    return result if isinstance(result, AnnotationSkipped) else check_map(result, image, name)
 
 
 def empty_row(row_id: str, source: str, annotator_names: Sequence[str]) -> dict[str, Any]:

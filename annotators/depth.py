@@ -1,0 +1,99 @@
+"""Depth maps as ControlNet's depth models expect them: 8-bit, near = bright.
+
+``model=dpt_hybrid`` (default) loads MiDaS DPT-hybrid through controlnet-aux
+(``dpt_hybrid-midas-501f0c75.pt``); any other value is a transformers depth-estimation model
+folder (DPT, Depth Anything) under the weights folder, a path, or a hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from annotators.base import AnnotatorParams
+from annotators.torch_model import TorchAnnotator, to_tensor
+from annotators.weights import locate_file, locate_model_dir, weight_files
+
+MIDAS_FILES = {"dpt_hybrid": "dpt_hybrid-midas-501f0c75.pt", "dpt_large": "dpt_large-midas-2f21e586.pt"}
+
+
+@dataclasses.dataclass
+class DepthParams(AnnotatorParams):
+    """Which depth model, and the resolution it sees."""
+
+    model: str = "dpt_hybrid"
+    """``dpt_hybrid``/``dpt_large`` (MiDaS via controlnet-aux) or a transformers model folder/hub id."""
+    detect_resolution: int = 384
+    """Short side the MiDaS model sees (sides rounded to multiples of 32); maps are resized back."""
+
+    def __post_init__(self) -> None:
+        if self.detect_resolution < 32 or self.detect_resolution % 32:
+            raise ValueError("depth.detect_resolution must be a multiple of 32")
+
+
+def normalise(depth: np.ndarray) -> np.ndarray:
+    """Relative inverse depth (larger = nearer) -> uint8 with the nearest point at 255."""
+    lo, hi = float(depth.min()), float(depth.max())
+    scaled = (depth - lo) / (hi - lo) if hi > lo else np.zeros_like(depth)
+    return (scaled * 255.0).clip(0, 255).astype(np.uint8)
+
+
+class DepthAnnotator(TorchAnnotator):
+    """Depth map, 1 channel; batched over same-size images."""
+
+    name = "depth"
+    Params = DepthParams
+    packages = ("torch", "controlnet-aux", "transformers", "timm")
+    params: DepthParams
+
+    @property
+    def uses_midas(self) -> bool:
+        return self.params.model in MIDAS_FILES
+
+    def _paths(self) -> dict[str, str]:
+        if self.uses_midas:
+            filename = MIDAS_FILES[self.params.model]
+            return {filename: locate_file(self.weights_dir, filename, self.name)}
+        folder = locate_model_dir(self.weights_dir, self.params.model, self.name)
+        return {os.path.relpath(f, folder): f for f in weight_files(folder)} | {"": folder}
+
+    def locate_weights(self) -> dict[str, str]:
+        return self.hash_weights({k: v for k, v in self._paths().items() if k})
+
+    def load(self) -> None:
+        paths = self._paths()
+        folder = paths.pop("", None)
+        self.hash_weights(paths)
+        if self.uses_midas:
+            from controlnet_aux import MidasDetector
+
+            path = next(iter(paths.values()))
+            detector = MidasDetector.from_pretrained(
+                os.path.dirname(path), model_type=self.params.model, filename=os.path.basename(path)
+            )
+            self.model = detector.model.to(self.device).eval()
+        else:
+            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+            self.processor = AutoImageProcessor.from_pretrained(folder)
+            self.model = AutoModelForDepthEstimation.from_pretrained(folder).to(self.device).eval()
+
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        import torch.nn.functional as F
+
+        height, width = batch.shape[1:3]
+        if self.uses_midas:
+            x = to_tensor(batch, self.device, lambda t: t / 127.5 - 1.0)
+            x = F.interpolate(x, size=self._detect_size(height, width), mode="bicubic", align_corners=False)
+            depth = self.model(x)  # N x h x w, relative inverse depth
+        else:
+            inputs = self.processor(images=list(batch), return_tensors="pt").to(self.device)
+            depth = self.model(**inputs).predicted_depth
+        depth = F.interpolate(depth[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+        return [normalise(d) for d in depth[:, 0].cpu().numpy()]
+
+    def _detect_size(self, height: int, width: int) -> tuple[int, int]:
+        scale = self.params.detect_resolution / min(height, width)
+        return max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32)

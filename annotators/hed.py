@@ -1,0 +1,70 @@
+"""HED soft edges (controlnet-aux's Apache-2 HED, ``ControlNetHED.pth``), optional scribble."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from annotators.base import AnnotatorParams
+from annotators.torch_model import TorchAnnotator, to_tensor
+from annotators.weights import locate_file
+
+HED_FILE = "ControlNetHED.pth"
+
+
+@dataclasses.dataclass
+class HedParams(AnnotatorParams):
+    """Post-processing of the HED edge probability."""
+
+    scribble: bool = False
+    """Thin (non-maximum suppression), blur and threshold the edges into scribbles, as ControlNet's
+    scribble models were trained on."""
+    safe: bool = False
+    """Quantise the soft edges into a few levels (controlnet-aux's ``safe``), hiding fine texture."""
+
+
+class HedAnnotator(TorchAnnotator):
+    """Soft edge map, one channel; batched over same-size images."""
+
+    name = "hed"
+    Params = HedParams
+    params: HedParams
+
+    def locate_weights(self) -> dict[str, str]:
+        return self.hash_weights({HED_FILE: locate_file(self.weights_dir, HED_FILE, self.name)})
+
+    def load(self) -> None:
+        from controlnet_aux import HEDdetector
+
+        path = locate_file(self.weights_dir, HED_FILE, self.name)
+        self.hash_weights({HED_FILE: path})
+        detector = HEDdetector.from_pretrained(os.path.dirname(path), filename=os.path.basename(path))
+        self.net = detector.netNetwork.to(self.device).eval()
+
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        height, width = batch.shape[1:3]
+        projections = self.net(to_tensor(batch, self.device))  # the net subtracts its own mean
+        stacked = torch.cat(
+            [F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False) for p in projections], dim=1
+        )
+        edge = torch.sigmoid(stacked.mean(dim=1)).cpu().numpy()
+        if self.params.safe:
+            from controlnet_aux.util import safe_step
+
+            edge = safe_step(edge)
+        maps = (edge * 255.0).clip(0, 255).astype(np.uint8)
+        return [self._scribble(m) if self.params.scribble else m for m in maps]
+
+    @staticmethod
+    def _scribble(edge: np.ndarray) -> np.ndarray:
+        import cv2
+        from controlnet_aux.util import nms
+
+        thin = nms(edge, 127, 3.0)
+        thin = cv2.GaussianBlur(thin, (0, 0), 3.0)
+        return np.where(thin > 4, 255, 0).astype(np.uint8)

@@ -1,0 +1,70 @@
+"""Shared plumbing of annotators that run a PyTorch model: device, dtype, same-size batches."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from annotators.base import Annotator, sha256_file
+from annotators.image import check_batch
+
+
+def pick_device() -> str:
+    """``cuda`` when this worker was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of the batch grouped by HxW, so each group stacks into one tensor."""
+    groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+    for i, img in enumerate(images):
+        groups[img.shape[:2]].append(i)
+    return list(groups.values())
+
+
+class TorchAnnotator(Annotator):
+    """An annotator whose maps come from a torch model run on same-size sub-batches."""
+
+    uses_model = True
+    packages = ("torch", "controlnet-aux")
+
+    def setup(self) -> None:
+        import torch
+
+        self.device = pick_device()
+        torch.set_grad_enabled(False)
+        self.load()
+
+    def load(self) -> None:
+        """Build the model from the located weights (subclasses)."""
+        raise NotImplementedError
+
+    def hash_weights(self, paths: dict[str, str]) -> dict[str, str]:
+        """{file name: sha256} for provenance; remembered on the annotator."""
+        self.weights.update({name: sha256_file(path) for name, path in paths.items()})
+        return dict(self.weights)
+
+    def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
+        check_batch(images, ids)
+        out: list[Any] = [None] * len(images)
+        for group in same_size_groups(images):
+            maps = self.predict(np.stack([images[i] for i in group]))
+            for i, m in zip(group, maps):
+                out[i] = m
+        return out
+
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Maps for an NxHxWx3 uint8 batch of same-size images (subclasses)."""
+        raise NotImplementedError
+
+
+def to_tensor(batch: np.ndarray, device: str, scale: Callable[[Any], Any] | None = None) -> Any:
+    """NxHxWx3 uint8 -> Nx3xHxW float32 tensor on ``device`` (optionally rescaled)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float()
+    return scale(t) if scale else t
