@@ -34,7 +34,7 @@ from pipeline import ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
 from pipeline.decode import PrepareSettings
 from pipeline.reader import InputListing, list_inputs
-from pipeline.shard import ShardJob, annotate_shard, shard_spec
+from pipeline.shard import ShardAnnotator, ShardJob, annotate_shard, shard_spec
 
 log = logging.getLogger("annotate")
 
