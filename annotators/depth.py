@@ -86,7 +86,7 @@ class DepthAnnotator(TorchAnnotator):
         height, width = batch.shape[1:3]
         if self.uses_midas:
             x = to_tensor(batch, self.device, lambda t: t / 127.5 - 1.0)
-            x = F.interpolate(x, size=self._detect_size(height, width), mode="bicubic", align_corners=False)
+            x = F.interpolate(x, size=self._detect_size(height, width), mode="bilinear", antialias=True)
             depth = self.model(x)  # N x h x w, relative inverse depth
         else:
             inputs = self.processor(images=list(batch), return_tensors="pt").to(self.device)

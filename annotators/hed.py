@@ -41,14 +41,16 @@ class HedAnnotator(TorchAnnotator):
         path = locate_file(self.weights_dir, HED_FILE, self.name)
         self.hash_weights({HED_FILE: path})
         detector = HEDdetector.from_pretrained(os.path.dirname(path), filename=os.path.basename(path))
-        self.net = detector.netNetwork.to(self.device).eval()
+        import torch
+
+        self.net = detector.netNetwork.to(self.device, memory_format=torch.channels_last).eval()
 
     def predict(self, batch: np.ndarray) -> list[np.ndarray]:
         import torch
         import torch.nn.functional as F
 
         height, width = batch.shape[1:3]
-        projections = self.net(to_tensor(batch, self.device))  # the net subtracts its own mean
+        projections = self.net(to_tensor(batch, self.device, channels_last=True))  # the net subtracts its own mean
         stacked = torch.cat(
             [F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False) for p in projections], dim=1
         )
