@@ -37,3 +37,4 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/annotate_throughput.py
+	$(PY) bench/annotator_speed.py
