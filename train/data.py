@@ -1,0 +1,127 @@
+"""Manifest rows -> training batches: same crop and flip for image and condition, seeded.
+
+Every random choice (row order, crop, flip, empty prompt) is a function of (seed, epoch, row), so a
+resumed run sees exactly the batches an uninterrupted one would, and ranks split rows disjointly.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import manifests
+from manifests.schema import cond_column
+
+
+def check_conditions(manifest: str, conditions: Sequence[str]) -> dict[str, Any]:
+    """The manifest's summary, after checking it has every requested condition column."""
+    summary = manifests.read_manifest_json(manifest)
+    available = [c for c in summary.get("columns", []) if c.startswith("cond_")]
+    missing = [c for c in conditions if cond_column(c) not in available]
+    if missing:
+        names = ", ".join(c.removeprefix("cond_") for c in available) or "none"
+        raise ValueError(f"{manifest} has no condition {', '.join(missing)}; it has: {names} "
+                         f"(annotate with --annotators {','.join(missing)} to add it)")
+    if summary["counts"].get("ok", 0) < 2:
+        raise ValueError(f"{manifest} has {summary['counts'].get('ok', 0)} ok rows; training needs at least 2")
+    return summary
+
+
+def load_rows(manifest: str, conditions: Sequence[str], holdout: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): ok rows with only the columns training needs, split by id."""
+    columns = ["id", "caption", "image", *[cond_column(c) for c in conditions]]
+    frame = manifests.read(manifest, columns=columns, status="ok").sort_values("id", kind="stable")
+    rows = frame.to_dict("records")
+    holdout = min(holdout, len(rows) - 1)
+    return rows[holdout:], rows[:holdout]
+
+
+def decode_rgb(cell: dict) -> Image.Image:
+    return Image.open(io.BytesIO(cell["bytes"])).convert("RGB")
+
+
+def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Decoded, augmented training examples; call ``set_epoch`` before each epoch."""
+
+    def __init__(self, rows: list[dict], conditions: Sequence[str], resolution: int, seed: int,
+                 center_crop: bool = False, random_flip: bool = True, proportion_empty_prompts: float = 0.5):
+        self.rows, self.conditions, self.resolution, self.seed = rows, list(conditions), resolution, seed
+        self.center_crop, self.random_flip, self.p_empty = center_crop, random_flip, proportion_empty_prompts
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        rng = _rng(self.seed, self.epoch, index)
+        image = decode_rgb(row["image"])
+        conds = [decode_rgb(row[cond_column(c)]) for c in self.conditions]
+        box = self._crop_box(image.size, rng)
+        flip = self.random_flip and rng.random() < 0.5
+        pixels = self._prepare(image, box, flip) * 2.0 - 1.0  # [-1, 1], as the VAE expects
+        cond = torch.cat([self._prepare(c, box, flip) for c in conds])  # [0, 1], channels stacked
+        caption = "" if rng.random() < self.p_empty else (row["caption"] or "")
+        return {"pixel_values": pixels, "conditioning_pixel_values": cond, "caption": caption, "index": index}
+
+    def _crop_box(self, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """A square-side crop of the resolution after scaling the short side to it."""
+        width, height = size
+        scale = self.resolution / min(width, height)
+        w, h = round(width * scale), round(height * scale)
+        if self.center_crop:
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        else:
+            left, top = int(rng.integers(0, w - self.resolution + 1)), int(rng.integers(0, h - self.resolution + 1))
+        return left, top, w, h
+
+    def _prepare(self, im: Image.Image, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        left, top, w, h = box
+        im = im.resize((w, h), Image.Resampling.BICUBIC) if im.size != (w, h) else im
+        im = im.crop((left, top, left + self.resolution, top + self.resolution))
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]),
+        "captions": [e["caption"] for e in examples],
+        "indices": [e["index"] for e in examples],
+    }
+
+
+class RankSampler(torch.utils.data.Sampler[int]):
+    """This rank's share of a seeded per-epoch permutation; every rank gets the same count."""
+
+    def __init__(self, size: int, rank: int, world: int, seed: int, batch_size: int):
+        self.size, self.rank, self.world, self.seed, self.batch_size = size, rank, world, seed, batch_size
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's order; skip batches a resumed run has already trained on."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def batches_per_epoch(self) -> int:
+        return (self.size // self.world) // self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        mine = order[self.rank::self.world][: self.batches_per_epoch() * self.batch_size]
+        return iter(mine[self.skip_batches * self.batch_size:])
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.skip_batches) * self.batch_size

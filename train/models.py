@@ -1,0 +1,97 @@
+"""Load the frozen Stable Diffusion base and the trainable ControlNet.
+
+Model families differ only in how prompts become conditioning (``FamilyAdapter``): SD 1.x/2.x use
+one CLIP text encoder; SDXL adds a second one, pooled embeddings and size/crop time ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class BaseModels:
+    """The locked base (never trained) and its noise schedule."""
+
+    tokenizers: list[Any]
+    text_encoders: list[torch.nn.Module]
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: Any
+    family: "FamilyAdapter"
+
+
+class FamilyAdapter:
+    """SD 1.x / 2.x: one CLIP text encoder's last hidden state."""
+
+    name = "sd"
+
+    def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
+        """(encoder_hidden_states, added_cond_kwargs for the UNet and ControlNet)."""
+        tokenizer, encoder = base.tokenizers[0], base.text_encoders[0]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        return encoder(ids)[0], {}
+
+
+class SDXLAdapter(FamilyAdapter):
+    """SDXL: both text encoders' penultimate states concatenated, pooled text embeds, time ids."""
+
+    name = "sdxl"
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
+        states, pooled = [], None
+        for tokenizer, encoder in zip(base.tokenizers, base.text_encoders):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            pooled = out[0]  # the last encoder (with projection) gives the pooled embedding
+            states.append(out.hidden_states[-2])
+        # Original size, crop top-left and target size: training crops are square at resolution.
+        r = self.resolution
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=states[0].dtype).repeat(len(captions), 1)
+        return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def load_base(path: str, resolution: int) -> BaseModels:
+    """Tokenizer(s), text encoder(s), VAE, UNet and noise scheduler, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    sdxl = unet.config.addition_embed_type == "text_time"
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False)]
+    encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
+    if sdxl:
+        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False))
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    for module in (*encoders, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    family = SDXLAdapter(resolution) if sdxl else FamilyAdapter()
+    return BaseModels(tokenizers, encoders, vae, unet, scheduler, family)
+
+
+def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | None = None) -> torch.nn.Module:
+    """A ControlNet initialised from the UNet's encoder (zero convolutions), or loaded to continue."""
+    from diffusers import ControlNetModel
+
+    if path:
+        controlnet = ControlNetModel.from_pretrained(path, subfolder="controlnet" if os.path.isdir(
+            os.path.join(path, "controlnet")) else None)
+        if controlnet.config.conditioning_channels != conditioning_channels:
+            raise ValueError(f"{path} takes {controlnet.config.conditioning_channels} condition channels; "
+                             f"the chosen conditions have {conditioning_channels}")
+    else:
+        controlnet = ControlNetModel.from_unet(base.unet, conditioning_channels=conditioning_channels)
+    controlnet.train()
+    return controlnet

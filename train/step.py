@@ -1,0 +1,53 @@
+"""The ControlNet training loss for one batch: a pure function of its inputs.
+
+    noise a clean latent at a random timestep; the ControlNet reads the condition and adds its
+    residuals into the locked UNet; the loss is the UNet's error in predicting the noise (or v).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def controlnet_loss(
+    controlnet: torch.nn.Module,
+    unet: torch.nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    condition: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mean squared error of the ControlNet-steered UNet's prediction (epsilon or v target)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+    down, mid = controlnet(
+        noisy, timesteps, encoder_hidden_states=encoder_hidden_states, controlnet_cond=condition,
+        return_dict=False, **extra,
+    )
+    dtype = unet.dtype  # residuals come from the fp32 ControlNet; the locked UNet may be fp16
+    prediction = unet(
+        noisy.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
+        down_block_additional_residuals=[r.to(dtype) for r in down],
+        mid_block_additional_residual=mid.to(dtype), return_dict=False, **extra,
+    )[0]
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def sample_noise(latents: torch.Tensor, num_timesteps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, timesteps) for a batch, from ``generator`` (seeded per step: resumable)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    return noise, timesteps

@@ -1,0 +1,72 @@
+"""Validation samples: generate from held-out conditions with the modules already in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def validation_inputs(rows: Sequence[dict], conditions: Sequence[str], images: Sequence[str],
+                      prompts: Sequence[str], resolution: int) -> list[tuple[torch.Tensor, str]]:
+    """(condition tensor 1xCxHxW in [0, 1], prompt) pairs: given files, else held-out rows."""
+    from train.data import ManifestDataset
+
+    if images:
+        prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+        out = []
+        for path, prompt in zip(images, prompts):
+            im = Image.open(path).convert("RGB").resize((resolution, resolution))
+            out.append((torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)[None], prompt))
+        return out
+    dataset = ManifestDataset(list(rows), conditions, resolution, seed=0, center_crop=True, random_flip=False,
+                              proportion_empty_prompts=0.0)
+    return [(ex["conditioning_pixel_values"][None], ex["caption"]) for ex in (dataset[i] for i in range(len(dataset)))]
+
+
+@torch.no_grad()
+def generate(base: Any, controlnet: torch.nn.Module, inputs: list[tuple[torch.Tensor, str]], per_input: int,
+             seed: int, steps: int = 20) -> list[list[Image.Image]]:
+    """Images for each input, from a pipeline assembled from the in-memory modules (no second copy)."""
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
+        controlnet=controlnet, scheduler=UniPCMultistepScheduler.from_config(base.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    device = base.unet.device
+    results = []
+    for cond, prompt in inputs:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        height, width = cond.shape[-2:]
+        out = pipe(prompt=[prompt] * per_input, image=cond.to(device).repeat(per_input, 1, 1, 1), height=height,
+                   width=width, num_inference_steps=steps, generator=generator)
+        results.append(out.images)
+    return results
+
+
+def grid(inputs: list[tuple[torch.Tensor, str]], samples: list[list[Image.Image]], path: Path) -> Path:
+    """PNG grid: each row is condition (first 3 channels) | generated images."""
+    rows = []
+    for (cond, _), images in zip(inputs, samples):
+        c = (cond[0, :3].permute(1, 2, 0).cpu().numpy() * 255).clip(0, 255).astype(np.uint8)
+        tiles = [Image.fromarray(c)] + [im.resize((c.shape[1], c.shape[0])) for im in images]
+        row = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height))
+        x = 0
+        for t in tiles:
+            row.paste(t, (x, 0))
+            x += t.width
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)))
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
