@@ -66,3 +66,20 @@ def photos() -> dict[str, "np.ndarray"]:
         Image.fromarray(getattr(data, name)()).save(buf, "PNG")
         out[name] = prepare(buf.getvalue(), PrepareSettings(256)).image
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion folder (diffusers layout) built from configs."""
+    from tests.tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "sd")
+
+
+@pytest.fixture(scope="session")
+def stacked_manifest(local_ray, demo_collection, tmp_path_factory) -> Path:
+    """The demo's photos and scenes with two conditions: canny and an inverted channel."""
+    out = tmp_path_factory.mktemp("manifest") / "stacked"
+    run(AnnotateConfig(input=str(demo_collection / "scenes"), output=str(out),
+                       annotators=("canny", "tests.plugins:InvertAnnotator"), resolution=64))
+    return out

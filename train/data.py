@@ -107,8 +107,10 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 class RankSampler(torch.utils.data.Sampler[int]):
     """This rank's share of a seeded per-epoch permutation; every rank gets the same count."""
 
-    def __init__(self, size: int, rank: int, world: int, seed: int, batch_size: int):
+
+    def __init__(self, size: int, rank: int, world: int, seed: int, batch_size: int, accumulation: int = 1):
         self.size, self.rank, self.world, self.seed, self.batch_size = size, rank, world, seed, batch_size
+        self.accumulation = accumulation
         self.epoch, self.skip_batches = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -116,7 +118,9 @@ class RankSampler(torch.utils.data.Sampler[int]):
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def batches_per_epoch(self) -> int:
-        return (self.size // self.world) // self.batch_size
+        """Whole accumulation cycles only: a partial one would leak gradients into the next epoch."""
+        batches = (self.size // self.world) // self.batch_size
+        return batches // self.accumulation * self.accumulation
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()

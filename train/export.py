@@ -32,7 +32,7 @@ def model_card(card: dict[str, Any]) -> str:
     """Markdown model card: base, data, conditions, arguments, final figures."""
     args = json.dumps(card["args"], indent=2, sort_keys=True, default=str)
     prov = json.dumps(card["provenance"], indent=2, sort_keys=True, default=str)
-    figures = "\n".join(f"- {k}: {v}" for k, v in card["figures"].items())
+    figures = "\n".join(f"- {k}: {v}" for k, v in card["figures"].items() if k != "ranks")
     return f"""---
 library_name: diffusers
 base_model: {card['base_model']}

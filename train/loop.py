@@ -55,6 +55,8 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
     from diffusers.optimization import get_scheduler
 
     accelerator = Accelerator(
+        # Without a GPU, say so: accelerate then joins torchrun's ranks over gloo (multi-CPU).
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -83,13 +85,14 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
     dataset = ManifestDataset(train_rows, config.condition, config.resolution, seed, config.center_crop,
                               config.random_flip, config.proportion_empty_prompts)
     sampler = RankSampler(len(dataset), accelerator.process_index, accelerator.num_processes, seed,
-                          config.train_batch_size)
+                          config.train_batch_size, config.gradient_accumulation_steps)
     if sampler.batches_per_epoch() == 0:
-        raise ValueError(f"{len(dataset)} training rows cannot fill one batch of {config.train_batch_size} "
-                         f"on each of {accelerator.num_processes} processes; lower --train_batch_size")
+        raise ValueError(f"{len(dataset)} training rows cannot fill {config.gradient_accumulation_steps} batch(es) "
+                         f"of {config.train_batch_size} on each of {accelerator.num_processes} processes; lower "
+                         "--train_batch_size or --gradient_accumulation_steps")
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=config.dataloader_num_workers)
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch() / config.gradient_accumulation_steps)
+    steps_per_epoch = sampler.batches_per_epoch() // config.gradient_accumulation_steps
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
 
@@ -124,6 +127,7 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
             "provenance": summary.get("annotators", []), "args": config.to_dict(), "figures": figures,
         }
         result["exported"] = export(final, config.output_dir, card)
+        (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(result, indent=2, default=str))
     accelerator.end_training()
     return result
 
@@ -137,7 +141,7 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     skipped_total, skipped_in_a_row, samples, micro, losses = 0, 0, 0, 0, []
-    last_loss = None
+    last_loss, seen_rows = None, []
     step_finite = True
     start = time.perf_counter()
     for epoch in range(first_epoch, epochs):
@@ -169,6 +173,7 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=config.set_grads_to_none)
             samples += len(batch["captions"]) * accelerator.num_processes
+            seen_rows.extend(batch["indices"])
             if not accelerator.sync_gradients:
                 continue
             micro = 0
@@ -201,8 +206,18 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
             break
     bar.close()
     elapsed = time.perf_counter() - start
-    return {"global_step": global_step, "final_loss": last_loss,
-            "skipped_steps": skipped_total, "samples_per_s": round(samples / elapsed, 3) if elapsed else None}
+    return {"global_step": global_step, "final_loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
+            "skipped_steps": skipped_total, "samples_per_s": round(samples / elapsed, 3) if elapsed else None,
+            "ranks": rank_report(accelerator, controlnet, seen_rows)}
+
+
+def rank_report(accelerator, controlnet, seen_rows: list[int]) -> list[dict[str, Any]]:
+    """Per rank: rows trained on (this run) and a weight checksum, to show ranks stayed in sync."""
+    from accelerate.utils import gather_object
+
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() for p in accelerator.unwrap_model(controlnet).parameters()))
+    return gather_object([{"rank": accelerator.process_index, "rows": sorted(seen_rows), "checksum": checksum}])
 
 
 def _on(generator: torch.Generator, device: torch.device) -> torch.Generator:
