@@ -181,3 +181,51 @@ def test_missing_manifest_or_condition_fails_with_what_to_do(demo_manifest, tmp_
     args[args.index("canny")] = "depth"
     assert main(args) == 2
     assert "has no condition depth; it has: canny" in capsys.readouterr().err
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(demo_manifest, tiny_sd, tmp_path, monkeypatch):
+    from train import loop
+    from train.data import check_conditions
+    from train.train import parse_args
+
+    real = loop.controlnet_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop, "controlnet_loss", sometimes_nan)
+    config = parse_args(train_args(demo_manifest, tiny_sd, tmp_path / "a", "--max_train_steps", "3",
+                                   "--checkpointing_steps", "10"))
+    result = loop.train(config, check_conditions(config.manifest, config.condition))
+    assert result["figures"]["skipped_steps"] == 1 and result["figures"]["global_step"] == 3
+
+    monkeypatch.setattr(loop, "controlnet_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    config = parse_args(train_args(demo_manifest, tiny_sd, tmp_path / "b", "--max_train_steps", "5",
+                                   "--max_nonfinite_steps", "2", "--checkpointing_steps", "10"))
+    with pytest.raises(loop.NonFiniteLossError, match="2 steps in a row had a non-finite loss"):
+        loop.train(config, check_conditions(config.manifest, config.condition))
+
+
+def test_ema_run_exports_the_averaged_weights(demo_manifest, tiny_sd, tmp_path):
+    from train.train import main
+
+    out = tmp_path / "ema"
+    assert main(train_args(demo_manifest, tiny_sd, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                           "--use_ema", "--checkpoints_total_limit", "1")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # older pruned after the new one
+    assert load_controlnet(out / "controlnet").config.conditioning_channels == 3
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_get_it(demo_manifest, tmp_path, capsys):
+    import importlib.util
+
+    from train.train import main
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(SystemExit):
+        main(train_args(demo_manifest, tmp_path, tmp_path / "o", "--use_8bit_adam"))
+    assert "pip install bitsandbytes" in capsys.readouterr().err
