@@ -142,6 +142,7 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
                disable=not accelerator.is_local_main_process)
     skipped_total, skipped_in_a_row, samples, micro, losses = 0, 0, 0, 0, []
     last_loss, seen_rows = None, []
+    first_step, paused = global_step, 0.0
     step_finite = True
     start = time.perf_counter()
     for epoch in range(first_epoch, epochs):
@@ -172,7 +173,8 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
                         optimizer.step()
                         lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=config.set_grads_to_none)
-            samples += len(batch["captions"]) * accelerator.num_processes
+            if global_step > first_step:  # throughput after the first (warm-up) step
+                samples += len(batch["captions"]) * accelerator.num_processes
             seen_rows.extend(batch["indices"])
             if not accelerator.sync_gradients:
                 continue
@@ -188,24 +190,29 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
                 skipped_in_a_row = 0
             step_finite = True
             global_step += 1
+            if global_step == first_step + 1:
+                start = time.perf_counter()
             if ema is not None:
                 ema.step(controlnet.parameters())
             logs = {"loss": sum(losses) / max(1, len(losses)), "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": samples / (time.perf_counter() - start), "skipped_steps": skipped_total}
+                    "samples_per_s": samples / max(1e-9, time.perf_counter() - start - paused),
+                    "skipped_steps": skipped_total}
             losses, last_loss = [], logs["loss"]
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
             accelerator.log(logs, step=global_step)
+            pause_start = time.perf_counter()  # checkpoints and samples are not training throughput
             if global_step % config.checkpointing_steps == 0 or global_step == max_steps:
                 checkpoints.save(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
             if global_step % config.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(config, accelerator, base, controlnet, held_out, global_step, seed)
+            paused += time.perf_counter() - pause_start
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
             break
     bar.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - paused
     return {"global_step": global_step, "final_loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
             "skipped_steps": skipped_total, "samples_per_s": round(samples / elapsed, 3) if elapsed else None,
             "ranks": rank_report(accelerator, controlnet, seen_rows)}

@@ -1,0 +1,172 @@
+"""ControlNet training overhead on one tiny config, with the paper's A100 figures beside ours.
+
+    python bench/train_overhead.py [--steps 10] [--batch 16] [--resolution 128]
+
+1. a base UNet fine-tuning step versus a ControlNet step (UNet locked): time and peak memory
+   (each measured in its own process; memory is the peak RSS growth over the model set-up);
+2. the trainer's end-to-end samples/s (accelerate, manifest decoding, augmentation) versus a bare
+   loop of the same steps on in-memory tensors: what data loading costs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import resource
+import subprocess
+import tempfile
+import time
+
+import torch
+
+PAPER = {"time": 1.34, "memory": 1.23}  # Zhang et al. 2023: +34% time, +23% GPU memory (A100)
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def one_kind(kind: str, sd: str, steps: int, batch: int, resolution: int) -> dict:
+    """Time per step and peak memory growth of ``steps`` steps of ``kind`` (base or controlnet)."""
+    from train.models import load_base, make_controlnet
+    from train.step import controlnet_loss, sample_noise
+
+    torch.manual_seed(0)
+    base = load_base(sd, resolution)
+    latent = resolution // 8
+    latents = torch.randn(batch, 4, latent, latent)
+    hidden, _ = base.family.encode_prompts(base, ["a red circle"] * batch, torch.device("cpu"))
+    cond = torch.rand(batch, 3, resolution, resolution)
+    generator = torch.Generator().manual_seed(0)
+    if kind == "base":
+        base.unet.requires_grad_(True).train()
+        params = list(base.unet.parameters())
+    else:
+        controlnet = make_controlnet(base, 3)
+        params = list(controlnet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        noise, t = sample_noise(latents, 1000, generator)
+        if kind == "base":
+            noisy = base.scheduler.add_noise(latents, noise, t)
+            loss = torch.nn.functional.mse_loss(base.unet(noisy, t, encoder_hidden_states=hidden).sample, noise)
+        else:
+            loss = controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, cond, noise, t)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    before = rss_mb()
+    step()  # warm-up (allocates optimizer state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": seconds, "memory_mb": peak - before, "params": sum(p.numel() for p in params)}
+
+
+def bare_loop_samples_per_s(sd: str, steps: int, batch: int, resolution: int) -> float:
+    """The trainer's step (VAE encode, text encode, loss, backward, AdamW) on in-memory tensors."""
+    from train.models import load_base, make_controlnet
+    from train.step import controlnet_loss, sample_noise
+
+    base = load_base(sd, resolution)
+    controlnet = make_controlnet(base, 3)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
+    pixels = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    cond = torch.rand(batch, 3, resolution, resolution)
+    captions = ["a red circle on a gradient background"] * batch
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        with torch.no_grad():
+            latents = base.vae.encode(pixels).latent_dist.sample(generator=generator) * base.vae.config.scaling_factor
+            hidden, _ = base.family.encode_prompts(base, captions, torch.device("cpu"))
+        noise, t = sample_noise(latents, 1000, generator)
+        controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, cond, noise, t).backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def trainer_samples_per_s(sd: str, manifest: str, steps: int, batch: int, resolution: int, work: Path) -> float:
+    from train.data import check_conditions
+    from train.loop import train
+    from train.train import parse_args
+
+    config = parse_args(["--manifest", manifest, "--condition", "canny", "--pretrained_model_name_or_path", sd,
+                         "--output_dir", str(work / "run"), "--resolution", str(resolution), "--train_batch_size",
+                         str(batch), "--max_train_steps", str(steps), "--checkpointing_steps", str(10 * steps),
+                         "--validation_steps", str(10 * steps), "--report_to", "none", "--seed", "0"])
+    return train(config, check_conditions(config.manifest, config.condition))["figures"]["samples_per_s"]
+
+
+def make_manifest(work: Path, images: int) -> str:
+    """A manifest of drawn scenes with Canny maps (local Ray), big enough for the trainer's steps."""
+    from pipeline import ray_runtime
+    from pipeline.annotate import run
+    from pipeline.config import AnnotateConfig
+    from pipeline.samples import write_scenes
+
+    write_scenes(work / "scenes", images)
+    run(AnnotateConfig(input=str(work / "scenes"), output=str(work / "manifest"), resolution=256))
+    ray_runtime.shutdown()
+    return str(work / "manifest")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--one", choices=["base", "controlnet"], help=argparse.SUPPRESS)
+    p.add_argument("--sd", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one_kind(args.one, args.sd, args.steps, args.batch, args.resolution)))
+        return
+    from tests.tiny_sd import write_tiny_sd
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train"))
+    sd = str(write_tiny_sd(work / "sd"))
+    kinds = {}
+    for kind in ("base", "controlnet"):
+        out = subprocess.run([sys.executable, __file__, "--one", kind, "--sd", sd, "--steps", str(args.steps),
+                              "--batch", str(args.batch), "--resolution", str(args.resolution)],
+                             capture_output=True, text=True, check=True)
+        kinds[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    b, c = kinds["base"], kinds["controlnet"]
+    print(f"tiny SD, batch {args.batch}, {args.resolution} px ({args.resolution // 8}x{args.resolution // 8} latents), "
+          f"{torch.get_num_threads()} threads, CPU")
+    print(f"{'':28}{'base fine-tune':>16}{'ControlNet':>12}{'ratio':>8}{'paper (A100)':>14}")
+    print(f"{'trainable parameters':28}{b['params']:16,}{c['params']:12,}{c['params'] / b['params']:8.2f}")
+    print(f"{'time per step (s)':28}{b['step_s']:16.3f}{c['step_s']:12.3f}{c['step_s'] / b['step_s']:8.2f}{PAPER['time']:14.2f}")
+    print(f"{'peak memory growth (MB)':28}{b['memory_mb']:16.0f}{c['memory_mb']:12.0f}"
+          f"{c['memory_mb'] / b['memory_mb']:8.2f}{PAPER['memory']:14.2f}")
+
+    manifest = make_manifest(work, max(2 * args.batch + 8, 40))
+    bare = bare_loop_samples_per_s(sd, args.steps, args.batch, args.resolution)
+    e2e = trainer_samples_per_s(sd, manifest, args.steps, args.batch, args.resolution, work)
+    print(f"bare step loop on in-memory tensors: {bare:7.1f} samples/s")
+    print(f"trainer end to end (data, accelerate): {e2e:7.1f} samples/s")
+    print(f"ratio trainer / bare: {e2e / bare:.2f} (data loading costs {100 * (1 - e2e / bare):.1f}%; target < 5%)")
+
+
+if __name__ == "__main__":
+    main()
