@@ -38,3 +38,4 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/annotate_throughput.py
 	$(PY) bench/annotator_speed.py
+	$(PY) bench/train_overhead.py
