@@ -5,7 +5,8 @@
 1. a base UNet fine-tuning step versus a ControlNet step (UNet locked): time and peak memory
    (each measured in its own process; memory is the peak RSS growth over the model set-up);
 2. the trainer's end-to-end samples/s (accelerate, manifest decoding, augmentation) versus a bare
-   loop of the same steps on in-memory tensors: what data loading costs.
+   loop of the same steps on in-memory tensors: what data loading costs;
+3. the trainer with and without ``--cache_latents`` (fixed crops both): what caching saves.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def bare_loop_samples_per_s(sd: str, steps: int, batch: int, resolution: int) ->
     return steps * batch / (time.perf_counter() - start)
 
 
-def trainer_samples_per_s(sd: str, manifest: str, steps: int, batch: int, resolution: int, work: Path) -> float:
+def trainer_samples_per_s(sd: str, manifest: str, steps: int, batch: int, resolution: int, work: Path,
+                          *extra: str) -> float:
     from train.data import check_conditions
     from train.loop import train
     from train.train import parse_args
@@ -113,7 +115,7 @@ def trainer_samples_per_s(sd: str, manifest: str, steps: int, batch: int, resolu
     config = parse_args(["--manifest", manifest, "--condition", "canny", "--pretrained_model_name_or_path", sd,
                          "--output_dir", str(work / "run"), "--resolution", str(resolution), "--train_batch_size",
                          str(batch), "--max_train_steps", str(steps), "--checkpointing_steps", str(10 * steps),
-                         "--validation_steps", str(10 * steps), "--report_to", "none", "--seed", "0"])
+                         "--validation_steps", str(10 * steps), "--report_to", "none", "--seed", "0", *extra])
     return train(config, check_conditions(config.manifest, config.condition))["figures"]["samples_per_s"]
 
 
@@ -166,6 +168,12 @@ def main() -> None:
     print(f"bare step loop on in-memory tensors: {bare:7.1f} samples/s")
     print(f"trainer end to end (data, accelerate): {e2e:7.1f} samples/s")
     print(f"ratio trainer / bare: {e2e / bare:.2f} (data loading costs {100 * (1 - e2e / bare):.1f}%; target < 5%)")
+    fixed = ("--center_crop", "--no_random_flip")
+    plain = trainer_samples_per_s(sd, manifest, args.steps, args.batch, args.resolution, work / "fixed", *fixed)
+    cached = trainer_samples_per_s(sd, manifest, args.steps, args.batch, args.resolution, work / "cached", *fixed,
+                                   "--cache_latents")
+    print(f"fixed crops: {plain:7.1f} samples/s; with --cache_latents: {cached:7.1f} samples/s "
+          f"(speed-up {cached / plain:.2f}x; the cache is built before the first step and not counted)")
 
 
 if __name__ == "__main__":

@@ -229,3 +229,23 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_get_it(demo_manifest, tmp_pa
     with pytest.raises(SystemExit):
         main(train_args(demo_manifest, tmp_path, tmp_path / "o", "--use_8bit_adam"))
     assert "pip install bitsandbytes" in capsys.readouterr().err
+
+
+def test_cached_latents_train_the_same_model_as_encoding_every_step(demo_manifest, tiny_sd, tmp_path):
+    from train.train import main
+
+    fixed = ["--max_train_steps", "3", "--checkpointing_steps", "10", "--center_crop", "--no_random_flip"]
+    assert main(train_args(demo_manifest, tiny_sd, tmp_path / "plain", *fixed)) == 0
+    assert main(train_args(demo_manifest, tiny_sd, tmp_path / "cached", *fixed, "--cache_latents")) == 0
+    a = load_controlnet(tmp_path / "plain" / "controlnet").state_dict()
+    b = load_controlnet(tmp_path / "cached" / "controlnet").state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_cache_latents_needs_fixed_crops(demo_manifest, tmp_path, capsys):
+    from train.train import main
+
+    with pytest.raises(SystemExit):
+        main(train_args(demo_manifest, tmp_path, tmp_path / "o", "--cache_latents"))
+    assert "--center_crop and --no_random_flip" in capsys.readouterr().err

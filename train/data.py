@@ -56,6 +56,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.rows, self.conditions, self.resolution, self.seed = rows, list(conditions), resolution, seed
         self.center_crop, self.random_flip, self.p_empty = center_crop, random_flip, proportion_empty_prompts
         self.epoch = 0
+        self.decode_images = True  # False when latents are cached: only conditions are decoded
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -66,14 +67,21 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         rng = _rng(self.seed, self.epoch, index)
-        image = decode_rgb(row["image"])
         conds = [decode_rgb(row[cond_column(c)]) for c in self.conditions]
-        box = self._crop_box(image.size, rng)
+        box = self._crop_box(conds[0].size, rng)  # maps have the image's size, by the manifest contract
         flip = self.random_flip and rng.random() < 0.5
-        pixels = self._prepare(image, box, flip) * 2.0 - 1.0  # [-1, 1], as the VAE expects
+        if self.decode_images:
+            pixels = self._prepare(decode_rgb(row["image"]), box, flip) * 2.0 - 1.0  # [-1, 1] for the VAE
+        else:
+            pixels = torch.zeros(0)
         cond = torch.cat([self._prepare(c, box, flip) for c in conds])  # [0, 1], channels stacked
         caption = "" if rng.random() < self.p_empty else (row["caption"] or "")
         return {"pixel_values": pixels, "conditioning_pixel_values": cond, "caption": caption, "index": index}
+
+    def image_tensor(self, index: int) -> torch.Tensor:
+        """The target image of a row in [-1, 1] with the fixed crop (for ``--cache_latents``)."""
+        image = decode_rgb(self.rows[index]["image"])
+        return self._prepare(image, self._crop_box(image.size, _rng(self.seed, 0, index)), False) * 2.0 - 1.0
 
     def _crop_box(self, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
         """A square-side crop of the resolution after scaling the short side to it."""

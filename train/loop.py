@@ -90,6 +90,13 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{len(dataset)} training rows cannot fill {config.gradient_accumulation_steps} batch(es) "
                          f"of {config.train_batch_size} on each of {accelerator.num_processes} processes; lower "
                          "--train_batch_size or --gradient_accumulation_steps")
+    cache = None
+    if config.cache_latents:
+        from train.cache import EncodedCache
+
+        cache = EncodedCache(base, dataset, device, weight_dtype, config.train_batch_size,
+                             show_progress=accelerator.is_local_main_process)
+        dataset.decode_images = False
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=config.dataloader_num_workers)
     steps_per_epoch = sampler.batches_per_epoch() // config.gradient_accumulation_steps
@@ -113,7 +120,8 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
         log.info("resumed from %s at step %d", path, global_step)
 
     figures = run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, loader, sampler,
-                        dataset, held_out, global_step, max_steps, steps_per_epoch, epochs, seed, weight_dtype)
+                        dataset, held_out, global_step, max_steps, steps_per_epoch, epochs, seed, weight_dtype,
+                        cache)
 
     accelerator.wait_for_everyone()
     result = {"figures": figures}
@@ -133,7 +141,8 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, loader, sampler, dataset,
-              held_out, global_step, max_steps, steps_per_epoch, epochs, seed, weight_dtype) -> dict[str, Any]:
+              held_out, global_step, max_steps, steps_per_epoch, epochs, seed, weight_dtype,
+              cache=None) -> dict[str, Any]:
     """The optimisation loop proper, from ``global_step`` to ``max_steps``."""
     device = accelerator.device
     first_epoch = global_step // steps_per_epoch
@@ -153,11 +162,15 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
                 # Randomness per (step, micro-batch, rank): a resumed run draws what a straight one would.
                 generator = torch.Generator().manual_seed(hash((seed, global_step, micro, accelerator.process_index)) % 2**63)
                 micro += 1
-                pixels = batch["pixel_values"].to(device, weight_dtype)
                 with torch.no_grad():
-                    latents = base.vae.encode(pixels).latent_dist.sample(generator=_on(generator, device))
-                    latents = latents * base.vae.config.scaling_factor
-                    hidden, added = base.family.encode_prompts(base, batch["captions"], device)
+                    if cache is not None:
+                        latents = cache.latents(batch["indices"], _on(generator, device)).to(weight_dtype)
+                        hidden, added = cache.prompts_for(batch["captions"])
+                    else:
+                        pixels = batch["pixel_values"].to(device, weight_dtype)
+                        latents = base.vae.encode(pixels).latent_dist.sample(generator=_on(generator, device))
+                        latents = latents * base.vae.config.scaling_factor
+                        hidden, added = base.family.encode_prompts(base, batch["captions"], device)
                 noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
                 condition = batch["conditioning_pixel_values"].to(device)
                 loss = controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise,

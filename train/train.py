@@ -85,8 +85,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         p.error(str(exc))
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         p.error("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), or drop the flag")
-    if config.cache_latents:
-        p.error("--cache_latents is not implemented yet; leave it out")
     return config
 
 

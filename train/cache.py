@@ -1,0 +1,47 @@
+"""``--cache_latents``: encode every image and distinct caption once, reuse them every step.
+
+Valid only with fixed crops (centre crop, no flip), which the config enforces. The VAE's latent
+distribution (mean and log-variance) is cached, not one sample, so each step still draws a fresh
+sample from it, as an uncached run does. Captions dropped to "" use the cached "" embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+
+class EncodedCache:
+    """Latent distributions by row index and prompt embeddings by caption."""
+
+    def __init__(self, base: Any, dataset: Any, device: torch.device, dtype: torch.dtype, batch_size: int,
+                 show_progress: bool = True):
+        self.base, self.device = base, device
+        moments = []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(dataset), batch_size), desc="cache latents", disable=not show_progress):
+                pixels = torch.stack([dataset.image_tensor(i) for i in range(start, min(len(dataset), start + batch_size))])
+                moments.append(base.vae.encode(pixels.to(device, dtype)).latent_dist.parameters.cpu())
+            self.moments = torch.cat(moments)
+            captions = sorted({"", *(row["caption"] or "" for row in dataset.rows)})
+            self.prompts: dict[str, tuple[torch.Tensor, dict]] = {}
+            for start in range(0, len(captions), batch_size):
+                chunk = captions[start:start + batch_size]
+                hidden, added = base.family.encode_prompts(base, chunk, device)
+                for k, caption in enumerate(chunk):
+                    self.prompts[caption] = (hidden[k], {n: v[k] for n, v in added.items()})
+
+    def latents(self, indices: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """A fresh sample from each row's cached latent distribution, scaled for the UNet."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        params = self.moments[list(indices)].to(self.device)
+        sample = DiagonalGaussianDistribution(params).sample(generator=generator if self.device.type == "cpu" else None)
+        return sample * self.base.vae.config.scaling_factor
+
+    def prompts_for(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        hidden = torch.stack([self.prompts[c][0] for c in captions])
+        keys = self.prompts[captions[0]][1].keys()
+        return hidden, {k: torch.stack([self.prompts[c][1][k] for c in captions]) for k in keys}
