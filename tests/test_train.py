@@ -249,3 +249,16 @@ def test_cache_latents_needs_fixed_crops(demo_manifest, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(train_args(demo_manifest, tmp_path, tmp_path / "o", "--cache_latents"))
     assert "--center_crop and --no_random_flip" in capsys.readouterr().err
+
+
+def test_sdxl_family_trains_through_its_adapter(demo_manifest, tmp_path):
+    from tests.tiny_sd import write_tiny_sdxl
+    from train.train import main
+
+    sdxl = write_tiny_sdxl(tmp_path / "sdxl")
+    out = tmp_path / "run"
+    assert main(train_args(demo_manifest, sdxl, out, "--max_train_steps", "2", "--checkpointing_steps", "10")) == 0
+    controlnet = load_controlnet(out / "controlnet")
+    assert controlnet.config.addition_embed_type == "text_time"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["figures"]["global_step"] == 2 and summary["figures"]["final_loss"] is not None

@@ -47,3 +47,37 @@ def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+def write_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """A tiny SDXL-style folder: two text encoders, pooled embeddings and time ids in the UNet."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        transformer_layers_per_block=(1, 1),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        sample_size=64,
+    )
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32)
+    write_tokenizer(folder / "_tok")
+    for sub in ("tokenizer", "tokenizer_2"):
+        CLIPTokenizer(str(folder / "_tok" / "vocab.json"), str(folder / "_tok" / "merges.txt"),
+                      model_max_length=77).save_pretrained(folder / sub)
+    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(folder / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(**text)).save_pretrained(folder / "text_encoder_2")
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                           beta_end=0.012).save_pretrained(folder / "scheduler")
+    return folder
