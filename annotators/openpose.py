@@ -47,7 +47,7 @@ class OpenposeAnnotator(TorchAnnotator):
         folder = os.path.dirname(paths[OPENPOSE_FILES[0]])
         self.detector = OpenposeDetector.from_pretrained(folder).to(self.device)
 
-    def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list:
+    def _annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list:
         """Per image: OpenPose's multi-scale search and part grouping do not batch."""
         from controlnet_aux.open_pose import draw_poses
 

@@ -42,8 +42,8 @@ class TorchAnnotator(Annotator):
         import torch
 
         self.device = self.requested_device or pick_device()
-        torch.set_grad_enabled(False)
-        self.load()
+        with torch.no_grad():
+            self.load()
 
     def load(self) -> None:
         """Build the model from the located weights (subclasses)."""
@@ -55,6 +55,12 @@ class TorchAnnotator(Annotator):
         return dict(self.weights)
 
     def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():  # local, never global: annotators share processes with training code
+            return self._annotate(images, ids)
+
+    def _annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
         check_batch(images, ids)
         out: list[Any] = [None] * len(images)
         step = self.cpu_batch if self.device == "cpu" else len(images)

@@ -161,3 +161,10 @@ def test_real_weights_make_plausible_maps(photos, name):
     annotator.setup()
     (cond,) = annotator.annotate([photos["astronaut"]], ["a"])
     assert cond.shape[:2] == photos["astronaut"].shape[:2] and cond.any()
+
+
+def test_annotators_leave_autograd_on_for_the_rest_of_the_process(loaded, photos):
+    import torch
+
+    loaded("hed", {}).annotate([photos["astronaut"]], ["a"])
+    assert torch.is_grad_enabled()
