@@ -20,6 +20,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import itertools
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -196,13 +197,13 @@ def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int, config: An
     that load their weights once (on a GPU each when there are GPUs). A shard whose task fails
     after Ray's retries is reported and left unwritten; the same command again redoes it.
     """
+    import ray
+
     uses_model = any(registry.get(n).uses_model for n, _ in job.annotators)
     submit = _actor_pool(job, config) if uses_model else _task_submitter(job)
     pending = {submit(spec): spec["shard"] for spec in todo}
     failures: list[str] = []
     start = time.perf_counter()
-    import ray
-
     with tqdm(total=total_rows, unit="img", desc="annotate", file=sys.stderr) as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -239,11 +240,14 @@ def _actor_pool(job: ShardJob, config: AnnotateConfig) -> Callable[[dict], Any]:
         size = max(1, int(resources.get("GPU", 0) // gpus))
     else:
         size = max(1, int(resources.get("CPU", 1) // config.cpus_per_worker))
+    if size * config.cpus_per_worker > resources.get("CPU", 0) or size * gpus > resources.get("GPU", 0):
+        log.warning("%d workers x (%d CPU, %g GPU) exceed the cluster's %s CPU / %s GPU: the extra workers wait "
+                    "for an autoscaler to add nodes", size, config.cpus_per_worker, gpus,
+                    resources.get("CPU", 0), resources.get("GPU", 0))
     actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1,
                            max_task_retries=1)(ShardAnnotator)
-    actors = [actor_cls.remote(job) for _ in range(size)]
-    counter = iter(range(1 << 62))
-    return lambda spec: actors[next(counter) % size].run.remote(spec)
+    actors = itertools.cycle([actor_cls.remote(job) for _ in range(size)])
+    return lambda spec: next(actors).run.remote(spec)
 
 
 def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run: dict[str, Any]) -> dict[str, Any]:
