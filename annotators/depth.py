@@ -64,8 +64,7 @@ class DepthAnnotator(TorchAnnotator):
 
     def load(self) -> None:
         paths = self._paths()
-        folder = paths.pop("", None)
-        self.hash_weights(paths)
+        folder = paths.pop("", None)  # weights are hashed once, on the driver (locate_weights)
         if self.uses_midas:
             from controlnet_aux import MidasDetector
 

@@ -38,8 +38,7 @@ class HedAnnotator(TorchAnnotator):
     def load(self) -> None:
         from controlnet_aux import HEDdetector
 
-        path = locate_file(self.weights_dir, HED_FILE, self.name)
-        self.hash_weights({HED_FILE: path})
+        path = locate_file(self.weights_dir, HED_FILE, self.name)  # hashed once, on the driver
         detector = HEDdetector.from_pretrained(os.path.dirname(path), filename=os.path.basename(path))
         import torch
 

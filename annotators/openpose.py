@@ -43,7 +43,6 @@ class OpenposeAnnotator(TorchAnnotator):
         from controlnet_aux import OpenposeDetector
 
         paths = {f: locate_file(self.weights_dir, f, self.name) for f in OPENPOSE_FILES}
-        self.hash_weights(paths)
         folder = os.path.dirname(paths[OPENPOSE_FILES[0]])
         self.detector = OpenposeDetector.from_pretrained(folder).to(self.device)
 

@@ -52,8 +52,7 @@ class SegmentationAnnotator(TorchAnnotator):
     def load(self) -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
 
-        folder = self._folder()
-        self.hash_weights({os.path.relpath(f, folder): f for f in weight_files(folder)})
+        folder = self._folder()  # weights are hashed once, on the driver (locate_weights)
         self.processor = AutoImageProcessor.from_pretrained(folder)
         config = AutoConfig.from_pretrained(folder)
         self.model_type = config.model_type

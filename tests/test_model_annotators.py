@@ -69,8 +69,10 @@ def test_batch_of_n_equals_n_single_calls(loaded, photos, name, params):
             assert diff.max() <= 2 and (diff > 0).mean() < 0.01
 
 
-def test_provenance_records_weight_hashes(loaded):
-    prov = loaded("hed", {}).provenance()
+def test_provenance_records_weight_hashes(weights_dir):
+    annotator = registry.create("hed", {}, str(weights_dir))
+    annotator.locate_weights()
+    prov = annotator.provenance()
     assert set(prov["weights"]) == {"ControlNetHED.pth"} and len(prov["weights"]["ControlNetHED.pth"]) == 64
     assert prov["versions"]["controlnet-aux"] == "0.0.10"
 
