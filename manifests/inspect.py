@@ -67,4 +67,5 @@ def inspect(path: str) -> str:
 def _reason(error: str) -> str:
     """Group errors by their code and first words: 'decode: image file is truncated'."""
     code, _, message = error.partition(":")
-    return f"{code}: {' '.join(message.split()[:5])}".strip()
+    message = message.split(" (")[0]  # details in parentheses differ per file (byte counts, sizes)
+    return f"{code}: {' '.join(message.split()[:6])}".strip()
