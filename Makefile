@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) pipeline/annotate.py --input $(DEMO)/photos --output $(DEMO)/manifest --annotators canny --shard-size 8
 	$(PY) -m manifests inspect $(DEMO)/manifest
 	$(PY) -m manifests validate $(DEMO)/manifest
-	$(PY) -m manifests preview $(DEMO)/manifest --out $(DEMO)/preview.png --rows 8
+	$(PY) -m manifests preview $(DEMO)/manifest --out $(DEMO)/preview.png --rows 18 --tile 192
 	@echo
 	@echo "demo outputs:"
 	@echo "  raw collection  $(DEMO)/photos"
