@@ -135,10 +135,14 @@ def test_face_mesh_is_drawn_on_a_face():
 
     astronaut = np.ascontiguousarray(data.astronaut())  # 512 px: at 256 the face is too small to mesh
     face = registry.create("mediapipe_face")
+    face.setup()
     (mesh,) = face.annotate([astronaut], ["a"])
     assert mesh.shape == astronaut.shape and mesh.any()
     rows, cols = np.nonzero(mesh.any(axis=2))
     assert 50 < rows.mean() < 250 and 150 < cols.mean() < 300  # where the astronaut's face is
+    from controlnet_aux.mediapipe_face.mediapipe_face_common import generate_annotation
+
+    assert np.array_equal(mesh, generate_annotation(astronaut, 1, 0.5))  # the map the face ControlNet saw
 
 
 def test_no_person_gives_an_empty_map_or_a_skip(photos):
