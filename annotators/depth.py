@@ -52,23 +52,21 @@ class DepthAnnotator(TorchAnnotator):
     def uses_midas(self) -> bool:
         return self.params.model in MIDAS_FILES
 
-    def _paths(self) -> dict[str, str]:
+    def _model_folder(self) -> str:
+        return locate_model_dir(self.weights_dir, self.params.model, self.name)
+
+    def weight_paths(self) -> dict[str, str]:
         if self.uses_midas:
             filename = MIDAS_FILES[self.params.model]
             return {filename: locate_file(self.weights_dir, filename, self.name)}
-        folder = locate_model_dir(self.weights_dir, self.params.model, self.name)
-        return {os.path.relpath(f, folder): f for f in weight_files(folder)} | {"": folder}
-
-    def locate_weights(self) -> dict[str, str]:
-        return self.hash_weights({k: v for k, v in self._paths().items() if k})
+        folder = self._model_folder()
+        return {os.path.relpath(f, folder): f for f in weight_files(folder)}
 
     def load(self) -> None:
-        paths = self._paths()
-        folder = paths.pop("", None)  # weights are hashed once, on the driver (locate_weights)
         if self.uses_midas:
             from controlnet_aux import MidasDetector
 
-            path = next(iter(paths.values()))
+            path = self.weight_paths()[MIDAS_FILES[self.params.model]]
             detector = MidasDetector.from_pretrained(
                 os.path.dirname(path), model_type=self.params.model, filename=os.path.basename(path)
             )
@@ -76,6 +74,7 @@ class DepthAnnotator(TorchAnnotator):
         else:
             from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
+            folder = self._model_folder()
             self.processor = AutoImageProcessor.from_pretrained(folder)
             self.model = AutoModelForDepthEstimation.from_pretrained(folder).to(self.device).eval()
 

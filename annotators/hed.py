@@ -32,13 +32,13 @@ class HedAnnotator(TorchAnnotator):
     Params = HedParams
     params: HedParams
 
-    def locate_weights(self) -> dict[str, str]:
-        return self.hash_weights({HED_FILE: locate_file(self.weights_dir, HED_FILE, self.name)})
+    def weight_paths(self) -> dict[str, str]:
+        return {HED_FILE: locate_file(self.weights_dir, HED_FILE, self.name)}
 
     def load(self) -> None:
         from controlnet_aux import HEDdetector
 
-        path = locate_file(self.weights_dir, HED_FILE, self.name)  # hashed once, on the driver
+        path = self.weight_paths()[HED_FILE]
         detector = HEDdetector.from_pretrained(os.path.dirname(path), filename=os.path.basename(path))
         import torch
 

@@ -36,14 +36,13 @@ class OpenposeAnnotator(TorchAnnotator):
     Params = OpenposeParams
     params: OpenposeParams
 
-    def locate_weights(self) -> dict[str, str]:
-        return self.hash_weights({f: locate_file(self.weights_dir, f, self.name) for f in OPENPOSE_FILES})
+    def weight_paths(self) -> dict[str, str]:
+        return {f: locate_file(self.weights_dir, f, self.name) for f in OPENPOSE_FILES}
 
     def load(self) -> None:
         from controlnet_aux import OpenposeDetector
 
-        paths = {f: locate_file(self.weights_dir, f, self.name) for f in OPENPOSE_FILES}
-        folder = os.path.dirname(paths[OPENPOSE_FILES[0]])
+        folder = os.path.dirname(self.weight_paths()[OPENPOSE_FILES[0]])
         self.detector = OpenposeDetector.from_pretrained(folder).to(self.device)
 
     def _annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list:

@@ -45,14 +45,14 @@ class SegmentationAnnotator(TorchAnnotator):
     def _folder(self) -> str:
         return locate_model_dir(self.weights_dir, self.params.model, self.name)
 
-    def locate_weights(self) -> dict[str, str]:
+    def weight_paths(self) -> dict[str, str]:
         folder = self._folder()
-        return self.hash_weights({os.path.relpath(f, folder): f for f in weight_files(folder)})
+        return {os.path.relpath(f, folder): f for f in weight_files(folder)}
 
     def load(self) -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
 
-        folder = self._folder()  # weights are hashed once, on the driver (locate_weights)
+        folder = self._folder()
         self.processor = AutoImageProcessor.from_pretrained(folder)
         config = AutoConfig.from_pretrained(folder)
         self.model_type = config.model_type

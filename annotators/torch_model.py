@@ -45,6 +45,14 @@ class TorchAnnotator(Annotator):
         with torch.no_grad():
             self.load()
 
+    def weight_paths(self) -> dict[str, str]:
+        """{name: local path} of every weight file the model loads (subclasses); raises
+        ``MissingWeightsError`` for a missing one. Hashed on the driver, read by ``load``."""
+        raise NotImplementedError
+
+    def locate_weights(self) -> dict[str, str]:
+        return self.hash_weights(self.weight_paths())
+
     def load(self) -> None:
         """Build the model from the located weights (subclasses)."""
         raise NotImplementedError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -43,8 +44,6 @@ def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _abspath(path: str) -> str:
-    import os
-
     return os.path.abspath(os.path.expanduser(path))
 
 
