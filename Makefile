@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := data/demo
 
-.PHONY: demo test bench install clean-demo
+.PHONY: demo test test-quick mutation-check bench install clean-demo
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Minutes, not the full suite: leaves out training runs, actor pools and Ray heads.
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow and not cluster" -x -q
+
 demo: $(STAMP)
 	@rm -rf $(DEMO)
 	$(PY) -m pipeline.samples $(DEMO)/photos
@@ -34,6 +38,10 @@ demo: $(STAMP)
 	@echo "  raw collection  $(DEMO)/photos"
 	@echo "  manifest        $(DEMO)/manifest   (python -c \"import pandas as pd; print(pd.read_parquet('$(DEMO)/manifest'))\")"
 	@echo "  preview grid    $(DEMO)/preview.png"
+
+# Deliberate bugs applied to a copy, one at a time: does the suite notice? (~10 min; not in `make test`)
+mutation-check: $(STAMP)
+	$(PY) tests/mutation_check.py
 
 bench: $(STAMP)
 	$(PY) bench/annotate_throughput.py

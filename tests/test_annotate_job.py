@@ -132,3 +132,49 @@ def test_bad_flags_fail_fast_with_a_message(argv, message, capsys):
 def test_missing_input_exits_with_a_message(tmp_path, capsys, local_ray):
     assert main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def edge_f1(found: np.ndarray, truth: np.ndarray, tolerance: int = 2) -> float:
+    """F1 of two binary edge maps, a pixel counting as matched within ``tolerance`` pixels."""
+    import cv2
+
+    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+    found, truth = found > 0, truth > 0
+    if not found.any() or not truth.any():
+        return float(found.any() == truth.any())
+    precision = (found & (cv2.dilate(truth.astype(np.uint8), kernel) > 0)).sum() / found.sum()
+    recall = (truth & (cv2.dilate(found.astype(np.uint8), kernel) > 0)).sum() / truth.sum()
+    return float(2 * precision * recall / max(precision + recall, 1e-9))
+
+
+def test_maps_lie_on_the_edges_of_their_own_images(demo_manifest):
+    """Canny of each stored (JPEG) image finds the stored map's edges; mirrored, it does not."""
+    import cv2
+
+    frame = manifests.read(str(demo_manifest)).set_index("source")
+    for source in ("photos/astronaut.jpg", "photos/chelsea.jpg", "photos/rocket.jpg", "photos/camera.jpg"):
+        image = np.asarray(decode(frame.loc[source, "image"]).convert("RGB"))
+        stored = np.asarray(decode(frame.loc[source, "cond_canny"]))
+        own = edge_f1(cv2.Canny(image, 100, 200), stored)
+        mirrored = edge_f1(cv2.Canny(image[:, ::-1].copy(), 100, 200), stored)
+        flipped = edge_f1(cv2.Canny(image[::-1].copy(), 100, 200), stored)
+        assert own > 0.8 and own > max(mirrored, flipped) + 0.3, (source, own, mirrored, flipped)
+
+
+def test_rerun_with_other_annotator_parameters_is_refused_not_mixed(manifest_copy, demo_collection, local_ray, capsys):
+    """Parameters are part of the settings: keeping low=100 rows under a low=10 summary would lie."""
+    shards = {p.name: p.read_bytes() for p in manifest_copy.glob("part-*.parquet")}
+    code = main(["--input", str(demo_collection), "--output", str(manifest_copy), "--shard-size", "8",
+                 "-p", "canny.low=10"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in manifest_copy.glob("part-*.parquet")} == shards  # untouched
+    assert main(["--input", str(demo_collection), "--output", str(manifest_copy), "--shard-size", "8",
+                 "-p", "canny.low=10", "--overwrite"]) == 0
+    after = manifests.read_manifest_json(str(manifest_copy))
+    assert after["annotators"][0]["params"]["low"] == 10
+    frame = manifests.read(str(manifest_copy)).set_index("source")
+    edges = np.asarray(decode(frame.loc["photos/astronaut.jpg", "cond_canny"]))
+    image = np.asarray(decode(frame.loc["photos/astronaut.jpg", "image"]).convert("RGB"))
+    import cv2
+
+    assert edge_f1(cv2.Canny(image, 10, 200), edges) > edge_f1(cv2.Canny(image, 100, 200), edges)

@@ -69,7 +69,7 @@ def test_row_groups_are_bounded_in_bytes(tmp_path, monkeypatch):
     assert all(meta.row_group(g).total_byte_size < 20000 for g in range(meta.num_row_groups))
 
 
-def test_failed_write_leaves_no_shard_and_no_temp_file(tmp_path):
+def test_rows_that_do_not_fit_the_schema_write_nothing(tmp_path):
     bad = make_rows(2)
     bad[1]["width"] = "not a number"
     with pytest.raises(Exception):
@@ -92,3 +92,49 @@ def test_unknown_schema_version_is_refused(tmp_path):
     mio.write_manifest_json(str(tmp_path), {"schema_version": 99})
     with pytest.raises(ValueError, match="schema_version 99"):
         manifests.read(str(tmp_path))
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+import pyarrow.parquet as pq
+from manifests import io as mio
+from manifests.schema import manifest_schema, shard_name
+from tests.test_manifest_io import make_rows
+
+real = pq.write_table
+
+def write_then_die(table, where, **kwargs):
+    real(table.slice(0, 3), where, **kwargs)  # a valid-looking Parquet file of the first rows...
+    os.kill(os.getpid(), signal.SIGKILL)       # ...and the worker dies before finishing the shard
+
+mio.pq.write_table = write_then_die
+mio.write_shard(make_rows(40), manifest_schema(["canny"]), sys.argv[1], shard_name(0))
+"""
+
+
+def test_a_worker_killed_mid_write_leaves_no_shard_a_rerun_would_trust(tmp_path):
+    """SIGKILL inside the Parquet write: whatever bytes reached the disk must not be a shard."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert list(tmp_path.iterdir()), "the simulated crash should have left a partial file behind"
+    assert mio.list_shards(str(tmp_path)) == []
+    assert not (tmp_path / shard_name(0)).exists()
+
+
+def test_an_error_mid_write_removes_the_partial_file(tmp_path, monkeypatch):
+    real = pq.write_table
+
+    def write_then_fail(table, where, **kwargs):
+        real(table.slice(0, 3), where, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(mio.pq, "write_table", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        mio.write_shard(make_rows(10), manifest_schema(["canny"]), str(tmp_path), shard_name(0))
+    assert list(tmp_path.iterdir()) == []

@@ -82,7 +82,8 @@ def token_head():
     """A Ray head on 127.0.0.1 with token authentication; yields (dashboard URL, env with token)."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths are capped
     env = {
-        **os.environ,
+        # not the tests' PYTHONPATH (local Ray adds the project to it): workers get code by shipping
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -102,13 +103,14 @@ def token_head():
     )
     started = set(psutil.pids()) - before
     try:
-        yield f"http://127.0.0.1:{dashboard}", env, (temp_dir, started)
+        yield f"http://127.0.0.1:{dashboard}", env, (temp_dir, started, f"127.0.0.1:{ports['--port']}")
     finally:
         stop_head(temp_dir, started)
 
 
+@pytest.mark.cluster
 def test_ray_job_submit_runs_the_script_on_a_token_auth_head(token_head, demo_collection, tmp_path):
-    address, env, (temp_dir, started) = token_head
+    address, env, (temp_dir, started, _) = token_head
     head_pids = {p.pid for p in head_processes(temp_dir, started)}
     exposed = [s for s in listening_addresses(head_pids) if not is_loopback(s[0])]
     assert not exposed, f"the head listens beyond loopback: {exposed}"
@@ -139,3 +141,53 @@ def submit_job(address: str, env: dict, collection: Path, out: Path) -> subproce
         if "No available agent" not in result.stderr or time.monotonic() > deadline:
             return result
         time.sleep(2)
+
+
+PROBE = """
+import numpy as np
+from annotators.base import Annotator
+
+
+class ShippedProbe(Annotator):
+    \"\"\"Exists only in the driver's copy of the project: workers can import it only if shipped.\"\"\"
+
+    name = "probe"
+
+    def annotate(self, images, ids):
+        return [np.ascontiguousarray(img[:, :, 0]) for img in images]
+"""
+
+
+@pytest.mark.cluster
+def test_address_joins_a_running_cluster_and_ships_the_project(token_head, demo_collection, tmp_path):
+    """``--address`` joins a head started apart; the driver's own copy of the packages reaches
+    the workers (an annotator that exists only in that copy runs there)."""
+    import shutil
+
+    _, env, (_, _, gcs_address) = token_head
+    project = tmp_path / "project"
+    for package in ("annotators", "manifests", "pipeline"):
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "annotators" / "shipped_probe.py").write_text(PROBE)
+    out = tmp_path / "manifest"
+    env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    done = subprocess.run(
+        [sys.executable, str(project / "pipeline" / "annotate.py"), "--address", gcs_address,
+         "--input", str(demo_collection / "scenes"), "--output", str(out), "--shard-size", "2",
+         "--annotators", "canny,annotators.shipped_probe:ShippedProbe", "--image-format", "png"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = manifests.read_manifest_json(str(out))
+    assert summary["run"]["ray"] == {"mode": "cluster", "address": gcs_address, "num_cpus": 2}
+    frame = manifests.read(str(out))
+    assert len(frame) == summary["counts"]["ok"] >= 4
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for _, row in frame.iterrows():
+        image = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
+        probe = np.asarray(Image.open(io.BytesIO(row["cond_probe"]["bytes"])))
+        assert np.array_equal(probe, image[:, :, 0])
