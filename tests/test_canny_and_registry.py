@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from importlib import metadata
+import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -70,11 +71,61 @@ def test_provenance_records_class_versions_and_params():
     assert prov["versions"]["opencv"]
 
 
-def test_entry_point_plugins_are_discovered(monkeypatch):
-    ep = metadata.EntryPoint(name="fake_edges", value="tests.plugins:InvertAnnotator", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "_entry_points", lambda: {"fake_edges": ep})
-    assert "fake_edges" in registry.available()
-    cls = registry.get("fake_edges")
-    assert cls.__name__ == "InvertAnnotator"
-    out = cls().annotate([np.zeros((8, 8, 3), np.uint8)], ["x"])
-    assert (out[0] == 255).all()
+PLUGIN_MODULE = "controlforge_test_plugin"
+PLUGIN_SOURCE = """
+from annotators.base import Annotator
+
+
+class NegativeAnnotator(Annotator):
+    name = "negative"
+
+    def annotate(self, images, ids):
+        return [255 - img[:, :, 0] for img in images]
+
+
+def not_an_annotator():
+    pass
+"""
+
+
+@pytest.fixture
+def installed_plugin(tmp_path, monkeypatch):
+    """A distribution installed the way pip leaves one: a module and its ``.dist-info`` folder
+    (METADATA, entry_points.txt) in a folder on ``sys.path``."""
+    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
+    dist_info = tmp_path / "controlforge_test_plugin-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: controlforge-test-plugin\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        f"[{registry.ENTRY_POINT_GROUP}]\n"
+        f"negative = {PLUGIN_MODULE}:NegativeAnnotator\n"
+        f"broken = {PLUGIN_MODULE}:not_an_annotator\n"
+        "[some.other.group]\n"
+        f"elsewhere = {PLUGIN_MODULE}:NegativeAnnotator\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # also clears importlib's finder caches
+    yield tmp_path
+    sys.modules.pop(PLUGIN_MODULE, None)
+    importlib.invalidate_caches()  # drop the metadata finder's cache of the removed folder
+
+
+def test_no_plugin_is_found_before_one_is_installed():
+    assert "negative" not in registry.available()
+    with pytest.raises(registry.UnknownAnnotatorError, match="unknown annotator 'negative'"):
+        registry.get("negative")
+
+
+def test_an_installed_entry_point_is_found_through_importlib_metadata(installed_plugin):
+    assert {"negative", "broken"} <= set(registry.available())
+    assert "elsewhere" not in registry.available()  # only the controlforge.annotators group counts
+    cls = registry.get("negative")
+    assert cls.__module__ == PLUGIN_MODULE and cls.__name__ == "NegativeAnnotator"
+    annotator = registry.create("negative")
+    assert annotator.provenance()["class"] == f"{PLUGIN_MODULE}.NegativeAnnotator"
+    (out,) = annotator.annotate([np.full((8, 8, 3), 5, np.uint8)], ["x"])
+    assert (out == 250).all()
+
+
+def test_an_entry_point_that_is_not_an_annotator_is_refused(installed_plugin):
+    with pytest.raises(TypeError, match="'broken' resolves to .*not an Annotator subclass"):
+        registry.get("broken")
