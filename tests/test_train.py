@@ -37,6 +37,54 @@ def load_controlnet(path):
     return ControlNetModel.from_pretrained(path)
 
 
+def assert_same_weights(a_dir, b_dir, atol=1e-6):
+    a, b = load_controlnet(a_dir).state_dict(), load_controlnet(b_dir).state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), k
+
+
+def capture_conditions(monkeypatch) -> list[torch.Tensor]:
+    """Every ``controlnet_cond`` the ControlNet is called with during training (a list, filled later)."""
+    from diffusers import ControlNetModel
+
+    seen, forward = [], ControlNetModel.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["controlnet_cond"].detach().clone())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", recording)
+    return seen
+
+
+def capture_exported(monkeypatch) -> list[torch.nn.Module]:
+    """The model objects handed to export (a list, filled when the run exports)."""
+    from train import loop
+
+    models, export = [], loop.export
+
+    def recording(model, *args, **kwargs):
+        models.append(model)
+        return export(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "export", recording)
+    return models
+
+
+BASELINE = ["--max_train_steps", "2", "--checkpointing_steps", "10"]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(demo_manifest, tiny_sd, tmp_path_factory):
+    """One plain 2-step run that other runs must reproduce (output folder)."""
+    from train.train import main
+
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    assert main(train_args(demo_manifest, tiny_sd, out, *BASELINE)) == 0
+    return out
+
+
 def test_zero_convolutions_make_the_start_exactly_the_base(tiny_sd):
     from train.models import load_base, make_controlnet
 
@@ -143,14 +191,21 @@ def test_export_loads_in_the_controlnet_pipeline_and_as_one_file(demo_manifest, 
     assert list((out / "logs").rglob("events.out.tfevents*"))
 
 
-def test_two_stacked_conditions_train_and_export(stacked_manifest, tiny_sd, tmp_path):
+def test_two_stacked_conditions_train_and_export(stacked_manifest, tiny_sd, tmp_path, monkeypatch):
+    """--condition canny,invert: the ControlNet reads 6 channels, canny's binary edges first."""
     from train.train import main
 
+    seen = capture_conditions(monkeypatch)
     out = tmp_path / "stacked"
     args = train_args(stacked_manifest, tiny_sd, out, "--max_train_steps", "2", "--checkpointing_steps", "10")
     args[args.index("canny")] = "canny,invert"
     assert main(args) == 0
     assert load_controlnet(out / "controlnet").config.conditioning_channels == 6
+    assert len(seen) == 2
+    for cond in seen:
+        edges, inverted = cond[:, 0:3], cond[:, 3:6]
+        assert bool(((edges == 0) | (edges == 1)).all()) and edges.mean() < 0.3  # canny: sparse 0/1 edges
+        assert ((inverted > 0.02) & (inverted < 0.98)).float().mean() > 0.5  # 1 - red: smooth gradients
 
 
 @pytest.mark.parametrize(
@@ -210,13 +265,30 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(demo_manifest, tiny_sd,
 
 
 def test_ema_run_exports_the_averaged_weights(demo_manifest, tiny_sd, tmp_path):
+    """controlnet/ and controlnet.safetensors hold the EMA shadow weights, not the raw trained ones."""
+    from safetensors.torch import load_file
+
     from train.train import main
 
     out = tmp_path / "ema"
     assert main(train_args(demo_manifest, tiny_sd, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
                            "--use_ema", "--checkpoints_total_limit", "1")) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # older pruned after the new one
-    assert load_controlnet(out / "controlnet").config.conditioning_channels == 3
+    final = out / "checkpoint-2"
+    raw = load_file(final / "model.safetensors")  # the trained model itself, at the last step
+    ema = torch.load(final / "custom_checkpoint_0.pkl", weights_only=False)  # the registered EMAModel
+    exported = load_controlnet(out / "controlnet")
+    assert exported.config.conditioning_channels == 3
+    names = [name for name, _ in exported.named_parameters()]
+    assert len(names) == len(ema["shadow_params"])
+    shadow = dict(zip(names, ema["shadow_params"]))
+    single = load_file(out / "controlnet.safetensors")
+    for name, param in exported.named_parameters():
+        assert param.shape == shadow[name].shape, name
+        assert torch.allclose(param, shadow[name], atol=1e-7), f"controlnet/ {name} is not the EMA weight"
+        assert torch.equal(single[name], shadow[name].half()), f"controlnet.safetensors {name} is not the EMA weight"
+    apart = [n for n in names if not torch.allclose(shadow[n], raw[n], atol=1e-6)]
+    assert any("controlnet_down_blocks" in n for n in apart) and len(apart) > len(names) // 2
 
 
 def test_8bit_adam_without_bitsandbytes_says_how_to_get_it(demo_manifest, tmp_path, capsys):
@@ -262,3 +334,125 @@ def test_sdxl_family_trains_through_its_adapter(demo_manifest, tmp_path):
     assert controlnet.config.addition_embed_type == "text_time"
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["figures"]["global_step"] == 2 and summary["figures"]["final_loss"] is not None
+
+
+def test_gradient_checkpointing_is_enabled_and_trains_the_same_weights(demo_manifest, tiny_sd, baseline_run,
+                                                                       tmp_path, monkeypatch):
+    from train.train import main
+
+    exported = capture_exported(monkeypatch)
+    out = tmp_path / "checkpointed"
+    assert main(train_args(demo_manifest, tiny_sd, out, *BASELINE, "--gradient_checkpointing")) == 0
+    assert exported[0].is_gradient_checkpointing
+    assert_same_weights(baseline_run / "controlnet", out / "controlnet")
+
+
+def test_two_dataloader_workers_train_the_same_weights_as_none(demo_manifest, tiny_sd, baseline_run, tmp_path):
+    from train.train import main
+
+    out = tmp_path / "workers"
+    assert main(train_args(demo_manifest, tiny_sd, out, *BASELINE, "--dataloader_num_workers", "2")) == 0
+    assert_same_weights(baseline_run / "controlnet", out / "controlnet")
+
+
+def test_num_train_epochs_without_max_steps_runs_that_many_epochs(demo_manifest, tiny_sd, tmp_path):
+    """2 epochs of batches of 7: every training row is seen exactly twice."""
+    from train.data import load_rows
+    from train.train import main, parse_args
+
+    args = train_args(demo_manifest, tiny_sd, tmp_path / "epochs", "--train_batch_size", "7",
+                      "--num_train_epochs", "2", "--checkpointing_steps", "100")
+    config = parse_args(args)
+    rows, _ = load_rows(config.manifest, config.condition, config.num_validation_rows)
+    batches = len(rows) // 7
+    assert batches >= 1
+    assert main(args) == 0
+    figures = json.loads((tmp_path / "epochs" / "train_summary.json").read_text())["figures"]
+    assert figures["global_step"] == 2 * batches
+    seen = figures["ranks"][0]["rows"]
+    assert len(seen) == 2 * 7 * batches and all(seen.count(i) == 2 for i in set(seen))
+    assert (tmp_path / "epochs" / f"checkpoint-{2 * batches}").is_dir()
+
+
+def test_controlnet_model_name_or_path_continues_that_controlnet(demo_manifest, tiny_sd, tmp_path):
+    """One Adam step at lr 1e-3 moves no weight of the given ControlNet by more than ~1e-3."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from train.train import main
+
+    start = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # far from from_unet's init: zero convolutions included
+        for param in start.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    start.save_pretrained(tmp_path / "start")
+    out = tmp_path / "continued"
+    assert main(train_args(demo_manifest, tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "10",
+                           "--learning_rate", "1e-3", "--controlnet_model_name_or_path",
+                           str(tmp_path / "start"))) == 0
+    before, after = start.state_dict(), load_controlnet(out / "controlnet").state_dict()
+    moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
+    assert max(moved.values()) <= 1.05e-3, max(moved.items(), key=lambda kv: kv[1])
+    assert sum(m > 0 for m in moved.values()) > len(moved) // 2  # and it trained
+
+
+def test_validation_image_and_prompt_make_the_grid(demo_manifest, tiny_sd, tmp_path, monkeypatch):
+    """Two --validation_image files: 2 rows of [that condition | 2 samples], prompts passed through."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from train import validation
+    from train.train import main
+
+    paths = []
+    for k in range(2):
+        im = Image.new("RGB", (64, 64), (20, 20, 20))
+        ImageDraw.Draw(im).rectangle((5 + 20 * k, 8, 30 + 20 * k, 50), fill=(255, 255, 255))
+        paths.append(tmp_path / f"cond_{k}.png")
+        im.save(paths[-1])
+    prompts, generate = [], validation.generate
+
+    def recording(base, controlnet, inputs, *args, **kwargs):
+        prompts.extend(prompt for _, prompt in inputs)
+        return generate(base, controlnet, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "generate", recording)
+    out = tmp_path / "validated"
+    assert main(train_args(demo_manifest, tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "10",
+                           "--validation_steps", "1", "--num_validation_images", "2", "--validation_image",
+                           *map(str, paths), "--validation_prompt", "a white bar")) == 0
+    assert prompts == ["a white bar", "a white bar"]
+    grids = sorted((out / "validation").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000001.png"]
+    sheet = np.asarray(Image.open(grids[0]).convert("RGB")).astype(int)
+    assert sheet.shape == (2 * 64, 3 * 64, 3)  # rows: validation images; tiles: condition + 2 samples
+    for k, path in enumerate(paths):
+        first = sheet[64 * k:64 * (k + 1), :64]
+        assert np.abs(first - np.asarray(Image.open(path).convert("RGB")).astype(int)).max() <= 1
+        other = np.asarray(Image.open(paths[1 - k]).convert("RGB")).astype(int)
+        assert np.abs(first - other).max() > 100
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_proportion_empty_prompts_reaches_the_text_encoder(demo_manifest, tiny_sd, tmp_path, monkeypatch, share):
+    """--proportion_empty_prompts 1 encodes only empty captions; 0 encodes each trained row's own caption."""
+    from train.data import load_rows
+    from train.models import FamilyAdapter
+    from train.train import main, parse_args
+
+    captions, encode = [], FamilyAdapter.encode_prompts
+
+    def recording(self, base, batch_captions, device):
+        captions.extend(batch_captions)
+        return encode(self, base, batch_captions, device)
+
+    monkeypatch.setattr(FamilyAdapter, "encode_prompts", recording)
+    args = train_args(demo_manifest, tiny_sd, tmp_path / "run", "--max_train_steps", "3", "--checkpointing_steps",
+                      "10", "--proportion_empty_prompts", str(share))
+    assert main(args) == 0
+    config = parse_args(args)
+    rows, _ = load_rows(config.manifest, config.condition, config.num_validation_rows)
+    trained = json.loads((tmp_path / "run" / "train_summary.json").read_text())["figures"]["ranks"][0]["rows"]
+    own = sorted(rows[i]["caption"] for i in trained)  # the summary lists rows sorted, not in batch order
+    assert len(captions) == len(own) == 6 and sum(c != "" for c in own) >= 2
+    assert sorted(captions) == ([""] * 6 if share == 1.0 else own)
