@@ -168,7 +168,7 @@ def main() -> None:
     print(f"bare step loop on in-memory tensors: {bare:7.1f} samples/s")
     print(f"trainer end to end (data, accelerate): {e2e:7.1f} samples/s")
     print(f"ratio trainer / bare: {e2e / bare:.2f} (data loading costs {100 * (1 - e2e / bare):.1f}%; target < 5%)")
-    fixed = ("--center_crop", "--no_random_flip")
+    fixed = ("--center_crop",)
     plain = trainer_samples_per_s(sd, manifest, args.steps, args.batch, args.resolution, work / "fixed", *fixed)
     cached = trainer_samples_per_s(sd, manifest, args.steps, args.batch, args.resolution, work / "cached", *fixed,
                                    "--cache_latents")

@@ -7,6 +7,8 @@ from typing import Any
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+HANDED_CONDITIONS = ("openpose", "mediapipe_pose", "mediapipe_face")
+"""Conditions whose maps tell left from right by colour (OpenPose limb colours, face-mesh eyes)."""
 
 
 @dataclasses.dataclass
@@ -36,7 +38,9 @@ class TrainConfig:
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     """A ``checkpoint-<step>`` folder, or ``latest``."""
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
+    """``no``, ``fp16`` or ``bf16`` for the locked base; None takes accelerate's setting (``accelerate
+    config``, ``accelerate launch --mixed_precision``, ``ACCELERATE_MIXED_PRECISION``), default ``no``."""
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     set_grads_to_none: bool = False
@@ -44,16 +48,20 @@ class TrainConfig:
     proportion_empty_prompts: float = 0.5
     """Fraction of captions replaced by "" (the paper uses 0.5, so the model learns from conditions)."""
     validation_steps: int = 100
+    """Generate validation samples every N optimiser steps, and once more on the exported model; 0: never."""
     validation_prompt: tuple[str, ...] = ()
     validation_image: tuple[str, ...] = ()
     num_validation_images: int = 2
     num_validation_rows: int = 4
-    """Held-out manifest rows used for validation when no ``validation_image`` is given."""
+    """Manifest rows held out of training to validate on; none are held out when ``validation_image``
+    is given, validation is off, or validation cannot run (SDXL, stacked conditions)."""
     report_to: str = "tensorboard"
     seed: int | None = None
     dataloader_num_workers: int = 0
-    random_flip: bool = True
-    """Flip image and condition together half of the time."""
+    random_flip: bool = False
+    """Flip image and condition together half of the time. Off by default, as in diffusers and the
+    original ControlNet: pose and face maps colour left and right differently, so a flip would teach
+    the wrong side (refused for those conditions)."""
     center_crop: bool = False
     """Crop the centre instead of a random crop."""
     use_ema: bool = False
@@ -71,14 +79,17 @@ class TrainConfig:
             raise ValueError(f"--resolution {self.resolution} is not divisible by 8; use e.g. 512 or 768")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError("--proportion_empty_prompts must be within 0..1")
         for key in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "validation_steps", "num_train_epochs", "max_nonfinite_steps"):
+                    "num_train_epochs", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1")
+        for key in ("validation_steps", "num_validation_rows"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"--{key} must be 0 or more")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError("--max_train_steps must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -88,7 +99,15 @@ class TrainConfig:
         if self.validation_prompt and not self.validation_image:
             raise ValueError("--validation_prompt needs --validation_image (or leave both out to use held-out rows)")
         if self.cache_latents and (self.random_flip or not self.center_crop):
-            raise ValueError("--cache_latents needs fixed crops: add --center_crop and --no_random_flip")
+            raise ValueError("--cache_latents needs fixed crops: add --center_crop and leave --random_flip out")
+        handed = [c for c in self.condition if c in HANDED_CONDITIONS]
+        if self.random_flip and handed:
+            raise ValueError(f"--random_flip with {', '.join(handed)}: these maps colour left and right limbs (or "
+                             "eyes) differently, so a flipped pair teaches the wrong side; leave --random_flip out")
+
+    @property
+    def validation_enabled(self) -> bool:
+        return self.validation_steps > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -64,13 +64,15 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
     )
     seed = config.seed if config.seed is not None else 0
     set_seed(seed)
-    device, weight_dtype = accelerator.device, WEIGHT_DTYPES[config.mixed_precision]
+    # accelerate resolved the precision: the flag, else `accelerate config` / launch / environment
+    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator.mixed_precision)
+    log.info("mixed precision: %s (locked base in %s, ControlNet in float32)", accelerator.mixed_precision,
+             weight_dtype)
 
     # The locked base runs in the mixed-precision dtype; the trained ControlNet stays fp32.
     base = load_base(config.pretrained_model_name_or_path, config.resolution)
-    for module in (*base.text_encoders, base.vae, base.unet):
-        module.to(device, dtype=weight_dtype)
-    train_rows, held_out = load_rows(config.manifest, config.condition, config.num_validation_rows)
+    base.place(device, weight_dtype)
+    train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config, base))
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path)
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -117,18 +119,29 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
         path = checkpoints.resolve(config.output_dir, config.resume_from_checkpoint)
         accelerator.load_state(str(path))
         global_step = checkpoints.step_of(path)
+        if ema is not None:  # its shadow weights load on the CPU
+            ema.to(device)
         log.info("resumed from %s at step %d", path, global_step)
+        if global_step >= max_steps:
+            log.info("%s is at step %d and --max_train_steps is %d: nothing left to train; the export in %s "
+                     "is left as it is (raise --max_train_steps to train on)", path, global_step, max_steps,
+                     config.output_dir)
+            accelerator.end_training()
+            return {"figures": {"global_step": global_step}, "already_finished": True}
 
     figures = run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, loader, sampler,
                         dataset, held_out, global_step, max_steps, steps_per_epoch, epochs, seed, weight_dtype,
                         cache)
 
+    figures["mixed_precision"] = accelerator.mixed_precision
     accelerator.wait_for_everyone()
     result = {"figures": figures}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(controlnet)
         if ema is not None:
             ema.copy_to(final.parameters())
+        if config.validation_enabled:  # exactly the weights about to ship
+            run_validation(config, base, final, None, held_out, "final", seed, weight_dtype)
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
@@ -164,12 +177,14 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
                 micro += 1
                 with torch.no_grad():
                     if cache is not None:
-                        latents = cache.latents(batch["indices"], _on(generator, device)).to(weight_dtype)
+                        latents = cache.latents(batch["indices"], generator).to(weight_dtype)
                         hidden, added = cache.prompts_for(batch["captions"])
                     else:
-                        pixels = batch["pixel_values"].to(device, weight_dtype)
-                        latents = base.vae.encode(pixels).latent_dist.sample(generator=_on(generator, device))
-                        latents = latents * base.vae.config.scaling_factor
+                        pixels = batch["pixel_values"].to(device, base.vae.dtype)
+                        # a CPU generator on any device: diffusers draws on the CPU and moves the
+                        # sample, so GPU runs get the numbers a CPU or a cached run gets
+                        latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
+                        latents = (latents * base.vae.config.scaling_factor).to(weight_dtype)
                         hidden, added = base.family.encode_prompts(base, batch["captions"], device)
                 noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
                 condition = batch["conditioning_pixel_values"].to(device)
@@ -217,8 +232,9 @@ def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, em
             pause_start = time.perf_counter()  # checkpoints and samples are not training throughput
             if global_step % config.checkpointing_steps == 0 or global_step == max_steps:
                 checkpoints.save(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
-            if global_step % config.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(config, accelerator, base, controlnet, held_out, global_step, seed)
+            if config.validation_enabled and global_step % config.validation_steps == 0 and accelerator.is_main_process:
+                run_validation(config, base, accelerator.unwrap_model(controlnet), ema, held_out,
+                               f"{global_step:06d}", seed, weight_dtype, accelerator.trackers, global_step)
             paused += time.perf_counter() - pause_start
             if global_step >= max_steps:
                 break
@@ -240,30 +256,53 @@ def rank_report(accelerator, controlnet, seen_rows: list[int]) -> list[dict[str,
     return gather_object([{"rank": accelerator.process_index, "rows": sorted(seen_rows), "checksum": checksum}])
 
 
-def _on(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` continuing from ``generator`` (CPU generators cannot feed CUDA)."""
-    if device.type == "cpu":
-        return generator
-    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The locked base's dtype for accelerate's resolved ``mixed_precision``."""
+    if mixed_precision not in WEIGHT_DTYPES:
+        raise ValueError(f"mixed precision {mixed_precision!r} is not supported; use no, fp16 or bf16")
+    return WEIGHT_DTYPES[mixed_precision]
 
 
-def run_validation(config, accelerator, base, controlnet, held_out, global_step: int, seed: int) -> Path | None:
-    """Generate from held-out conditions, write a PNG grid and send it to the tracker."""
+def holdout_count(config: TrainConfig, base) -> int:
+    """Rows to hold out for validation: none when they would never be used."""
+    if not config.validation_enabled or config.validation_image or not can_validate(config, base):
+        return 0
+    return config.num_validation_rows
+
+
+def can_validate(config: TrainConfig, base) -> bool:
+    return base.family.name == "sd" and len(config.condition) == 1
+
+
+def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of the ControlNet to sample with: the EMA weights when there are any, in the base's dtype.
+
+    A copy, not the trained module: accelerate's autocast wrapper on the trained module returns fp32
+    residuals, which would promote a half-precision UNet's activations (and crash its group norms).
+    """
+    clone = type(trained).from_config(trained.config)
+    clone.load_state_dict(trained.state_dict())
+    if ema is not None:
+        ema.copy_to(clone.parameters())
+    return clone.to(trained.device, dtype).eval()
+
+
+def run_validation(config, base, controlnet, ema, held_out, label: str, seed: int, weight_dtype: torch.dtype,
+                   trackers=(), global_step: int | None = None) -> Path | None:
+    """Generate from held-out conditions (or the given images), write a PNG grid, send it to TensorBoard."""
     from train.validation import generate, grid, validation_inputs
 
-    if base.family.name != "sd" or len(config.condition) != 1:
+    if not can_validate(config, base):
         log.warning("validation images are made for single-condition SD 1.x/2.x runs only; skipped")
         return None
     inputs = validation_inputs(held_out, config.condition, config.validation_image, config.validation_prompt,
                                config.resolution)
     if not inputs:
         return None
-    model = accelerator.unwrap_model(controlnet)
-    model.eval()
-    samples = generate(base, model, inputs, config.num_validation_images, seed)
-    model.train()
-    path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{global_step:06d}.png")
-    for tracker in accelerator.trackers:
+    samples = generate(base, validation_model(controlnet, ema, weight_dtype), inputs, config.num_validation_images,
+                       seed)
+    path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{label}.png")
+    for tracker in trackers:
         if tracker.name == "tensorboard":
             import numpy as np
             from PIL import Image

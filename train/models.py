@@ -24,6 +24,14 @@ class BaseModels:
     scheduler: Any
     family: "FamilyAdapter"
 
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the base to ``device`` in ``dtype``; a VAE whose config says ``force_upcast`` (SDXL's
+        gives NaNs in fp16) stays fp32: encode in fp32, then cast the latents."""
+        for module in (*self.text_encoders, self.unet):
+            module.to(device, dtype=dtype)
+        upcast = getattr(self.vae.config, "force_upcast", False)
+        self.vae.to(device, dtype=torch.float32 if upcast else dtype)
+
 
 class FamilyAdapter:
     """SD 1.x / 2.x: one CLIP text encoder's last hidden state."""

@@ -43,21 +43,26 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="checkpoint folder or 'latest'")
-    p.add_argument("--mixed_precision", default="no", help="no, fp16 or bf16")
+    p.add_argument("--mixed_precision", default=None,
+                   help="no, fp16 or bf16 for the locked base (default: accelerate's setting, else no)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--use_8bit_adam", action="store_true")
     p.add_argument("--set_grads_to_none", action="store_true")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--proportion_empty_prompts", type=float, default=0.5)
-    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--validation_steps", type=int, default=100, help="validate every N steps and at the end; 0: never")
     p.add_argument("--validation_prompt", nargs="*", default=[])
     p.add_argument("--validation_image", nargs="*", default=[])
     p.add_argument("--num_validation_images", type=int, default=2)
+    p.add_argument("--num_validation_rows", type=int, default=4,
+                   help="manifest rows held out to validate on (none with --validation_image or validation off)")
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, or none")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--center_crop", action="store_true")
-    p.add_argument("--no_random_flip", action="store_true")
+    p.add_argument("--random_flip", action="store_true",
+                   help="flip image and condition together half the time (off by default; refused for pose/face)")
+    p.add_argument("--no_random_flip", action="store_true", help="the default; kept for old command lines")
     p.add_argument("--use_ema", action="store_true")
     p.add_argument("--max_nonfinite_steps", type=int, default=10)
     p.add_argument("--cache_latents", action="store_true")
@@ -76,8 +81,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             set_grads_to_none=args.set_grads_to_none, max_grad_norm=args.max_grad_norm,
             proportion_empty_prompts=args.proportion_empty_prompts, validation_steps=args.validation_steps,
             validation_prompt=tuple(args.validation_prompt), validation_image=tuple(args.validation_image),
-            num_validation_images=args.num_validation_images, report_to=args.report_to, seed=args.seed,
-            dataloader_num_workers=args.dataloader_num_workers, random_flip=not args.no_random_flip,
+            num_validation_images=args.num_validation_images, num_validation_rows=args.num_validation_rows, report_to=args.report_to, seed=args.seed,
+            dataloader_num_workers=args.dataloader_num_workers, random_flip=args.random_flip and not args.no_random_flip,
             center_crop=args.center_crop, use_ema=args.use_ema, max_nonfinite_steps=args.max_nonfinite_steps,
             cache_latents=args.cache_latents,
         )
