@@ -261,3 +261,45 @@ def test_pruning_after_resuming_an_older_checkpoint_keeps_the_new_one(tmp_path):
     time.sleep(0.01)
     checkpoints.save(accelerator, str(tmp_path), 8, 2)
     assert [p.name for p in checkpoints.complete_checkpoints(str(tmp_path))] == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_every_flag_is_a_documented_config_field():
+    """Flags are defined once: one per TrainConfig field, with the field's docstring as help."""
+    import dataclasses
+
+    from train.config import TrainConfig
+    from train.train import build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert fields <= set(actions) and set(actions) - fields == {"no_random_flip"}
+    undocumented = [name for name, action in actions.items() if len((action.help or "").split()) < 3]
+    assert not undocumented
+
+
+def test_parsed_defaults_are_the_config_defaults(demo_manifest, tiny_sd):
+    import dataclasses
+
+    from train.config import TrainConfig
+    from train.train import parse_args
+
+    parsed = parse_args(["--manifest", "m", "--condition", "canny, depth", "--pretrained_model_name_or_path", "sd"])
+    assert parsed == TrainConfig(manifest="m", condition=("canny", "depth"), pretrained_model_name_or_path="sd")
+    given = parse_args(["--manifest", "m", "--condition", "canny", "--pretrained_model_name_or_path", "sd",
+                        "--validation_image", "a.png", "b.png", "--validation_prompt", "a, b", "--use_ema",
+                        "--max_train_steps", "7", "--learning_rate", "1e-4", "--mixed_precision", "bf16"])
+    assert given.validation_image == ("a.png", "b.png") and given.validation_prompt == ("a, b",)
+    assert (given.use_ema, given.max_train_steps, given.learning_rate, given.mixed_precision) == (True, 7, 1e-4, "bf16")
+    assert dataclasses.asdict(given)["condition"] == ("canny",)
+
+
+def test_start_up_names_the_choices_that_differ_from_diffusers(demo_manifest, tiny_sd):
+    from train.config import differences_from_diffusers
+    from train.train import parse_args
+
+    lines = differences_from_diffusers(parse_args(train_args(demo_manifest, tiny_sd, "out")))
+    assert any(line.startswith("--proportion_empty_prompts 0.5 (diffusers' train_controlnet.py: 0.0)") for line in lines)
+    assert any(line.startswith("--center_crop False") for line in lines)
+    same = parse_args(train_args(demo_manifest, tiny_sd, "out", "--proportion_empty_prompts", "0", "--center_crop"))
+    assert not any("proportion_empty_prompts" in line or "center_crop" in line
+                   for line in differences_from_diffusers(same))
