@@ -10,15 +10,6 @@ import torch
 from tests.test_train import load_controlnet, train_args
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps one state per process."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture
 def captured_base(monkeypatch):
     """The base models a run loaded, kept for inspection after it ends."""
