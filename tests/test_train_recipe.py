@@ -294,3 +294,24 @@ def test_start_up_names_the_choices_that_differ_from_diffusers(demo_manifest, ti
     same = parse_args(train_args(demo_manifest, tiny_sd, "out", "--proportion_empty_prompts", "0", "--center_crop"))
     assert not any("proportion_empty_prompts" in line or "center_crop" in line
                    for line in differences_from_diffusers(same))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_condition_encoder_follows_the_vae_down_sampling(demo_manifest, tmp_path, factor):
+    """A base whose VAE down-samples by 1, 2 or 4 (not SD's 8) trains and exports; the condition
+    encoder reaches latent resolution."""
+    from diffusers import ControlNetModel
+
+    from tests.tiny_sd import write_tiny_sd
+    from train.train import main
+
+    sd = write_tiny_sd(tmp_path / "sd", vae_factor=factor)
+    out = tmp_path / "run"
+    args = train_args(demo_manifest, sd, out, "--max_train_steps", "1", "--checkpointing_steps", "10")
+    args[args.index("--resolution") + 1] = "32"
+    assert main(args) == 0
+    controlnet = ControlNetModel.from_pretrained(out / "controlnet")
+    assert len(controlnet.config.conditioning_embedding_out_channels) == factor.bit_length()
+    with torch.no_grad():
+        embedded = controlnet.controlnet_cond_embedding(torch.rand(1, 3, 32, 32))
+    assert embedded.shape[-1] == 32 // factor
