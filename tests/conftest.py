@@ -16,6 +16,19 @@ from tests.fake_weights import write_random_weights
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one state per process and refuses a second Accelerator with another
+    precision; in-process training runs each start from none."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """Embedded local Ray on 127.0.0.1 with 2 CPUs, shared by every test that runs the job."""

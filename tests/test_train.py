@@ -320,7 +320,7 @@ def test_cache_latents_needs_fixed_crops(demo_manifest, tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         main(train_args(demo_manifest, tmp_path, tmp_path / "o", "--cache_latents"))
-    assert "--center_crop and --no_random_flip" in capsys.readouterr().err
+    assert "--cache_latents needs fixed crops: add --center_crop" in capsys.readouterr().err
 
 
 def test_sdxl_family_trains_through_its_adapter(demo_manifest, tmp_path):

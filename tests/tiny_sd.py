@@ -16,8 +16,9 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
-    """Save a tiny SD 1.x-style pipeline (UNet 32/64 channels, 8x-downsampling VAE, 2-layer CLIP)."""
+def write_tiny_sd(folder: Path, seed: int = 0, vae_factor: int = 8) -> Path:
+    """Save a tiny SD 1.x-style pipeline (UNet 32/64 channels, 2-layer CLIP, a VAE down-sampling by
+    ``vae_factor``: 8 as in SD)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -28,10 +29,11 @@ def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
     )
+    blocks = vae_factor.bit_length()
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
-        sample_size=64,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * blocks, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        norm_num_groups=4, sample_size=64,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,

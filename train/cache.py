@@ -23,7 +23,7 @@ class EncodedCache:
         with torch.no_grad():
             for start in tqdm(range(0, len(dataset), batch_size), desc="cache latents", disable=not show_progress):
                 pixels = torch.stack([dataset.image_tensor(i) for i in range(start, min(len(dataset), start + batch_size))])
-                moments.append(base.vae.encode(pixels.to(device, dtype)).latent_dist.parameters.cpu())
+                moments.append(base.vae.encode(pixels.to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
             self.moments = torch.cat(moments)
             captions = sorted({"", *(row["caption"] or "" for row in dataset.rows)})
             self.prompts: dict[str, tuple[torch.Tensor, dict]] = {}
@@ -34,12 +34,15 @@ class EncodedCache:
                     self.prompts[caption] = (hidden[k], {n: v[k] for n, v in added.items()})
 
     def latents(self, indices: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-        """A fresh sample from each row's cached latent distribution, scaled for the UNet."""
+        """A fresh sample from each row's cached latent distribution, scaled for the UNet.
+
+        Drawn on the CPU from the step's (CPU) generator, then moved: the same numbers on any
+        device, so a cached run stays deterministic and resumable on a GPU too.
+        """
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        params = self.moments[list(indices)].to(self.device)
-        sample = DiagonalGaussianDistribution(params).sample(generator=generator if self.device.type == "cpu" else None)
-        return sample * self.base.vae.config.scaling_factor
+        sample = DiagonalGaussianDistribution(self.moments[list(indices)]).sample(generator=generator)
+        return (sample * self.base.vae.config.scaling_factor).to(self.device)
 
     def prompts_for(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict]:
         hidden = torch.stack([self.prompts[c][0] for c in captions])

@@ -2,61 +2,106 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 from typing import Any
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
+# Where our defaults differ from diffusers' examples/controlnet/train_controlnet.py, and why.
+DIFFUSERS_DIFFERENCES = {
+    "proportion_empty_prompts": (0.0, "the ControlNet paper drops half the captions so the model learns from "
+                                      "the condition alone"),
+    "center_crop": (True, "a random crop (diffusers always crops the centre) sees more of each image"),
+    "num_validation_images": (4, "fewer samples per validation, which runs on held-out rows too"),
+    "output_dir": ("controlnet-model", "runs are collected under runs/"),
+}
+HANDED_CONDITIONS = ("openpose", "mediapipe_pose", "mediapipe_face")
+"""Conditions whose maps tell left from right by colour (OpenPose limb colours, face-mesh eyes)."""
+
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a ControlNet training run needs; checked before any model loads."""
+    """Everything a ControlNet training run needs; checked before any model loads.
+
+    Each field is a flag of ``train/train.py`` (``--<field name>``) whose help text is the
+    field's docstring; ``metadata={"separator": ","}`` makes a tuple field one comma-separated value.
+    """
 
     manifest: str
-    """Manifest folder written by ``pipeline/annotate.py``."""
-    condition: tuple[str, ...]
-    """Annotator name(s) whose ``cond_<name>`` maps condition the ControlNet; several stack as channels."""
+    """Manifest folder written by ``pipeline/annotate.py`` (only its status=ok rows are read)."""
+    condition: tuple[str, ...] = dataclasses.field(metadata={"separator": ","})
+    """Annotator name(s) whose ``cond_<name>`` maps condition the ControlNet, e.g. ``canny``; a
+    comma-separated list (``canny,depth``) stacks them as channels, in that order."""
     pretrained_model_name_or_path: str
-    """Stable Diffusion base: local diffusers folder or hub id."""
+    """Stable Diffusion base (SD 1.x/2.x or SDXL): a local diffusers folder or a hub id."""
     output_dir: str = "runs/controlnet"
+    """Where checkpoints, validation grids, logs and the exported ControlNet are written."""
     controlnet_model_name_or_path: str | None = None
-    """Continue from this ControlNet instead of initialising one from the UNet."""
+    """Continue from this ControlNet (diffusers folder) instead of initialising one from the UNet."""
     resolution: int = 512
     """Training crop size in pixels; a multiple of 8."""
     train_batch_size: int = 4
+    """Examples per process per micro-batch."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches whose gradients add up to one optimiser step."""
     learning_rate: float = 5e-6
+    """AdamW learning rate after warm-up."""
     lr_scheduler: str = "constant"
+    """Learning-rate schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
     lr_warmup_steps: int = 500
+    """Optimiser steps of linear warm-up (for the schedules that warm up)."""
     max_train_steps: int | None = None
     """Total optimiser steps; overrides ``num_train_epochs`` when given."""
     num_train_epochs: int = 1
+    """Passes over the training rows, when ``max_train_steps`` is not given."""
     checkpointing_steps: int = 500
+    """Save a resumable checkpoint every N optimiser steps (and at the last step)."""
     checkpoints_total_limit: int | None = None
+    """Keep at most this many checkpoints, deleting the oldest written (never the one just written)."""
     resume_from_checkpoint: str | None = None
-    """A ``checkpoint-<step>`` folder, or ``latest``."""
-    mixed_precision: str = "no"
+    """A ``checkpoint-<step>`` folder, or ``latest`` (the newest written in ``output_dir``)."""
+    mixed_precision: str | None = None
+    """``no``, ``fp16`` or ``bf16`` for the locked base; None takes accelerate's setting (``accelerate
+    config``, ``accelerate launch --mixed_precision``, ``ACCELERATE_MIXED_PRECISION``), default ``no``."""
     gradient_checkpointing: bool = False
+    """Recompute the ControlNet's activations in the backward pass: less memory, slower steps."""
     use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (CUDA only): optimiser state in a quarter of the memory."""
     set_grads_to_none: bool = False
+    """Free gradients after each step instead of zeroing them (a little less memory)."""
     max_grad_norm: float = 1.0
+    """Clip the gradient norm to this before each optimiser step."""
     proportion_empty_prompts: float = 0.5
     """Fraction of captions replaced by "" (the paper uses 0.5, so the model learns from conditions)."""
     validation_steps: int = 100
+    """Generate validation samples every N optimiser steps, and once more on the exported model; 0: never."""
     validation_prompt: tuple[str, ...] = ()
+    """Prompts for ``validation_image``: one for all images, or one per image."""
     validation_image: tuple[str, ...] = ()
+    """Condition images to validate with, instead of held-out manifest rows."""
     num_validation_images: int = 2
+    """Samples generated per validation condition."""
     num_validation_rows: int = 4
-    """Held-out manifest rows used for validation when no ``validation_image`` is given."""
+    """Manifest rows held out of training to validate on; none are held out when ``validation_image``
+    is given, validation is off, or validation cannot run (SDXL, stacked conditions)."""
     report_to: str = "tensorboard"
+    """Where to log: tensorboard, wandb, or none."""
     seed: int | None = None
+    """Seed of every random choice (data order, crops, noise); None means 0."""
     dataloader_num_workers: int = 0
-    random_flip: bool = True
-    """Flip image and condition together half of the time."""
+    """DataLoader worker processes decoding examples (0: in the training process)."""
+    random_flip: bool = False
+    """Flip image and condition together half of the time. Off by default, as in diffusers and the
+    original ControlNet: pose and face maps colour left and right differently, so a flip would teach
+    the wrong side (refused for those conditions)."""
     center_crop: bool = False
     """Crop the centre instead of a random crop."""
     use_ema: bool = False
+    """Keep an exponential moving average of the weights; it is what is validated and exported."""
     max_nonfinite_steps: int = 10
     """Stop after this many optimiser steps in a row with a non-finite loss."""
     cache_latents: bool = False
@@ -71,14 +116,17 @@ class TrainConfig:
             raise ValueError(f"--resolution {self.resolution} is not divisible by 8; use e.g. 512 or 768")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"--lr_scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError("--proportion_empty_prompts must be within 0..1")
         for key in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "validation_steps", "num_train_epochs", "max_nonfinite_steps"):
+                    "num_train_epochs", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1")
+        for key in ("validation_steps", "num_validation_rows"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"--{key} must be 0 or more")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError("--max_train_steps must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -88,7 +136,36 @@ class TrainConfig:
         if self.validation_prompt and not self.validation_image:
             raise ValueError("--validation_prompt needs --validation_image (or leave both out to use held-out rows)")
         if self.cache_latents and (self.random_flip or not self.center_crop):
-            raise ValueError("--cache_latents needs fixed crops: add --center_crop and --no_random_flip")
+            raise ValueError("--cache_latents needs fixed crops: add --center_crop and leave --random_flip out")
+        handed = [c for c in self.condition if c in HANDED_CONDITIONS]
+        if self.random_flip and handed:
+            raise ValueError(f"--random_flip with {', '.join(handed)}: these maps colour left and right limbs (or "
+                             "eyes) differently, so a flipped pair teaches the wrong side; leave --random_flip out")
+
+    @property
+    def validation_enabled(self) -> bool:
+        return self.validation_steps > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it), read from the class's source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def differences_from_diffusers(config: TrainConfig) -> list[str]:
+    """One line per setting of this run that differs from diffusers' train_controlnet.py default."""
+    lines = []
+    for name, (theirs, why) in DIFFUSERS_DIFFERENCES.items():
+        ours = getattr(config, name)
+        if ours != theirs:
+            lines.append(f"--{name} {ours} (diffusers' train_controlnet.py: {theirs}): {why}")
+    return lines

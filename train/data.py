@@ -52,7 +52,7 @@ class ManifestDataset(torch.utils.data.Dataset):
     """Decoded, augmented training examples; call ``set_epoch`` before each epoch."""
 
     def __init__(self, rows: list[dict], conditions: Sequence[str], resolution: int, seed: int,
-                 center_crop: bool = False, random_flip: bool = True, proportion_empty_prompts: float = 0.5):
+                 center_crop: bool = False, random_flip: bool = False, proportion_empty_prompts: float = 0.5):
         self.rows, self.conditions, self.resolution, self.seed = rows, list(conditions), resolution, seed
         self.center_crop, self.random_flip, self.p_empty = center_crop, random_flip, proportion_empty_prompts
         self.epoch = 0

@@ -1,12 +1,15 @@
-"""The training loop: readable top to bottom.
+"""The training loop, readable top to bottom.
 
-    set up accelerate -> load the locked base and the ControlNet -> data -> optimiser, schedule
-    -> resume? -> for each batch: encode, loss (train/step.py), backward, step -> checkpoint,
-    validate, log -> export
+    train():  set_up (accelerate, the locked base, the ControlNet, data, optimiser, resume)
+              -> run_steps: for each batch, micro_step (encode, loss in train/step.py, backward,
+                 the optimiser step at the end of an accumulation) -> after_step (EMA, log,
+                 checkpoint, validate)
+              -> finish (final validation on exactly the exported weights, export)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +25,7 @@ from train import checkpoints
 from train.config import TrainConfig
 from train.data import ManifestDataset, RankSampler, collate, load_rows
 from train.export import export
-from train.models import load_base, make_controlnet
+from train.models import BaseModels, load_base, make_controlnet
 from train.step import controlnet_loss, sample_noise
 
 log = logging.getLogger("train")
@@ -32,6 +35,151 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimiser steps in a row had a non-finite loss."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's state: built by ``set_up``, advanced by ``micro_step``/``after_step``."""
+
+    config: TrainConfig
+    accelerator: Any
+    base: BaseModels
+    controlnet: torch.nn.Module
+    """The trained ControlNet, wrapped by accelerate (``accelerator.unwrap_model`` for the module)."""
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    """diffusers' EMAModel of the ControlNet's weights, or None."""
+    dataset: ManifestDataset
+    sampler: RankSampler
+    loader: torch.utils.data.DataLoader
+    cache: Any
+    """``EncodedCache`` with ``--cache_latents``, else None."""
+    held_out: list[dict]
+    """Manifest rows kept out of training, to validate on."""
+    seed: int
+    weight_dtype: torch.dtype
+    """dtype of the locked base (the ControlNet trains in fp32)."""
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+    global_step: int = 0
+    """Optimiser steps done (counting those before a resume)."""
+
+
+@dataclasses.dataclass
+class Meter:
+    """What the loop counts for its logs and final figures."""
+
+    first_step: int
+    losses: list[float] = dataclasses.field(default_factory=list)
+    last_loss: float | None = None
+    samples: int = 0
+    """Samples trained on after the first (warm-up) step, all ranks."""
+    skipped_total: int = 0
+    skipped_in_a_row: int = 0
+    seen_rows: list[int] = dataclasses.field(default_factory=list)
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    paused: float = 0.0
+    """Seconds spent checkpointing and validating: not training throughput."""
+
+    def samples_per_s(self) -> float:
+        return self.samples / max(1e-9, time.perf_counter() - self.start - self.paused)
+
+
+def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Train and export; returns the final figures. ``summary`` is the manifest's _manifest.json."""
+    run = set_up(config)
+    if run.global_step >= run.max_steps:
+        log.info("the checkpoint is at step %d and --max_train_steps is %d: nothing left to train; the export in "
+                 "%s is left as it is (raise --max_train_steps to train on)", run.global_step, run.max_steps,
+                 config.output_dir)
+        run.accelerator.end_training()
+        return {"figures": {"global_step": run.global_step}, "already_finished": True}
+    figures = run_steps(run)
+    return finish(run, figures, summary)
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+
+def set_up(config: TrainConfig) -> Run:
+    """Accelerate, the locked base, the ControlNet (and EMA), data, optimiser and schedule; resume."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    seed = config.seed if config.seed is not None else 0
+    set_seed(seed)
+    # accelerate resolved the precision: the flag, else `accelerate config` / launch / environment
+    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator.mixed_precision)
+    log.info("mixed precision: %s (locked base in %s, ControlNet in float32)", accelerator.mixed_precision,
+             weight_dtype)
+
+    base = load_base(config.pretrained_model_name_or_path, config.resolution)
+    base.place(device, weight_dtype)
+    train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config, base))
+    controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path)
+    if config.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    ema = make_ema(accelerator, controlnet) if config.use_ema else None
+
+    dataset = ManifestDataset(train_rows, config.condition, config.resolution, seed, config.center_crop,
+                              config.random_flip, config.proportion_empty_prompts)
+    sampler = RankSampler(len(dataset), accelerator.process_index, accelerator.num_processes, seed,
+                          config.train_batch_size, config.gradient_accumulation_steps)
+    if sampler.batches_per_epoch() == 0:
+        raise ValueError(f"{len(dataset)} training rows cannot fill {config.gradient_accumulation_steps} batch(es) "
+                         f"of {config.train_batch_size} on each of {accelerator.num_processes} processes; lower "
+                         "--train_batch_size or --gradient_accumulation_steps")
+    cache = make_cache(config, accelerator, base, dataset, weight_dtype) if config.cache_latents else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
+    steps_per_epoch = sampler.batches_per_epoch() // config.gradient_accumulation_steps
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+
+    optimizer, lr_scheduler = make_optimizer_and_schedule(config, accelerator, controlnet, max_steps)
+    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers("controlnet", config={k: str(v) for k, v in config.to_dict().items()})
+    run = Run(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, dataset, sampler, loader, cache,
+              held_out, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
+    if config.resume_from_checkpoint:
+        resume(run)
+    return run
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        # Without a GPU, say so: accelerate then joins torchrun's ranks over gloo (multi-CPU).
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,  # None: accelerate's own setting
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+    )
+
+
+def make_ema(accelerator, controlnet: torch.nn.Module):
+    """An EMA of the ControlNet's weights, saved and loaded with every checkpoint."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(controlnet.parameters())
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def make_cache(config: TrainConfig, accelerator, base: BaseModels, dataset: ManifestDataset, weight_dtype):
+    """``--cache_latents``: encode every image and caption once; the dataset then skips images."""
+    from train.cache import EncodedCache
+
+    cache = EncodedCache(base, dataset, accelerator.device, weight_dtype, config.train_batch_size,
+                         show_progress=accelerator.is_local_main_process)
+    dataset.decode_images = False
+    return cache
 
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -44,91 +192,156 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.learning_rate)
 
 
-def manifest_fingerprint(summary: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(summary.get("shards", []), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    """Train and export; returns the final figures. ``summary`` is the manifest's _manifest.json."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+def make_optimizer_and_schedule(config: TrainConfig, accelerator, controlnet: torch.nn.Module, max_steps: int):
     from diffusers.optimization import get_scheduler
-
-    accelerator = Accelerator(
-        # Without a GPU, say so: accelerate then joins torchrun's ranks over gloo (multi-CPU).
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
-    )
-    seed = config.seed if config.seed is not None else 0
-    set_seed(seed)
-    device, weight_dtype = accelerator.device, WEIGHT_DTYPES[config.mixed_precision]
-
-    # The locked base runs in the mixed-precision dtype; the trained ControlNet stays fp32.
-    base = load_base(config.pretrained_model_name_or_path, config.resolution)
-    for module in (*base.text_encoders, base.vae, base.unet):
-        module.to(device, dtype=weight_dtype)
-    train_rows, held_out = load_rows(config.manifest, config.condition, config.num_validation_rows)
-    controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path)
-    if config.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-    ema = None
-    if config.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(controlnet.parameters())
-        ema.to(device)
-        accelerator.register_for_checkpointing(ema)
-
-    dataset = ManifestDataset(train_rows, config.condition, config.resolution, seed, config.center_crop,
-                              config.random_flip, config.proportion_empty_prompts)
-    sampler = RankSampler(len(dataset), accelerator.process_index, accelerator.num_processes, seed,
-                          config.train_batch_size, config.gradient_accumulation_steps)
-    if sampler.batches_per_epoch() == 0:
-        raise ValueError(f"{len(dataset)} training rows cannot fill {config.gradient_accumulation_steps} batch(es) "
-                         f"of {config.train_batch_size} on each of {accelerator.num_processes} processes; lower "
-                         "--train_batch_size or --gradient_accumulation_steps")
-    cache = None
-    if config.cache_latents:
-        from train.cache import EncodedCache
-
-        cache = EncodedCache(base, dataset, device, weight_dtype, config.train_batch_size,
-                             show_progress=accelerator.is_local_main_process)
-        dataset.decode_images = False
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
-                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
-    steps_per_epoch = sampler.batches_per_epoch() // config.gradient_accumulation_steps
-    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(max_steps / steps_per_epoch)
 
     optimizer = make_optimizer(config, controlnet.parameters())
     # accelerate steps a prepared scheduler once per process per optimiser step
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
-    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
-    if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers("controlnet", config={k: str(v) for k, v in config.to_dict().items()})
+    return optimizer, lr_scheduler
 
-    global_step = 0
-    if config.resume_from_checkpoint:
-        path = checkpoints.resolve(config.output_dir, config.resume_from_checkpoint)
-        accelerator.load_state(str(path))
-        global_step = checkpoints.step_of(path)
-        log.info("resumed from %s at step %d", path, global_step)
 
-    figures = run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, loader, sampler,
-                        dataset, held_out, global_step, max_steps, steps_per_epoch, epochs, seed, weight_dtype,
-                        cache)
+def resume(run: Run) -> None:
+    """Load a checkpoint's full state (model, optimiser, schedule, EMA, RNG) and its step."""
+    path = checkpoints.resolve(run.config.output_dir, run.config.resume_from_checkpoint)
+    run.accelerator.load_state(str(path))
+    run.global_step = checkpoints.step_of(path)
+    if run.ema is not None:  # its shadow weights load on the CPU
+        run.ema.to(run.accelerator.device)
+    log.info("resumed from %s at step %d", path, run.global_step)
 
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def run_steps(run: Run) -> dict[str, Any]:
+    """Optimiser steps from ``run.global_step`` to ``run.max_steps``; returns the figures."""
+    config, accelerator = run.config, run.accelerator
+    first_epoch = run.global_step // run.steps_per_epoch
+    skip_batches = (run.global_step % run.steps_per_epoch) * config.gradient_accumulation_steps
+    meter = Meter(first_step=run.global_step)
+    bar = tqdm(total=run.max_steps, initial=run.global_step, desc="train", unit="step",
+               disable=not accelerator.is_local_main_process)
+    micro, step_finite = 0, True
+    for epoch in range(first_epoch, run.epochs):
+        run.dataset.set_epoch(epoch)
+        run.sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
+        for batch in run.loader:
+            step_finite = micro_step(run, batch, micro, step_finite, meter) and step_finite
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue  # mid-accumulation: no optimiser step yet
+            micro = 0
+            after_step(run, meter, step_finite)
+            step_finite = True
+            bar.update(1)
+            bar.set_postfix(loss=f"{meter.last_loss:.4f}", refresh=False)
+            if run.global_step >= run.max_steps:
+                break
+        if run.global_step >= run.max_steps:
+            break
+    bar.close()
+    elapsed = time.perf_counter() - meter.start - meter.paused
+    return {"global_step": run.global_step, "final_loss": meter.last_loss, "lr": run.lr_scheduler.get_last_lr()[0],
+            "skipped_steps": meter.skipped_total,
+            "samples_per_s": round(meter.samples / elapsed, 3) if elapsed else None,
+            "ranks": rank_report(accelerator, run.controlnet, meter.seen_rows)}
+
+
+def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, meter: Meter) -> bool:
+    """Forward and backward on one micro-batch; the optimiser steps at the end of an accumulation
+    unless one of its micro-batches had a non-finite loss on any rank. Returns this batch's finiteness."""
+    accelerator, config = run.accelerator, run.config
+    with accelerator.accumulate(run.controlnet):
+        # Randomness per (step, micro-batch, rank): a resumed run draws what a straight one would.
+        generator = torch.Generator().manual_seed(
+            hash((run.seed, run.global_step, micro, accelerator.process_index)) % 2**63)
+        latents, hidden, added = encode_batch(run, batch, generator)
+        noise, timesteps = sample_noise(latents, run.base.scheduler.config.num_train_timesteps, generator)
+        condition = batch["conditioning_pixel_values"].to(accelerator.device)
+        loss = controlnet_loss(run.controlnet, run.base.unet, run.base.scheduler, latents, hidden, condition, noise,
+                               timesteps, added)
+        finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(accelerator.device)).min() > 0)
+        if finite:
+            accelerator.backward(loss)
+            meter.losses.append(loss.detach().item())
+        if accelerator.sync_gradients:
+            if step_finite and finite:
+                accelerator.clip_grad_norm_(run.controlnet.parameters(), config.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
+    if run.global_step > meter.first_step:  # throughput after the first (warm-up) step
+        meter.samples += len(batch["captions"]) * accelerator.num_processes
+    meter.seen_rows.extend(batch["indices"])
+    return finite
+
+
+def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(latents, prompt embeddings, added conditioning) of a batch, from the cache or the frozen encoders."""
+    base, device = run.base, run.accelerator.device
+    with torch.no_grad():
+        if run.cache is not None:
+            latents = run.cache.latents(batch["indices"], generator).to(run.weight_dtype)
+            hidden, added = run.cache.prompts_for(batch["captions"])
+            return latents, hidden, added
+        pixels = batch["pixel_values"].to(device, base.vae.dtype)
+        # a CPU generator on any device: diffusers draws on the CPU and moves the sample, so GPU
+        # runs get the numbers a CPU or a cached run gets
+        latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = (latents * base.vae.config.scaling_factor).to(run.weight_dtype)
+        hidden, added = base.family.encode_prompts(base, batch["captions"], device)
+    return latents, hidden, added
+
+
+def after_step(run: Run, meter: Meter, step_finite: bool) -> None:
+    """After an optimiser step: count it, update the EMA, log, checkpoint, validate."""
+    config, accelerator = run.config, run.accelerator
+    if step_finite:
+        meter.skipped_in_a_row = 0
+    else:
+        meter.skipped_total += 1
+        meter.skipped_in_a_row += 1
+        if meter.skipped_in_a_row >= config.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{meter.skipped_in_a_row} steps in a row had a non-finite loss (at step {run.global_step}); "
+                "lower --learning_rate, try --mixed_precision bf16 or no, or check the data")
+    run.global_step += 1
+    if run.global_step == meter.first_step + 1:
+        meter.start = time.perf_counter()  # timing starts after the warm-up step
+    if run.ema is not None:
+        run.ema.step(run.controlnet.parameters())
+    logs = {"loss": sum(meter.losses) / max(1, len(meter.losses)), "lr": run.lr_scheduler.get_last_lr()[0],
+            "samples_per_s": meter.samples_per_s(), "skipped_steps": meter.skipped_total}
+    meter.losses, meter.last_loss = [], logs["loss"]
+    accelerator.log(logs, step=run.global_step)
+
+    pause_start = time.perf_counter()  # checkpoints and samples are not training throughput
+    if run.global_step % config.checkpointing_steps == 0 or run.global_step == run.max_steps:
+        checkpoints.save(accelerator, config.output_dir, run.global_step, config.checkpoints_total_limit)
+    if config.validation_enabled and run.global_step % config.validation_steps == 0 and accelerator.is_main_process:
+        run_validation(config, run.base, accelerator.unwrap_model(run.controlnet), run.ema, run.held_out,
+                       f"{run.global_step:06d}", run.seed, run.weight_dtype, accelerator.trackers, run.global_step)
+    meter.paused += time.perf_counter() - pause_start
+
+
+# --- the end ---------------------------------------------------------------------------------
+
+
+def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """Copy the EMA weights in, validate exactly what ships, export with a model card."""
+    config, accelerator = run.config, run.accelerator
+    figures["mixed_precision"] = accelerator.mixed_precision
     accelerator.wait_for_everyone()
-    result = {"figures": figures}
+    result: dict[str, Any] = {"figures": figures}
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(controlnet)
-        if ema is not None:
-            ema.copy_to(final.parameters())
+        final = accelerator.unwrap_model(run.controlnet)
+        if run.ema is not None:
+            run.ema.copy_to(final.parameters())
+        if config.validation_enabled:  # exactly the weights about to ship
+            run_validation(config, run.base, final, None, run.held_out, "final", run.seed, run.weight_dtype)
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
@@ -140,95 +353,8 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_steps(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, loader, sampler, dataset,
-              held_out, global_step, max_steps, steps_per_epoch, epochs, seed, weight_dtype,
-              cache=None) -> dict[str, Any]:
-    """The optimisation loop proper, from ``global_step`` to ``max_steps``."""
-    device = accelerator.device
-    first_epoch = global_step // steps_per_epoch
-    skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
-    bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step",
-               disable=not accelerator.is_local_main_process)
-    skipped_total, skipped_in_a_row, samples, micro, losses = 0, 0, 0, 0, []
-    last_loss, seen_rows = None, []
-    first_step, paused = global_step, 0.0
-    step_finite = True
-    start = time.perf_counter()
-    for epoch in range(first_epoch, epochs):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
-        for batch in loader:
-            with accelerator.accumulate(controlnet):
-                # Randomness per (step, micro-batch, rank): a resumed run draws what a straight one would.
-                generator = torch.Generator().manual_seed(hash((seed, global_step, micro, accelerator.process_index)) % 2**63)
-                micro += 1
-                with torch.no_grad():
-                    if cache is not None:
-                        latents = cache.latents(batch["indices"], _on(generator, device)).to(weight_dtype)
-                        hidden, added = cache.prompts_for(batch["captions"])
-                    else:
-                        pixels = batch["pixel_values"].to(device, weight_dtype)
-                        latents = base.vae.encode(pixels).latent_dist.sample(generator=_on(generator, device))
-                        latents = latents * base.vae.config.scaling_factor
-                        hidden, added = base.family.encode_prompts(base, batch["captions"], device)
-                noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
-                condition = batch["conditioning_pixel_values"].to(device)
-                loss = controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise,
-                                       timesteps, added)
-                finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(device)).min() > 0)
-                step_finite = step_finite and finite
-                if finite:
-                    accelerator.backward(loss)
-                    losses.append(loss.detach().item())
-                if accelerator.sync_gradients:
-                    if step_finite:
-                        accelerator.clip_grad_norm_(controlnet.parameters(), config.max_grad_norm)
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=config.set_grads_to_none)
-            if global_step > first_step:  # throughput after the first (warm-up) step
-                samples += len(batch["captions"]) * accelerator.num_processes
-            seen_rows.extend(batch["indices"])
-            if not accelerator.sync_gradients:
-                continue
-            micro = 0
-            if not step_finite:
-                skipped_total += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row >= config.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{skipped_in_a_row} steps in a row had a non-finite loss (at step {global_step}); "
-                        "lower --learning_rate, try --mixed_precision bf16 or no, or check the data")
-            else:
-                skipped_in_a_row = 0
-            step_finite = True
-            global_step += 1
-            if global_step == first_step + 1:
-                start = time.perf_counter()
-            if ema is not None:
-                ema.step(controlnet.parameters())
-            logs = {"loss": sum(losses) / max(1, len(losses)), "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": samples / max(1e-9, time.perf_counter() - start - paused),
-                    "skipped_steps": skipped_total}
-            losses, last_loss = [], logs["loss"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-            accelerator.log(logs, step=global_step)
-            pause_start = time.perf_counter()  # checkpoints and samples are not training throughput
-            if global_step % config.checkpointing_steps == 0 or global_step == max_steps:
-                checkpoints.save(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
-            if global_step % config.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(config, accelerator, base, controlnet, held_out, global_step, seed)
-            paused += time.perf_counter() - pause_start
-            if global_step >= max_steps:
-                break
-        if global_step >= max_steps:
-            break
-    bar.close()
-    elapsed = time.perf_counter() - start - paused
-    return {"global_step": global_step, "final_loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-            "skipped_steps": skipped_total, "samples_per_s": round(samples / elapsed, 3) if elapsed else None,
-            "ranks": rank_report(accelerator, controlnet, seen_rows)}
+def manifest_fingerprint(summary: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(summary.get("shards", []), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def rank_report(accelerator, controlnet, seen_rows: list[int]) -> list[dict[str, Any]]:
@@ -240,30 +366,53 @@ def rank_report(accelerator, controlnet, seen_rows: list[int]) -> list[dict[str,
     return gather_object([{"rank": accelerator.process_index, "rows": sorted(seen_rows), "checksum": checksum}])
 
 
-def _on(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` continuing from ``generator`` (CPU generators cannot feed CUDA)."""
-    if device.type == "cpu":
-        return generator
-    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The locked base's dtype for accelerate's resolved ``mixed_precision``."""
+    if mixed_precision not in WEIGHT_DTYPES:
+        raise ValueError(f"mixed precision {mixed_precision!r} is not supported; use no, fp16 or bf16")
+    return WEIGHT_DTYPES[mixed_precision]
 
 
-def run_validation(config, accelerator, base, controlnet, held_out, global_step: int, seed: int) -> Path | None:
-    """Generate from held-out conditions, write a PNG grid and send it to the tracker."""
+def holdout_count(config: TrainConfig, base) -> int:
+    """Rows to hold out for validation: none when they would never be used."""
+    if not config.validation_enabled or config.validation_image or not can_validate(config, base):
+        return 0
+    return config.num_validation_rows
+
+
+def can_validate(config: TrainConfig, base) -> bool:
+    return base.family.name == "sd" and len(config.condition) == 1
+
+
+def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of the ControlNet to sample with: the EMA weights when there are any, in the base's dtype.
+
+    A copy, not the trained module: accelerate's autocast wrapper on the trained module returns fp32
+    residuals, which would promote a half-precision UNet's activations (and crash its group norms).
+    """
+    clone = type(trained).from_config(trained.config)
+    clone.load_state_dict(trained.state_dict())
+    if ema is not None:
+        ema.copy_to(clone.parameters())
+    return clone.to(trained.device, dtype).eval()
+
+
+def run_validation(config, base, controlnet, ema, held_out, label: str, seed: int, weight_dtype: torch.dtype,
+                   trackers=(), global_step: int | None = None) -> Path | None:
+    """Generate from held-out conditions (or the given images), write a PNG grid, send it to TensorBoard."""
     from train.validation import generate, grid, validation_inputs
 
-    if base.family.name != "sd" or len(config.condition) != 1:
+    if not can_validate(config, base):
         log.warning("validation images are made for single-condition SD 1.x/2.x runs only; skipped")
         return None
     inputs = validation_inputs(held_out, config.condition, config.validation_image, config.validation_prompt,
                                config.resolution)
     if not inputs:
         return None
-    model = accelerator.unwrap_model(controlnet)
-    model.eval()
-    samples = generate(base, model, inputs, config.num_validation_images, seed)
-    model.train()
-    path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{global_step:06d}.png")
-    for tracker in accelerator.trackers:
+    samples = generate(base, validation_model(controlnet, ema, weight_dtype), inputs, config.num_validation_images,
+                       seed)
+    path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{label}.png")
+    for tracker in trackers:
         if tracker.name == "tensorboard":
             import numpy as np
             from PIL import Image

@@ -24,6 +24,14 @@ class BaseModels:
     scheduler: Any
     family: "FamilyAdapter"
 
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the base to ``device`` in ``dtype``; a VAE whose config says ``force_upcast`` (SDXL's
+        gives NaNs in fp16) stays fp32: encode in fp32, then cast the latents."""
+        for module in (*self.text_encoders, self.unet):
+            module.to(device, dtype=dtype)
+        upcast = getattr(self.vae.config, "force_upcast", False)
+        self.vae.to(device, dtype=torch.float32 if upcast else dtype)
+
 
 class FamilyAdapter:
     """SD 1.x / 2.x: one CLIP text encoder's last hidden state."""
@@ -92,6 +100,23 @@ def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | No
             raise ValueError(f"{path} takes {controlnet.config.conditioning_channels} condition channels; "
                              f"the chosen conditions have {conditioning_channels}")
     else:
-        controlnet = ControlNetModel.from_unet(base.unet, conditioning_channels=conditioning_channels)
+        controlnet = ControlNetModel.from_unet(base.unet, conditioning_channels=conditioning_channels,
+                                               conditioning_embedding_out_channels=condition_encoder_channels(base))
     controlnet.train()
     return controlnet
+
+
+def vae_scale_factor(base: BaseModels) -> int:
+    """How much the VAE down-samples: 2 per block after the first (8 for SD's VAE)."""
+    return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def condition_encoder_channels(base: BaseModels) -> tuple[int, ...]:
+    """The ControlNet condition encoder's channels: one stride-2 stage per factor 2 of the VAE, so the
+    condition reaches latent resolution on any diffusers base (SD's default is 16, 32, 96, 256)."""
+    factor = vae_scale_factor(base)
+    stages = factor.bit_length()  # log2(factor) + 1
+    if 1 << (stages - 1) != factor:
+        raise ValueError(f"the base's VAE down-samples by {factor}, not a power of 2")
+    default = (16, 32, 96, 256)
+    return default[:stages] if stages <= len(default) else default + (256,) * (stages - len(default))

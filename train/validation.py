@@ -44,10 +44,17 @@ def generate(base: Any, controlnet: torch.nn.Module, inputs: list[tuple[torch.Te
     for cond, prompt in inputs:
         generator = torch.Generator(device=device).manual_seed(seed)
         height, width = cond.shape[-2:]
-        out = pipe(prompt=[prompt] * per_input, image=cond.to(device).repeat(per_input, 1, 1, 1), height=height,
-                   width=width, num_inference_steps=steps, generator=generator)
-        results.append(out.images)
+        latents = pipe(prompt=[prompt] * per_input, image=cond.to(device).repeat(per_input, 1, 1, 1), height=height,
+                       width=width, num_inference_steps=steps, generator=generator, output_type="latent").images
+        results.append(decode(pipe, latents))
     return results
+
+
+def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images in the VAE's own dtype (it stays fp32 when its config says force_upcast)."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
 def grid(inputs: list[tuple[torch.Tensor, str]], samples: list[list[Image.Image]], path: Path) -> Path:
