@@ -421,9 +421,9 @@ def test_validation_image_and_prompt_make_the_grid(demo_manifest, tiny_sd, tmp_p
     assert main(train_args(demo_manifest, tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "10",
                            "--validation_steps", "1", "--num_validation_images", "2", "--validation_image",
                            *map(str, paths), "--validation_prompt", "a white bar")) == 0
-    assert prompts == ["a white bar", "a white bar"]
+    assert prompts == ["a white bar", "a white bar"] * 2  # at step 1, then on the exported model
     grids = sorted((out / "validation").glob("step-*.png"))
-    assert [g.name for g in grids] == ["step-000001.png"]
+    assert [g.name for g in grids] == ["step-000001.png", "step-final.png"]
     sheet = np.asarray(Image.open(grids[0]).convert("RGB")).astype(int)
     assert sheet.shape == (2 * 64, 3 * 64, 3)  # rows: validation images; tiles: condition + 2 samples
     for k, path in enumerate(paths):

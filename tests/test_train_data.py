@@ -116,7 +116,7 @@ def assert_on_its_image(example_pixels: torch.Tensor, example_cond: torch.Tensor
 def test_condition_lies_on_its_image_edges_through_random_crop_and_flip(shapes_manifest):
     """Over several epochs, each map equals its row's map under the image's own crop and flip."""
     rows, _ = load_rows(str(shapes_manifest), ["canny"], holdout=0)
-    dataset = ManifestDataset(rows, ["canny"], 128, seed=11, proportion_empty_prompts=0.0)
+    dataset = ManifestDataset(rows, ["canny"], 128, seed=11, random_flip=True, proportion_empty_prompts=0.0)
     seen = set()
     for epoch in range(4):
         dataset.set_epoch(epoch)
@@ -145,7 +145,7 @@ def test_condition_stays_on_its_image_edges_when_resized(shapes_manifest):
 def test_a_collated_loader_batch_keeps_each_condition_on_its_image(shapes_manifest):
     """DataLoader + RankSampler + collate: every (image, condition, index) triple in a batch lines up."""
     rows, _ = load_rows(str(shapes_manifest), ["canny"], holdout=0)
-    dataset = ManifestDataset(rows, ["canny"], 128, seed=3)
+    dataset = ManifestDataset(rows, ["canny"], 128, seed=3, random_flip=True)
     sampler = RankSampler(len(dataset), rank=0, world=1, seed=3, batch_size=2)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, collate_fn=collate)
     flips = set()
@@ -203,7 +203,7 @@ def transforms(dataset: ManifestDataset, rows: list[dict], order=None) -> list[t
 def test_each_row_draws_its_own_crop_and_flip(shapes_manifest):
     """The same image under 16 rows gets varied crops and flips within one epoch."""
     rows = repeated_rows(shapes_manifest, 16)
-    dataset = ManifestDataset(rows, ["canny"], 128, seed=0)
+    dataset = ManifestDataset(rows, ["canny"], 128, seed=0, random_flip=True)
     drawn = transforms(dataset, rows)
     assert len(set(drawn)) >= 8 and {flip for _, flip in drawn} == {False, True}
     captions = {dataset[i]["caption"] for i in range(len(dataset))}
@@ -215,7 +215,7 @@ def test_seed_epoch_and_row_fix_the_sample(shapes_manifest):
     rows = repeated_rows(shapes_manifest, 12)
 
     def dataset(seed, epoch):
-        d = ManifestDataset(rows, ["canny"], 128, seed=seed)
+        d = ManifestDataset(rows, ["canny"], 128, seed=seed, random_flip=True)
         d.set_epoch(epoch)
         return d
 
