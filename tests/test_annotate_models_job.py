@@ -17,6 +17,8 @@ from manifests.io import list_shards, read_manifest_json, shard_provenance
 from manifests.validate import validate
 from pipeline.annotate import main, run
 from pipeline.config import AnnotateConfig
+
+pytestmark = pytest.mark.slow  # actor pools loading model weights
 from tests.fake_weights import draw_puppet
 
 

@@ -134,6 +134,7 @@ def test_training_changes_the_controlnet_and_never_the_base(demo_manifest, tiny_
     assert any("controlnet_down_blocks" in k for k in changed)  # the zero convolutions left zero
 
 
+@pytest.mark.slow
 def test_accelerate_launch_on_two_cpu_processes(demo_manifest, tiny_sd, tmp_path):
     out = tmp_path / "ddp"
     launch(train_args(demo_manifest, tiny_sd, out, "--max_train_steps", "3", "--checkpointing_steps", "10"),
@@ -144,6 +145,7 @@ def test_accelerate_launch_on_two_cpu_processes(demo_manifest, tiny_sd, tmp_path
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(demo_manifest, tiny_sd, tmp_path):
     import shutil
 

@@ -296,6 +296,7 @@ def test_start_up_names_the_choices_that_differ_from_diffusers(demo_manifest, ti
                    for line in differences_from_diffusers(same))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [1, 2, 4])
 def test_condition_encoder_follows_the_vae_down_sampling(demo_manifest, tmp_path, factor):
     """A base whose VAE down-samples by 1, 2 or 4 (not SD's 8) trains and exports; the condition
