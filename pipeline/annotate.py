@@ -25,11 +25,12 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from annotators import registry
-from manifests.io import list_shards, resolve, shard_provenance, write_manifest_json
+from manifests.io import list_shards, resolve, shard_provenance, shard_row_count, write_manifest_json
 from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, cond_column, shard_name
 from pipeline import ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
@@ -61,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
     p.add_argument("--center-crop", action="store_true", help="crop to resolution x resolution")
     p.add_argument("--min-side", type=int, default=0, help="mark smaller images as filtered (0: upscale all)")
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="reject images above this many pixels")
+    p.add_argument("--max-aspect", type=float, default=4.0,
+                   help="mark images longer than this ratio of long to short side as filtered")
     p.add_argument("--image-format", default="jpeg", help="jpeg or png for the prepared image")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--shard-size", type=int, default=256, help="files per shard (the unit of resume)")
@@ -84,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
         config = AnnotateConfig(
             input=args.input, output=args.output, annotators=names,
             annotator_params=_parse_params(args.param), resolution=args.resolution,
-            center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels,
+            center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
             image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
             batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
             weights_dir=args.weights_dir, require_detection=args.require_detection,
@@ -142,7 +145,8 @@ def make_job(config: AnnotateConfig) -> ShardJob:
     )
     return ShardJob(
         input=config.input, output=config.output,
-        prepare=PrepareSettings(config.resolution, config.center_crop, config.min_side, config.max_pixels),
+        prepare=PrepareSettings(config.resolution, config.center_crop, config.min_side, config.max_pixels,
+                                config.max_aspect),
         image_format=config.image_format, jpeg_quality=config.jpeg_quality,
         annotators=tuple((n, overrides[n]) for n in config.annotators),
         batch_size=config.batch_size, provenance=provenance, weights_dir=config.weights_dir,
@@ -153,7 +157,10 @@ def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) ->
     """Split the sorted input into fixed slices; return (shards to do, indices already done).
 
     A complete shard from an earlier run with the same settings and the same files is kept;
-    one whose files changed is redone; one written with other settings stops the job.
+    one whose files changed is redone. Every check runs before anything is deleted, so a refused
+    run leaves the output exactly as it was: shards written with other settings, files this project
+    did not write, or a rerun that would drop rows (a shrunk input, ``--limit``) stop the job unless
+    ``--overwrite`` allows it (files of others are never touched).
     """
     items = listing.items
     size = config.shard_size
@@ -161,26 +168,58 @@ def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) ->
     specs = [shard_spec(i, items[s:s + size], settings_fp) for i, s in enumerate(range(0, len(items), size))]
     fs, base = resolve(config.output)
     existing = {Path(p).name: p for p in list_shards(config.output)}
+    refuse_foreign_files(config.output, existing)
+    stored = {name: (shard_provenance(path) or {}) for name, path in existing.items()}
+    if not config.overwrite:
+        check_resumable(config, specs, stored, existing, settings_fp)
+    # Every check passed: from here on the output changes.
     _delete(fs, base, MANIFEST_JSON)  # present only while the manifest is complete
     if config.overwrite:
         for path in existing.values():
             fs.delete_file(path)
         return specs, []
-    wanted = {shard_name(s["shard"]) for s in specs}
-    for name, path in existing.items():
-        if name not in wanted:  # the input shrank: this shard belongs to no slice now
-            fs.delete_file(path)
     todo, done = [], []
     for spec in specs:
-        path = existing.get(shard_name(spec["shard"]))
-        stored = (shard_provenance(path) or {}).get("fingerprint", "") if path else None
-        if stored is not None and not stored.startswith(settings_fp):
-            raise ResumeConflict(
-                f"{config.output} holds shards written with other settings or annotators; "
-                "pass --overwrite to redo them, or choose another --output"
-            )
-        (done if stored == spec["fingerprint"] else todo).append(spec)
+        fingerprint_stored = stored.get(shard_name(spec["shard"]), {}).get("fingerprint")
+        (done if fingerprint_stored == spec["fingerprint"] else todo).append(spec)
     return todo, [s["shard"] for s in done]
+
+
+def refuse_foreign_files(output: str, shards: dict[str, str]) -> None:
+    """Stop when the output holds files this project did not write (it never deletes those)."""
+    fs, base = resolve(output)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    except FileNotFoundError:
+        return
+    ours = {MANIFEST_JSON, *shards}
+    foreign = sorted(i.base_name for i in infos
+                     if i.base_name not in ours and not i.base_name.startswith(".tmp-"))
+    foreign += sorted(name for name, path in shards.items() if shard_provenance(path) is None)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ResumeConflict(f"{output} holds files this project did not write ({shown}); nothing was changed: "
+                             "choose an empty or new --output")
+
+
+def check_resumable(config: AnnotateConfig, specs: list[dict], stored: dict[str, dict], existing: dict[str, str],
+                    settings_fp: str) -> None:
+    """Refuse (changing nothing) a rerun that would mix settings or drop rows without --overwrite."""
+    other = sorted(n for n, p in stored.items() if not p.get("fingerprint", "").startswith(settings_fp))
+    if other:
+        raise ResumeConflict(
+            f"{config.output} holds shards written with other settings or annotators ({', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}); nothing was changed: pass --overwrite to redo them, or "
+            "choose another --output"
+        )
+    rows_now = sum(shard_row_count(p) for p in existing.values())
+    rows_planned = sum(len(s["ids"]) for s in specs)
+    if rows_planned < rows_now:
+        why = f"--limit {config.limit}" if config.limit is not None else "the input has fewer files than before"
+        raise ResumeConflict(
+            f"{config.output} holds {rows_now} rows and this run would keep {rows_planned} ({why}); nothing was "
+            "changed: pass --overwrite to rewrite it with fewer rows, or choose another --output"
+        )
 
 
 def _delete(fs: Any, base: str, name: str) -> None:

@@ -30,6 +30,9 @@ class AnnotateConfig:
     """Images whose shortest side is below this become ``filtered`` rows (0: keep all, upscale)."""
     max_pixels: int = 100_000_000
     """Images with more pixels (read from the header, before decoding) become ``error`` rows."""
+    max_aspect: float = 4.0
+    """Images whose long side exceeds this many times the short side (read from the header) become
+    ``filtered`` rows: a banner would otherwise be prepared far past what JPEG can encode."""
     image_format: str = "jpeg"
     """Encoding of the prepared image: ``jpeg`` or ``png`` (maps are always PNG)."""
     jpeg_quality: int = 95
@@ -76,6 +79,8 @@ class AnnotateConfig:
         for key in ("shard_size", "batch_size", "max_pixels"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.max_aspect < 1:
+            raise ValueError(f"--max-aspect {self.max_aspect}: use 1 or more (e.g. 4 keeps up to 4:1 panoramas)")
         if self.min_side < 0:
             raise ValueError("--min-side must be 0 or more")
         if self.limit is not None and self.limit < 1:
@@ -91,7 +96,7 @@ class AnnotateConfig:
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that decide the rows written (not how the job runs)."""
-        keys = ("resolution", "center_crop", "min_side", "max_pixels", "image_format",
+        keys = ("resolution", "center_crop", "min_side", "max_pixels", "max_aspect", "image_format",
                 "jpeg_quality", "shard_size", "annotators", "require_detection")
         return {k: getattr(self, k) for k in keys}
 

@@ -25,8 +25,23 @@ class DecodeError(Exception):
     """The file is not an image this job can use; the message says why."""
 
 
-class TooSmall(Exception):
-    """The image is smaller than the job's ``min_side``; the row is ``filtered``."""
+class Filtered(Exception):
+    """The image is readable but unfit for the job; the row is ``filtered`` with ``code: message``."""
+
+    code = "filtered"
+
+
+class TooSmall(Filtered):
+    """The image is smaller than the job's ``min_side``."""
+
+    code = "min_side"
+
+
+class TooElongated(Filtered):
+    """One side is more than ``max_aspect`` times the other: prepared at the resolution it would be
+    unusably long (past JPEG's 65,500 px limit for a banner) and no square crop could use it."""
+
+    code = "max_aspect"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +52,7 @@ class PrepareSettings:
     center_crop: bool = False
     min_side: int = 0
     max_pixels: int = 100_000_000
+    max_aspect: float = 4.0
 
 
 @dataclasses.dataclass
@@ -61,6 +77,8 @@ def prepare(data: bytes, settings: PrepareSettings) -> Prepared:
     upright = (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
     if min(upright) < settings.min_side:
         raise TooSmall(f"{upright[0]}x{upright[1]} is below --min-side {settings.min_side}")
+    if max(width, height) > settings.max_aspect * min(width, height):
+        raise TooElongated(f"{upright[0]}x{upright[1]} is longer than --max-aspect {settings.max_aspect:g} to 1")
     # JPEG can decode at 1/2, 1/4, 1/8 scale for nearly free; ask for no less than we keep.
     scale = settings.resolution / min(width, height)
     im.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))

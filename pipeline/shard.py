@@ -29,7 +29,7 @@ from manifests.schema import (
     shard_name,
 )
 from pipeline.config import fingerprint
-from pipeline.decode import DecodeError, PrepareSettings, TooSmall, prepare
+from pipeline.decode import Filtered, PrepareSettings, prepare
 from pipeline.encode import encode_image, encode_map
 from pipeline.reader import read_sidecar_caption
 
@@ -126,15 +126,17 @@ class ShardAnnotator:
             row["caption"] = caption or ""
             stage = "decode"
             prepared = prepare(data, self.job.prepare)
-        except TooSmall as exc:
-            mark(row, STATUS_FILTERED, f"min_side: {exc}")
+            row.update(orig_width=prepared.orig_width, orig_height=prepared.orig_height)
+            stage = "encode"
+            encoded = encode_image(prepared.image, self.job.image_format, self.job.jpeg_quality)
+        except Filtered as exc:
+            mark(row, STATUS_FILTERED, f"{exc.code}: {exc}")
             return row, None
         except Exception as exc:  # one bad file must never stop the shard
             mark(row, STATUS_ERROR, f"{stage}: {describe(exc)}")
             return row, None
         height, width = prepared.image.shape[:2]
-        row.update(width=width, height=height, orig_width=prepared.orig_width, orig_height=prepared.orig_height)
-        row["image"] = {"bytes": encode_image(prepared.image, self.job.image_format, self.job.jpeg_quality), "path": None}
+        row.update(width=width, height=height, image={"bytes": encoded, "path": None})
         return row, prepared.image
 
     def annotate_batch(self, batch: list[tuple[dict[str, Any], np.ndarray]]) -> None:
@@ -150,7 +152,10 @@ class ShardAnnotator:
                 elif isinstance(result, Exception):
                     mark(row, STATUS_ERROR, f"annotate[{annotator.name}]: {describe(result)}")
                 else:
-                    row[cond_column(annotator.name)] = {"bytes": encode_map(result), "path": None}
+                    try:
+                        row[cond_column(annotator.name)] = {"bytes": encode_map(result), "path": None}
+                    except Exception as exc:  # a map that cannot be encoded fails its row, not the shard
+                        mark(row, STATUS_ERROR, f"encode[{annotator.name}]: {describe(exc)}")
 
 
 _WORKER_CACHE: dict[str, ShardAnnotator] = {}
