@@ -52,6 +52,9 @@ class TrainConfig:
     report_to: str = "tensorboard"
     seed: int | None = None
     dataloader_num_workers: int = 0
+    data_cache_dir: str | None = None
+    """Folder of the memory-mapped row cache built once per manifest; default ``$CONTROLFORGE_CACHE``,
+    else ``~/.cache/controlforge``."""
     random_flip: bool = True
     """Flip image and condition together half of the time."""
     center_crop: bool = False

@@ -70,7 +70,9 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
     base = load_base(config.pretrained_model_name_or_path, config.resolution)
     for module in (*base.text_encoders, base.vae, base.unet):
         module.to(device, dtype=weight_dtype)
-    train_rows, held_out = load_rows(config.manifest, config.condition, config.num_validation_rows)
+    with accelerator.local_main_process_first():  # one process per machine builds the row cache
+        train_rows, held_out = load_rows(config.manifest, config.condition, config.num_validation_rows,
+                                         config.data_cache_dir)
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path)
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()

@@ -56,6 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, or none")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--data_cache_dir", default=None,
+                   help="folder of the row cache built once per manifest; default: $CONTROLFORGE_CACHE "
+                        "or ~/.cache/controlforge")
     p.add_argument("--center_crop", action="store_true")
     p.add_argument("--no_random_flip", action="store_true")
     p.add_argument("--use_ema", action="store_true")
@@ -80,6 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
             dataloader_num_workers=args.dataloader_num_workers, random_flip=not args.no_random_flip,
             center_crop=args.center_crop, use_ema=args.use_ema, max_nonfinite_steps=args.max_nonfinite_steps,
             cache_latents=args.cache_latents,
+            data_cache_dir=args.data_cache_dir,
         )
     except ValueError as exc:
         p.error(str(exc))
