@@ -29,6 +29,15 @@ def fresh_accelerate_state():
         AcceleratorState._reset_state(True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def row_cache_dir(tmp_path_factory) -> Path:
+    """Training's row cache in a temp folder, never ~/.cache (launched processes inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("controlforge_cache")
+        mp.setenv("CONTROLFORGE_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """Embedded local Ray on 127.0.0.1 with 2 CPUs, shared by every test that runs the job."""

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from train.data import row_captions
+
 
 class EncodedCache:
     """Latent distributions by row index and prompt embeddings by caption."""
@@ -25,7 +27,7 @@ class EncodedCache:
                 pixels = torch.stack([dataset.image_tensor(i) for i in range(start, min(len(dataset), start + batch_size))])
                 moments.append(base.vae.encode(pixels.to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
             self.moments = torch.cat(moments)
-            captions = sorted({"", *(row["caption"] or "" for row in dataset.rows)})
+            captions = sorted({"", *(c or "" for c in row_captions(dataset.rows))})
             self.prompts: dict[str, tuple[torch.Tensor, dict]] = {}
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start:start + batch_size]

@@ -94,6 +94,9 @@ class TrainConfig:
     """Seed of every random choice (data order, crops, noise); None means 0."""
     dataloader_num_workers: int = 0
     """DataLoader worker processes decoding examples (0: in the training process)."""
+    data_cache_dir: str | None = None
+    """Folder of the memory-mapped row cache built once per manifest; default ``$CONTROLFORGE_CACHE``,
+    else ``~/.cache/controlforge``."""
     random_flip: bool = False
     """Flip image and condition together half of the time. Off by default, as in diffusers and the
     original ControlNet: pose and face maps colour left and right differently, so a flip would teach

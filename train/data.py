@@ -15,6 +15,7 @@ from PIL import Image
 
 import manifests
 from manifests.schema import cond_column
+from train import row_cache
 
 
 def check_conditions(manifest: str, conditions: Sequence[str]) -> dict[str, Any]:
@@ -31,13 +32,23 @@ def check_conditions(manifest: str, conditions: Sequence[str]) -> dict[str, Any]
     return summary
 
 
-def load_rows(manifest: str, conditions: Sequence[str], holdout: int) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows): ok rows with only the columns training needs, split by id."""
+def load_rows(manifest: str, conditions: Sequence[str], holdout: int,
+              cache_dir: str | None = None) -> tuple[Sequence[dict], Sequence[dict]]:
+    """(train rows, held-out rows): ok rows with only the columns training needs, split by id.
+
+    The rows are views on a memory-mapped cache of those columns (train/row_cache.py, built on first
+    use under ``cache_dir``): only their order is held in memory; a row's bytes are read when it is used.
+    """
     columns = ["id", "caption", "image", *[cond_column(c) for c in conditions]]
-    frame = manifests.read(manifest, columns=columns, status="ok").sort_values("id", kind="stable")
-    rows = frame.to_dict("records")
+    rows = row_cache.sorted_rows(manifest, columns, cache_dir)
     holdout = min(holdout, len(rows) - 1)
     return rows[holdout:], rows[:holdout]
+
+
+def row_captions(rows: Sequence[dict]) -> list[str | None]:
+    """Every row's caption, without reading image bytes where the rows allow it."""
+    captions = getattr(rows, "captions", None)
+    return captions() if captions is not None else [row["caption"] for row in rows]
 
 
 def decode_rgb(cell: dict) -> Image.Image:
