@@ -1,6 +1,7 @@
 """Write small raw image collections: the demo's, the benchmark's and the tests'.
 
-    python -m pipeline.samples data/demo/photos
+    python -m pipeline.samples data/demo/photos                        # photos, scenes, edge cases
+    python -m pipeline.samples circles data/circles --count 1000       # the fill task's raw circles
 
 Real photos come from scikit-image (installed with the dev extra); scenes are drawn here; the
 ``edge_cases/`` folder holds what real collections contain and a pipeline must survive.
@@ -8,6 +9,7 @@ Real photos come from scikit-image (installed with the dev extra); scenes are dr
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import sys
@@ -25,6 +27,20 @@ PHOTOS = {  # scikit-image sample -> caption
     "hubble_deep_field": "a deep field of galaxies seen by the Hubble telescope",
 }
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
+
+#: Named colours of the circle task, shared with ``train/metrics.py`` (colour accuracy names the
+#: nearest of these). Every pair is at least 100 apart in RGB and differs by 100 or more in one
+#: channel, so a generated colour maps to one name and Canny (thresholds 100/200) sees every edge.
+CIRCLE_PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "light blue": (140, 200, 250),
+    "purple": (140, 50, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
 
 
 def scene(seed: int, size: tuple[int, int] = (640, 480)) -> tuple[Image.Image, str]:
@@ -116,6 +132,47 @@ def write_edge_cases(folder: Path) -> dict[str, str]:
     return expect
 
 
+def circle_caption(colour: str, background: str) -> str:
+    """The caption of a circle image; ``train/metrics.py`` parses it back with ``CIRCLE_CAPTION``."""
+    return f"a {colour} circle on a {background} background"
+
+
+#: Reads (circle colour, background colour) back from a caption written by ``circle_caption``.
+CIRCLE_CAPTION = r"\ban? (?P<colour>[a-z ]+?) circle on an? (?P<background>[a-z ]+?) background\b"
+
+
+def circle(seed: int, index: int, size: int = 64) -> tuple[Image.Image, str]:
+    """One filled circle on a plain background, and its caption (fill50k's raw image, small).
+
+    Drawn without anti-aliasing so every pixel is exactly one of two palette colours; the circle
+    stays inside the image (a margin of one pixel) so its Canny outline is a closed curve. The
+    draws depend on (seed, index) only: more images never change the earlier ones.
+    """
+    rng = np.random.default_rng([seed, index])
+    names = list(CIRCLE_PALETTE)
+    colour, background = (names[int(i)] for i in rng.choice(len(names), size=2, replace=False))
+    radius = int(rng.integers(max(2, size // 10), max(3, size * 3 // 8) + 1))
+    cx, cy = (int(rng.integers(radius + 1, size - radius - 1)) for _ in range(2))
+    im = Image.new("RGB", (size, size), CIRCLE_PALETTE[background])
+    ImageDraw.Draw(im).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=CIRCLE_PALETTE[colour])
+    return im, circle_caption(colour, background)
+
+
+def write_circles(folder: Path, count: int, size: int = 64, seed: int = 0) -> list[Path]:
+    """``count`` circle PNGs (``circle_00000.png`` ...) with ``.txt`` caption sidecars."""
+    if count < 1 or size < 16:
+        raise ValueError(f"circles need count >= 1 and size >= 16, got count={count} size={size}")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        im, caption = circle(seed, i, size)
+        path = folder / f"circle_{i:05d}.png"
+        im.save(path)
+        (folder / f"circle_{i:05d}.txt").write_text(caption + "\n")
+        paths.append(path)
+    return paths
+
+
 def write_demo_collection(root: Path) -> Path:
     """The demo collection: real photos, drawn scenes, and edge cases, in sub-folders."""
     write_photos(root / "photos")
@@ -124,7 +181,27 @@ def write_demo_collection(root: Path) -> Path:
     return root
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``circles OUT --count N [--size S] [--seed K]``, or ``[OUT]`` for the demo collection."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["circles"]:
+        out = Path(argv[0] if argv else "data/demo/photos")
+        write_demo_collection(out)
+        print(f"sample collection: {out}")
+        return 0
+    p = argparse.ArgumentParser(prog="python -m pipeline.samples circles",
+                                description="Raw images of one filled circle each, with colour captions.")
+    p.add_argument("out", help="folder to write circle_NNNNN.png and .txt captions into")
+    p.add_argument("--count", type=int, required=True, help="number of images")
+    p.add_argument("--size", type=int, default=64, help="side of the square images in pixels (>= 16)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv[1:])
+    if args.count < 1 or args.size < 16:
+        p.error("--count must be at least 1 and --size at least 16")
+    write_circles(Path(args.out), args.count, args.size, args.seed)
+    print(f"circle collection: {args.out} ({args.count} images, {args.size}x{args.size})")
+    return 0
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "data/demo/photos")
-    write_demo_collection(out)
-    print(f"sample collection: {out}")
+    sys.exit(main())

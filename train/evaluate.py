@@ -1,0 +1,318 @@
+#!/usr/bin/env python
+"""Measure how well a ControlNet obeys its condition, against the base model alone.
+
+    python train/evaluate.py --controlnet runs/canny --pretrained_model_name_or_path <sd folder> \\
+        --manifest data/manifests/photos --condition canny --num_samples 16 [--task circle]
+
+Takes the first N ok rows of the manifest by id (the rows the trainer holds out), generates each
+caption twice with the same seed (with the ControlNet on the row's condition, and with the base
+alone), re-annotates both with the condition's annotator (its parameters as the manifest recorded
+them) and compares with the condition (train/metrics.py). Writes ``metrics.json`` and ``grid.png``
+(condition | with ControlNet | base alone, one row per sample) to ``--output_dir``. Generation runs
+in fp32, on the CPU by default, and is deterministic for a seed. Bad flags or missing folders fail
+here with exit code 2, before any model loads.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path (python train/evaluate.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import re
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from train import metrics
+
+# Colour-coded maps (a colour is a class or a keypoint): resized with nearest neighbour, so the
+# ControlNet and the metric see the same exact colours. Other maps resize bicubic, as in training.
+LABEL_MAPS = frozenset({"segmentation", "openpose", "mediapipe_pose"})
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class UsageError(Exception):
+    """A flag or input the user must fix; main prints it and exits with code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    controlnet: str
+    pretrained_model_name_or_path: str
+    manifest: str
+    condition: str
+    num_samples: int
+    output_dir: str
+    task: str | None = None
+    seed: int = 0
+    num_inference_steps: int = 20
+    resolution: int | None = None
+    guidance_scale: float = 7.5
+    weights_dir: str | None = None
+    device: str = "cpu"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--controlnet", required=True, help="ControlNet folder (train.py's --output_dir, or its controlnet/)")
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="the base it was trained on (diffusers folder)")
+    p.add_argument("--manifest", required=True, help="manifest folder with the condition column")
+    p.add_argument("--condition", required=True, help="annotator name, e.g. canny, depth, mediapipe_pose")
+    p.add_argument("--num_samples", type=int, default=8, help="rows to evaluate: the first N ok rows by id")
+    p.add_argument("--output_dir", default=None, help="where metrics.json and grid.png go (default: <controlnet>/eval)")
+    p.add_argument("--task", default=None, choices=sorted(metrics.TASK_METRICS), help="add a task's metrics")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, for both pipelines")
+    p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square side to generate at (short side scaled, centre crop); default: each map's own size")
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--weights_dir", default=None, help="annotator weights (default: CONTROLFORGE_WEIGHTS)")
+    p.add_argument("--device", default="cpu", help="torch device for generation (cpu keeps results reproducible)")
+    a = p.parse_args(argv)
+    if a.num_samples < 1:
+        p.error("--num_samples must be at least 1")
+    if a.num_inference_steps < 1:
+        p.error("--num_inference_steps must be at least 1")
+    if a.resolution is not None and (a.resolution < 8 or a.resolution % 8):
+        p.error("--resolution must be a positive multiple of 8 (the VAE works on multiples of 8)")
+    return EvalConfig(
+        controlnet=a.controlnet, pretrained_model_name_or_path=a.pretrained_model_name_or_path,
+        manifest=a.manifest, condition=a.condition, num_samples=a.num_samples,
+        output_dir=a.output_dir or str(Path(a.controlnet) / "eval"), task=a.task, seed=a.seed,
+        num_inference_steps=a.num_inference_steps, resolution=a.resolution, guidance_scale=a.guidance_scale,
+        weights_dir=a.weights_dir, device=a.device,
+    )
+
+
+# ------------------------------------------------------------------------ checks, before loading
+
+def controlnet_folder(path: str) -> str:
+    """The folder holding the ControlNet's config.json: ``path`` itself or ``path/controlnet``."""
+    for folder in (Path(path), Path(path) / "controlnet"):
+        if (folder / "config.json").is_file():
+            return str(folder)
+    raise UsageError(f"--controlnet {path}: no ControlNet there (expected config.json in it or in "
+                     f"{Path(path) / 'controlnet'}); pass train.py's --output_dir or its controlnet/ folder")
+
+
+def check_base(path: str) -> None:
+    """A local base folder must be a diffusers pipeline; a hub id is left to diffusers."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UsageError(f"--pretrained_model_name_or_path {path}: not a diffusers pipeline folder "
+                             "(no model_index.json); pass the base model the ControlNet was trained on")
+    elif not HUB_ID.match(path) or os.path.isdir(path.split("/")[0]):
+        raise UsageError(f"--pretrained_model_name_or_path {path}: no such folder")
+
+
+def annotator_params(summary: dict[str, Any], condition: str) -> dict[str, Any]:
+    """The condition's annotator parameters as the manifest recorded them (re-annotate alike)."""
+    for entry in summary.get("annotators", []):
+        if entry.get("name") == condition:
+            params = dict(entry.get("params") or {})
+            params.pop("require_detection", None)  # a generated image without a person scores, not skips
+            return params
+    return {}
+
+
+def check(config: EvalConfig) -> dict[str, Any]:
+    """Every check that needs no model; returns the manifest's summary."""
+    import manifests
+    from annotators import registry
+    from manifests.schema import cond_column
+
+    folder = controlnet_folder(config.controlnet)
+    check_base(config.pretrained_model_name_or_path)
+    try:
+        summary = manifests.read_manifest_json(config.manifest)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--manifest: {exc}") from exc
+    columns = summary.get("columns", [])
+    if cond_column(config.condition) not in columns:
+        have = ", ".join(c.removeprefix("cond_") for c in columns if c.startswith("cond_")) or "none"
+        raise UsageError(f"--condition {config.condition}: the manifest has no column "
+                         f"{cond_column(config.condition)}; its conditions: {have}")
+    try:
+        registry.get(config.condition)
+    except (registry.UnknownAnnotatorError, TypeError) as exc:
+        raise UsageError(f"--condition {config.condition}: {exc}") from exc
+    if not metrics.metric_names(config.condition, config.task):
+        raise UsageError(f"no controllability metric knows the condition {config.condition!r}; metrics exist "
+                         f"for {', '.join(metrics.CONDITION_METRICS)} and --task {', '.join(metrics.TASK_METRICS)}")
+    channels = json.loads((Path(folder) / "config.json").read_text()).get("conditioning_channels", 3)
+    if channels != 3:
+        raise UsageError(f"{folder} takes {channels} condition channels (stacked conditions); "
+                         "evaluate scores one 3-channel condition at a time")
+    if summary.get("counts", {}).get("ok", 0) < 1:
+        raise UsageError(f"--manifest {config.manifest} has no ok rows")
+    return summary
+
+
+# ---------------------------------------------------------------------------------- the work
+
+def load_rows(manifest: str, condition: str, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` ok rows by id, with id, caption, image and the condition column."""
+    import manifests
+    from manifests.schema import cond_column
+
+    frame = manifests.read(manifest, columns=["id", "caption", "image", cond_column(condition)], status="ok")
+    return frame.sort_values("id", kind="stable").head(count).to_dict("records")
+
+
+def prepare_condition(cell: dict[str, Any], resolution: int | None, nearest: bool) -> np.ndarray:
+    """A condition map cell as uint8 HxWx3: as stored, or short side scaled to ``resolution`` and
+    centre-cropped to a square (the trainer's validation crop)."""
+    im = Image.open(io.BytesIO(cell["bytes"])).convert("RGB")
+    if resolution is not None:
+        scale = resolution / min(im.size)
+        w, h = round(im.width * scale), round(im.height * scale)
+        resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC
+        im = im.resize((w, h), resample) if (w, h) != im.size else im
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(im)
+
+
+def load_pipelines(config: EvalConfig) -> tuple[Any, Any]:
+    """(pipeline with the ControlNet, the same modules without it), fp32, quiet."""
+    import torch
+    from diffusers import AutoPipelineForText2Image, ControlNetModel, UniPCMultistepScheduler
+
+    base = config.pretrained_model_name_or_path
+    extra: dict[str, Any] = {}
+    index = Path(base) / "model_index.json"
+    if index.is_file() and "safety_checker" in json.loads(index.read_text()):
+        # A safety checker blanks images it flags; measured obedience must not depend on it.
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        controlnet = ControlNetModel.from_pretrained(controlnet_folder(config.controlnet))
+        pipe = AutoPipelineForText2Image.from_pretrained(base, controlnet=controlnet, **extra)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load the models: {exc}") from exc
+    # UniPC, as the trainer's validation samples use: good images in ~20 steps.
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(config.device, torch.float32)  # fp32 whatever was saved (``dtype`` kwargs differ by version)
+    alone = AutoPipelineForText2Image.from_pipe(pipe, controlnet=None)  # shares every module
+    for p in (pipe, alone):
+        p.set_progress_bar_config(disable=True)
+    return pipe, alone
+
+
+def generate(pipe: Any, prompt: str, seed: int, size: tuple[int, int], config: EvalConfig,
+             condition: np.ndarray | None = None) -> np.ndarray:
+    """One image as uint8 HxWx3; the same seed gives the same starting noise in both pipelines."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: identical on any device
+    extra = {} if condition is None else {"image": Image.fromarray(condition)}
+    out = pipe(prompt=prompt, height=size[0], width=size[1], num_inference_steps=config.num_inference_steps,
+               guidance_scale=config.guidance_scale, generator=generator, output_type="np", **extra)
+    return (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], path: Path, labels: Sequence[str], min_tile: int = 128) -> Path:
+    """PNG contact sheet: one row per sample, tiles scaled (nearest) to at least ``min_tile`` high."""
+    height = max(min_tile, max(t.shape[0] for row in rows for t in row))
+    tiles = [[Image.fromarray(t).resize((round(t.shape[1] * height / t.shape[0]), height), Image.Resampling.NEAREST)
+              for t in row] for row in rows]
+    header = 16
+    width = max(sum(t.width for t in row) for row in tiles)
+    sheet = Image.new("RGB", (width, header + height * len(tiles)), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = 0
+    for label, tile in zip(labels, tiles[0]):
+        draw.text((x + 4, 2), label, fill="black")
+        x += tile.width
+    for r, row in enumerate(tiles):
+        x = 0
+        for tile in row:
+            sheet.paste(tile, (x, header + r * height))
+            x += tile.width
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Generate, re-annotate, score; write metrics.json and grid.png; return what metrics.json holds."""
+    from manifests.schema import cond_column
+
+    started = time.perf_counter()
+    annotator_overrides = annotator_params(summary, config.condition)
+    try:  # a missing weight file fails here, before the diffusion models load
+        annotator = metrics.load_annotator(config.condition, annotator_overrides, config.weights_dir) \
+            if config.condition in metrics.CONDITION_METRICS else None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"annotator {config.condition}: {exc}") from exc
+    rows = load_rows(config.manifest, config.condition, config.num_samples)
+    nearest = config.condition in LABEL_MAPS
+    conditions = [prepare_condition(r[cond_column(config.condition)], config.resolution, nearest) for r in rows]
+    captions = [r["caption"] or "" for r in rows]
+    ids = [r["id"] for r in rows]
+    pipe, alone = load_pipelines(config)
+    controlled, base = [], []
+    for i, (cond, caption) in enumerate(zip(conditions, captions)):
+        controlled.append(generate(pipe, caption, config.seed + i, cond.shape[:2], config, cond))
+        base.append(generate(alone, caption, config.seed + i, cond.shape[:2], config))
+    score = {name: metrics.score_images(config.condition, images, conditions, captions, task=config.task,
+                                        annotator=annotator, ids=ids)
+             for name, images in (("controlnet", controlled), ("base", base))}
+    out = Path(config.output_dir)
+    grid_path = grid([[c, a, b] for c, a, b in zip(conditions, controlled, base)], out / "grid.png",
+                     ["condition", "with ControlNet", "base alone"])
+    result = {
+        "condition": config.condition,
+        "task": config.task,
+        "num_samples": len(rows),
+        "controlnet": metrics.summarise(score["controlnet"]),
+        "base": metrics.summarise(score["base"]),
+        "lower_is_better": sorted(metrics.LOWER_IS_BETTER & set(score["base"])),
+        "samples": [{"id": id_, "caption": caption,
+                     "controlnet": {k: v[i] for k, v in score["controlnet"].items()},
+                     "base": {k: v[i] for k, v in score["base"].items()}}
+                    for i, (id_, caption) in enumerate(zip(ids, captions))],
+        "settings": {"seed": config.seed, "num_inference_steps": config.num_inference_steps,
+                     "resolution": config.resolution, "guidance_scale": config.guidance_scale,
+                     "scheduler": type(pipe.scheduler).__name__, "device": config.device, "dtype": "float32",
+                     "annotator_params": annotator_overrides},
+        "controlnet_path": config.controlnet,
+        "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+        "manifest": config.manifest,
+        "grid": grid_path.name,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        summary = check(config)
+        result = evaluate(config, summary)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in result["base"]) if result["base"] else 0
+    print(f"{result['num_samples']} samples, condition {config.condition}"
+          + (f", task {config.task}" if config.task else ""))
+    print(f"  {'metric':<{width}}  controlnet      base")
+    for name in result["base"]:
+        arrow = " (lower is better)" if name in metrics.LOWER_IS_BETTER else ""
+        print(f"  {name:<{width}}  {result['controlnet'][name]:10.4f}  {result['base'][name]:8.4f}{arrow}")
+    print(f"wrote {Path(config.output_dir) / 'metrics.json'} and {Path(config.output_dir) / result['grid']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
