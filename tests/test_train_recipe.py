@@ -316,3 +316,38 @@ def test_condition_encoder_follows_the_vae_down_sampling(demo_manifest, tmp_path
     with torch.no_grad():
         embedded = controlnet.controlnet_cond_embedding(torch.rand(1, 3, 32, 32))
     assert embedded.shape[-1] == 32 // factor
+
+
+def test_sdxl_sees_each_images_original_size_and_crop(demo_manifest, tmp_path, monkeypatch):
+    """SDXL was trained with (original size, crop top-left, target size) per image: pass the real ones."""
+    from diffusers import ControlNetModel
+
+    from tests.tiny_sd import write_tiny_sdxl
+    from train.data import load_rows
+    from train.train import main
+
+    seen = []
+    real = ControlNetModel.forward
+
+    def record(self, *args, added_cond_kwargs=None, **kwargs):
+        seen.append(added_cond_kwargs["time_ids"].detach().clone())
+        return real(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", record)
+    indices = []
+    from train import data
+
+    real_collate = data.collate
+    monkeypatch.setattr("train.loop.collate", lambda ex: (indices.append([e["index"] for e in ex]), real_collate(ex))[1])
+    sdxl = write_tiny_sdxl(tmp_path / "sdxl")
+    assert main(train_args(demo_manifest, sdxl, tmp_path / "run", "--max_train_steps", "3", "--center_crop",
+                           "--checkpointing_steps", "10")) == 0
+    rows, _ = load_rows(str(demo_manifest), ["canny"], 0)
+    for time_ids, batch in zip(seen, indices):
+        for ids, index in zip(time_ids.tolist(), batch):
+            row = rows[index]
+            width, height = data.decode_rgb(row["cond_canny"]).size
+            scale = 64 / min(width, height)
+            top, left = (round(height * scale) - 64) // 2, (round(width * scale) - 64) // 2
+            assert ids == [row["orig_height"], row["orig_width"], top, left, 64, 64]
+    assert len(seen) == 3 and any(ids[0] != ids[1] for t in seen for ids in t.tolist())  # not all square

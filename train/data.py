@@ -39,7 +39,7 @@ def load_rows(manifest: str, conditions: Sequence[str], holdout: int,
     The rows are views on a memory-mapped cache of those columns (train/row_cache.py, built on first
     use under ``cache_dir``): only their order is held in memory; a row's bytes are read when it is used.
     """
-    columns = ["id", "caption", "image", *[cond_column(c) for c in conditions]]
+    columns = ["id", "caption", "image", "orig_width", "orig_height", *[cond_column(c) for c in conditions]]
     rows = row_cache.sorted_rows(manifest, columns, cache_dir)
     holdout = min(holdout, len(rows) - 1)
     return rows[holdout:], rows[:holdout]
@@ -87,7 +87,13 @@ class ManifestDataset(torch.utils.data.Dataset):
             pixels = torch.zeros(0)
         cond = torch.cat([self._prepare(c, box, flip) for c in conds])  # [0, 1], channels stacked
         caption = "" if rng.random() < self.p_empty else (row["caption"] or "")
-        return {"pixel_values": pixels, "conditioning_pixel_values": cond, "caption": caption, "index": index}
+        left, top, w, _ = box
+        if flip:  # the crop's top-left as seen in the flipped image
+            left = w - left - self.resolution
+        width, height = conds[0].size
+        original = (row.get("orig_height") or height, row.get("orig_width") or width)  # the raw file's size
+        return {"pixel_values": pixels, "conditioning_pixel_values": cond, "caption": caption, "index": index,
+                "original_size": original, "crop_top_left": (top, left)}
 
     def image_tensor(self, index: int) -> torch.Tensor:
         """The target image of a row in [-1, 1] with the fixed crop (for ``--cache_latents``)."""
@@ -120,6 +126,9 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]),
         "captions": [e["caption"] for e in examples],
         "indices": [e["index"] for e in examples],
+        # SDXL's size conditioning: (height, width) of each raw image, (top, left) of each crop
+        "original_sizes": torch.tensor([e["original_size"] for e in examples]),
+        "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples]),
     }
 
 

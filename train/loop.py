@@ -291,14 +291,14 @@ def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) ->
         if run.cache is not None:
             latents = run.cache.latents(batch["indices"], generator).to(run.weight_dtype)
             hidden, added = run.cache.prompts_for(batch["captions"])
-            return latents, hidden, added
+            return latents, hidden, base.family.with_sizes(added, batch, device)
         pixels = batch["pixel_values"].to(device, base.vae.dtype)
         # a CPU generator on any device: diffusers draws on the CPU and moves the sample, so GPU
         # runs get the numbers a CPU or a cached run gets
         latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
         latents = (latents * base.vae.config.scaling_factor).to(run.weight_dtype)
         hidden, added = base.family.encode_prompts(base, batch["captions"], device)
-    return latents, hidden, added
+    return latents, hidden, base.family.with_sizes(added, batch, device)
 
 
 def after_step(run: Run, meter: Meter, step_finite: bool) -> None:

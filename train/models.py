@@ -45,6 +45,10 @@ class FamilyAdapter:
                         truncation=True, return_tensors="pt").input_ids.to(device)
         return encoder(ids)[0], {}
 
+    def with_sizes(self, added: dict, batch: dict, device: torch.device) -> dict:
+        """Added conditioning for a batch whose examples' sizes and crops are known (SDXL only)."""
+        return added
+
 
 class SDXLAdapter(FamilyAdapter):
     """SDXL: both text encoders' penultimate states concatenated, pooled text embeds, time ids."""
@@ -62,10 +66,20 @@ class SDXLAdapter(FamilyAdapter):
             out = encoder(ids, output_hidden_states=True)
             pooled = out[0]  # the last encoder (with projection) gives the pooled embedding
             states.append(out.hidden_states[-2])
-        # Original size, crop top-left and target size: training crops are square at resolution.
+        # Without per-example sizes: as if each image were a square of the resolution, uncropped.
         r = self.resolution
         time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=states[0].dtype).repeat(len(captions), 1)
         return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
+
+    def with_sizes(self, added: dict, batch: dict, device: torch.device) -> dict:
+        """SDXL's size conditioning as it was trained: each image's original (height, width), the
+        top-left of its crop (in the image scaled to the training resolution) and the target size."""
+        if "original_sizes" not in batch:
+            return added
+        r = self.resolution
+        target = torch.tensor([[r, r]]).repeat(len(batch["original_sizes"]), 1)
+        time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=1)
+        return {**added, "time_ids": time_ids.to(device, added["time_ids"].dtype)}
 
 
 def load_base(path: str, resolution: int) -> BaseModels:
