@@ -47,3 +47,4 @@ bench: $(STAMP)
 	$(PY) bench/annotate_throughput.py
 	$(PY) bench/annotator_speed.py
 	$(PY) bench/train_overhead.py
+	$(PY) bench/train_data_memory.py
