@@ -351,3 +351,22 @@ def test_sdxl_sees_each_images_original_size_and_crop(demo_manifest, tmp_path, m
             top, left = (round(height * scale) - 64) // 2, (round(width * scale) - 64) // 2
             assert ids == [row["orig_height"], row["orig_width"], top, left, 64, 64]
     assert len(seen) == 3 and any(ids[0] != ids[1] for t in seen for ids in t.tolist())  # not all square
+
+
+def test_validation_logs_controllability_metrics(demo_manifest, tiny_sd, tmp_path):
+    """Each validation scores its samples (Canny edge F1 against the condition) into metrics.jsonl
+    and TensorBoard, so convergence shows as a curve."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.train import main
+
+    out = tmp_path / "scored"
+    assert main(train_args(demo_manifest, tiny_sd, out, "--max_train_steps", "2", "--validation_steps", "1",
+                           "--checkpointing_steps", "10", "--num_validation_images", "1",
+                           "--report_to", "tensorboard")) == 0
+    lines = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, "final"]
+    assert all(0.0 <= line["edge_f1"] <= 1.0 for line in lines)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("validation/edge_f1")][:2] == [1, 2]

@@ -85,6 +85,8 @@ class TrainConfig:
     """Condition images to validate with, instead of held-out manifest rows."""
     num_validation_images: int = 2
     """Samples generated per validation condition."""
+    validation_task: str | None = None
+    """``circle``: also score validation samples by circle IoU and caption colour accuracy (the fill task)."""
     num_validation_rows: int = 4
     """Manifest rows held out of training to validate on; none are held out when ``validation_image``
     is given, validation is off, or validation cannot run (SDXL, stacked conditions)."""

@@ -57,6 +57,8 @@ class Run:
     """``EncodedCache`` with ``--cache_latents``, else None."""
     held_out: list[dict]
     """Manifest rows kept out of training, to validate on."""
+    scorer: Any
+    """Scores validation samples against their conditions (``ValidationScorer``), or None."""
     seed: int
     weight_dtype: torch.dtype
     """dtype of the locked base (the ControlNet trains in fp32)."""
@@ -146,8 +148,9 @@ def set_up(config: TrainConfig) -> Run:
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("controlnet", config={k: str(v) for k, v in config.to_dict().items()})
+    scorer = ValidationScorer(config) if config.validation_enabled and accelerator.is_main_process else None
     run = Run(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, dataset, sampler, loader, cache,
-              held_out, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
+              held_out, scorer, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
     if config.resume_from_checkpoint:
         resume(run)
     return run
@@ -328,7 +331,8 @@ def after_step(run: Run, meter: Meter, step_finite: bool) -> None:
         checkpoints.save(accelerator, config.output_dir, run.global_step, config.checkpoints_total_limit)
     if config.validation_enabled and run.global_step % config.validation_steps == 0 and accelerator.is_main_process:
         run_validation(config, run.base, accelerator.unwrap_model(run.controlnet), run.ema, run.held_out,
-                       f"{run.global_step:06d}", run.seed, run.weight_dtype, accelerator.trackers, run.global_step)
+                       f"{run.global_step:06d}", run.seed, run.weight_dtype, accelerator.trackers, run.global_step,
+                       run.scorer)
     meter.paused += time.perf_counter() - pause_start
 
 
@@ -346,7 +350,8 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
         if run.ema is not None:
             run.ema.copy_to(final.parameters())
         if config.validation_enabled:  # exactly the weights about to ship
-            run_validation(config, run.base, final, None, run.held_out, "final", run.seed, run.weight_dtype)
+            run_validation(config, run.base, final, None, run.held_out, "final", run.seed, run.weight_dtype,
+                           scorer=run.scorer)
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
@@ -402,9 +407,67 @@ def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch
     return clone.to(trained.device, dtype).eval()
 
 
+class ValidationScorer:
+    """Controllability of validation samples (train/metrics.py): each sample re-annotated with the
+    condition's own annotator and compared with its condition; logged per validation so the
+    ControlNet's "sudden convergence" shows as a curve (TensorBoard and validation/metrics.jsonl)."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.annotator = None
+        self.unavailable = len(config.condition) != 1
+
+    def __call__(self, inputs: list, samples: list, label: str, global_step: int | None, trackers=()) -> dict | None:
+        import numpy as np
+
+        from train import metrics
+
+        condition = self.config.condition[0]
+        if self.unavailable or not metrics.metric_names(condition, self.config.validation_task):
+            return None
+        if self.annotator is None:
+            try:
+                self.annotator = metrics.load_annotator(condition, self._params(condition))
+            except Exception as exc:  # e.g. no weights here: samples are still made, just not scored
+                log.warning("validation metrics off: cannot load the %s annotator (%s)", condition, exc)
+                self.unavailable = True
+                return None
+        images, maps, captions = [], [], []
+        for (cond, prompt), generated in zip(inputs, samples):
+            as_map = (cond[0, :3].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            for image in generated:
+                images.append(image.resize(as_map.shape[1::-1]))
+                # one-channel maps (edges, depth, masks) reach the ControlNet as three equal channels
+                grey = bool((as_map == as_map[:, :, :1]).all())
+                maps.append(as_map[:, :, 0] if grey else as_map)
+                captions.append(prompt)
+        scores = metrics.metrics_for(condition, images, maps, captions, task=self.config.validation_task,
+                                     annotator=self.annotator)
+        record = {"step": global_step if global_step is not None else label, **scores}
+        path = Path(self.config.output_dir) / "validation" / "metrics.jsonl"
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for tracker in trackers:
+            tracker.log({f"validation/{k}": v for k, v in scores.items()}, step=global_step)
+        log.info("validation %s: %s", label, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
+
+    def _params(self, condition: str) -> dict:
+        """The annotator's parameters recorded in the manifest, so samples are annotated as the data was."""
+        import manifests
+
+        for entry in manifests.read_manifest_json(self.config.manifest).get("annotators", []):
+            if entry.get("name") == condition:
+                params = dict(entry.get("params", {}))
+                params.pop("require_detection", None)  # a sample without a person scores zero, not a skip
+                return params
+        return {}
+
+
 def run_validation(config, base, controlnet, ema, held_out, label: str, seed: int, weight_dtype: torch.dtype,
-                   trackers=(), global_step: int | None = None) -> Path | None:
-    """Generate from held-out conditions (or the given images), write a PNG grid, send it to TensorBoard."""
+                   trackers=(), global_step: int | None = None, scorer: ValidationScorer | None = None) -> Path | None:
+    """Generate from held-out conditions (or the given images), write a PNG grid, send it to TensorBoard,
+    and score the samples' controllability."""
     from train.validation import generate, grid, validation_inputs
 
     if not can_validate(config, base):
@@ -417,6 +480,8 @@ def run_validation(config, base, controlnet, ema, held_out, label: str, seed: in
     samples = generate(base, validation_model(controlnet, ema, weight_dtype), inputs, config.num_validation_images,
                        seed)
     path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{label}.png")
+    if scorer is not None:
+        scorer(inputs, samples, label, global_step, trackers)
     for tracker in trackers:
         if tracker.name == "tensorboard":
             import numpy as np
