@@ -16,9 +16,9 @@ def test_report_tables_metrics_against_the_base_and_draws_the_curve(tmp_path):
     Image.new("RGB", (96, 32)).save(run / "eval" / "grid.png")
     (run / "eval" / "metrics.json").write_text(json.dumps({
         "controlnet": {"edge_f1": 0.7, "circle_iou": 0.81, "colour_accuracy": 0.9},
-        "base": {"edge_f1": 0.2, "circle_iou": 0.25, "colour_accuracy": 0.95},
+        "base": {"edge_f1": 0.7, "circle_iou": 0.25, "colour_accuracy": 0.95},
         "num_samples": 32, "condition": "canny", "task": "circle", "lower_is_better": [],
-        "grid": str(run / "eval" / "grid.png"),
+        "grid": "grid.png",
     }))
     curve = [{"step": s, "edge_f1": 0.1 * k, "circle_iou": 0.2 * k, "colour_accuracy": 0.9}
              for k, s in enumerate((200, 400, 600), start=1)] + [{"step": "final", "circle_iou": 0.8}]
@@ -28,6 +28,7 @@ def test_report_tables_metrics_against_the_base_and_draws_the_curve(tmp_path):
     report = (run / "report.md").read_text()
     assert "| circle_iou | 0.810 | 0.250 | ControlNet |" in report
     assert "| colour_accuracy | 0.900 | 0.950 | base |" in report
+    assert "| edge_f1 | 0.700 | 0.700 | - |" in report
     assert "(eval/grid.png)" in report and "(metrics_curve.png)" in report and "trained 600 steps" in report
     assert Image.open(run / "metrics_curve.png").size[0] > 300
 

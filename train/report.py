@@ -63,12 +63,16 @@ def write_report(run: Path, evaluation: Path) -> Path:
     rows = ["| metric | ControlNet | base alone | better |", "|---|---|---|---|"]
     for name, ours in metrics["controlnet"].items():
         theirs = metrics["base"].get(name)
-        wins = theirs is not None and (ours < theirs if name in lower else ours > theirs)
-        rows.append(f"| {name} | {ours:.3f} | {'-' if theirs is None else f'{theirs:.3f}'} | "
-                    f"{'ControlNet' if wins else 'base'} |")
+        if theirs is None or round(ours, 3) == round(theirs, 3):
+            better = "-"
+        else:
+            better = "ControlNet" if (ours < theirs if name in lower else ours > theirs) else "base"
+        rows.append(f"| {name} | {ours:.3f} | {'-' if theirs is None else f'{theirs:.3f}'} | {better} |")
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").is_file() else {}
     figures = summary.get("figures", {})
-    grid = Path(metrics.get("grid", evaluation / "grid.png"))
+    grid = Path(metrics.get("grid", "grid.png"))
+    if not grid.is_absolute() and not grid.exists():  # recorded relative to the evaluation folder
+        grid = evaluation / grid
     lines = [
         f"# ControlNet report: {run}",
         "",
