@@ -23,6 +23,7 @@ import datetime
 import itertools
 import logging
 import time
+import uuid
 from typing import Any, Callable, Sequence
 
 import pyarrow.fs as pafs
@@ -35,7 +36,7 @@ from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, cond_colum
 from pipeline import ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
 from pipeline.decode import PrepareSettings
-from pipeline.reader import InputListing, list_inputs
+from pipeline.reader import IMAGE_EXTENSIONS, InputListing, list_inputs
 from pipeline.shard import ShardAnnotator, ShardJob, annotate_shard, shard_spec
 
 log = logging.getLogger("annotate")
@@ -151,6 +152,23 @@ def make_job(config: AnnotateConfig) -> ShardJob:
         annotators=tuple((n, overrides[n]) for n in config.annotators),
         batch_size=config.batch_size, provenance=provenance, weights_dir=config.weights_dir,
     )
+
+
+def check_writable(output: str) -> None:
+    """Fail before any work (and before Ray) when the output cannot take a manifest."""
+    fs, base = resolve(output)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"--output {output} is a file; give a folder (new or holding a manifest)")
+    probe = f"{base}/.tmp-probe-{uuid.uuid4().hex}"
+    try:
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise ValueError(f"--output {output} is not writable ({type(exc).__name__}: {exc}); choose a folder "
+                         "you can write to") from exc
 
 
 def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) -> tuple[list[dict], list[int]]:
@@ -321,9 +339,13 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     """The whole job; returns the summary written to ``_manifest.json``."""
     started = time.perf_counter()
     listing = list_inputs(config.input)
+    if not listing.items:
+        raise FileNotFoundError(f"no images found under {config.input} ({listing.ignored} other files); images are "
+                                f"files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}")
     if config.limit is not None:
         listing.items = listing.items[: config.limit]
     job = make_job(config)
+    check_writable(config.output)
     todo, done = plan_shards(config, listing, job)
     ray_info = ray_runtime.connect(config.address, config.num_cpus)
     log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))

@@ -87,3 +87,21 @@ def test_an_image_that_cannot_be_encoded_fails_its_row_not_its_shard(tmp_path, l
     assert (ok["status"] == "ok").all() and ok["cond_canny"].notna().all()
     image = np.asarray(Image.open(__import__("io").BytesIO(ok.iloc[0]["image"]["bytes"])))
     assert image.shape == (64, 80, 3)
+
+
+def test_an_output_that_is_a_file_or_unwritable_fails_before_any_work(tmp_path, demo_collection, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main(args(demo_collection / "scenes", taken)) == 2
+    assert f"--output {taken} is a file" in capsys.readouterr().err
+    assert main(args(demo_collection / "scenes", "/proc/controlforge-manifest")) == 2
+    assert "--output /proc/controlforge-manifest is not writable" in capsys.readouterr().err
+
+
+def test_an_input_without_images_says_so_before_ray(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "notes.md").write_text("no pictures here")
+    assert main(args(folder, tmp_path / "out")) == 2
+    assert f"no images found under {folder} (1 other files)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
