@@ -19,6 +19,8 @@ from pipeline.samples import write_circles
 from tests.conftest import ROOT
 from train import evaluate
 
+pytestmark = pytest.mark.slow  # generates with a ControlNet and the base alone
+
 SCRIPT = str(ROOT / "train" / "evaluate.py")
 TILE = 128  # 64 px samples are scaled up to this in the grid
 

@@ -44,6 +44,7 @@ def recorded_validations(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_bf16_run_validates_in_the_weight_dtype_and_exports(demo_manifest, tiny_sd, tmp_path):
     """bf16 with validation at every step: used to die at the first validation (mixed dtypes)."""
     from train.train import main
@@ -59,6 +60,7 @@ def test_bf16_run_validates_in_the_weight_dtype_and_exports(demo_manifest, tiny_
     assert load_controlnet(out / "controlnet").dtype == torch.float32  # the trained weights stay fp32
 
 
+@pytest.mark.slow
 def test_accelerate_settings_choose_the_precision(demo_manifest, tiny_sd, tmp_path, monkeypatch, captured_base):
     """No --mixed_precision: accelerate's (here its environment variable) decides; the VAE, whose config
     says force_upcast, stays fp32."""
@@ -84,6 +86,7 @@ def test_vae_without_force_upcast_runs_in_the_weight_dtype(tiny_sd):
     assert base.vae.dtype == torch.bfloat16 and base.unet.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_cached_latents_under_bf16_encode_with_the_fp32_vae(demo_manifest, tiny_sd, tmp_path):
     from train.train import main
 
@@ -91,6 +94,7 @@ def test_cached_latents_under_bf16_encode_with_the_fp32_vae(demo_manifest, tiny_
                            "--center_crop", "--max_train_steps", "2", "--checkpointing_steps", "10")) == 0
 
 
+@pytest.mark.slow
 def test_ema_weights_are_what_is_validated_and_what_ships(demo_manifest, tiny_sd, tmp_path, recorded_validations):
     from train.train import main
 
@@ -111,6 +115,7 @@ def test_ema_weights_are_what_is_validated_and_what_ships(demo_manifest, tiny_sd
     assert any(not torch.equal(raw[k], shipped[k]) for k in shipped)  # EMA differs from the raw weights
 
 
+@pytest.mark.slow
 def test_resume_moves_the_ema_weights_to_the_training_device(demo_manifest, tiny_sd, tmp_path, monkeypatch):
     """Shadow weights load on the CPU; a GPU run must move them before its first step."""
     from diffusers.training_utils import EMAModel
@@ -130,6 +135,7 @@ def test_resume_moves_the_ema_weights_to_the_training_device(demo_manifest, tiny
     assert "load" in events and "to" in events[events.index("load"):]
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_changes_nothing(demo_manifest, tiny_sd, tmp_path, caplog):
     from train.train import main
 
@@ -166,6 +172,7 @@ def test_rows_are_held_out_only_for_validation_that_uses_them(demo_manifest, tin
     assert holdout_count(config, Base()) == 0
 
 
+@pytest.mark.slow
 def test_validation_images_leave_every_row_to_training(demo_manifest, tiny_sd, tmp_path, monkeypatch,
                                                        recorded_validations):
     from PIL import Image
@@ -318,6 +325,7 @@ def test_condition_encoder_follows_the_vae_down_sampling(demo_manifest, tmp_path
     assert embedded.shape[-1] == 32 // factor
 
 
+@pytest.mark.slow
 def test_sdxl_sees_each_images_original_size_and_crop(demo_manifest, tmp_path, monkeypatch):
     """SDXL was trained with (original size, crop top-left, target size) per image: pass the real ones."""
     from diffusers import ControlNetModel
@@ -353,6 +361,7 @@ def test_sdxl_sees_each_images_original_size_and_crop(demo_manifest, tmp_path, m
     assert len(seen) == 3 and any(ids[0] != ids[1] for t in seen for ids in t.tolist())  # not all square
 
 
+@pytest.mark.slow
 def test_validation_logs_controllability_metrics(demo_manifest, tiny_sd, tmp_path):
     """Each validation scores its samples (Canny edge F1 against the condition) into metrics.jsonl
     and TensorBoard, so convergence shows as a curve."""
