@@ -75,8 +75,13 @@ def one_kind(kind: str, sd: str, steps: int, batch: int, resolution: int) -> dic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return measure(step, steps, params)
+
+
+def measure(step, steps: int, params: list) -> dict:
+    """Seconds per step after a warm-up step (which allocates optimizer state), and peak RSS growth."""
     before = rss_mb()
-    step()  # warm-up (allocates optimizer state)
+    step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -118,14 +123,7 @@ def sd15_kind(kind: str, steps: int, resolution: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    before = rss_mb()
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - start) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": seconds, "memory_mb": peak - before, "params": sum(p.numel() for p in params)}
+    return measure(step, steps, params)
 
 
 def print_comparison(title: str, b: dict, c: dict) -> None:

@@ -186,8 +186,9 @@ def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) ->
     specs = [shard_spec(i, items[s:s + size], settings_fp) for i, s in enumerate(range(0, len(items), size))]
     fs, base = resolve(config.output)
     existing = {Path(p).name: p for p in list_shards(config.output)}
-    refuse_foreign_files(config.output, existing)
-    stored = {name: (shard_provenance(path) or {}) for name, path in existing.items()}
+    provenance = {name: shard_provenance(path) for name, path in existing.items()}  # one footer read each
+    refuse_foreign_files(config.output, provenance)
+    stored = {name: p or {} for name, p in provenance.items()}
     if not config.overwrite:
         check_resumable(config, specs, stored, existing, settings_fp)
     # Every check passed: from here on the output changes.
@@ -203,8 +204,9 @@ def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) ->
     return todo, [s["shard"] for s in done]
 
 
-def refuse_foreign_files(output: str, shards: dict[str, str]) -> None:
-    """Stop when the output holds files this project did not write (it never deletes those)."""
+def refuse_foreign_files(output: str, shards: dict[str, dict | None]) -> None:
+    """Stop when the output holds files this project did not write (it never deletes those);
+    ``shards`` maps each shard's name to its provenance (None: not written by this project)."""
     fs, base = resolve(output)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
@@ -213,7 +215,7 @@ def refuse_foreign_files(output: str, shards: dict[str, str]) -> None:
     ours = {MANIFEST_JSON, *shards}
     foreign = sorted(i.base_name for i in infos
                      if i.base_name not in ours and not i.base_name.startswith(".tmp-"))
-    foreign += sorted(name for name, path in shards.items() if shard_provenance(path) is None)
+    foreign += sorted(name for name, provenance in shards.items() if provenance is None)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ResumeConflict(f"{output} holds files this project did not write ({shown}); nothing was changed: "

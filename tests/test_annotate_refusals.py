@@ -56,12 +56,18 @@ def test_files_of_others_in_the_output_are_refused_untouched(tmp_path, demo_coll
     assert snapshot(out) == before
 
 
-def test_a_banner_is_filtered_by_aspect_and_its_shard_keeps_every_other_row(tmp_path, local_ray):
+def banner_collection(tmp_path):
+    """Three ordinary images and a 20000x16 banner."""
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (80, 64), (40 * i, 100, 200)).save(folder / f"ok{i}.png")
     Image.new("RGB", (20000, 16), (250, 20, 20)).save(folder / "banner.png")
+    return folder
+
+
+def test_a_banner_is_filtered_by_aspect_and_its_shard_keeps_every_other_row(tmp_path, local_ray):
+    folder = banner_collection(tmp_path)
     out = tmp_path / "m"
     assert main(["--input", str(folder), "--output", str(out), "--resolution", "64"]) == 0
     frame = manifests.read(str(out), status=None).set_index("source")
@@ -72,11 +78,7 @@ def test_a_banner_is_filtered_by_aspect_and_its_shard_keeps_every_other_row(tmp_
 
 def test_an_image_that_cannot_be_encoded_fails_its_row_not_its_shard(tmp_path, local_ray):
     """Allowed by --max-aspect, a banner prepared at 80000x64 px is past JPEG's limit: its row says so."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        Image.new("RGB", (80, 64), (40 * i, 100, 200)).save(folder / f"ok{i}.png")
-    Image.new("RGB", (20000, 16), (250, 20, 20)).save(folder / "banner.png")
+    folder = banner_collection(tmp_path)
     out = tmp_path / "m"
     assert main(["--input", str(folder), "--output", str(out), "--resolution", "64", "--max-aspect", "5000"]) == 0
     frame = manifests.read(str(out), status=None).set_index("source")
