@@ -34,6 +34,7 @@ from annotators import registry
 from manifests.io import list_shards, resolve, shard_provenance, shard_row_count, write_manifest_json
 from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, cond_column, shard_name
 from pipeline import ray_runtime
+from pipeline import output_lock
 from pipeline.config import AnnotateConfig, fingerprint
 from pipeline.decode import PrepareSettings
 from pipeline.reader import IMAGE_EXTENSIONS, InputListing, list_inputs
@@ -193,6 +194,7 @@ def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) ->
         check_resumable(config, specs, stored, existing, settings_fp)
     # Every check passed: from here on the output changes.
     _delete(fs, base, MANIFEST_JSON)  # present only while the manifest is complete
+    remove_stale_temp_files(config.output)
     if config.overwrite:
         for path in existing.values():
             fs.delete_file(path)
@@ -212,7 +214,7 @@ def refuse_foreign_files(output: str, shards: dict[str, dict | None]) -> None:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
     except FileNotFoundError:
         return
-    ours = {MANIFEST_JSON, *shards}
+    ours = {MANIFEST_JSON, output_lock.LOCK_NAME, *shards}
     foreign = sorted(i.base_name for i in infos
                      if i.base_name not in ours and not i.base_name.startswith(".tmp-"))
     foreign += sorted(name for name, provenance in shards.items() if provenance is None)
@@ -242,6 +244,18 @@ def check_resumable(config: AnnotateConfig, specs: list[dict], stored: dict[str,
         )
 
 
+def remove_stale_temp_files(output: str) -> None:
+    """Delete the temp files of writes that were killed mid-way (safe: this run holds the lock)."""
+    fs, base = resolve(output)
+    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+             if i.base_name.startswith(".tmp-") and not i.base_name.endswith("-lock")
+             and i.type == pafs.FileType.File]
+    for path in stale:
+        fs.delete_file(path)
+    if stale:
+        log.info("removed %d temp files left by an interrupted run", len(stale))
+
+
 def _delete(fs: Any, base: str, name: str) -> None:
     try:
         fs.delete_file(f"{base}/{name}")
@@ -249,8 +263,11 @@ def _delete(fs: Any, base: str, name: str) -> None:
         pass
 
 
-def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int, config: AnnotateConfig) -> tuple[float, list[str]]:
-    """Annotate the shards on Ray with a progress bar; returns (seconds, failed-shard messages).
+def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int,
+                    config: AnnotateConfig) -> tuple[float, list[str], list[str]]:
+    """Annotate the shards on Ray with a progress bar.
+
+    Returns (seconds, failed-shard messages, sidecars that were not UTF-8).
 
     CPU-only annotators run as one task per shard; model annotators run in a pool of actors
     that load their weights once (on a GPU each when there are GPUs). A shard whose task fails
@@ -262,6 +279,7 @@ def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int, config: An
     submit = _actor_pool(job, config) if uses_model else _task_submitter(job)
     pending = {submit(spec): spec["shard"] for spec in todo}
     failures: list[str] = []
+    not_utf8: list[str] = []
     start = time.perf_counter()
     with tqdm(total=total_rows, unit="img", desc="annotate", file=sys.stderr) as bar:
         while pending:
@@ -272,9 +290,10 @@ def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int, config: An
             except Exception as exc:  # the task or actor died: record it and keep going
                 failures.append(f"{shard_name(shard)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                 continue
+            not_utf8.extend(stat.get("captions_not_utf8", []))
             bar.update(stat["rows"])
             bar.set_postfix(error=stat["error"], filtered=stat["filtered"], refresh=False)
-    return time.perf_counter() - start, failures
+    return time.perf_counter() - start, failures, sorted(not_utf8)
 
 
 def _task_submitter(job: ShardJob) -> Callable[[dict], Any]:
@@ -325,7 +344,8 @@ def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run:
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "input": {"uri": config.input, "images": len(listing.items), "ignored_files": listing.ignored},
+        "input": {"uri": config.input, "images": len(listing.items), "ignored_files": listing.ignored,
+                  "skipped_links": listing.skipped_links},
         "settings": job.provenance["settings"],
         "settings_fingerprint": job.provenance["settings_fingerprint"],
         "annotators": job.provenance["annotators"],
@@ -341,6 +361,9 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     """The whole job; returns the summary written to ``_manifest.json``."""
     started = time.perf_counter()
     listing = list_inputs(config.input)
+    if listing.skipped_links:
+        log.warning("skipped %d symlinked folders already listed through another path (loops or repeats): %s",
+                    len(listing.skipped_links), ", ".join(listing.skipped_links[:5]))
     if not listing.items:
         raise FileNotFoundError(f"no images found under {config.input} ({listing.ignored} other files); images are "
                                 f"files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}")
@@ -348,25 +371,27 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
         listing.items = listing.items[: config.limit]
     job = make_job(config)
     check_writable(config.output)
-    todo, done = plan_shards(config, listing, job)
-    ray_info = ray_runtime.connect(config.address, config.num_cpus)
-    log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
-    work_s = 0.0
-    if todo:
-        work_s, failures = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo), config)
-        if failures:
-            raise ShardFailures(
-                f"{len(failures)} of {len(todo)} shards failed (the others are written; run the "
-                "same command again to redo only these):\n  " + "\n  ".join(failures)
-            )
-    done_rows = sum(len(s["ids"]) for s in todo)
-    run_info = {
-        "ray": ray_info, "shards_written": len(todo), "shards_kept": len(done),
-        "wall_s": round(time.perf_counter() - started, 3), "annotate_s": round(work_s, 3),
-        "images_per_s": round(done_rows / work_s, 2) if work_s else None,
-    }
-    summary = summarize(config, listing, job, run_info)
-    write_manifest_json(config.output, summary)
+    with output_lock.acquire(config.output):  # one run per output, before any change
+        todo, done = plan_shards(config, listing, job)
+        ray_info = ray_runtime.connect(config.address, config.num_cpus)
+        log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
+        work_s, not_utf8 = 0.0, []
+        if todo:
+            work_s, failures, not_utf8 = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo), config)
+            if failures:
+                raise ShardFailures(
+                    f"{len(failures)} of {len(todo)} shards failed (the others are written; run the "
+                    "same command again to redo only these):\n  " + "\n  ".join(failures)
+                )
+        done_rows = sum(len(s["ids"]) for s in todo)
+        run_info = {
+            "ray": ray_info, "shards_written": len(todo), "shards_kept": len(done),
+            "wall_s": round(time.perf_counter() - started, 3), "annotate_s": round(work_s, 3),
+            "images_per_s": round(done_rows / work_s, 2) if work_s else None,
+            "captions_not_utf8": not_utf8,
+        }
+        summary = summarize(config, listing, job, run_info)
+        write_manifest_json(config.output, summary)
     return summary
 
 
@@ -377,6 +402,13 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
           f"{counts['error']} error, {counts['filtered']} filtered)")
     if summary["error_reasons"]:
         print("  not ok by reason: " + ", ".join(f"{k}={v}" for k, v in summary["error_reasons"].items()))
+    if run_info.get("captions_not_utf8"):
+        shown = run_info["captions_not_utf8"]
+        print(f"  {len(shown)} caption files were not UTF-8 and were decoded as a legacy encoding: "
+              + ", ".join(shown[:5]) + (" ..." if len(shown) > 5 else ""))
+    if summary["input"].get("skipped_links"):
+        print(f"  {len(summary['input']['skipped_links'])} symlinked folders skipped (already listed through "
+              "another path)")
     speed = run_info["images_per_s"]
     print(f"  shards: {run_info['shards_written']} written, {run_info['shards_kept']} kept from an earlier run; "
           f"{speed if speed is not None else '-'} images/s; wall {run_info['wall_s']} s")
@@ -388,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray_was_running = ray_runtime.is_running()
     try:
         summary = run(config)
-    except (FileNotFoundError, ResumeConflict, ShardFailures, ValueError) as exc:
+    except (FileNotFoundError, ResumeConflict, ShardFailures, output_lock.OutputLocked, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -31,7 +32,7 @@ from manifests.schema import (
 from pipeline.config import fingerprint
 from pipeline.decode import Filtered, PrepareSettings, prepare
 from pipeline.encode import encode_image, encode_map
-from pipeline.reader import read_sidecar_caption
+from pipeline.reader import read_sidecar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +61,12 @@ def shard_spec(index: int, items: Sequence[Any], settings_fingerprint: str) -> d
         "sources": [i.source for i in items],
         "sidecars": [i.sidecar for i in items],
         "captions": [i.caption for i in items],
+        "problems": [i.problem for i in items],
     }
-    slice_key = hashlib.sha256("\n".join(spec["sources"]).encode()).hexdigest()[:16]
+    # Names and stamps (size, mtime of the file and its sidecar): an overwritten image or an
+    # edited caption changes its slice's fingerprint, so resume redoes that shard.
+    listed = "\n".join(f"{i.source}\t{i.stamp}" for i in items)
+    slice_key = hashlib.sha256(listed.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     spec["fingerprint"] = f"{settings_fingerprint}-{slice_key}"
     return spec
 
@@ -92,10 +97,11 @@ class ShardAnnotator:
         write_shard(rows, schema, self.job.output, shard_name(spec["shard"]))
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         return {"shard": spec["shard"], "rows": len(rows), **counts,
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "captions_not_utf8": self.captions_not_utf8}
 
     def annotate_rows(self, spec: dict[str, Any]) -> list[dict[str, Any]]:
         """The shard's rows, in input order, one per file."""
+        self.captions_not_utf8: list[str] = []
         rows: list[dict[str, Any]] = []
         pending: list[tuple[dict[str, Any], np.ndarray]] = []
         for index in range(len(spec["ids"])):
@@ -114,6 +120,10 @@ class ShardAnnotator:
         """Read, caption and decode one file; a failure is recorded in the row."""
         row = empty_row(spec["ids"][index], spec["sources"][index], [a.name for a in self.annotators])
         stage = "read"
+        problems = spec.get("problems") or [None] * len(spec["ids"])
+        if problems[index]:
+            mark(row, STATUS_ERROR, f"{stage}: {problems[index]}")
+            return row, None
         try:
             with self.fs.open_input_file(join(self.base, row["source"])) as f:
                 data = f.read()
@@ -122,7 +132,9 @@ class ShardAnnotator:
             sidecar = spec["sidecars"][index]
             caption = spec["captions"][index]
             if sidecar is not None:
-                caption = read_sidecar_caption(self.fs, self.base, sidecar)
+                caption, encoding = read_sidecar(self.fs, self.base, sidecar)
+                if encoding:
+                    self.captions_not_utf8.append(f"{sidecar} ({encoding})")
             row["caption"] = caption or ""
             stage = "decode"
             prepared = prepare(data, self.job.prepare)
@@ -231,4 +243,10 @@ def mark(row: dict[str, Any], status: str, reason: str) -> None:
 def describe(exc: BaseException) -> str:
     """A one-line reason: the message, or the exception type when it has none."""
     text = " ".join(str(exc).split())
+    # Object reprs carry memory addresses ("<_io.BytesIO object at 0x7f...>"): drop them so the
+    # same input gives the same reason on every run.
+    text = _ADDRESS.sub("", text)
     return text or type(exc).__name__
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

@@ -1,0 +1,164 @@
+"""One run per output: a lock file naming its owner (host, pid, start), taken before any change.
+
+Two runs writing one manifest would both report success while the last writer wins. The lock
+is a small JSON file in the output folder, created exclusively where the filesystem can (local
+disks; object stores get a write-then-read-back check). A lock whose owner is gone is taken over
+with a message: on the same host when its process no longer exists, elsewhere when its heartbeat
+(rewritten every ``HEARTBEAT_S`` by a background thread) is older than ``STALE_S``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from manifests.io import join, resolve
+
+LOCK_NAME = ".controlforge-lock.json"
+HEARTBEAT_S = 60.0
+STALE_S = 600.0
+"""A lock from another host with no heartbeat for this long belongs to a dead run."""
+
+log = logging.getLogger("annotate")
+
+
+class OutputLocked(RuntimeError):
+    """Another live run holds the output."""
+
+
+@dataclasses.dataclass
+class OutputLock:
+    """A held lock; ``release`` (or the context manager's exit) removes it."""
+
+    output: str
+    owner: dict[str, Any]
+    _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock, if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        fs, base = resolve(self.output)
+        if (read_lock(self.output) or {}).get("token") == self.owner["token"]:
+            try:
+                fs.delete_file(join(base, LOCK_NAME))
+            except OSError:
+                pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if (read_lock(self.output) or {}).get("token") != self.owner["token"]:
+                log.warning("the lock on %s was taken by another run", self.output)
+                return
+            self.owner["heartbeat"] = time.time()
+            _write(self.output, self.owner)
+
+
+def acquire(output: str) -> OutputLock:
+    """Take the output's lock, or raise ``OutputLocked`` naming the run that holds it."""
+    owner = {
+        "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "started_unix": time.time(), "heartbeat": time.time(),
+    }
+    for _ in range(2):  # the second try follows the takeover of a stale lock
+        if _create(output, owner):
+            lock = OutputLock(output, owner)
+            lock._thread = threading.Thread(target=lock._beat, name="output-lock", daemon=True)
+            lock._thread.start()
+            return lock
+        held = read_lock(output)
+        if held is None:  # released between our try and the read
+            continue
+        why = stale_reason(held)
+        if why is None:
+            raise OutputLocked(
+                f"{output} is being written by another run (host {held.get('host')}, pid {held.get('pid')}, "
+                f"started {held.get('started')}); nothing was changed: wait for it to finish or choose another "
+                f"--output (if that run is dead, delete {join(resolve(output)[1], LOCK_NAME)})"
+            )
+        log.warning("taking over the lock on %s from a run that is gone (host %s, pid %s, started %s: %s)",
+                    output, held.get("host"), held.get("pid"), held.get("started"), why)
+        fs, base = resolve(output)
+        fs.delete_file(join(base, LOCK_NAME))
+    raise OutputLocked(f"{output}: could not take the lock; another run keeps taking it")
+
+
+def stale_reason(held: dict[str, Any]) -> str | None:
+    """Why a lock's owner is gone, or None while it may still be running."""
+    if held.get("host") == socket.gethostname():
+        pid = held.get("pid")
+        if not isinstance(pid, int) or not _alive(pid, held.get("started_unix")):
+            return f"process {pid} no longer runs"
+        return None
+    age = time.time() - float(held.get("heartbeat") or 0)
+    return f"no heartbeat for {age:.0f} s" if age > STALE_S else None
+
+
+def _alive(pid: int, started_unix: float | None) -> bool:
+    """Whether ``pid`` runs and is the process that took the lock (not a reuse of its number)."""
+    import psutil
+
+    try:
+        created = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return psutil.pid_exists(pid)
+    return started_unix is None or created <= float(started_unix) + 1.0
+
+
+def read_lock(output: str) -> dict[str, Any] | None:
+    """The lock's content, or None when there is none (an unreadable lock reads as stale)."""
+    fs, base = resolve(output)
+    try:
+        with fs.open_input_stream(join(base, LOCK_NAME)) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"host": None, "pid": None, "heartbeat": 0}
+
+
+def _create(output: str, owner: dict[str, Any]) -> bool:
+    """Create the lock exclusively; False when one exists."""
+    fs, base = resolve(output)
+    path = join(base, LOCK_NAME)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        return True
+    # Object stores have no exclusive create: write, then read back to see who won a race.
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    _write(output, owner)
+    return (read_lock(output) or {}).get("token") == owner["token"]
+
+
+def _write(output: str, owner: dict[str, Any]) -> None:
+    """Replace the lock's content atomically (a reader never sees a half-written lock)."""
+    fs, base = resolve(output)
+    tmp = join(base, f".tmp-{uuid.uuid4().hex}-lock")
+    with fs.open_output_stream(tmp) as stream:
+        stream.write(json.dumps(owner).encode())
+    fs.move(tmp, join(base, LOCK_NAME))

@@ -1,0 +1,242 @@
+"""Messy collections: links, odd names, broken metadata, edits between runs, two runs at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import manifests
+from manifests.validate import validate
+from pipeline import output_lock
+from pipeline.annotate import main
+from pipeline.reader import list_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, value: int = 128, size: int = 64) -> Path:
+    """A small RGB image with a square in it (so Canny finds edges)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size, size, 3), value, np.uint8)
+    pixels[16:48, 16:48] = 255 - value
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def args(collection: Path, out: Path, *extra: str) -> list[str]:
+    return ["--input", str(collection), "--output", str(out), "--shard-size", "2", "--resolution", "64", *extra]
+
+
+def rows_by_source(out: Path):
+    frame = manifests.read(str(out), status=None)
+    return {row["source"]: row for _, row in frame.iterrows()}
+
+
+# --- listing -------------------------------------------------------------------------------------
+
+def test_a_symlink_loop_lists_each_real_folder_once_and_counts_the_skips(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("a.png", "b.png", "sub/c.png", "sub/d.png"):
+        write_image(root / name)
+    (root / "sub" / "up").symlink_to("..")           # a loop: sub/up/sub/up/...
+    (root / "again").symlink_to("sub")               # a second path to one folder
+    (root / "self").symlink_to(".")
+    listing = list_inputs(str(root))
+    assert [i.source for i in listing.items] == ["a.png", "b.png", "sub/c.png", "sub/d.png"]
+    assert sorted(listing.skipped_links) == ["again", "self", "sub/up"]
+
+
+def test_links_to_files_are_followed_and_a_broken_link_becomes_an_error_row(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    target = write_image(tmp_path / "elsewhere" / "real.png")
+    write_image(root / "a.png")
+    (root / "linked.png").symlink_to(target)
+    (root / "broken.png").symlink_to(tmp_path / "gone.png")
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    rows = rows_by_source(out)
+    assert rows["linked.png"]["status"] == "ok" and rows["a.png"]["status"] == "ok"
+    assert rows["broken.png"]["status"] == "error" and rows["broken.png"]["error"].startswith("read:")
+
+
+def test_a_symlink_loop_does_not_multiply_rows_in_the_manifest(tmp_path, local_ray, capsys):
+    root = tmp_path / "photos"
+    for name in ("a.png", "b.png", "sub/c.png", "sub/d.png"):
+        write_image(root / name)
+    (root / "sub" / "up").symlink_to("..")
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    summary = manifests.read_manifest_json(str(out))
+    assert summary["counts"]["rows"] == 4
+    assert summary["input"]["skipped_links"] == ["sub/up"]
+    assert "1 symlinked folders skipped" in capsys.readouterr().out
+
+
+def non_utf8_name(folder: Path) -> Path:
+    """An image whose file name is Latin-1 bytes (not valid UTF-8)."""
+    raw = os.fsencode(str(folder)) + b"/caf\xe9.png"
+    return write_image(Path(os.fsdecode(raw)))
+
+
+def test_a_file_name_that_is_not_utf8_becomes_an_error_row_naming_it(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    non_utf8_name(root)
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    rows = rows_by_source(out)
+    assert set(rows) == {"a.png", "caf\\xe9.png"}
+    bad = rows["caf\\xe9.png"]
+    assert bad["status"] == "error" and "not valid UTF-8" in bad["error"] and "rename" in bad["error"]
+    assert rows["a.png"]["status"] == "ok"
+    assert validate(str(out), progress=False) == []
+
+
+def test_a_truncated_metadata_jsonl_stops_before_any_work_naming_file_and_line(tmp_path, capsys):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    write_image(root / "b.png")
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a cat"}\n{"file_name": "b.png", "te')
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 2
+    err = capsys.readouterr().err
+    assert "metadata.jsonl line 2" in err and "truncated" in err
+    assert not out.exists()
+
+
+def test_a_csv_metadata_that_does_not_parse_is_named(tmp_path, capsys):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    (root / "metadata.csv").write_bytes(b"file_name,text\na.png,\"unclosed\n")
+    assert main(args(root, tmp_path / "out")) == 2
+    assert "metadata.csv: cannot read this metadata file" in capsys.readouterr().err
+
+
+def test_a_legacy_encoded_sidecar_keeps_its_image_and_is_reported(tmp_path, local_ray, capsys):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    (root / "a.txt").write_bytes("un caf\xe9 cr\xe8me".encode("cp1252"))
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    row = rows_by_source(out)["a.png"]
+    assert row["status"] == "ok" and row["caption"] == "un café crème"
+    summary = manifests.read_manifest_json(str(out))
+    assert summary["run"]["captions_not_utf8"] == ["a.txt (cp1252)"]
+    assert "1 caption files were not UTF-8" in capsys.readouterr().out
+
+
+def test_a_sidecar_matches_its_image_whatever_the_case_of_its_extension(tmp_path):
+    root = tmp_path / "photos"
+    write_image(root / "IMG_0001.PNG")
+    (root / "IMG_0001.TXT").write_text("upper case")
+    write_image(root / "img_0002.png")
+    (root / "img_0002.Caption").write_text("mixed case")
+    items = {i.source: i.sidecar for i in list_inputs(str(root)).items}
+    assert items == {"IMG_0001.PNG": "IMG_0001.TXT", "img_0002.png": "img_0002.Caption"}
+
+
+def test_error_reasons_carry_no_memory_addresses(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    (root / "b.png").write_bytes(b"not an image at all")
+    reasons = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        assert main(args(root, out)) == 0
+        reasons.append(rows_by_source(out)["b.png"]["error"])
+    assert reasons[0] == reasons[1] and "0x" not in reasons[0], reasons
+
+
+# --- resume notices changes ----------------------------------------------------------------------
+
+def test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    for i in range(6):
+        write_image(root / f"{i}.png", value=40 * i)
+    (root / "4.txt").write_text("old caption")
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    before = rows_by_source(out)
+    shards_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    write_image(root / "0.png", value=250)
+    (root / "4.txt").write_text("new caption")
+    assert main(args(root, out)) == 0
+    after = rows_by_source(out)
+    assert after["0.png"]["source_sha256"] != before["0.png"]["source_sha256"]
+    assert after["4.png"]["caption"] == "new caption"
+    summary = manifests.read_manifest_json(str(out))
+    assert summary["run"]["shards_written"] == 2 and summary["run"]["shards_kept"] == 1
+    shards_after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert shards_after["part-00001.parquet"] == shards_before["part-00001.parquet"]  # untouched
+
+
+# --- one run per output --------------------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_output_is_refused_naming_the_first(tmp_path, local_ray, capsys):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = output_lock.acquire(str(out))  # a live run: this very process
+    try:
+        assert main(args(root, out)) == 2
+        err = capsys.readouterr().err
+        assert f"host {socket.gethostname()}, pid {os.getpid()}" in err and "nothing was changed" in err
+        assert not list(out.glob("part-*"))
+    finally:
+        holder.release()
+    assert main(args(root, out)) == 0
+    assert not (out / output_lock.LOCK_NAME).exists()  # released at the end
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, local_ray, caplog):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / output_lock.LOCK_NAME).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": dead.pid, "started": "earlier", "started_unix": time.time() - 60,
+         "heartbeat": time.time(), "token": "dead"}))
+    (out / ".tmp-0123-part-00000.parquet").write_bytes(b"half a shard")  # left by the killed write
+    with caplog.at_level("WARNING", logger="annotate"):
+        assert main(args(root, out)) == 0
+    assert "taking over the lock" in caplog.text and f"pid {dead.pid}" in caplog.text
+    assert not list(out.glob(".tmp-*"))  # its temp files are cleaned up
+    assert manifests.read_manifest_json(str(out))["counts"]["ok"] == 1
+
+
+def test_a_lock_from_another_host_is_stale_only_without_a_recent_heartbeat():
+    other = {"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 30}
+    assert output_lock.stale_reason(other) is None
+    other["heartbeat"] = time.time() - output_lock.STALE_S - 5
+    assert "no heartbeat" in output_lock.stale_reason(other)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_on_one_output_do_not_both_succeed(tmp_path, demo_collection):
+    """Two processes started together: exactly one writes the manifest, the other is refused."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "pipeline" / "annotate.py"), "--input", str(demo_collection / "scenes"),
+           "--output", str(out), "--shard-size", "2", "--num-cpus", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    assert "is being written by another run" in refused
+    assert validate(str(out), progress=False) == []
