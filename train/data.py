@@ -18,8 +18,9 @@ from manifests.schema import cond_column
 from train import row_cache
 
 
-def check_conditions(manifest: str, conditions: Sequence[str]) -> dict[str, Any]:
-    """The manifest's summary, after checking it has every requested condition column."""
+def check_conditions(manifest: str, conditions: Sequence[str], cache_dir: str | None = None) -> dict[str, Any]:
+    """The manifest's summary, after checking it has every requested condition column and that its
+    shards are all there and readable (FileNotFoundError / ValueError naming the shard otherwise)."""
     summary = manifests.read_manifest_json(manifest)
     available = [c for c in summary.get("columns", []) if c.startswith("cond_")]
     missing = [c for c in conditions if cond_column(c) not in available]
@@ -29,7 +30,13 @@ def check_conditions(manifest: str, conditions: Sequence[str]) -> dict[str, Any]
                          f"(annotate with --annotators {','.join(missing)} to add it)")
     if summary["counts"].get("ok", 0) < 2:
         raise ValueError(f"{manifest} has {summary['counts'].get('ok', 0)} ok rows; training needs at least 2")
+    row_cache.check_shards(manifest, training_columns(conditions), cache_dir, summary)
     return summary
+
+
+def training_columns(conditions: Sequence[str]) -> list[str]:
+    """The manifest columns training reads."""
+    return ["id", "caption", "image", "orig_width", "orig_height", *[cond_column(c) for c in conditions]]
 
 
 def load_rows(manifest: str, conditions: Sequence[str], holdout: int,
@@ -39,8 +46,7 @@ def load_rows(manifest: str, conditions: Sequence[str], holdout: int,
     The rows are views on a memory-mapped cache of those columns (train/row_cache.py, built on first
     use under ``cache_dir``): only their order is held in memory; a row's bytes are read when it is used.
     """
-    columns = ["id", "caption", "image", "orig_width", "orig_height", *[cond_column(c) for c in conditions]]
-    rows = row_cache.sorted_rows(manifest, columns, cache_dir)
+    rows = row_cache.sorted_rows(manifest, training_columns(conditions), cache_dir)
     holdout = min(holdout, len(rows) - 1)
     return rows[holdout:], rows[:holdout]
 

@@ -212,8 +212,18 @@ def make_optimizer_and_schedule(config: TrainConfig, accelerator, controlnet: to
 
 
 def resume(run: Run) -> None:
-    """Load a checkpoint's full state (model, optimiser, schedule, EMA, RNG) and its step."""
+    """Load a checkpoint's full state (model, optimiser, schedule, EMA, RNG) and its step.
+
+    Folders a killed run left half-written (or half-deleted) are removed first, with a message; ``latest``
+    only ever picks a complete checkpoint, and with none (killed while writing the first) starts over."""
+    if run.accelerator.is_main_process:
+        checkpoints.remove_leftovers(run.config.output_dir)
+    run.accelerator.wait_for_everyone()
     path = checkpoints.resolve(run.config.output_dir, run.config.resume_from_checkpoint)
+    if path is None:
+        log.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting from step 0",
+                    run.config.output_dir)
+        return
     run.accelerator.load_state(str(path))
     run.global_step = checkpoints.step_of(path)
     if run.ema is not None:  # its shadow weights load on the CPU

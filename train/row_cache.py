@@ -11,6 +11,11 @@ The file is named by a hash of the manifest's ``_manifest.json``, its shard file
 modification time), the columns and ``FORMAT_VERSION``: a changed manifest gets a new file, an
 unchanged one is reused by later runs. It is written under a temporary name and renamed, so a
 crash never leaves a file a later run would trust.
+
+Shards that went missing or bad after annotation are named in the error, never skipped: a shard
+``_manifest.json`` lists but the folder lacks is an error (a cache of the old listing does not hide it),
+and a shard whose footer does not read, or whose row count is not the listed one, is an error before
+any cache is built from it (``check_shards``; the training CLI runs it before loading models).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import pyarrow.parquet as pq
 
 import manifests
 from manifests import io as mio
-from manifests.schema import STATUS_OK
+from manifests.schema import MANIFEST_JSON, STATUS_OK
 
 log = logging.getLogger("train")
 
@@ -48,9 +53,71 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/controlforge").expanduser()
 
 
+REANNOTATE = ("re-run annotation (`python pipeline/annotate.py` with the manifest's --input, --output and flags; "
+              "it writes missing shards again)")
+
+
+def shard_error(path: str, problem: str) -> str:
+    """One line naming a bad shard, what is wrong with it and what to do."""
+    return f"manifest shard {path} {problem}: restore it, or delete it and {REANNOTATE}"
+
+
+def missing_shards(manifest: str, summary: dict[str, Any]) -> list[str]:
+    """Paths of the shards ``_manifest.json`` lists that are not in the folder (one listing)."""
+    listed = [s["name"] for s in summary.get("shards", []) if isinstance(s, dict) and s.get("name")]
+    present = {Path(p).name for p in mio.list_shards(manifest)}
+    _, base = mio.resolve(manifest)
+    return [mio.join(base, name) for name in listed if name not in present]
+
+
+def check_missing(manifest: str, summary: dict[str, Any]) -> None:
+    """FileNotFoundError naming the shards ``_manifest.json`` lists that are gone."""
+    missing = missing_shards(manifest, summary)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        what = "shard" if len(missing) == 1 else f"{len(missing)} shards"
+        raise FileNotFoundError(f"manifest {what} {shown} listed in {MANIFEST_JSON} "
+                                f"{'is' if len(missing) == 1 else 'are'} missing: restore "
+                                f"{'it' if len(missing) == 1 else 'them'}, or {REANNOTATE}")
+
+
+def check_shards(manifest: str, columns: Sequence[str], cache_dir: str | os.PathLike | None = None,
+                 summary: dict[str, Any] | None = None) -> None:
+    """Fail, naming the shard, when one the manifest lists is gone (FileNotFoundError) or does not read as
+    the Parquet file annotation wrote (ValueError: truncated, overwritten, another row count).
+
+    Footers are read only when no row cache of the shards as they are now (names, sizes, modification
+    times) exists: a built cache means every one of them was read whole since it last changed."""
+    summary = summary if summary is not None else manifests.read_manifest_json(manifest)
+    check_missing(manifest, summary)
+    if cache_file(manifest, columns, cache_dir).exists():
+        return
+    rows = {s["name"]: s.get("rows") for s in summary.get("shards", []) if isinstance(s, dict) and s.get("name")}
+    fs, _ = mio.resolve(manifest)
+    for shard in mio.list_shards(manifest):
+        try:
+            with fs.open_input_file(shard) as f:
+                found = pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(shard_error(shard, f"is not a readable Parquet file, truncated or corrupt "
+                                                f"({_first_line(exc)})")) from exc
+        expected = rows.get(Path(shard).name)
+        if expected is not None and found != expected:
+            raise ValueError(shard_error(shard, f"holds {found} rows where {MANIFEST_JSON} "
+                                                f"lists {expected}: it was changed after annotation"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def cache_file(manifest: str, columns: Sequence[str], cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the cache of these columns of this manifest lives (whether built or not)."""
+    """Where the cache of these columns of this manifest lives (whether built or not).
+
+    FileNotFoundError when a shard ``_manifest.json`` lists is gone: a cache of the other shards must not
+    stand in for the manifest."""
     summary = manifests.read_manifest_json(manifest)  # fails clearly on a folder that is not a manifest
+    check_missing(manifest, summary)
     fs, _ = mio.resolve(manifest)
     shards = [[i.base_name, i.size, i.mtime_ns] for i in fs.get_file_info(mio.list_shards(manifest))]
     key = json.dumps({"format": FORMAT_VERSION, "columns": list(columns), "manifest": summary, "shards": shards},
@@ -84,16 +151,27 @@ def _build_in_child(manifest: str, columns: Sequence[str], path: Path) -> None:
     (A plain subprocess, not multiprocessing's spawn, which would re-run the caller's main script.)"""
     root = str(Path(__file__).resolve().parents[1])  # the folder holding the `train` package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    code = ("import json, sys; from pathlib import Path; from train.row_cache import build; "
-            "m, c, p = json.loads(sys.argv[1]); build(m, c, Path(p))")
+    code = ("import json, sys; from pathlib import Path; from train.row_cache import build, BadShard\n"
+            "m, c, p = json.loads(sys.argv[1])\n"
+            "try:\n    build(m, c, Path(p))\n"
+            f"except BadShard as exc:\n    print(exc, file=sys.stderr); sys.exit({BAD_SHARD_EXIT})")
     done = subprocess.run([sys.executable, "-c", code, json.dumps([manifest, list(columns), str(path)])],
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode < 0:
         raise RuntimeError(f"the process building the row cache of {manifest} died (signal {-done.returncode}: "
                            "out of memory? killed?); nothing was kept, run again to rebuild it")
+    if done.returncode == BAD_SHARD_EXIT:  # the child's one line names the shard and says what to do
+        raise BadShard((done.stderr.strip().splitlines() or ["a manifest shard is unreadable"])[-1])
     if done.returncode:
         reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise RuntimeError(f"building the row cache of {manifest} failed: {reason}\n{done.stderr[-3000:]}")
+
+
+class BadShard(RuntimeError):
+    """A manifest shard that cannot be read while building the cache (the message names it)."""
+
+
+BAD_SHARD_EXIT = 3
 
 
 def build(manifest: str, columns: Sequence[str], path: Path) -> None:
@@ -111,14 +189,26 @@ def build(manifest: str, columns: Sequence[str], path: Path) -> None:
         with pa.OSFile(str(tmp), "wb") as sink:
             writer = None
             for shard in shards:
-                with fs.open_input_file(shard) as f:
-                    parquet = pq.ParquetFile(f, pre_buffer=False)  # one row group in memory, no read-ahead
+                try:
+                    f = fs.open_input_file(shard)
+                except FileNotFoundError as exc:  # deleted since it was listed
+                    raise BadShard(shard_error(shard, "disappeared while the row cache was built")) from exc
+                with f:
+                    try:
+                        parquet = pq.ParquetFile(f, pre_buffer=False)  # one row group in memory, no read-ahead
+                    except (pa.ArrowException, OSError) as exc:
+                        raise BadShard(shard_error(shard, f"is not a readable Parquet file, truncated or corrupt "
+                                                          f"({_first_line(exc)})")) from exc
                     if writer is None:
                         fields = [parquet.schema_arrow.field(name) for name in columns]
                         schema = pa.schema(fields, metadata=metadata)
                         writer = pa.ipc.new_file(sink, schema)
                     for group in range(parquet.num_row_groups):
-                        table = parquet.read_row_group(group, columns=[*columns, "status"], use_threads=False)
+                        try:
+                            table = parquet.read_row_group(group, columns=[*columns, "status"], use_threads=False)
+                        except (pa.ArrowException, OSError) as exc:
+                            raise BadShard(shard_error(shard, f"is corrupt: row group {group} does not read "
+                                                              f"({_first_line(exc)})")) from exc
                         ok = pc.equal(table["status"], STATUS_OK)
                         if not pc.all(ok).as_py():  # filtering copies the group: only when needed
                             table = table.filter(ok)

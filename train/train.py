@@ -87,8 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in differences_from_diffusers(config):
         logging.getLogger("train").info("differs from diffusers: %s", line)
     from train.loop import train
+    from train.row_cache import BadShard
 
-    result = train(config, summary)
+    try:
+        result = train(config, summary)
+    except BadShard as exc:  # a shard broken past its footer is found only when its rows are read
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if "exported" in result:
         print(json.dumps(result, indent=2, default=str))
     return 0
