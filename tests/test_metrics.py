@@ -284,3 +284,23 @@ def test_metrics_for_canny_and_circle_on_raw_circles():
     assert shuffled["circle_iou"] < 0.5 and shuffled["edge_f1"] < 0.5 and shuffled["colour_accuracy"] < 0.5
     with pytest.raises(ValueError, match="caption"):
         metrics.metrics_for("circle", images, conditions)
+
+
+def test_samples_made_smaller_than_their_condition_are_scored_at_its_resolution():
+    """Training at 32 px on 64 px maps: a perfect sample at half size must still score ~1, where
+    scoring against the shrunk map (its 1-pixel outline faded below the threshold) capped IoU near 0.65."""
+    from PIL import Image
+
+    annotator = metrics.load_annotator("canny")
+    drawn = [circle(0, i, 64) for i in range(16)]
+    conditions = metrics.reannotate(annotator, [np.asarray(im) for im, _ in drawn])
+    small = [np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC)) for im, _ in drawn]
+    scores = metrics.metrics_for("canny", small, conditions, [c for _, c in drawn], task="circle", annotator=annotator)
+    assert scores["circle_iou"] > 0.9 and scores["colour_accuracy"] == 1.0
+    assert scores["edge_f1"] > 0.9
+
+
+def test_centre_square_is_the_region_a_centre_cropped_sample_covers():
+    m = np.arange(6 * 10).reshape(6, 10)
+    assert np.array_equal(metrics.centre_square(m), m[:, 2:8])
+    assert np.array_equal(metrics.centre_square(m.T), m.T[2:8, :])

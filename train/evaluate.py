@@ -257,6 +257,10 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
     rows = load_rows(config.manifest, config.condition, config.num_samples)
     nearest = config.condition in LABEL_MAPS
     conditions = [prepare_condition(r[cond_column(config.condition)], config.resolution, nearest) for r in rows]
+    # Scored against the stored map (the region the sample covers, at its own resolution), not the
+    # resized copy the model was given: a thin edge map shrunk fades and would cap every score.
+    score_maps = [metrics.centre_square(prepare_condition(r[cond_column(config.condition)], None, nearest))
+                  if config.resolution is not None else c for r, c in zip(rows, conditions)]
     captions = [r["caption"] or "" for r in rows]
     ids = [r["id"] for r in rows]
     pipe, alone = load_pipelines(config)
@@ -264,7 +268,7 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
     for i, (cond, caption) in enumerate(zip(conditions, captions)):
         controlled.append(generate(pipe, caption, config.seed + i, cond.shape[:2], config, cond))
         base.append(generate(alone, caption, config.seed + i, cond.shape[:2], config))
-    score = {name: metrics.score_images(config.condition, images, conditions, captions, task=config.task,
+    score = {name: metrics.score_images(config.condition, images, score_maps, captions, task=config.task,
                                         annotator=annotator, ids=ids)
              for name, images in (("controlnet", controlled), ("base", base))}
     out = Path(config.output_dir)

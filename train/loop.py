@@ -427,7 +427,10 @@ class ValidationScorer:
         self.annotator = None
         self.unavailable = len(config.condition) != 1
 
-    def __call__(self, inputs: list, samples: list, label: str, global_step: int | None, trackers=()) -> dict | None:
+    def __call__(self, inputs: list, samples: list, label: str, global_step: int | None, trackers=(),
+                 stored_maps: list | None = None) -> dict | None:
+        """Score ``samples``; against ``stored_maps`` (each held-out row's map at its own resolution)
+        when given, else against the condition tensors the model was given."""
         import numpy as np
 
         from train import metrics
@@ -443,10 +446,12 @@ class ValidationScorer:
                 self.unavailable = True
                 return None
         images, maps, captions = [], [], []
-        for (cond, prompt), generated in zip(inputs, samples):
+        for i, ((cond, prompt), generated) in enumerate(zip(inputs, samples)):
             as_map = (cond[0, :3].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            if stored_maps is not None:
+                as_map = metrics.centre_square(stored_maps[i])
             for image in generated:
-                images.append(image.resize(as_map.shape[1::-1]))
+                images.append(image)
                 # one-channel maps (edges, depth, masks) reach the ControlNet as three equal channels
                 grey = bool((as_map == as_map[:, :, :1]).all())
                 maps.append(as_map[:, :, 0] if grey else as_map)
@@ -491,7 +496,15 @@ def run_validation(config, base, controlnet, ema, held_out, label: str, seed: in
                        seed)
     path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{label}.png")
     if scorer is not None:
-        scorer(inputs, samples, label, global_step, trackers)
+        stored = None
+        if not config.validation_image and len(config.condition) == 1:  # inputs are the held-out rows
+            import numpy as np
+
+            from manifests.schema import cond_column
+            from train.data import decode_rgb
+
+            stored = [np.asarray(decode_rgb(row[cond_column(config.condition[0])])) for row in held_out]
+        scorer(inputs, samples, label, global_step, trackers, stored)
     for tracker in trackers:
         if tracker.name == "tensorboard":
             import numpy as np

@@ -61,6 +61,31 @@ def _check_same_size(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(f"maps differ in size: {a.shape[:2]} vs {b.shape[:2]}")
 
 
+def centre_square(m: np.ndarray) -> np.ndarray:
+    """The centre square of a map at its own resolution: the region a centre-cropped sample covers."""
+    m = np.asarray(m)
+    height, width = m.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return m[top:top + side, left:left + side]
+
+
+def at_size_of(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``image`` resized (bicubic) to ``reference``'s height and width, when they differ.
+
+    Samples are compared with their condition at the condition's own resolution: a thin edge map
+    shrunk to a small generation size fades below any threshold (a 1-pixel Canny outline at half
+    size scores a perfect image's circle IoU at about 0.65), while an upscaled sample loses nothing.
+    """
+    from PIL import Image
+
+    image = np.asarray(image)
+    height, width = np.asarray(reference).shape[:2]
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two boolean masks; two empty masks agree perfectly."""
     union = np.logical_or(a, b).sum()
@@ -363,8 +388,8 @@ def score_images(condition: str, generated: Sequence[Any], condition_maps: Seque
     names = metric_names(condition, task)
     if len(generated) != len(condition_maps):
         raise ValueError(f"{len(generated)} generated images but {len(condition_maps)} condition maps")
-    rgb = [as_rgb(im) for im in generated]
     maps = [np.asarray(m) for m in condition_maps]
+    rgb = [at_size_of(as_rgb(im), m) for im, m in zip(generated, maps)]
     scores: dict[str, list[float]] = {}
     if condition in CONDITION_METRICS:
         annotated = reannotate(annotator or load_annotator(condition), rgb, ids)
@@ -389,7 +414,7 @@ def metrics_for(condition: str, generated: Sequence[Any], condition_maps: Sequen
     """Controllability of a batch of generated images: {metric name: mean over images}.
 
     ``generated``: PIL images or uint8 HxWx3 arrays; ``condition_maps``: the uint8 maps they were
-    generated from, same size; ``task="circle"`` adds circle IoU and colour accuracy. Reuse one
+    generated from, best at the maps' stored resolution (each image is resized to its map's size); ``task="circle"`` adds circle IoU and colour accuracy. Reuse one
     loaded ``annotator`` across calls (e.g. every validation step) to load its weights once.
     """
     return summarise(score_images(condition, generated, condition_maps, captions, task=task,
