@@ -240,3 +240,32 @@ def test_two_concurrent_runs_on_one_output_do_not_both_succeed(tmp_path, demo_co
     refused = next(err for rc, err in results if rc == 2)
     assert "is being written by another run" in refused
     assert validate(str(out), progress=False) == []
+
+
+# --- a shard that keeps failing -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_shard_that_kills_its_worker_fails_alone_and_a_rerun_completes(tmp_path, local_ray, capsys):
+    """Retried by Ray, then reported by name; the other shards are written, ``_manifest.json`` is
+    not (the manifest is incomplete); the same command again redoes only that shard."""
+    root = tmp_path / "photos"
+    for i in range(6):
+        write_image(root / f"{i}.png", value=30 * i)
+    Image.new("RGB", (64, 64), (255, 0, 255)).save(root / "2.png")  # shard 1 (files 2 and 3)
+    flag = tmp_path / "crash"
+    flag.touch()
+    out = tmp_path / "out"
+    command = args(root, out, "--annotators", "canny,tests.plugins:CrashesWorkerOnMagenta", "-p", f"tests.plugins:CrashesWorkerOnMagenta.flag={flag}")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 shards failed" in err and "part-00001.parquet" in err and "run the same command again" in err
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00002.parquet"]
+    assert not (out / "_manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+
+    flag.unlink()
+    assert main(command) == 0
+    summary = manifests.read_manifest_json(str(out))
+    assert summary["counts"]["ok"] == 6 and summary["run"]["shards_written"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[02].parquet")} == kept
+    assert validate(str(out), progress=False) == []
