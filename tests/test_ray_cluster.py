@@ -106,6 +106,9 @@ def token_head():
         yield f"http://127.0.0.1:{dashboard}", env, (temp_dir, started, f"127.0.0.1:{ports['--port']}")
     finally:
         stop_head(temp_dir, started)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's logs and sockets of this head
 
 
 @pytest.mark.cluster
