@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=2000, help="circle images to annotate")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr_scheduler", default="constant", help="the trainer's --lr_scheduler (cosine decays to 0)")
     p.add_argument("--held_out", type=int, default=32)
     p.add_argument("--out", default=None, help="where to keep the run (default: a temp folder)")
     args = p.parse_args()
@@ -61,7 +62,7 @@ def main() -> None:
     start = time.perf_counter()
     train_main(["--manifest", manifest, "--condition", "canny", "--pretrained_model_name_or_path", str(BASE),
                 "--output_dir", str(run), "--resolution", "32", "--train_batch_size", str(args.batch),
-                "--learning_rate", str(args.lr), "--lr_warmup_steps", "50", "--max_train_steps", str(args.steps),
+                "--learning_rate", str(args.lr), "--lr_scheduler", args.lr_scheduler, "--lr_warmup_steps", "50", "--max_train_steps", str(args.steps),
                 "--checkpointing_steps", str(args.steps), "--validation_steps", str(args.every),
                 "--validation_task", "circle", "--num_validation_rows", str(args.held_out),
                 "--num_validation_images", "1", "--seed", "0", "--report_to", "none"])
@@ -76,7 +77,7 @@ def main() -> None:
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     curve = [c for c in read_curve(run) if isinstance(c["step"], int)]
     base = metrics["base"]
-    print(f"\nfill task, tiny base, {args.count} circles, batch {args.batch}, lr {args.lr}, "
+    print(f"\nfill task, tiny base, {args.count} circles, batch {args.batch}, lr {args.lr} ({args.lr_scheduler}), "
           f"{args.held_out} held-out rows; training {train_s / 60:.1f} min")
     print(f"{'step':>6}{'circle IoU':>12}{'colour acc':>12}{'edge F1':>10}")
     for c in curve:
