@@ -128,14 +128,20 @@ def read_manifest_json(path: str) -> dict[str, Any]:
 
 
 def list_shards(path: str) -> list[str]:
-    """Full paths of the complete shards under ``path``, sorted by name."""
+    """Full paths of the complete shards under ``path``, in shard index order."""
     fs, base = resolve(path)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
     except FileNotFoundError:
         return []
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
-    return [join(base, n) for n in names if is_shard_name(n)]
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File and is_shard_name(i.base_name)]
+    return [join(base, n) for n in sorted(names, key=_shard_order)]
+
+
+def _shard_order(name: str) -> tuple[int, str]:
+    """Shards in index order: ``part-100000`` comes after ``part-99999`` (names grow past 5 digits)."""
+    digits = name[len("part-"):-len(".parquet")]
+    return (int(digits), name) if digits.isdigit() else (-1, name)
 
 
 def shard_provenance(shard_path: str) -> dict[str, Any] | None:

@@ -20,7 +20,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import itertools
 import logging
 import time
 import uuid
@@ -34,7 +33,7 @@ from annotators import registry
 from manifests.io import list_shards, resolve, shard_provenance, shard_row_count, write_manifest_json
 from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, cond_column, shard_name
 from pipeline import ray_runtime
-from pipeline import output_lock
+from pipeline import dispatch, output_lock
 from pipeline.config import AnnotateConfig, fingerprint
 from pipeline.decode import PrepareSettings
 from pipeline.reader import IMAGE_EXTENSIONS, InputListing, list_inputs
@@ -79,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
     p.add_argument("--concurrency", type=int, default=None, help="model-annotator workers (default: per GPU or CPU)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per model worker (default: 1 if any, else 0)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker")
+    p.add_argument("--max-shard-retries", type=int, default=2,
+                   help="resubmit a shard whose task or actor failed this many times before reporting it")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default: all)")
     args = p.parse_args(argv)
@@ -95,6 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
             weights_dir=args.weights_dir, require_detection=args.require_detection,
             concurrency=args.concurrency, gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker, address=args.address, num_cpus=args.num_cpus,
+            max_shard_retries=args.max_shard_retries,
         )
         for name in config.annotators:  # parameter names and values, checked before any work
             registry.parse_params(registry.get(name), config.annotator_params.get(name, {}))
@@ -267,45 +269,39 @@ def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int,
                     config: AnnotateConfig) -> tuple[float, list[str], list[str]]:
     """Annotate the shards on Ray with a progress bar.
 
-    Returns (seconds, failed-shard messages, sidecars that were not UTF-8).
-
     CPU-only annotators run as one task per shard; model annotators run in a pool of actors
-    that load their weights once (on a GPU each when there are GPUs). A shard whose task fails
-    after Ray's retries is reported and left unwritten; the same command again redoes it.
+    that load their weights once (on a GPU each when there are GPUs), each given the next shard as
+    soon as it is free (pipeline/dispatch.py). A shard that still fails after
+    ``--max-shard-retries`` resubmissions is reported and left unwritten; the same command again
+    redoes it. Returns (seconds, failed-shard messages, sidecars that were not UTF-8).
     """
     import ray
 
     uses_model = any(registry.get(n).uses_model for n, _ in job.annotators)
-    submit = _actor_pool(job, config) if uses_model else _task_submitter(job)
-    pending = {submit(spec): spec["shard"] for spec in todo}
+    if uses_model:
+        factory, size = _actor_pool(job, config)
+        results = dispatch.run_on_actors(factory, size, todo, config.max_shard_retries)
+    else:
+        task = ray.remote(num_cpus=1, max_retries=0)(annotate_shard)  # retries are the dispatcher's
+        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        results = dispatch.run_as_tasks(task, ray.put(job), todo, window, config.max_shard_retries)
     failures: list[str] = []
     not_utf8: list[str] = []
     start = time.perf_counter()
     with tqdm(total=total_rows, unit="img", desc="annotate", file=sys.stderr) as bar:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            shard = pending.pop(ready[0])
-            try:
-                stat = ray.get(ready[0])
-            except Exception as exc:  # the task or actor died: record it and keep going
-                failures.append(f"{shard_name(shard)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        for result in results:
+            if result.stat is None:
+                failures.append(f"{shard_name(result.spec['shard'])} (failed {result.attempts} times): "
+                                f"{result.error}")
                 continue
-            not_utf8.extend(stat.get("captions_not_utf8", []))
-            bar.update(stat["rows"])
-            bar.set_postfix(error=stat["error"], filtered=stat["filtered"], refresh=False)
+            not_utf8.extend(result.stat.get("captions_not_utf8", []))
+            bar.update(result.stat["rows"])
+            bar.set_postfix(error=result.stat["error"], filtered=result.stat["filtered"], refresh=False)
     return time.perf_counter() - start, failures, sorted(not_utf8)
 
 
-def _task_submitter(job: ShardJob) -> Callable[[dict], Any]:
-    import ray
-
-    task = ray.remote(num_cpus=1, max_retries=2)(annotate_shard)
-    job_ref = ray.put(job)
-    return lambda spec: task.remote(job_ref, spec)
-
-
-def _actor_pool(job: ShardJob, config: AnnotateConfig) -> Callable[[dict], Any]:
-    """Round-robin submission to ``concurrency`` ShardAnnotator actors (Ray queues per actor)."""
+def _actor_pool(job: ShardJob, config: AnnotateConfig) -> tuple[Callable[[], Any], int]:
+    """(a factory of ShardAnnotator actors, how many): ``--concurrency``, else one per GPU or CPU."""
     import ray
 
     resources = ray.cluster_resources()
@@ -322,10 +318,10 @@ def _actor_pool(job: ShardJob, config: AnnotateConfig) -> Callable[[dict], Any]:
         log.warning("%d workers x (%d CPU, %g GPU) exceed the cluster's %s CPU / %s GPU: the extra workers wait "
                     "for an autoscaler to add nodes", size, config.cpus_per_worker, gpus,
                     resources.get("CPU", 0), resources.get("GPU", 0))
-    actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=1,
-                           max_task_retries=1)(ShardAnnotator)
-    actors = itertools.cycle([actor_cls.remote(job) for _ in range(size)])
-    return lambda spec: next(actors).run.remote(spec)
+    # A crashed actor restarts (reloading its weights); the dispatcher resubmits its shard.
+    actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=-1,
+                           max_task_retries=0)(ShardAnnotator)
+    return (lambda: actor_cls.remote(job)), size
 
 
 def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,9 @@ class AnnotateConfig:
     """GPUs per model-annotator worker; None: 1 when the cluster has GPUs, else 0 (CPU)."""
     cpus_per_worker: int = 1
     """CPUs per worker (torch uses as many threads)."""
+    max_shard_retries: int = 2
+    """Times a shard whose task or actor failed is resubmitted before it is reported as failed
+    (the other shards go on; the same command again redoes it)."""
     address: str | None = None
     """Ray cluster to join (``ray://...``, ``auto``, ``host:port``); None starts local Ray."""
     num_cpus: int | None = None
@@ -91,6 +94,8 @@ class AnnotateConfig:
             raise ValueError("--gpus-per-worker must be 0 or more")
         if self.cpus_per_worker < 1:
             raise ValueError("--cpus-per-worker must be at least 1")
+        if self.max_shard_retries < 0:
+            raise ValueError("--max-shard-retries must be 0 or more")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError("--num-cpus must be at least 1")
 

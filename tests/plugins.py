@@ -49,3 +49,34 @@ class CrashesWorkerOnMagenta(Annotator):
             if self.params.flag and os.path.exists(self.params.flag) and (img == (255, 0, 255)).all():
                 os._exit(1)
         return [np.zeros(img.shape[:2], np.uint8) for img in images]
+
+
+@dataclasses.dataclass
+class ActorProbeParams(AnnotatorParams):
+    flag: str = ""
+    """While this file exists, a magenta image kills the actor's process."""
+    log_dir: str = ""
+    """Each image's id is written here as a file holding the process id that annotated it."""
+    slow_s: float = 0.0
+    """Seconds a cyan image takes (a heavy shard)."""
+
+
+class ActorProbe(Annotator):
+    """A "model" annotator (so it runs in the actor pool) that records which actor did what."""
+
+    name = "actor_probe"
+    Params = ActorProbeParams
+    uses_model = True
+
+    def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
+        import time
+
+        for img, image_id in zip(images, ids):
+            if self.params.flag and os.path.exists(self.params.flag) and (img == (255, 0, 255)).all():
+                os._exit(1)
+            if (img == (0, 255, 255)).all():
+                time.sleep(self.params.slow_s)
+            if self.params.log_dir:
+                with open(os.path.join(self.params.log_dir, image_id), "w") as f:
+                    f.write(str(os.getpid()))
+        return [np.zeros(img.shape[:2], np.uint8) for img in images]

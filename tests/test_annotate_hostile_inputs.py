@@ -269,3 +269,130 @@ def test_a_shard_that_kills_its_worker_fails_alone_and_a_rerun_completes(tmp_pat
     assert summary["counts"]["ok"] == 6 and summary["run"]["shards_written"] == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[02].parquet")} == kept
     assert validate(str(out), progress=False) == []
+
+
+PROBE = "tests.plugins:ActorProbe"
+
+
+@pytest.mark.slow
+def test_a_poison_shard_crashing_its_model_actor_fails_alone_after_its_retries(tmp_path, local_ray, capsys):
+    root = tmp_path / "photos"
+    for i in range(6):
+        write_image(root / f"{i}.png", value=30 * i)
+    Image.new("RGB", (64, 64), (255, 0, 255)).save(root / "4.png")  # shard 2
+    flag = tmp_path / "crash"
+    flag.touch()
+    out = tmp_path / "out"
+    command = args(root, out, "--annotators", PROBE, "-p", f"{PROBE}.flag={flag}", "--concurrency", "2",
+                   "--max-shard-retries", "1")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 shards failed" in err and "part-00002.parquet (failed 2 times)" in err
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
+    flag.unlink()
+    assert main(command) == 0
+    assert manifests.read_manifest_json(str(out))["counts"]["ok"] == 6
+
+
+@pytest.mark.slow
+def test_shards_go_to_the_free_actor_not_round_robin(tmp_path, local_ray):
+    """Two actors; the first shard is heavy. The other actor takes every other shard meanwhile
+    (round-robin would queue half of them behind the heavy one)."""
+    root = tmp_path / "photos"
+    for i in range(14):
+        write_image(root / f"{i:02d}.png", value=10 * i)
+    Image.new("RGB", (64, 64), (0, 255, 255)).save(root / "00.png")  # shard 0: heavy
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    out = tmp_path / "out"
+    assert main(args(root, out, "--annotators", PROBE, "-p", f"{PROBE}.log_dir={log_dir}",
+                     "-p", f"{PROBE}.slow_s=8", "--concurrency", "2")) == 0
+    frame = manifests.read(str(out), columns=["id", "source"])
+    pid_of = {row.source: (log_dir / row.id).read_text() for row in frame.itertuples()}
+    heavy_actor = pid_of["00.png"]
+    assert [s for s, pid in sorted(pid_of.items()) if pid == heavy_actor] == ["00.png", "01.png"]
+    assert len(set(pid_of.values())) == 2
+
+
+# --- resume on metadata edits; the lock belongs to one run, checked before any change -------------
+
+def test_resume_redoes_the_shard_of_an_edited_metadata_caption(tmp_path, local_ray):
+    """A caption edited in metadata.jsonl (image and sidecars untouched) redoes its shard only."""
+    root = tmp_path / "photos"
+    for i in range(4):
+        write_image(root / f"{i}.png", value=50 * i)
+    metadata = root / "metadata.jsonl"
+
+    def write_metadata(last: str) -> None:
+        captions = [f"caption {i}" for i in range(3)] + [last]
+        metadata.write_text("".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n"
+                                    for i, c in enumerate(captions)))
+
+    write_metadata("caption 3")
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    kept = (out / "part-00000.parquet").stat().st_mtime_ns
+    write_metadata("edited")
+    assert main(args(root, out)) == 0
+    rows = rows_by_source(out)
+    assert rows["3.png"]["caption"] == "edited" and rows["2.png"]["caption"] == "caption 2"
+    summary = manifests.read_manifest_json(str(out))
+    assert summary["run"]["shards_written"] == 1 and summary["run"]["shards_kept"] == 1
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == kept
+
+
+def test_a_lock_whose_pid_now_belongs_to_a_later_process_is_stale():
+    """A dead run's pid reused by a process started after the lock was taken does not keep it."""
+    import psutil
+
+    lock = {"host": socket.gethostname(), "pid": os.getpid(),
+            "started_unix": psutil.Process().create_time() - 3600}  # taken before this process existed
+    assert "no longer runs" in (output_lock.stale_reason(lock) or "")
+    lock["started_unix"] = time.time()  # taken by this process: alive
+    assert output_lock.stale_reason(lock) is None
+
+
+def test_releasing_a_lock_another_run_took_over_leaves_that_runs_lock(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    first = output_lock.acquire(str(out))
+    taken = {"host": "elsewhere", "pid": 1, "token": "other", "started": "now", "started_unix": time.time(),
+             "heartbeat": time.time()}
+    try:
+        (out / output_lock.LOCK_NAME).write_text(json.dumps(taken))  # taken over meanwhile
+    finally:
+        first.release()
+    assert output_lock.read_lock(str(out)) == taken
+
+
+def test_a_run_refused_by_the_lock_leaves_the_live_runs_files_alone(tmp_path, capsys):
+    """The lock is taken before planning: a refused run deletes neither the temp file the live run
+    is writing nor ``_manifest.json``."""
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_manifest.json").write_text("{}")
+    writing = out / ".tmp-0123-part-00000.parquet"
+    writing.write_bytes(b"a shard being written")
+    holder = output_lock.acquire(str(out))
+    try:
+        assert main(args(root, out)) == 2
+        assert "is being written by another run" in capsys.readouterr().err
+        assert writing.read_bytes() == b"a shard being written"
+        assert (out / "_manifest.json").read_text() == "{}"
+    finally:
+        holder.release()
+
+
+def test_two_links_to_one_folder_outside_the_input_list_it_once(tmp_path):
+    """A folder outside the input reached through two links is listed once, under the first link."""
+    outside = tmp_path / "elsewhere"
+    write_image(outside / "o.png")
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    (root / "x").symlink_to(outside)
+    (root / "y").symlink_to(outside)
+    listing = list_inputs(str(root))
+    assert [i.source for i in listing.items] == ["a.png", "x/o.png"]
+    assert listing.skipped_links == ["y"]

@@ -138,3 +138,10 @@ def test_an_error_mid_write_removes_the_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         mio.write_shard(make_rows(10), manifest_schema(["canny"]), str(tmp_path), shard_name(0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_are_listed_in_index_order_past_99999(tmp_path):
+    for index in (99_999, 100_000, 7, 1_000_000):
+        (tmp_path / shard_name(index)).write_bytes(b"")
+    names = [p.rsplit("/", 1)[1] for p in mio.list_shards(str(tmp_path))]
+    assert names == [shard_name(7), shard_name(99_999), shard_name(100_000), shard_name(1_000_000)]
