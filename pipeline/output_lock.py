@@ -79,7 +79,7 @@ def acquire(output: str) -> OutputLock:
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "started_unix": time.time(), "heartbeat": time.time(),
     }
-    for _ in range(2):  # the second try follows the takeover of a stale lock
+    for _ in range(3):  # later tries follow the takeover of a stale lock
         if _create(output, owner):
             lock = OutputLock(output, owner)
             lock._thread = threading.Thread(target=lock._beat, name="output-lock", daemon=True)
@@ -95,15 +95,47 @@ def acquire(output: str) -> OutputLock:
                 f"started {held.get('started')}); nothing was changed: wait for it to finish or choose another "
                 f"--output (if that run is dead, delete {join(resolve(output)[1], LOCK_NAME)})"
             )
-        log.warning("taking over the lock on %s from a run that is gone (host %s, pid %s, started %s: %s)",
-                    output, held.get("host"), held.get("pid"), held.get("started"), why)
-        fs, base = resolve(output)
-        fs.delete_file(join(base, LOCK_NAME))
-    raise OutputLocked(f"{output}: could not take the lock; another run keeps taking it")
+        if _remove_if_still(output, held):
+            log.warning("took over the lock on %s from a run that is gone (host %s, pid %s, started %s: %s)",
+                        output, held.get("host"), held.get("pid"), held.get("started"), why)
+    raise OutputLocked(f"{output}: could not take the lock; another run took it first (run again to see which)")
+
+
+def _remove_if_still(output: str, held: dict[str, Any]) -> bool:
+    """Remove the lock if it is still the stale one read as ``held``; False when another run replaced
+    or removed it first. Several runs may find one stale lock at once: on a local disk only the one
+    whose rename succeeds, and finds the stale owner in what it moved, removes it; a live lock moved
+    by mistake is put back."""
+    fs, base = resolve(output)
+    path = join(base, LOCK_NAME)
+    if not isinstance(fs, pafs.LocalFileSystem):  # no atomic rename-if-exists: best effort
+        fs.delete_file(path)
+        return True
+    moved = f"{base}/.tmp-{uuid.uuid4().hex}-stale-lock"
+    try:
+        os.rename(path, moved)
+    except FileNotFoundError:
+        return False
+    try:
+        with open(moved) as f:
+            token = json.load(f).get("token")
+    except (OSError, ValueError, AttributeError):
+        token = None
+    if token == held.get("token"):
+        os.unlink(moved)
+        return True
+    try:  # a live run's lock, created after we read the stale one: give it back
+        os.link(moved, path)
+    except FileExistsError:
+        pass
+    os.unlink(moved)
+    return False
 
 
 def stale_reason(held: dict[str, Any]) -> str | None:
     """Why a lock's owner is gone, or None while it may still be running."""
+    if held.get("unreadable"):
+        return "the lock file is unreadable"
     if held.get("host") == socket.gethostname():
         pid = held.get("pid")
         if not isinstance(pid, int) or not _alive(pid, held.get("started_unix")):
@@ -132,8 +164,8 @@ def read_lock(output: str) -> dict[str, Any] | None:
             return json.loads(stream.read())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {"host": None, "pid": None, "heartbeat": 0}
+    except (OSError, ValueError):  # never half-written (created whole, replaced by rename): garbage
+        return {"host": None, "pid": None, "heartbeat": 0, "unreadable": True, "token": None}
 
 
 def _create(output: str, owner: dict[str, Any]) -> bool:
@@ -141,12 +173,17 @@ def _create(output: str, owner: dict[str, Any]) -> bool:
     fs, base = resolve(output)
     path = join(base, LOCK_NAME)
     if isinstance(fs, pafs.LocalFileSystem):
+        # Written whole under a temp name, then hard-linked to the lock's name: the link fails when a
+        # lock exists, and a reader never sees an empty or half-written lock.
+        tmp = f"{base}/.tmp-{uuid.uuid4().hex}-new-lock"
+        with open(tmp, "w") as f:
+            json.dump(owner, f)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
+        finally:
+            os.unlink(tmp)
         return True
     # Object stores have no exclusive create: write, then read back to see who won a race.
     if fs.get_file_info(path).type != pafs.FileType.NotFound:

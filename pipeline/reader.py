@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import posixpath
+from stat import S_IFBLK, S_IFCHR, S_IFIFO, S_IFMT, S_IFSOCK, S_ISREG
 
 import pyarrow.fs as pafs
 
@@ -67,6 +68,8 @@ class ListedFile:
     """Relative path, '/'-separated (surrogate-escaped where the name is not UTF-8)."""
     size: int
     mtime_ns: int
+    unusable: str | None = None
+    """Why the file cannot be read as a file ("a FIFO", "a broken link", ...); None: a regular file."""
 
 
 def row_id(source: str) -> str:
@@ -98,9 +101,11 @@ def list_inputs(root: str) -> InputListing:
         files, skipped = _walk_fs(fs, base), []
     files.sort(key=lambda f: f.path)
     # Sidecars match their image's stem exactly and their extension in any case (IMG_1.TXT).
-    sidecars = {(posixpath.splitext(f.path)[0], posixpath.splitext(f.path)[1].lower()): f for f in files}
+    # Only regular files are read as sidecars or metadata: opening a FIFO would wait forever.
+    regular = [f for f in files if f.unusable is None]
+    sidecars = {(posixpath.splitext(f.path)[0], posixpath.splitext(f.path)[1].lower()): f for f in regular}
     metadata_captions = _metadata_captions(
-        fs, base, [f.path for f in files if posixpath.basename(f.path) in METADATA_NAMES])
+        fs, base, [f.path for f in regular if posixpath.basename(f.path) in METADATA_NAMES])
     items, ignored = [], 0
     for listed in files:
         source = listed.path
@@ -120,6 +125,8 @@ def list_inputs(root: str) -> InputListing:
         problem = None
         if shown != source:
             problem = "file name is not valid UTF-8 (shown with \\x escapes); rename the file to annotate it"
+        elif listed.unusable is not None:
+            problem = f"not a regular file ({listed.unusable})"
         items.append(InputItem(row_id(source), shown, sidecar.path if sidecar else None, caption, stamp, problem))
     return InputListing(root=root, items=items, ignored=ignored, skipped_links=skipped)
 
@@ -169,10 +176,15 @@ def _walk_local(base: str) -> tuple[list[ListedFile], list[str]]:
             else:
                 try:
                     stat = entry.stat(follow_symlinks=True)
-                    files.append(ListedFile(rel, stat.st_size, stat.st_mtime_ns))
-                except OSError:  # a broken link: listed, so an image among them becomes an error row
-                    files.append(ListedFile(rel, -1, -1))
+                except OSError as exc:  # a broken link: listed, so an image among them becomes an error row
+                    files.append(ListedFile(rel, -1, -1, f"a broken link: {exc.strerror or exc}"))
+                    continue
+                kind = None if S_ISREG(stat.st_mode) else _KINDS.get(S_IFMT(stat.st_mode), "not a file")
+                files.append(ListedFile(rel, stat.st_size, stat.st_mtime_ns, kind))
     return files, skipped
+
+
+_KINDS = {S_IFIFO: "a FIFO", S_IFSOCK: "a socket", S_IFCHR: "a character device", S_IFBLK: "a block device"}
 
 
 def _walk_fs(fs: pafs.FileSystem, base: str) -> list[ListedFile]:
@@ -193,9 +205,7 @@ def _metadata_captions(fs: pafs.FileSystem, base: str, metadata_files: list[str]
     import pandas as pd
     captions: dict[str, str] = {}
     for rel in metadata_files:
-        with fs.open_input_file(join(base, rel)) as f:
-            data = f.read()
-        frame = _read_table(printable(rel), data)
+        frame = _read_table(printable(rel), _read_bytes(fs, base, rel))
         field = next((c for c in CAPTION_FIELDS if c in frame.columns), None)
         if "file_name" not in frame.columns or field is None:
             raise ValueError(
@@ -207,6 +217,15 @@ def _metadata_captions(fs: pafs.FileSystem, base: str, metadata_files: list[str]
             key = posixpath.normpath(posixpath.join(folder, str(name)))
             captions[key] = "" if pd.isna(text) else str(text)
     return captions
+
+
+def _read_bytes(fs: pafs.FileSystem, base: str, rel: str) -> bytes:
+    """A listed file's bytes; on a local disk through ``open``, which takes names that are not UTF-8."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        with open(os.path.join(base, rel), "rb") as f:
+            return f.read()
+    with fs.open_input_file(join(base, rel)) as f:
+        return f.read()
 
 
 def _read_table(name: str, data: bytes) -> "pd.DataFrame":
@@ -227,6 +246,7 @@ def _read_table(name: str, data: bytes) -> "pd.DataFrame":
 def _json_lines(name: str, data: bytes) -> list[dict]:
     """The records of a JSON-lines file; a bad line (a truncated file) is named with its number."""
     records = []
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as Windows editors write
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -247,6 +267,11 @@ def decode_caption(data: bytes) -> tuple[str, str | None]:
     A caption in a legacy encoding (Windows-1252, Latin-1) keeps its image: it is decoded with
     the first encoding that fits, and the job records which file needed it.
     """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark (Notepad's "Unicode")
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            pass
     try:
         return data.decode("utf-8-sig"), None
     except UnicodeDecodeError:
@@ -261,7 +286,7 @@ def read_sidecar(fs: pafs.FileSystem, base: str, sidecar: str) -> tuple[str, str
     """(caption, encoding used when not UTF-8) of a sidecar; ``.json`` holds it in ``caption`` or ``text``."""
     with fs.open_input_file(join(base, sidecar)) as f:
         text, encoding = decode_caption(f.read())
-    if not sidecar.endswith(".json"):
+    if not sidecar.lower().endswith(".json"):
         return text.strip(), encoding
     record = json.loads(text)
     for field in ("caption", "text"):

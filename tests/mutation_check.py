@@ -4,6 +4,7 @@
     python tests/mutation_check.py                 # every mutation, its targeted tests (~10 min)
     python tests/mutation_check.py --full          # every mutation, the whole suite each (hours)
     python tests/mutation_check.py --only flip     # mutations whose name contains "flip"
+    python tests/mutation_check.py --only hostile: --only flip   # --only repeats: any of them
 
 Each mutation is one textual edit that breaks a promise the README makes (the kinds of bug a
 refactor introduces quietly). The copy is made from this checkout's files (tracked and untracked,
@@ -36,7 +37,19 @@ class Mutation:
     new: str
     tests: tuple[str, ...]
     """The test files (or node ids) expected to catch it; ``--full`` runs everything instead."""
+    timeout: int | None = None
+    """Seconds per pytest run when the bug can make the tests hang (a timeout counts as caught)."""
 
+
+HOSTILE = "tests/test_annotate_hostile_inputs.py"
+HOSTILE_LOCK_TESTS = tuple(f"{HOSTILE}::{name}" for name in (
+    "test_a_second_run_on_a_locked_output_is_refused_naming_the_first",
+    "test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message",
+    "test_a_lock_from_another_host_is_stale_only_without_a_recent_heartbeat",
+    "test_a_lock_whose_pid_now_belongs_to_a_later_process_is_stale",
+    "test_releasing_a_lock_another_run_took_over_leaves_that_runs_lock",
+    "test_a_run_refused_by_the_lock_leaves_the_live_runs_files_alone",
+))
 
 MUTATIONS = [
     Mutation("flip image but not its condition", "train/data.py",
@@ -93,6 +106,49 @@ MUTATIONS = [
              ("tests/test_ray_cluster.py",)),
     Mutation("--gradient_checkpointing ignored", "train/loop.py",
              "controlnet.enable_gradient_checkpointing()", "pass", ("tests/test_train.py",)),
+    # Messy collections and one run per output (tests/test_annotate_hostile_inputs.py).
+    Mutation("hostile: resume ignores file stamps (edits not noticed)", "pipeline/shard.py",
+             'listed = "\\n".join(f"{i.source}\\t{i.stamp}" for i in items)',
+             'listed = "\\n".join(f"{i.source}" for i in items)',
+             (f"{HOSTILE}::test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption",)),
+    Mutation("hostile: metadata captions left out of the stamp", "pipeline/reader.py",
+             'hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else "",', '"",',
+             (f"{HOSTILE}::test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption",
+              f"{HOSTILE}::test_resume_redoes_the_shard_of_an_edited_metadata_caption")),
+    Mutation("hostile: symlinked folders followed without the seen-set", "pipeline/reader.py",
+             "if (stat.st_dev, stat.st_ino) in seen:", "if False:",
+             (f"{HOSTILE}::test_a_symlink_loop_lists_each_real_folder_once_and_counts_the_skips",),
+             timeout=120),  # a loop then lists forever
+    Mutation("hostile: folders reached through links not remembered", "pipeline/reader.py",
+             "seen.add((stat.st_dev, stat.st_ino))\n            stack.append(link)", "stack.append(link)",
+             (f"{HOSTILE}::test_a_symlink_loop_lists_each_real_folder_once_and_counts_the_skips",
+              f"{HOSTILE}::test_two_links_to_one_folder_outside_the_input_list_it_once"), timeout=120),
+    Mutation("hostile: sidecar extension matched case-sensitively", "pipeline/reader.py",
+             "posixpath.splitext(f.path)[1].lower()): f for f in files}", "posixpath.splitext(f.path)[1]): f for f in files}",
+             (f"{HOSTILE}::test_a_sidecar_matches_its_image_whatever_the_case_of_its_extension",)),
+    Mutation("hostile: legacy-encoded sidecars not decoded leniently", "pipeline/reader.py",
+             'return data.decode("utf-8-sig"), None\n    except UnicodeDecodeError:\n        pass',
+             'return data.decode("utf-8-sig"), None\n    except UnicodeDecodeError:\n        raise',
+             (f"{HOSTILE}::test_a_legacy_encoded_sidecar_keeps_its_image_and_is_reported",)),
+    Mutation("hostile: output lock never checked (acquire always succeeds)", "pipeline/output_lock.py",
+             "os.O_CREAT | os.O_EXCL | os.O_WRONLY", "os.O_CREAT | os.O_TRUNC | os.O_WRONLY", HOSTILE_LOCK_TESTS),
+    Mutation("hostile: every held lock looks stale", "pipeline/output_lock.py",
+             "why = stale_reason(held)", 'why = stale_reason(held) or "assumed gone"', HOSTILE_LOCK_TESTS),
+    Mutation("hostile: a reused pid keeps a dead run's lock alive", "pipeline/output_lock.py",
+             "return started_unix is None or created <= float(started_unix) + 1.0", "return True",
+             HOSTILE_LOCK_TESTS),
+    Mutation("hostile: release deletes a lock another run took over", "pipeline/output_lock.py",
+             'if (read_lock(self.output) or {}).get("token") == self.owner["token"]:', "if True:",
+             HOSTILE_LOCK_TESTS),
+    Mutation("hostile: lock taken after planning (a refused run already changed the output)", "pipeline/annotate.py",
+             "    with output_lock.acquire(config.output):  # one run per output, before any change\n"
+             "        todo, done = plan_shards(config, listing, job)\n",
+             "    todo, done = plan_shards(config, listing, job)\n"
+             "    with output_lock.acquire(config.output):  # one run per output, before any change\n",
+             HOSTILE_LOCK_TESTS),
+    Mutation("hostile: stale temp files of a killed run left behind", "pipeline/annotate.py",
+             "    remove_stale_temp_files(config.output)\n", "",
+             (f"{HOSTILE}::test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message",)),
 ]
 
 
@@ -132,12 +188,13 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="run the whole suite for each mutation")
-    p.add_argument("--only", default="", help="only mutations whose name contains this text")
+    p.add_argument("--only", action="append", default=[],
+                   help="only mutations whose name contains this text (repeatable: any of them)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per pytest run")
     args = p.parse_args(argv)
-    chosen = [m for m in MUTATIONS if args.only.lower() in m.name.lower()]
+    chosen = [m for m in MUTATIONS if not args.only or any(o.lower() in m.name.lower() for o in args.only)]
     if not chosen:
-        raise SystemExit(f"no mutation matches {args.only!r}")
+        raise SystemExit(f"no mutation matches {' or '.join(map(repr, args.only))}")
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         pristine = copy_project(Path(tmp) / "pristine")
         for m in chosen:  # fail early on stale mutations, before any test runs
@@ -154,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tmp) / "mutant"
             shutil.copytree(pristine, root)
             apply(m, root)
-            passed, seconds, tail = run_tests(root, () if args.full else m.tests, args.timeout)
+            passed, seconds, tail = run_tests(root, () if args.full else m.tests, m.timeout or args.timeout)
             caught += not passed
             print(f"{'caught' if not passed else 'MISSED':7s} {seconds:5.0f} s  {m.name}  [{tail}]", flush=True)
             shutil.rmtree(root)

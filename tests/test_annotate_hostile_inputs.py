@@ -213,7 +213,7 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, loc
     (out / ".tmp-0123-part-00000.parquet").write_bytes(b"half a shard")  # left by the killed write
     with caplog.at_level("WARNING", logger="annotate"):
         assert main(args(root, out)) == 0
-    assert "taking over the lock" in caplog.text and f"pid {dead.pid}" in caplog.text
+    assert "took over the lock" in caplog.text and f"pid {dead.pid}" in caplog.text
     assert not list(out.glob(".tmp-*"))  # its temp files are cleaned up
     assert manifests.read_manifest_json(str(out))["counts"]["ok"] == 1
 
@@ -396,3 +396,85 @@ def test_two_links_to_one_folder_outside_the_input_list_it_once(tmp_path):
     listing = list_inputs(str(root))
     assert [i.source for i in listing.items] == ["a.png", "x/o.png"]
     assert listing.skipped_links == ["y"]
+
+
+# --- files that are not what their names say ------------------------------------------------------
+
+def test_a_fifo_named_like_an_image_or_a_sidecar_is_an_error_row_not_a_hang(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    write_image(root / "b.png")
+    os.mkfifo(root / "x.png")          # opening it would wait for a writer forever
+    os.mkfifo(root / "b.txt")          # a sidecar that is a FIFO is not read
+    os.mkfifo(root / "metadata.jsonl")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "pipeline" / "annotate.py"), *args(root, out), "--num-cpus", "1"],
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = rows_by_source(out)
+    assert rows["x.png"]["status"] == "error" and rows["x.png"]["error"] == "read: not a regular file (a FIFO)"
+    assert rows["b.png"]["status"] == "ok" and rows["b.png"]["caption"] == ""
+
+
+def test_metadata_in_a_folder_whose_name_is_not_utf8_does_not_stop_the_job(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    write_image(root / "ok.png")
+    folder = Path(os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9"))
+    write_image(folder / "x.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "x"}\n')
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    rows = rows_by_source(out)
+    assert rows["ok.png"]["status"] == "ok"
+    assert rows["caf\\xe9/x.png"]["status"] == "error" and "not valid UTF-8" in rows["caf\\xe9/x.png"]["error"]
+
+
+def test_sidecars_in_upper_case_json_or_utf16_and_metadata_with_a_bom_are_read(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(root / name)
+    (root / "a.JSON").write_text('{"caption": "a red square"}')
+    (root / "b.txt").write_bytes("a cat in a café".encode("utf-16"))  # with its byte-order mark
+    (root / "metadata.jsonl").write_bytes(b'\xef\xbb\xbf{"file_name": "c.png", "text": "from metadata"}\n')
+    out = tmp_path / "out"
+    assert main(args(root, out)) == 0
+    rows = rows_by_source(out)
+    assert [rows[n]["caption"] for n in ("a.png", "b.png", "c.png")] == ["a red square", "a cat in a café",
+                                                                        "from metadata"]
+    assert manifests.read_manifest_json(str(out))["run"]["captions_not_utf8"] == ["b.txt (utf-16)"]
+
+
+# --- the lock under races ---------------------------------------------------------------------------
+
+RACE = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pipeline import output_lock
+time.sleep(max(0.0, {start} - time.time()))
+try:
+    lock = output_lock.acquire({out!r})
+except output_lock.OutputLocked:
+    print("refused")
+else:
+    print("held")
+    time.sleep(1.5)
+    lock.release()
+"""
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_runs_starting_at_once_get_one_lock(tmp_path, stale):
+    """Four processes race for a fresh output (or one a killed run left locked): one holds it."""
+    for trial in range(3):
+        out = tmp_path / f"out{trial}"
+        out.mkdir()
+        if stale:
+            (out / output_lock.LOCK_NAME).write_text(json.dumps(
+                {"host": socket.gethostname(), "pid": 2 ** 22 + 17, "started_unix": 0, "heartbeat": 0,
+                 "token": "dead"}))
+        code = RACE.format(root=str(ROOT), start=time.time() + 1.5, out=str(out))
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        said = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert said == ["held", "refused", "refused", "refused"], (trial, said)
+        assert not (out / output_lock.LOCK_NAME).exists() and not list(out.glob(".tmp-*"))
