@@ -367,7 +367,7 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
         listing.items = listing.items[: config.limit]
     job = make_job(config)
     check_writable(config.output)
-    with output_lock.acquire(config.output):  # one run per output, before any change
+    with output_lock.acquire(config.output) as lock:  # one run per output, before any change
         todo, done = plan_shards(config, listing, job)
         ray_info = ray_runtime.connect(config.address, config.num_cpus)
         log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
@@ -387,6 +387,7 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
             "captions_not_utf8": not_utf8,
         }
         summary = summarize(config, listing, job, run_info)
+        lock.check()  # a run that lost its lock never declares the manifest complete
         write_manifest_json(config.output, summary)
     return summary
 

@@ -51,6 +51,15 @@ class OutputLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def check(self) -> None:
+        """Raise ``OutputLocked`` when another run has taken the lock over (this one was thought dead)."""
+        held = read_lock(self.output) or {}
+        if held.get("token") != self.owner["token"]:
+            raise OutputLocked(
+                f"{self.output}: another run (host {held.get('host')}, pid {held.get('pid')}) took over the lock "
+                "while this one ran, so this run does not mark the manifest complete; run the same command "
+                "again once that run has finished")
+
     def release(self) -> None:
         """Stop the heartbeat and remove the lock, if it is still ours."""
         self._stop.set()

@@ -478,3 +478,24 @@ def test_runs_starting_at_once_get_one_lock(tmp_path, stale):
         said = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
         assert said == ["held", "refused", "refused", "refused"], (trial, said)
         assert not (out / output_lock.LOCK_NAME).exists() and not list(out.glob(".tmp-*"))
+
+
+def test_a_run_whose_lock_was_taken_over_does_not_mark_the_manifest_complete(tmp_path, local_ray, monkeypatch,
+                                                                             capsys):
+    """Thought dead (a long stall), its lock taken by another run: it must not write _manifest.json."""
+    from pipeline import annotate
+
+    root = tmp_path / "photos"
+    write_image(root / "a.png")
+    out = tmp_path / "out"
+    real_summarize = annotate.summarize
+
+    def summarize_then_lose_the_lock(*a, **k):
+        (out / output_lock.LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 7, "token": "theirs"}))
+        return real_summarize(*a, **k)
+
+    monkeypatch.setattr(annotate, "summarize", summarize_then_lose_the_lock)
+    assert main(args(root, out)) == 2
+    assert "took over the lock" in capsys.readouterr().err
+    assert not (out / "_manifest.json").exists()
+    assert json.loads((out / output_lock.LOCK_NAME).read_text())["token"] == "theirs"  # theirs left alone
