@@ -216,7 +216,7 @@ def refuse_foreign_files(output: str, shards: dict[str, dict | None]) -> None:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
     except FileNotFoundError:
         return
-    ours = {MANIFEST_JSON, output_lock.LOCK_NAME, *shards}
+    ours = {MANIFEST_JSON, output_lock.LOCK_NAME, output_lock.LOCK_NAME + ".takeover", *shards}
     foreign = sorted(i.base_name for i in infos
                      if i.base_name not in ours and not i.base_name.startswith(".tmp-"))
     foreign += sorted(name for name, provenance in shards.items() if provenance is None)

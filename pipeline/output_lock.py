@@ -88,7 +88,7 @@ def acquire(output: str) -> OutputLock:
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "started_unix": time.time(), "heartbeat": time.time(),
     }
-    for _ in range(3):  # later tries follow the takeover of a stale lock
+    for _ in range(50):  # later tries follow a takeover of a stale lock (ours or another run's)
         if _create(output, owner):
             lock = OutputLock(output, owner)
             lock._thread = threading.Thread(target=lock._beat, name="output-lock", daemon=True)
@@ -112,33 +112,30 @@ def acquire(output: str) -> OutputLock:
 
 def _remove_if_still(output: str, held: dict[str, Any]) -> bool:
     """Remove the lock if it is still the stale one read as ``held``; False when another run replaced
-    or removed it first. Several runs may find one stale lock at once: on a local disk only the one
-    whose rename succeeds, and finds the stale owner in what it moved, removes it; a live lock moved
-    by mistake is put back."""
+    or removed it first. Several runs may find one stale lock at once: on a local disk they take
+    turns through an exclusive takeover file, and each re-reads the lock inside its turn, so only
+    the first removes the stale lock and the others find the new owner's."""
     fs, base = resolve(output)
     path = join(base, LOCK_NAME)
-    if not isinstance(fs, pafs.LocalFileSystem):  # no atomic rename-if-exists: best effort
+    if not isinstance(fs, pafs.LocalFileSystem):  # no exclusive create: best effort
         fs.delete_file(path)
         return True
-    moved = f"{base}/.tmp-{uuid.uuid4().hex}-stale-lock"
-    try:
-        os.rename(path, moved)
-    except FileNotFoundError:
+    turn = f"{path}.takeover"
+    if not _create_file(turn, json.dumps({"pid": os.getpid(), "at": time.time()})):
+        try:  # a takeover never takes long: one older than a minute was left by a killed run
+            if time.time() - os.stat(turn).st_mtime > 60:
+                os.unlink(turn)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
         return False
     try:
-        with open(moved) as f:
-            token = json.load(f).get("token")
-    except (OSError, ValueError, AttributeError):
-        token = None
-    if token == held.get("token"):
-        os.unlink(moved)
+        if (read_lock(output) or {}).get("token") != held.get("token"):
+            return False
+        os.unlink(path)
         return True
-    try:  # a live run's lock, created after we read the stale one: give it back
-        os.link(moved, path)
-    except FileExistsError:
-        pass
-    os.unlink(moved)
-    return False
+    finally:
+        os.unlink(turn)
 
 
 def stale_reason(held: dict[str, Any]) -> str | None:
@@ -182,23 +179,28 @@ def _create(output: str, owner: dict[str, Any]) -> bool:
     fs, base = resolve(output)
     path = join(base, LOCK_NAME)
     if isinstance(fs, pafs.LocalFileSystem):
-        # Written whole under a temp name, then hard-linked to the lock's name: the link fails when a
-        # lock exists, and a reader never sees an empty or half-written lock.
-        tmp = f"{base}/.tmp-{uuid.uuid4().hex}-new-lock"
-        with open(tmp, "w") as f:
-            json.dump(owner, f)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        return True
+        return _create_file(path, json.dumps(owner))
     # Object stores have no exclusive create: write, then read back to see who won a race.
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         return False
     _write(output, owner)
     return (read_lock(output) or {}).get("token") == owner["token"]
+
+
+def _create_file(path: str, text: str) -> bool:
+    """Create ``path`` holding ``text``, or return False when it exists. Written whole under a temp
+    name, then hard-linked to its name: the link fails when the file exists, and a reader never sees
+    it empty or half-written."""
+    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-new-lock"
+    with open(tmp, "w") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
 
 
 def _write(output: str, owner: dict[str, Any]) -> None:

@@ -410,7 +410,7 @@ def test_a_fifo_named_like_an_image_or_a_sidecar_is_an_error_row_not_a_hang(tmp_
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(ROOT / "pipeline" / "annotate.py"), *args(root, out), "--num-cpus", "1"],
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = rows_by_source(out)
     assert rows["x.png"]["status"] == "error" and rows["x.png"]["error"] == "read: not a regular file (a FIFO)"
@@ -448,18 +448,24 @@ def test_sidecars_in_upper_case_json_or_utf16_and_metadata_with_a_bom_are_read(t
 # --- the lock under races ---------------------------------------------------------------------------
 
 RACE = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {root!r})
 from pipeline import output_lock
 time.sleep(max(0.0, {start} - time.time()))
 try:
     lock = output_lock.acquire({out!r})
 except output_lock.OutputLocked:
-    print("refused")
+    said = "refused"
+    lock = None
 else:
-    print("held")
-    time.sleep(1.5)
+    said = "held"
+open(os.path.join({votes!r}, str(os.getpid())), "w").write(said)
+deadline = time.time() + 60
+while lock is not None and len(os.listdir({votes!r})) < 4 and time.time() < deadline:
+    time.sleep(0.05)  # the holder keeps the lock until every racer has tried
+if lock is not None:
     lock.release()
+print(said)
 """
 
 
@@ -473,7 +479,9 @@ def test_runs_starting_at_once_get_one_lock(tmp_path, stale):
             (out / output_lock.LOCK_NAME).write_text(json.dumps(
                 {"host": socket.gethostname(), "pid": 2 ** 22 + 17, "started_unix": 0, "heartbeat": 0,
                  "token": "dead"}))
-        code = RACE.format(root=str(ROOT), start=time.time() + 1.5, out=str(out))
+        votes = tmp_path / f"votes{trial}"
+        votes.mkdir()
+        code = RACE.format(root=str(ROOT), start=time.time() + 3, out=str(out), votes=str(votes))
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
         said = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
         assert said == ["held", "refused", "refused", "refused"], (trial, said)
