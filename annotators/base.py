@@ -24,9 +24,9 @@ class AnnotatorParams:
 
 
 class AnnotationSkipped(Exception):
-    """Raised per image when the annotator found nothing to annotate (e.g. no person).
-
-    The pipeline records such a row as ``status=filtered`` with this message as the reason.
+    """Returned in place of a map, per image, when the annotator found nothing to annotate (e.g. no
+    person); an exception type so it carries a message, but returned, not raised, so the rest of the
+    batch keeps its maps. The pipeline records such a row as ``status=filtered`` with the message.
     """
 
 

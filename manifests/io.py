@@ -84,12 +84,13 @@ def write_shard(rows: Sequence[dict[str, Any]], schema: pa.Schema, out_dir: str,
             )
         fs.move(tmp, final)
     except BaseException:
-        _delete_quietly(fs, tmp)
+        delete_quietly(fs, tmp)
         raise
     return final
 
 
-def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    """Delete a file if it is there (absent or already gone is fine)."""
     try:
         fs.delete_file(path)
     except (FileNotFoundError, OSError):

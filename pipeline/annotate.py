@@ -30,7 +30,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from annotators import registry
-from manifests.io import list_shards, resolve, shard_provenance, shard_row_count, write_manifest_json
+from manifests.io import (
+    delete_quietly,
+    join,
+    list_shards,
+    resolve,
+    shard_provenance,
+    shard_row_count,
+    write_manifest_json,
+)
 from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, cond_column, shard_name
 from pipeline import ray_runtime
 from pipeline import dispatch, output_lock
@@ -195,7 +203,7 @@ def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) ->
     if not config.overwrite:
         check_resumable(config, specs, stored, existing, settings_fp)
     # Every check passed: from here on the output changes.
-    _delete(fs, base, MANIFEST_JSON)  # present only while the manifest is complete
+    delete_quietly(fs, join(base, MANIFEST_JSON))  # present only while the manifest is complete
     remove_stale_temp_files(config.output)
     if config.overwrite:
         for path in existing.values():
@@ -256,13 +264,6 @@ def remove_stale_temp_files(output: str) -> None:
         fs.delete_file(path)
     if stale:
         log.info("removed %d temp files left by an interrupted run", len(stale))
-
-
-def _delete(fs: Any, base: str, name: str) -> None:
-    try:
-        fs.delete_file(f"{base}/{name}")
-    except (FileNotFoundError, OSError):
-        pass
 
 
 def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int,

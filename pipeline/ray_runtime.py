@@ -3,7 +3,7 @@
 An exposed Ray cluster runs any code sent to it, so a laptop default must not listen on the
 network. On Linux Ray replaces "127.0.0.1" with the machine's address unless
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is in the environment before Ray starts; with it set,
-every Ray process listens on 127.0.0.1 (checked by tests/test_ray_local.py).
+every Ray process listens on 127.0.0.1 (checked by tests/test_ray_cluster.py).
 """
 
 from __future__ import annotations
