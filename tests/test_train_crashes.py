@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_accelerator import FakeAccelerator
 from tests.test_train import ROOT, train_args
 
 # Runs train/train.py as `python train/train.py` does, and stops it (sleeping, so the test can SIGKILL it
@@ -156,19 +157,6 @@ def test_killed_while_replacing_a_checkpoint_never_leaves_a_half_deleted_one_to_
     assert f"resumed from {out / 'checkpoint-4'} at step 4" in caplog.text  # the new, complete checkpoint-4
     assert leftovers(out) == []
     assert figures(out)["global_step"] == 6 and len(figures(out)["ranks"][0]["rows"]) == 4
-
-
-class FakeAccelerator:
-    """Just what ``checkpoints.save`` uses."""
-
-    is_main_process = True
-
-    def wait_for_everyone(self):
-        pass
-
-    def save_state(self, path):
-        Path(path).mkdir(parents=True)
-        (Path(path) / "model.safetensors").write_bytes(b"weights")
 
 
 class Crash(BaseException):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tests.fake_accelerator import FakeAccelerator
 from tests.test_train import load_controlnet, train_args
 
 
@@ -225,21 +226,6 @@ def test_cached_latents_draw_from_the_step_generator_on_any_device(monkeypatch):
     a = cache.latents([0, 2], torch.Generator().manual_seed(3))
     b = cache.latents([0, 2], torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
-
-
-class FakeAccelerator:
-    """Just what ``checkpoints.save`` uses."""
-
-    is_main_process = True
-
-    def wait_for_everyone(self):
-        pass
-
-    def save_state(self, path):
-        from pathlib import Path
-
-        Path(path).mkdir(parents=True)
-        (Path(path) / "model.safetensors").write_bytes(b"weights")
 
 
 def test_pruning_after_resuming_an_older_checkpoint_keeps_the_new_one(tmp_path):

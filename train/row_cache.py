@@ -89,8 +89,7 @@ def check_shards(manifest: str, columns: Sequence[str], cache_dir: str | os.Path
     Footers are read only when no row cache of the shards as they are now (names, sizes, modification
     times) exists: a built cache means every one of them was read whole since it last changed."""
     summary = summary if summary is not None else manifests.read_manifest_json(manifest)
-    check_missing(manifest, summary)
-    if cache_file(manifest, columns, cache_dir).exists():
+    if cache_file(manifest, columns, cache_dir).exists():  # cache_file first fails on missing shards
         return
     rows = {s["name"]: s.get("rows") for s in summary.get("shards", []) if isinstance(s, dict) and s.get("name")}
     fs, _ = mio.resolve(manifest)
