@@ -2,6 +2,10 @@
 
 An annotator is constructed once per worker (that is where weights load), is called on batches,
 and knows its own name, parameters and provenance. It knows nothing of Ray or of manifests.
+
+A :class:`SplitAnnotator` also offers its work in three parts, so that a pipeline can run the CPU
+parts (``preprocess``, ``postprocess``) in plain tasks and keep a GPU actor busy with ``forward``
+alone; its ``annotate`` composes the three and is what every other caller uses.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from importlib import metadata
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
+
+from annotators.image import check_batch
 
 
 @dataclasses.dataclass
@@ -43,6 +49,8 @@ class Annotator(ABC):
     packages: ClassVar[tuple[str, ...]] = ()
     #: True when the annotator loads a model: the pipeline then runs it in an actor pool.
     uses_model: ClassVar[bool] = False
+    #: True when the annotator implements preprocess/forward/postprocess (a SplitAnnotator).
+    splits: ClassVar[bool] = False
 
     def __init__(self, params: AnnotatorParams | None = None, weights_dir: str | None = None) -> None:
         """Cheap: checks parameters only, so the driver can validate a job before any work.
@@ -72,7 +80,7 @@ class Annotator(ABC):
 
         ``ids`` are the rows' stable ids, used to seed any per-image randomness so that a
         result never depends on batching, sharding or worker. Each returned map is uint8,
-        HxW or HxWx3, with the same HxW as its image.
+        HxW or HxWx3, with the same HxW as its image (or an :class:`AnnotationSkipped`).
         """
 
     def versions(self) -> dict[str, str | None]:
@@ -89,6 +97,41 @@ class Annotator(ABC):
             "params": self.params.to_dict(),
             "weights": dict(self.weights),
         }
+
+
+class SplitAnnotator(Annotator):
+    """An annotator whose CPU parts can run apart from its model. annotate() composes them.
+
+    ``preprocess`` and ``postprocess`` run per image in processes where ``setup()`` was never
+    called, so they must not touch weights; ``forward`` runs the model on a batch (after
+    ``setup()``). What passes between them travels through Ray's object store: keep it compact
+    and picklable (numpy on the CPU, uint8 where possible; never torch tensors or device memory).
+    """
+
+    splits = True
+
+    @abstractmethod
+    def preprocess(self, image: np.ndarray, image_id: str) -> Any:
+        """CPU, no weights needed (runs in a process where setup() was never called): one image's model input.
+        Keep it compact (uint8 where possible): it travels through Ray's object store."""
+
+    @abstractmethod
+    def forward(self, inputs: list[Any]) -> list[Any]:
+        """The model on a batch of preprocess() outputs (needs setup()); one output per input, compact
+        (e.g. float16/uint8 numpy on CPU), as it travels back through the object store."""
+
+    @abstractmethod
+    def postprocess(self, output: Any, image: np.ndarray, image_id: str) -> np.ndarray | AnnotationSkipped:
+        """CPU, no weights needed: one image's map (uint8 HxW or HxWx3, same HxW as image) from its forward output."""
+
+    def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray | AnnotationSkipped]:
+        """``postprocess`` of ``forward`` of ``preprocess``, image by image: the same maps a
+        pipeline gets by running the three parts in different processes."""
+        check_batch(images, ids)
+        outputs = self.forward([self.preprocess(img, i) for img, i in zip(images, ids)])
+        if len(outputs) != len(images):  # a silent zip would drop rows
+            raise RuntimeError(f"{type(self).__name__}.forward returned {len(outputs)} outputs for {len(images)} inputs")
+        return [self.postprocess(out, img, i) for out, img, i in zip(outputs, images, ids)]
 
 
 def package_version(distribution: str) -> str | None:

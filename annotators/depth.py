@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from annotators.base import AnnotatorParams
-from annotators.torch_model import TorchAnnotator, to_tensor
+from annotators.torch_model import TorchAnnotator, cpu_tensor, to_tensor
 from annotators.weights import locate_file, locate_model_dir, weight_files
 
 MIDAS_FILES = {"dpt_hybrid": "dpt_hybrid-midas-501f0c75.pt", "dpt_large": "dpt_large-midas-2f21e586.pt"}
@@ -41,7 +41,11 @@ def normalise(depth: np.ndarray) -> np.ndarray:
 
 
 class DepthAnnotator(TorchAnnotator):
-    """Depth map, 1 channel; batched over same-size images."""
+    """Depth map, 1 channel; batched over same-size images.
+
+    Split: ``forward`` is the model (with MiDaS's scaling to its resolution, on the device);
+    ``postprocess`` resizes the depth back to the image and normalises it to uint8.
+    """
 
     name = "depth"
     Params = DepthParams
@@ -78,7 +82,13 @@ class DepthAnnotator(TorchAnnotator):
             self.processor = AutoImageProcessor.from_pretrained(folder)
             self.model = AutoModelForDepthEstimation.from_pretrained(folder).to(self.device).eval()
 
-    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+    def forward_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Relative inverse depth at the model's resolution, float32 h x w per image.
+
+        float32, not float16: the per-image min-max normalisation in ``postprocess`` must see
+        the values the model gave for the maps to stay bit-identical; at the model's resolution
+        (384 px short side by default) that is about 0.75x a 512 px uint8 image's bytes.
+        """
         import torch.nn.functional as F
 
         height, width = batch.shape[1:3]
@@ -87,10 +97,20 @@ class DepthAnnotator(TorchAnnotator):
             x = F.interpolate(x, size=self._detect_size(height, width), mode="bilinear", antialias=True)
             depth = self.model(x)  # N x h x w, relative inverse depth
         else:
+            # The image processor (resize, normalise: CPU) stays here: its float32 pixels are
+            # several times the uint8 image's bytes, and only it knows each model's recipe.
             inputs = self.processor(images=list(batch), return_tensors="pt").to(self.device)
             depth = self.model(**inputs).predicted_depth
-        depth = F.interpolate(depth[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-        return [normalise(d) for d in depth[:, 0].cpu().numpy()]
+        return list(depth.float().cpu().numpy())
+
+    def postprocess(self, output: np.ndarray, image: np.ndarray, image_id: str) -> np.ndarray:
+        """The depth resized back to the image (bilinear, as torch does it) and normalised to uint8."""
+        import torch.nn.functional as F
+
+        height, width = image.shape[:2]
+        depth = cpu_tensor(np.ascontiguousarray(output))[None, None]
+        depth = F.interpolate(depth, size=(height, width), mode="bilinear", align_corners=False)
+        return normalise(depth[0, 0].numpy())
 
     def _detect_size(self, height: int, width: int) -> tuple[int, int]:
         scale = self.params.detect_resolution / min(height, width)

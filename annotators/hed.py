@@ -26,7 +26,11 @@ class HedParams(AnnotatorParams):
 
 
 class HedAnnotator(TorchAnnotator):
-    """Soft edge map, one channel; batched over same-size images."""
+    """Soft edge map, one channel; batched over same-size images.
+
+    Split: ``forward`` is the network and its sigmoid (and ``safe``), uint8 out; ``postprocess``
+    makes the scribbles when asked for (plain soft edges come out of ``forward`` final).
+    """
 
     name = "hed"
     Params = HedParams
@@ -44,7 +48,13 @@ class HedAnnotator(TorchAnnotator):
 
         self.net = detector.netNetwork.to(self.device, memory_format=torch.channels_last).eval()
 
-    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+    def forward_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Edge probability as uint8 HxW maps (a third of the image's bytes).
+
+        ``safe`` quantises the float probability into levels before the uint8 cast, so it runs
+        here: from the uint8 map the level boundaries (1/3, 2/3 of the float) are not exact,
+        and shipping float32 instead would cost 4x the bytes for one elementwise step.
+        """
         import torch
         import torch.nn.functional as F
 
@@ -58,8 +68,11 @@ class HedAnnotator(TorchAnnotator):
             from controlnet_aux.util import safe_step
 
             edge = safe_step(edge)
-        maps = (edge * 255.0).clip(0, 255).astype(np.uint8)
-        return [self._scribble(m) if self.params.scribble else m for m in maps]
+        return list((edge * 255.0).clip(0, 255).astype(np.uint8))
+
+    def postprocess(self, output: np.ndarray, image: np.ndarray, image_id: str) -> np.ndarray:
+        """The soft edges, or with ``scribble`` their thinned, blurred, thresholded strokes (the CPU part)."""
+        return self._scribble(output) if self.params.scribble else output
 
     @staticmethod
     def _scribble(edge: np.ndarray) -> np.ndarray:

@@ -34,8 +34,18 @@ def colourise(labels: np.ndarray) -> np.ndarray:
     return palette[labels % len(palette)]
 
 
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Class ids in the smallest dtype that holds them exactly (uint8 for ADE20K's 150)."""
+    fits = labels.size == 0 or (labels.min() >= 0 and labels.max() < 256)
+    return labels.astype(np.uint8 if fits else np.int32)
+
+
 class SegmentationAnnotator(TorchAnnotator):
-    """ADE20K-coloured segmentation map, 3 channels; batched over same-size images."""
+    """ADE20K-coloured segmentation map, 3 channels; batched over same-size images.
+
+    Split: ``forward`` is the image processor, the model and the logits' upsampling and argmax
+    (class ids out); ``postprocess`` paints them in the ADE20K palette.
+    """
 
     name = "segmentation"
     Params = SegmentationParams
@@ -64,10 +74,21 @@ class SegmentationAnnotator(TorchAnnotator):
             model = AutoModelForUniversalSegmentation.from_pretrained(folder)
         self.model = model.to(self.device).eval()
 
-    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+    def forward_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Class ids at the image's size, uint8 HxW (int32 for models with over 256 labels).
+
+        The upsampling of the logits and the argmax stay here: they run on all the classes'
+        full-size logits, work for the device, and what leaves is one small integer per pixel.
+        """
         height, width = batch.shape[1:3]
+        # The image processor stays here (CPU work in the actor): its float32 pixels are several
+        # times the uint8 image's bytes, too many to ship from a preprocess task.
         extra = {"task_inputs": ["semantic"] * len(batch)} if self.model_type == "oneformer" else {}
         inputs = self.processor(images=list(batch), return_tensors="pt", **extra).to(self.device)
         outputs = self.model(**inputs)
         labels = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[(height, width)] * len(batch))
-        return [colourise(lab.cpu().numpy().astype(np.int64)) for lab in labels]
+        return [compact_labels(lab.cpu().numpy()) for lab in labels]
+
+    def postprocess(self, output: np.ndarray, image: np.ndarray, image_id: str) -> np.ndarray:
+        """The class ids painted in the ADE20K palette (the CPU part)."""
+        return colourise(output.astype(np.int64))

@@ -7,8 +7,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from annotators.base import Annotator, sha256_file
-from annotators.image import check_batch
+from annotators.base import SplitAnnotator, sha256_file
 
 
 def pick_device() -> str:
@@ -19,15 +18,19 @@ def pick_device() -> str:
 
 
 def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
-    """Indices of the batch grouped by HxW, so each group stacks into one tensor."""
-    groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+    """Indices of the batch grouped by shape (HxW for images), so each group stacks into one tensor."""
+    groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
     for i, img in enumerate(images):
-        groups[img.shape[:2]].append(i)
+        groups[img.shape].append(i)
     return list(groups.values())
 
 
-class TorchAnnotator(Annotator):
-    """An annotator whose maps come from a torch model run on same-size sub-batches."""
+class TorchAnnotator(SplitAnnotator):
+    """An annotator whose maps come from a torch model run on same-size sub-batches.
+
+    Split so that ``forward`` is the network (and what is cheap on the device next to it), and
+    ``postprocess`` the CPU work that turns its output into a map.
+    """
 
     uses_model = True
     packages = ("torch", "controlnet-aux")
@@ -62,26 +65,45 @@ class TorchAnnotator(Annotator):
         self.weights.update({name: sha256_file(path) for name, path in paths.items()})
         return dict(self.weights)
 
-    def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
+    def preprocess(self, image: np.ndarray, image_id: str) -> Any:
+        """The image itself by default: uint8 is the most compact input, and the conversion to a
+        float tensor belongs on the device, in ``forward``."""
+        return image
+
+    def forward(self, inputs: list[Any]) -> list[Any]:
+        """``forward_batch`` on same-shape sub-batches of the inputs, outputs in input order."""
         import torch
 
         with torch.no_grad():  # local, never global: annotators share processes with training code
-            return self._annotate(images, ids)
+            return self.batched(inputs, self.forward_batch)
 
-    def _annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
-        check_batch(images, ids)
-        out: list[Any] = [None] * len(images)
-        step = self.cpu_batch if self.device == "cpu" else len(images)
-        for group in same_size_groups(images):
+    def batched(self, inputs: Sequence[np.ndarray], run: Callable[[np.ndarray], list[Any]]) -> list[Any]:
+        """``run`` on NxHxWxC stacks of same-shape ``inputs`` (at most ``cpu_batch`` on CPU), one
+        result per input in input order: mixed-size batches stack group by group."""
+        out: list[Any] = [None] * len(inputs)
+        step = self.cpu_batch if self.device == "cpu" else len(inputs)
+        for group in same_size_groups(inputs):
             for start in range(0, len(group), step):
                 chunk = group[start:start + step]
-                for i, m in zip(chunk, self.predict(np.stack([images[i] for i in chunk]))):
-                    out[i] = m
+                results = run(np.stack([inputs[i] for i in chunk]))
+                if len(results) != len(chunk):
+                    raise RuntimeError(f"{type(self).__name__}: {len(results)} results for a batch of {len(chunk)}")
+                for i, result in zip(chunk, results):
+                    out[i] = result
         return out
 
-    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Maps for an NxHxWx3 uint8 batch of same-size images (subclasses)."""
+    def forward_batch(self, batch: np.ndarray) -> list[Any]:
+        """The model's compact outputs, one per item, for an NxHxWxC stack of same-shape
+        ``preprocess`` outputs (subclasses)."""
         raise NotImplementedError
+
+
+def cpu_tensor(array: np.ndarray) -> Any:
+    """A CPU tensor of ``array``: on its memory, or on a copy when it is read-only (as arrays
+    out of Ray's object store are; torch warns on those and may not write to them)."""
+    import torch
+
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def to_tensor(batch: np.ndarray, device: str, scale: Callable[[Any], Any] | None = None,

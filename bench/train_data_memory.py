@@ -93,7 +93,7 @@ def write_manifest(out: Path, rows: int, pool) -> int:
     """A manifest of ``rows`` rows (1 in 50 an error), ids in hash order; returns its size on disk."""
     from manifests import io as mio
     from manifests.schema import SCHEMA_VERSION, manifest_schema, shard_name
-    from pipeline.shard import empty_row, mark
+    from manifests.rows import empty_row, mark
 
     schema = manifest_schema(["canny"], {"job": "bench"})
     counts = {"rows": rows, "ok": 0, "error": 0, "filtered": 0}

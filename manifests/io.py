@@ -22,6 +22,7 @@ from manifests.schema import (
     PROVENANCE_KEY,
     STATUSES,
     is_shard_name,
+    shard_index,
 )
 
 # Row groups are cut by size, not by pyarrow's default of 1Mi rows: a row here carries
@@ -97,15 +98,24 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
+def write_json(fs: pafs.FileSystem, folder: str, name: str, payload: Any) -> str:
+    """Write ``folder/name`` as JSON atomically (a temp file moved into place)."""
+    final = join(folder, name)
+    tmp = join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            stream.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+        fs.move(tmp, final)
+    except BaseException:
+        delete_quietly(fs, tmp)
+        raise
+    return final
+
+
 def write_manifest_json(out_dir: str, summary: dict[str, Any]) -> str:
     """Write ``_manifest.json`` (last, atomically): its presence means the manifest is complete."""
     fs, base = resolve(out_dir)
-    final = join(base, MANIFEST_JSON)
-    tmp = join(base, f".tmp-{uuid.uuid4().hex}-{MANIFEST_JSON}")
-    with fs.open_output_stream(tmp) as stream:
-        stream.write(json.dumps(summary, indent=2, sort_keys=True).encode())
-    fs.move(tmp, final)
-    return final
+    return write_json(fs, base, MANIFEST_JSON, summary)
 
 
 def read_manifest_json(path: str) -> dict[str, Any]:
@@ -140,9 +150,9 @@ def list_shards(path: str) -> list[str]:
 
 
 def _shard_order(name: str) -> tuple[int, str]:
-    """Shards in index order: ``part-100000`` comes after ``part-99999`` (names grow past 5 digits)."""
-    digits = name[len("part-"):-len(".parquet")]
-    return (int(digits), name) if digits.isdigit() else (-1, name)
+    """Shards in index order, whatever the width of their names (older manifests used 5 digits)."""
+    index = shard_index(name)
+    return (-1 if index is None else index, name)
 
 
 def shard_provenance(shard_path: str) -> dict[str, Any] | None:
@@ -152,13 +162,6 @@ def shard_provenance(shard_path: str) -> dict[str, Any] | None:
         metadata = pq.read_schema(f).metadata or {}
     raw = metadata.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else None
-
-
-def shard_row_count(shard_path: str) -> int:
-    """Rows in one shard, from its footer (no data read)."""
-    fs, path = resolve(shard_path)
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def read(

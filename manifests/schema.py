@@ -18,6 +18,12 @@ KNOWN_SCHEMA_VERSIONS = frozenset({1})
 MANIFEST_JSON = "_manifest.json"
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
+#: Digits of a new shard's index: names sort in index order up to 999,999 shards (manifests written
+#: with 5 digits keep them when resumed; readers order shards by number, not by name).
+SHARD_DIGITS = 6
+#: Sub-folder of per-shard stats files (counts, error reasons, fingerprint). A leading underscore:
+#: pandas/pyarrow and ``datasets`` skip it when they read the folder as Parquet.
+STATS_DIR = "_stats"
 COND_PREFIX = "cond_"
 
 STATUS_OK = "ok"
@@ -87,9 +93,15 @@ def manifest_schema(annotator_names: Iterable[str], provenance: dict | None = No
     return schema.with_metadata(metadata)
 
 
-def shard_name(index: int) -> str:
-    """File name of shard ``index`` (``part-00000.parquet``)."""
-    return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
+def shard_name(index: int, digits: int = SHARD_DIGITS) -> str:
+    """File name of shard ``index`` (``part-000000.parquet``)."""
+    return f"{SHARD_PREFIX}{index:0{digits}d}{SHARD_SUFFIX}"
+
+
+def shard_index(name: str) -> int | None:
+    """The index in a shard's file name, or None when the name is not a shard's."""
+    digits = name[len(SHARD_PREFIX):-len(SHARD_SUFFIX)] if is_shard_name(name) else ""
+    return int(digits) if digits.isdigit() else None
 
 
 def is_shard_name(name: str) -> bool:

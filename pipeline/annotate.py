@@ -4,8 +4,9 @@
     python pipeline/annotate.py --input photos/ --output data/manifests/photos --annotators canny
     ray job submit --working-dir . -- python pipeline/annotate.py --input s3://bucket/photos ...
 
-Reads top to bottom: parse flags -> list inputs -> plan shards (skipping finished ones) ->
-start Ray -> annotate shards in parallel -> write ``_manifest.json`` -> print a summary.
+Reads top to bottom: parse flags -> stream the listing -> plan shards into small plan files
+(skipping finished ones) -> start Ray -> annotate shards in stages (pipeline/dispatch.py) -> write
+``_manifest.json`` from the shards' stats files -> print a summary.
 """
 
 from __future__ import annotations
@@ -19,33 +20,24 @@ if __package__ in (None, ""):  # run by path: make the project's packages import
 import argparse
 import collections
 import dataclasses
-import datetime
+import itertools
 import logging
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from annotators import registry
-from manifests.io import (
-    delete_quietly,
-    join,
-    list_shards,
-    resolve,
-    shard_provenance,
-    shard_row_count,
-    write_manifest_json,
-)
-from manifests.schema import MANIFEST_JSON, SCHEMA_VERSION, STATUSES, cond_column, shard_name
-from pipeline import ray_runtime
-from pipeline import dispatch, output_lock
+from manifests.io import resolve
+from manifests.schema import SCHEMA_VERSION, shard_name
+from manifests.sink import ExistingShards, ManifestSink
+from pipeline import dispatch, output_lock, ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
-from pipeline.decode import PrepareSettings
-from pipeline.reader import IMAGE_EXTENSIONS, InputListing, list_inputs
-from pipeline.shard import ShardAnnotator, ShardJob, annotate_shard, shard_spec
+from pipeline.plan import PLAN_DIR, Plan, plan_shards, remove_plans, run_plan_dir
+from pipeline.reader import IMAGE_EXTENSIONS, InputItem, ListingStats, iter_input_list, iter_inputs
+from pipeline.shard import ShardJob
 
 log = logging.getLogger("annotate")
 
@@ -61,7 +53,11 @@ class ShardFailures(RuntimeError):
 def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
     """Flags -> a checked ``AnnotateConfig``; a bad flag exits with a message saying what to do."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="folder or URI of the raw images (recursive)")
+    p.add_argument("--input", default=None,
+                   help="folder or URI of the raw images (recursive); with --input-list, the root of its relative entries")
+    p.add_argument("--input-list", default=None, metavar="FILE",
+                   help="Parquet, CSV or text file of image paths or URIs (one per row, optional caption column), "
+                        "instead of listing --input")
     p.add_argument("--output", required=True, help="folder or URI to write the manifest to")
     p.add_argument("--annotators", default="canny",
                    help=f"comma-separated names; known: {', '.join(registry.available())}")
@@ -96,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
         for name in names:
             registry.get(name)
         config = AnnotateConfig(
-            input=args.input, output=args.output, annotators=names,
+            input=args.input, input_list=args.input_list, output=args.output, annotators=names,
             annotator_params=_parse_params(args.param), resolution=args.resolution,
             center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
             image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
@@ -155,13 +151,11 @@ def make_job(config: AnnotateConfig) -> ShardJob:
     provenance["settings_fingerprint"] = fingerprint(
         {"settings": provenance["settings"], "params": [a.params.to_dict() for a in annotators]}
     )
+    sink = ManifestSink(config.output, names, provenance)
     return ShardJob(
-        input=config.input, output=config.output,
-        prepare=PrepareSettings(config.resolution, config.center_crop, config.min_side, config.max_pixels,
-                                config.max_aspect),
-        image_format=config.image_format, jpeg_quality=config.jpeg_quality,
-        annotators=tuple((n, overrides[n]) for n in config.annotators),
-        batch_size=config.batch_size, provenance=provenance, weights_dir=config.weights_dir,
+        input=config.input, prepare=config.prepare_settings(), image_format=config.image_format,
+        jpeg_quality=config.jpeg_quality, annotators=tuple((n, overrides[n]) for n in config.annotators),
+        batch_size=config.batch_size, sink=sink, weights_dir=config.weights_dir,
     )
 
 
@@ -182,214 +176,126 @@ def check_writable(output: str) -> None:
                          "you can write to") from exc
 
 
-def plan_shards(config: AnnotateConfig, listing: InputListing, job: ShardJob) -> tuple[list[dict], list[int]]:
-    """Split the sorted input into fixed slices; return (shards to do, indices already done).
-
-    A complete shard from an earlier run with the same settings and the same files is kept;
-    one whose files changed is redone. Every check runs before anything is deleted, so a refused
-    run leaves the output exactly as it was: shards written with other settings, files this project
-    did not write, or a rerun that would drop rows (a shrunk input, ``--limit``) stop the job unless
-    ``--overwrite`` allows it (files of others are never touched).
-    """
-    items = listing.items
-    size = config.shard_size
-    settings_fp = job.provenance["settings_fingerprint"]
-    specs = [shard_spec(i, items[s:s + size], settings_fp) for i, s in enumerate(range(0, len(items), size))]
-    fs, base = resolve(config.output)
-    existing = {Path(p).name: p for p in list_shards(config.output)}
-    provenance = {name: shard_provenance(path) for name, path in existing.items()}  # one footer read each
-    refuse_foreign_files(config.output, provenance)
-    stored = {name: p or {} for name, p in provenance.items()}
-    if not config.overwrite:
-        check_resumable(config, specs, stored, existing, settings_fp)
-    # Every check passed: from here on the output changes.
-    delete_quietly(fs, join(base, MANIFEST_JSON))  # present only while the manifest is complete
-    remove_stale_temp_files(config.output)
-    if config.overwrite:
-        for path in existing.values():
-            fs.delete_file(path)
-        return specs, []
-    todo, done = [], []
-    for spec in specs:
-        fingerprint_stored = stored.get(shard_name(spec["shard"]), {}).get("fingerprint")
-        (done if fingerprint_stored == spec["fingerprint"] else todo).append(spec)
-    return todo, [s["shard"] for s in done]
+def stream_inputs(config: AnnotateConfig, stats: ListingStats) -> Iterator[InputItem]:
+    """The input files as a stream in their order (sorted for a folder, as given for a list),
+    cut at ``--limit``; fails here, before any work, when there is no image at all."""
+    if config.input_list is not None:
+        items = iter_input_list(config.input_list, config.input, stats)
+    else:
+        items = iter_inputs(config.input, stats)
+    items = itertools.islice(items, config.limit)
+    first = next(items, None)
+    if first is None:
+        where = config.input_list or config.input
+        raise FileNotFoundError(f"no images found under {where} ({stats.ignored} other files); images are "
+                                f"files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return itertools.chain([first], items)
 
 
-def refuse_foreign_files(output: str, shards: dict[str, dict | None]) -> None:
-    """Stop when the output holds files this project did not write (it never deletes those);
-    ``shards`` maps each shard's name to its provenance (None: not written by this project)."""
-    fs, base = resolve(output)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-    except FileNotFoundError:
-        return
-    ours = {MANIFEST_JSON, output_lock.LOCK_NAME, output_lock.LOCK_NAME + ".takeover", *shards}
-    foreign = sorted(i.base_name for i in infos
-                     if i.base_name not in ours and not i.base_name.startswith(".tmp-"))
-    foreign += sorted(name for name, provenance in shards.items() if provenance is None)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ResumeConflict(f"{output} holds files this project did not write ({shown}); nothing was changed: "
-                             "choose an empty or new --output")
-
-
-def check_resumable(config: AnnotateConfig, specs: list[dict], stored: dict[str, dict], existing: dict[str, str],
-                    settings_fp: str) -> None:
-    """Refuse (changing nothing) a rerun that would mix settings or drop rows without --overwrite."""
-    other = sorted(n for n, p in stored.items() if not p.get("fingerprint", "").startswith(settings_fp))
-    if other:
+def check_output(config: AnnotateConfig, existing: ExistingShards, settings_fp: str) -> None:
+    """Refuse, changing nothing, an output holding files of others, or (without --overwrite)
+    shards written with other settings or annotators."""
+    if existing.foreign:
+        shown = ", ".join(existing.foreign[:5]) + (f" and {len(existing.foreign) - 5} more"
+                                                   if len(existing.foreign) > 5 else "")
+        raise ResumeConflict(f"{config.output} holds files this project did not write ({shown}); nothing was "
+                             "changed: choose an empty or new --output")
+    other = sorted(shard_name(i, existing.digits) for i, s in existing.stats.items()
+                   if not s.fingerprint.startswith(settings_fp))
+    if other and not config.overwrite:
         raise ResumeConflict(
             f"{config.output} holds shards written with other settings or annotators ({', '.join(other[:3])}"
             f"{', ...' if len(other) > 3 else ''}); nothing was changed: pass --overwrite to redo them, or "
             "choose another --output"
         )
-    rows_now = sum(shard_row_count(p) for p in existing.values())
-    rows_planned = sum(len(s["ids"]) for s in specs)
-    if rows_planned < rows_now:
-        why = f"--limit {config.limit}" if config.limit is not None else "the input has fewer files than before"
-        raise ResumeConflict(
-            f"{config.output} holds {rows_now} rows and this run would keep {rows_planned} ({why}); nothing was "
-            "changed: pass --overwrite to rewrite it with fewer rows, or choose another --output"
-        )
 
 
-def remove_stale_temp_files(output: str) -> None:
-    """Delete the temp files of writes that were killed mid-way (safe: this run holds the lock)."""
-    fs, base = resolve(output)
-    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-             if i.base_name.startswith(".tmp-") and not i.base_name.endswith("-lock")
-             and i.type == pafs.FileType.File]
-    for path in stale:
-        fs.delete_file(path)
-    if stale:
-        log.info("removed %d temp files left by an interrupted run", len(stale))
+def check_no_rows_dropped(config: AnnotateConfig, existing: ExistingShards, plan: Plan) -> None:
+    """Refuse (without --overwrite) a rerun that would keep fewer rows than the output holds, or
+    leave shards past the end of the input behind."""
+    beyond = [i for i in existing.paths if i >= plan.shards]
+    if config.overwrite or (plan.rows >= existing.rows() and not beyond):
+        return
+    why = f"--limit {config.limit}" if config.limit is not None else "the input has fewer files than before"
+    raise ResumeConflict(
+        f"{config.output} holds {existing.rows()} rows and this run would keep {plan.rows} ({why}); nothing was "
+        "changed: pass --overwrite to rewrite it with fewer rows, or choose another --output"
+    )
 
 
-def annotate_shards(job: ShardJob, todo: list[dict], total_rows: int,
-                    config: AnnotateConfig) -> tuple[float, list[str], list[str]]:
-    """Annotate the shards on Ray with a progress bar.
+def annotate_shards(job: ShardJob, todo: list, config: AnnotateConfig) -> tuple[float, list[str], list[str]]:
+    """Annotate the shards on Ray with a progress bar (the stages and retries: pipeline/dispatch.py).
 
-    CPU-only annotators run as one task per shard; model annotators run in a pool of actors
-    that load their weights once (on a GPU each when there are GPUs), each given the next shard as
-    soon as it is free (pipeline/dispatch.py). A shard that still fails after
-    ``--max-shard-retries`` resubmissions is reported and left unwritten; the same command again
-    redoes it. Returns (seconds, failed-shard messages, sidecars that were not UTF-8).
+    A shard that still fails after ``--max-shard-retries`` resubmissions is reported and left
+    unwritten; the same command again redoes it. Returns (seconds, failed-shard messages,
+    sidecars that were not UTF-8).
     """
-    import ray
-
     uses_model = any(registry.get(n).uses_model for n, _ in job.annotators)
-    if uses_model:
-        factory, size = _actor_pool(job, config)
-        results = dispatch.run_on_actors(factory, size, todo, config.max_shard_retries)
-    else:
-        task = ray.remote(num_cpus=1, max_retries=0)(annotate_shard)  # retries are the dispatcher's
-        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-        results = dispatch.run_as_tasks(task, ray.put(job), todo, window, config.max_shard_retries)
+    pool = (dispatch.pool_size(config.concurrency, config.gpus_per_worker, config.cpus_per_worker)
+            if uses_model else None)
     failures: list[str] = []
     not_utf8: list[str] = []
     start = time.perf_counter()
-    with tqdm(total=total_rows, unit="img", desc="annotate", file=sys.stderr) as bar:
-        for result in results:
+    with tqdm(total=sum(s.rows for s in todo), unit="img", desc="annotate", file=sys.stderr) as bar:
+        for result in dispatch.run_job(job, todo, uses_model, pool, config.max_shard_retries):
             if result.stat is None:
-                failures.append(f"{shard_name(result.spec['shard'])} (failed {result.attempts} times): "
-                                f"{result.error}")
+                failures.append(f"{shard_name(result.spec.index, job.sink.digits)} (failed {result.attempts} "
+                                f"times): {result.error}")
                 continue
-            not_utf8.extend(result.stat.get("captions_not_utf8", []))
-            bar.update(result.stat["rows"])
-            bar.set_postfix(error=result.stat["error"], filtered=result.stat["filtered"], refresh=False)
+            not_utf8.extend(result.stat.captions_not_utf8)
+            bar.update(result.stat.rows)
+            bar.set_postfix(error=result.stat.counts.get("error", 0), filtered=result.stat.counts.get("filtered", 0),
+                            refresh=False)
     return time.perf_counter() - start, failures, sorted(not_utf8)
-
-
-def _actor_pool(job: ShardJob, config: AnnotateConfig) -> tuple[Callable[[], Any], int]:
-    """(a factory of ShardAnnotator actors, how many): ``--concurrency``, else one per GPU or CPU."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = config.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
-    if config.concurrency is not None:
-        size = config.concurrency
-    elif gpus > 0:
-        size = max(1, int(resources.get("GPU", 0) // gpus))
-    else:
-        size = max(1, int(resources.get("CPU", 1) // config.cpus_per_worker))
-    if size * config.cpus_per_worker > resources.get("CPU", 0) or size * gpus > resources.get("GPU", 0):
-        log.warning("%d workers x (%d CPU, %g GPU) exceed the cluster's %s CPU / %s GPU: the extra workers wait "
-                    "for an autoscaler to add nodes", size, config.cpus_per_worker, gpus,
-                    resources.get("CPU", 0), resources.get("GPU", 0))
-    # A crashed actor restarts (reloading its weights); the dispatcher resubmits its shard.
-    actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus, max_restarts=-1,
-                           max_task_retries=0)(ShardAnnotator)
-    return (lambda: actor_cls.remote(job)), size
-
-
-def summarize(config: AnnotateConfig, listing: InputListing, job: ShardJob, run: dict[str, Any]) -> dict[str, Any]:
-    """The ``_manifest.json`` content: counts are read back from the shards on disk."""
-    fs, _ = resolve(config.output)
-    counts: collections.Counter[str] = collections.Counter()
-    reasons: collections.Counter[str] = collections.Counter()
-    shards = []
-    for path in list_shards(config.output):
-        table = pq.read_table(path, columns=["status", "error"], filesystem=fs)
-        statuses = table["status"].to_pylist()
-        counts.update(statuses)
-        reasons.update(e.split(":")[0] for e in table["error"].to_pylist() if e)
-        shards.append({"name": Path(path).name, "rows": table.num_rows})
-    rows = sum(s["rows"] for s in shards)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "input": {"uri": config.input, "images": len(listing.items), "ignored_files": listing.ignored,
-                  "skipped_links": listing.skipped_links},
-        "settings": job.provenance["settings"],
-        "settings_fingerprint": job.provenance["settings_fingerprint"],
-        "annotators": job.provenance["annotators"],
-        "columns": ["image", *[cond_column(a["name"]) for a in job.provenance["annotators"]]],
-        "counts": {"rows": rows, **{s: counts.get(s, 0) for s in STATUSES}},
-        "error_reasons": dict(reasons.most_common()),
-        "shards": shards,
-        "run": run,
-    }
 
 
 def run(config: AnnotateConfig) -> dict[str, Any]:
     """The whole job; returns the summary written to ``_manifest.json``."""
     started = time.perf_counter()
-    listing = list_inputs(config.input)
-    if listing.skipped_links:
-        log.warning("skipped %d symlinked folders already listed through another path (loops or repeats): %s",
-                    len(listing.skipped_links), ", ".join(listing.skipped_links[:5]))
-    if not listing.items:
-        raise FileNotFoundError(f"no images found under {config.input} ({listing.ignored} other files); images are "
-                                f"files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}")
-    if config.limit is not None:
-        listing.items = listing.items[: config.limit]
+    listing = ListingStats()
+    items = stream_inputs(config, listing)
     job = make_job(config)
+    settings_fp = job.sink.provenance["settings_fingerprint"]
     check_writable(config.output)
     with output_lock.acquire(config.output) as lock:  # one run per output, before any change
-        todo, done = plan_shards(config, listing, job)
-        ray_info = ray_runtime.connect(config.address, config.num_cpus)
-        log.info("%d images in %d shards (%d done before)", len(listing.items), len(todo) + len(done), len(done))
-        work_s, not_utf8 = 0.0, []
-        if todo:
-            work_s, failures, not_utf8 = annotate_shards(job, todo, sum(len(s["ids"]) for s in todo), config)
-            if failures:
-                raise ShardFailures(
-                    f"{len(failures)} of {len(todo)} shards failed (the others are written; run the "
-                    "same command again to redo only these):\n  " + "\n  ".join(failures)
-                )
-        done_rows = sum(len(s["ids"]) for s in todo)
+        existing = job.sink.existing(also_ours=(output_lock.LOCK_NAME, output_lock.LOCK_NAME + ".takeover",
+                                                PLAN_DIR))
+        check_output(config, existing, settings_fp)
+        remove_plans(config.output)  # plan folders of killed runs (this run holds the lock)
+        try:
+            is_done = (lambda index, fp: False) if config.overwrite else existing.done
+            plan = plan_shards(items, config.shard_size, settings_fp, is_done, run_plan_dir(config.output))
+            if listing.skipped_links:
+                log.warning("skipped %d symlinked folders already listed through another path (loops or repeats): "
+                            "%s", len(listing.skipped_links), ", ".join(listing.skipped_links[:5]))
+            check_no_rows_dropped(config, existing, plan)
+            # Every check passed: from here on the output changes.
+            job.sink.on_write_start(existing, config.overwrite)
+            ray_info = ray_runtime.connect(config.address, config.num_cpus)
+            log.info("%d images in %d shards (%d done before)", plan.rows, plan.shards, len(plan.kept))
+            work_s, not_utf8 = 0.0, []
+            if plan.todo:
+                work_s, failures, not_utf8 = annotate_shards(job, plan.todo, config)
+                if failures:
+                    error = ShardFailures(
+                        f"{len(failures)} of {len(plan.todo)} shards failed (the others are written; run the "
+                        "same command again to redo only these):\n  " + "\n  ".join(failures))
+                    job.sink.on_write_failed(error)
+                    raise error
+        finally:
+            remove_plans(config.output)
+        done_rows = sum(s.rows for s in plan.todo)
         run_info = {
-            "ray": ray_info, "shards_written": len(todo), "shards_kept": len(done),
+            "ray": ray_info, "shards_written": len(plan.todo), "shards_kept": len(plan.kept),
             "wall_s": round(time.perf_counter() - started, 3), "annotate_s": round(work_s, 3),
             "images_per_s": round(done_rows / work_s, 2) if work_s else None,
             "captions_not_utf8": not_utf8,
         }
-        summary = summarize(config, listing, job, run_info)
+        input_info = {"uri": config.input, "list": config.input_list, "images": plan.rows,
+                      "ignored_files": listing.ignored, "skipped_links": listing.skipped_links}
+        summary = job.sink.summary(input_info, run_info)
         lock.check()  # a run that lost its lock never declares the manifest complete
-        write_manifest_json(config.output, summary)
+        job.sink.on_write_complete(summary)
     return summary
 
 

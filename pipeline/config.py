@@ -7,32 +7,28 @@ import hashlib
 import json
 from typing import Any
 
+from pipeline.decode import PrepareSettings
+
 IMAGE_FORMATS = ("jpeg", "png")
 
 
-@dataclasses.dataclass
-class AnnotateConfig:
-    """Everything that decides what an annotation job writes, and how it runs."""
+@dataclasses.dataclass(kw_only=True)
+class AnnotateConfig(PrepareSettings):
+    """Everything that decides what an annotation job writes, and how it runs (with the image
+    preparation settings of ``PrepareSettings``)."""
 
-    input: str
-    """Folder or URI (``s3://``, ``gs://``, ``file://``, any fsspec scheme) holding the images."""
+    input: str | None = None
+    """Folder or URI (``s3://``, ``gs://``, ``file://``, any fsspec scheme) holding the images; with
+    ``input_list``, the root its relative entries are under (None: the entries are absolute)."""
     output: str
     """Folder or URI the manifest is written to."""
+    input_list: str | None = None
+    """A Parquet, CSV or text file listing the images (paths or URIs, one per row, an optional
+    ``caption`` column), read as a stream in its own order, instead of listing ``input``."""
     annotators: tuple[str, ...] = ("canny",)
     """Registry names; each makes one ``cond_<name>`` column."""
     annotator_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per-annotator parameter overrides, e.g. ``{"canny": {"low": "50"}}``."""
-    resolution: int = 512
-    """Shortest side of the prepared image, in pixels; a multiple of 8."""
-    center_crop: bool = False
-    """Crop the prepared image to a ``resolution`` x ``resolution`` square."""
-    min_side: int = 0
-    """Images whose shortest side is below this become ``filtered`` rows (0: keep all, upscale)."""
-    max_pixels: int = 100_000_000
-    """Images with more pixels (read from the header, before decoding) become ``error`` rows."""
-    max_aspect: float = 4.0
-    """Images whose long side exceeds this many times the short side (read from the header) become
-    ``filtered`` rows: a banner would otherwise be prepared far past what JPEG can encode."""
     image_format: str = "jpeg"
     """Encoding of the prepared image: ``jpeg`` or ``png`` (maps are always PNG)."""
     jpeg_quality: int = 95
@@ -66,6 +62,8 @@ class AnnotateConfig:
 
     def __post_init__(self) -> None:
         self.annotators = tuple(self.annotators)
+        if self.input is None and self.input_list is None:
+            raise ValueError("give --input (a folder or URI of images) or --input-list (a file listing them)")
         if not self.annotators:
             raise ValueError("--annotators: give at least one annotator")
         if len(set(self.annotators)) != len(self.annotators):

@@ -44,15 +44,25 @@ class TooElongated(Filtered):
     code = "max_aspect"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class PrepareSettings:
-    """How a raw image becomes the prepared image (see ``AnnotateConfig`` for each field)."""
+    """How a raw image becomes the prepared image (``AnnotateConfig`` extends these settings)."""
 
     resolution: int = 512
+    """Shortest side of the prepared image, in pixels; a multiple of 8."""
     center_crop: bool = False
+    """Crop the prepared image to a ``resolution`` x ``resolution`` square."""
     min_side: int = 0
+    """Images whose shortest side is below this become ``filtered`` rows (0: keep all, upscale)."""
     max_pixels: int = 100_000_000
+    """Images with more pixels (read from the header, before decoding) become ``error`` rows."""
     max_aspect: float = 4.0
+    """Images whose long side exceeds this many times the short side (read from the header) become
+    ``filtered`` rows: a banner would otherwise be prepared far past what JPEG can encode."""
+
+    def prepare_settings(self) -> "PrepareSettings":
+        """Just these settings (what a worker needs to prepare images)."""
+        return PrepareSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PrepareSettings)})
 
 
 @dataclasses.dataclass

@@ -1,9 +1,20 @@
-"""List the input collection: one item per image file, sorted, with where its caption comes from.
+"""List the input collection as a stream: one item per image file, in sorted order, with its caption's source.
 
-Captions come from a sidecar with the image's stem (``.txt``, ``.caption``, or ``.json`` with a
-``caption``/``text`` field), else from a ``metadata.jsonl``/``.csv``/``.parquet`` listing
-``file_name`` and ``text`` (the Hugging Face imagefolder convention; ``file_name`` is relative to
-the metadata file's folder), else "". Sidecars are read by the workers, metadata files here.
+Two ways in:
+
+- ``iter_inputs(root)``: every image file under a folder or bucket prefix, streamed in sorted order
+  of the relative path (``list_inputs`` materialises it for small jobs and tests). The tree is walked
+  folder by folder, each folder listed on its own, so the driver holds one folder's names at a time
+  (per level of the current path), never the whole collection.
+- ``iter_input_list(list_file, root)``: the paths or URIs named in a Parquet, CSV or text file
+  (``--input-list``), streamed in the file's order.
+
+Captions of a listed tree come from a sidecar with the image's stem (``.txt``, ``.caption``, or
+``.json`` with a ``caption``/``text`` field), else from a ``metadata.jsonl``/``.csv``/``.parquet``
+listing ``file_name`` and ``text`` (the Hugging Face imagefolder convention; ``file_name`` is
+relative to the metadata file's folder and captions files of that folder and below), else "".
+Sidecars are read by the workers (``SourceReader``), metadata files here, when their folder is
+entered. Captions of an input list come from its ``caption``/``text`` column.
 """
 
 from __future__ import annotations
@@ -15,7 +26,12 @@ import json
 import logging
 import os
 import posixpath
+import re
+import threading
+import urllib.parse
+from dataclasses import field
 from stat import S_IFBLK, S_IFCHR, S_IFIFO, S_IFMT, S_IFSOCK, S_ISREG
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -25,8 +41,14 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 SIDECAR_EXTENSIONS = (".txt", ".caption", ".json")  # first found wins
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 CAPTION_FIELDS = ("text", "caption")
+LIST_PATH_COLUMNS = ("path", "source", "uri", "file_name", "image")  # first present wins, else column 0
+LIST_CAPTION_COLUMNS = ("caption", "text")
+NOT_UTF8 = "file name is not valid UTF-8 (shown with \\x escapes); rename the file to annotate it"
 
 log = logging.getLogger("annotate")
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +58,12 @@ class InputItem:
     id: str
     """Stable key: hash of ``source``."""
     source: str
-    """Path relative to the input root, '/'-separated (a name that is not UTF-8 shown with \\x escapes)."""
+    """Path relative to the input root, '/'-separated (a name that is not UTF-8 shown with \\x escapes);
+    for an input list without a root, the absolute path or URI as listed."""
     sidecar: str | None = None
     """Relative path of the caption sidecar, read by the worker."""
     caption: str | None = None
-    """Caption from a metadata file, when there is one for this file."""
+    """Caption from a metadata file (or the input list's caption column), when there is one."""
     stamp: str = ""
     """Size and modification time of the file and its sidecar (and the metadata caption): what
     resume compares to notice a file overwritten or a caption edited between runs."""
@@ -49,27 +72,27 @@ class InputItem:
 
 
 @dataclasses.dataclass
-class InputListing:
-    """The sorted image items under an input root, and what was not an image."""
+class ListingStats:
+    """Counts gathered while a listing streams (complete once the iterator is exhausted)."""
 
-    root: str
+    images: int = 0
+    """Items yielded (problem items included)."""
+    ignored: int = 0
+    """Files that are neither images, sidecars nor metadata (not rows of the manifest)."""
+    skipped_links: list[str] = field(default_factory=list)
+    """Folders not entered because their real folder is listed through another path (symlink loops,
+    links into the input, a second link to one folder), printable relative paths."""
+
+
+@dataclasses.dataclass
+class InputListing:
+    """The sorted image items under an input root, and what was not an image (``list_inputs``)."""
+
     items: list[InputItem]
     ignored: int
     """Files that are neither images, sidecars nor metadata (not rows of the manifest)."""
     skipped_links: list[str] = dataclasses.field(default_factory=list)
-    """Symlinked folders not followed because their real folder was already listed (loops, repeats)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ListedFile:
-    """A file found under the input root, with what resume compares."""
-
-    path: str
-    """Relative path, '/'-separated (surrogate-escaped where the name is not UTF-8)."""
-    size: int
-    mtime_ns: int
-    unusable: str | None = None
-    """Why the file cannot be read as a file ("a FIFO", "a broken link", ...); None: a regular file."""
+    """Symlinked folders not followed because their real folder is listed already (loops, repeats)."""
 
 
 def row_id(source: str) -> str:
@@ -83,149 +106,319 @@ def printable(path: str) -> str:
 
 
 def list_inputs(root: str) -> InputListing:
-    """All image files under ``root`` (recursive), sorted by relative path.
+    """All image files under ``root`` (recursive), sorted by relative path, as one list.
 
-    On a local disk each real folder is listed once: a symlinked folder whose target was already
-    listed (a loop such as ``sub/up -> ..``, or a second link to one folder) is skipped and
-    counted, so a loop cannot multiply rows. Links to files are followed; a broken link to an
-    image becomes an error row.
+    For small jobs and tests: it holds every item (about 1 KB each); a large job streams
+    ``iter_inputs`` instead.
+    """
+    stats = ListingStats()
+    items = list(iter_inputs(root, stats))
+    return InputListing(items=items, ignored=stats.ignored, skipped_links=stats.skipped_links)
+
+
+# --- a folder tree, streamed ---------------------------------------------------------------------------
+
+def iter_inputs(root: str, stats: ListingStats) -> Iterator[InputItem]:
+    """InputItems under root, streamed in the same sorted order list_inputs gives today.
+
+    The order is that of the relative path strings (``sorted()`` of the full paths), so an existing
+    manifest resumes with the same shard slices. It is produced folder by folder: each folder is
+    listed alone (``os.scandir`` on a local disk, a non-recursive ``FileSelector`` elsewhere; object
+    stores list per prefix) and its entries sorted with a folder keyed as ``name + "/"``, which
+    makes depth-first order equal full-path order. Memory: the entries of the folders on the current
+    path (bounded by the largest folder), plus the captions of the metadata files above it.
+
+    On a local disk a symlinked folder is entered at its sorted position, unless its real target
+    lies inside the input's real path (its files are listed through their real path anyway; a loop
+    such as ``sub/up -> ..`` ends here) or inside a folder already entered through a link, or it is
+    a folder already entered through a link (same device and inode); those are skipped and named
+    in ``stats.skipped_links``. Links to files are followed; a broken link, a FIFO, a socket or a
+    device named like an image becomes an item with a ``problem`` (never opened), and so does a
+    name that is not UTF-8. A folder that cannot be listed is logged and skipped.
+
+    A metadata file is read when its folder is entered and captions files of that folder and
+    below; one that cannot be parsed raises ``ValueError`` naming the file (and the line) when the
+    stream reaches its folder. Where two metadata files caption one file, the one whose path sorts
+    last wins. The root is checked at once: a missing root raises ``FileNotFoundError`` here.
     """
     fs, base = resolve(root)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         what = "does not exist" if info.type == pafs.FileType.NotFound else "is not a folder"
         raise FileNotFoundError(f"--input {root} {what}; give a folder or bucket prefix of images")
-    if isinstance(fs, pafs.LocalFileSystem):
-        files, skipped = _walk_local(base)
-    else:  # object stores have no links
-        files, skipped = _walk_fs(fs, base), []
-    files.sort(key=lambda f: f.path)
-    # Sidecars match their image's stem exactly and their extension in any case (IMG_1.TXT).
-    # Only regular files are read as sidecars or metadata: opening a FIFO would wait forever.
-    regular = [f for f in files if f.unusable is None]
-    sidecars = {(posixpath.splitext(f.path)[0], posixpath.splitext(f.path)[1].lower()): f for f in regular}
-    metadata_captions = _metadata_captions(
-        fs, base, [f.path for f in regular if posixpath.basename(f.path) in METADATA_NAMES])
-    items, ignored = [], 0
-    for listed in files:
-        source = listed.path
-        stem, ext = posixpath.splitext(source)
-        if ext.lower() not in IMAGE_EXTENSIONS:
-            is_sidecar = ext.lower() in SIDECAR_EXTENSIONS or posixpath.basename(source) in METADATA_NAMES
-            ignored += 0 if is_sidecar else 1
+    tree = _LocalTree(base, stats) if isinstance(fs, pafs.LocalFileSystem) else _StoreTree(fs, base)
+    return _stream(tree, stats)
+
+
+_FILE, _DIR = 0, 1
+_KINDS = {S_IFIFO: "a FIFO", S_IFSOCK: "a socket", S_IFCHR: "a character device", S_IFBLK: "a block device"}
+
+
+def _sort_key(entry: tuple) -> str:
+    return entry[0]
+
+
+def _under(path: str, tops: set[str]) -> bool:
+    """Whether ``path`` is one of ``tops`` or inside one (real, absolute paths)."""
+    while True:
+        if path in tops:
+            return True
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+
+
+class _LocalTree:
+    """Folders of a local disk: links followed by the rules of ``iter_inputs``."""
+
+    def __init__(self, base: str, stats: ListingStats) -> None:
+        self.base = base
+        self.stats = stats
+        stat = os.stat(base)
+        self.root_token = (stat.st_dev, stat.st_ino)
+        self.open = {self.root_token}
+        """(st_dev, st_ino) of the folders on the current path: a bind mount repeating one ends here."""
+        self.seen: set[tuple[int, int]] = set()
+        """(st_dev, st_ino) of every folder entered through a link."""
+        self.listed_reals = {os.path.realpath(base)}
+        """Real paths whose whole subtree is listed: the root and the targets of followed links."""
+
+    def entries(self, rel_dir: str) -> list[tuple] | None:
+        """A folder's (key, kind, is_link) entries, sorted descending (popped from the end); None if unreadable."""
+        path = os.path.join(self.base, rel_dir) if rel_dir else self.base
+        found = []
+        try:
+            with os.scandir(path) as listing:
+                for entry in listing:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=True)
+                        is_link = is_dir and entry.is_symlink()
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        found.append((entry.name + "/", _DIR, is_link))
+                    else:
+                        found.append((entry.name, _FILE, None))
+        except OSError as exc:  # an unreadable folder: say so, the rest is listed
+            log.warning("cannot list %s: %s", printable(path), exc)
+            return None
+        found.sort(key=_sort_key, reverse=True)
+        return found
+
+    def enter(self, rel: str, is_link: bool) -> tuple[int, int] | None:
+        """A token to list the folder ``rel`` with (pass it to ``leave``), or None to skip it."""
+        path = os.path.join(self.base, rel)
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", printable(path), exc)
+            return None
+        key = (stat.st_dev, stat.st_ino)
+        if is_link:
+            real = os.path.realpath(path)
+            if key in self.seen or key in self.open or _under(real, self.listed_reals):
+                self.stats.skipped_links.append(printable(rel))
+                return None
+            self.seen.add(key)
+            self.listed_reals.add(real)
+        elif key in self.open or key in self.seen:  # a bind mount, or a folder a link listed already
+            self.stats.skipped_links.append(printable(rel))
+            return None
+        self.open.add(key)
+        return key
+
+    def leave(self, token: Any) -> None:
+        self.open.discard(token)
+
+    def stat(self, rel: str, info: Any) -> tuple[int, int, str | None]:
+        """(size, mtime_ns, why it is not a regular file or None), following links."""
+        try:
+            stat = os.stat(os.path.join(self.base, rel))
+        except OSError as exc:  # a broken link: listed, so an image among them becomes an error row
+            return -1, -1, f"a broken link: {exc.strerror or exc}"
+        kind = None if S_ISREG(stat.st_mode) else _KINDS.get(S_IFMT(stat.st_mode), "not a file")
+        return stat.st_size, stat.st_mtime_ns, kind
+
+    def read(self, rel: str) -> bytes:
+        """A listed file's bytes, through ``open``, which takes names that are not UTF-8."""
+        with open(os.path.join(self.base, rel), "rb") as f:
+            return f.read()
+
+
+class _StoreTree:
+    """Prefixes of any pyarrow filesystem (an object store: no links; sizes come with the listing)."""
+
+    def __init__(self, fs: pafs.FileSystem, base: str) -> None:
+        self.fs = fs
+        self.base = base
+        self.root_token = True
+
+    def entries(self, rel_dir: str) -> list[tuple] | None:
+        path = join(self.base, rel_dir) if rel_dir else self.base
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", path, exc)
+            return None
+        found = []
+        for info in infos:
+            if info.type == pafs.FileType.Directory:
+                found.append((info.base_name + "/", _DIR, None))
+            elif info.type == pafs.FileType.File:
+                found.append((info.base_name, _FILE, (info.size or 0, info.mtime_ns or 0)))
+        found.sort(key=_sort_key, reverse=True)
+        return found
+
+    def enter(self, rel: str, info: Any) -> bool:
+        return True
+
+    def leave(self, token: Any) -> None:
+        pass
+
+    def stat(self, rel: str, info: Any) -> tuple[int, int, str | None]:
+        return info[0], info[1], None
+
+    def read(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(join(self.base, rel)) as f:
+            return f.read()
+
+
+@dataclasses.dataclass
+class _Folder:
+    """A folder being listed: its entries not yet taken, and its sidecars by (stem, lower-case extension)."""
+
+    rel: str
+    entries: list[tuple]
+    sidecars: dict[tuple[str, str], list[tuple[str, Any]]]
+    token: Any
+    has_metadata: bool
+
+
+def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[InputItem]:
+    """The depth-first walk of ``iter_inputs``: items in full-path order, one folder listed at a time."""
+    folders: list[_Folder] = []
+    scopes: list[tuple[str, list[tuple[str, dict[str, str]]]]] = []
+    """(folder, [(metadata file, {path below folder: caption})]) of the metadata files above."""
+
+    def open_folder(rel_dir: str, token: Any) -> None:
+        entries = tree.entries(rel_dir)
+        if entries is None:
+            tree.leave(token)
+            return
+        # Sidecars match their image's stem exactly and their extension in any case (IMG_1.TXT).
+        sidecars: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+        metadata = []
+        for name, kind, info in reversed(entries):  # ascending
+            if kind != _FILE:
+                continue
+            stem, ext = posixpath.splitext(name)
+            if ext.lower() in SIDECAR_EXTENSIONS:
+                sidecars.setdefault((stem, ext.lower()), []).append((name, info))
+            elif name in METADATA_NAMES:
+                metadata.append((name, info))
+        captions = []
+        for name, info in metadata:
+            rel = _child(rel_dir, name)
+            if tree.stat(rel, info)[2] is None:  # a FIFO named metadata.jsonl would wait forever
+                captions.append((rel, _metadata_captions(printable(rel), tree.read(rel))))
+        if captions:
+            scopes.append((rel_dir, captions))
+        folders.append(_Folder(rel_dir, entries, sidecars, token, bool(captions)))
+
+    def caption_of(rel: str) -> str | None:
+        best: tuple[str, str] | None = None
+        for folder, files in scopes:
+            below = rel[len(folder) + 1:] if folder else rel
+            for metadata_rel, captions in files:
+                text = captions.pop(below, None)  # each file is looked up once: free it
+                if text is not None and (best is None or metadata_rel > best[0]):
+                    best = (metadata_rel, text)  # as before: the metadata file sorting last wins
+        return best[1] if best else None
+
+    open_folder("", tree.root_token)
+    while folders:
+        folder = folders[-1]
+        if not folder.entries:
+            folders.pop()
+            tree.leave(folder.token)
+            if folder.has_metadata:
+                scopes.pop()
             continue
-        sidecar = next((sidecars[(stem, e)] for e in SIDECAR_EXTENSIONS if (stem, e) in sidecars), None)
-        caption = metadata_captions.get(source)
+        name, kind, info = folder.entries.pop()
+        if kind == _DIR:
+            rel = _child(folder.rel, name[:-1])
+            token = tree.enter(rel, info)
+            if token is not None:
+                open_folder(rel, token)
+            continue
+        stem, ext = posixpath.splitext(name)
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            is_sidecar = ext.lower() in SIDECAR_EXTENSIONS or name in METADATA_NAMES
+            stats.ignored += 0 if is_sidecar else 1
+            continue
+        source = _child(folder.rel, name)
+        size, mtime_ns, unusable = tree.stat(source, info)
+        sidecar = _sidecar(tree, folder, stem)
+        caption = caption_of(source) if scopes else None
         stamp = ";".join(str(x) for x in (
-            listed.size, listed.mtime_ns,
-            *((sidecar.path, sidecar.size, sidecar.mtime_ns) if sidecar else ()),
+            size, mtime_ns,
+            *(sidecar if sidecar else ()),
             hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else "",
         ))
         shown = printable(source)
         problem = None
         if shown != source:
-            problem = "file name is not valid UTF-8 (shown with \\x escapes); rename the file to annotate it"
-        elif listed.unusable is not None:
-            problem = f"not a regular file ({listed.unusable})"
-        items.append(InputItem(row_id(source), shown, sidecar.path if sidecar else None, caption, stamp, problem))
-    return InputListing(root=root, items=items, ignored=ignored, skipped_links=skipped)
+            problem = NOT_UTF8
+        elif unusable is not None:
+            problem = f"not a regular file ({unusable})"
+        stats.images += 1
+        yield InputItem(row_id(source), shown, sidecar[0] if sidecar else None, caption, stamp, problem)
 
 
-def _walk_local(base: str) -> tuple[list[ListedFile], list[str]]:
-    """Files under a local folder, entering each real folder once.
-
-    Real sub-folders are walked first; a symlinked folder is entered afterwards only if its
-    target was not reached already, so a folder's files keep their link-free path when they have
-    one and a loop (``sub/up -> ..``) ends at once.
-    """
-    files: list[ListedFile] = []
-    skipped: list[str] = []
-    root_stat = os.stat(base)
-    seen = {(root_stat.st_dev, root_stat.st_ino)}
-    stack: list[str] = [""]
-    links: list[str] = []
-    while stack or links:
-        if not stack:
-            links.sort(reverse=True)
-            link = links.pop()
-            stat = os.stat(os.path.join(base, link))
-            if (stat.st_dev, stat.st_ino) in seen:
-                skipped.append(printable(link))
-                continue
-            seen.add((stat.st_dev, stat.st_ino))
-            stack.append(link)
-        rel_dir = stack.pop()
-        try:
-            entries = sorted(os.scandir(os.path.join(base, rel_dir) if rel_dir else base), key=lambda e: e.name)
-        except OSError as exc:  # an unreadable folder: say so, the rest is listed
-            log.warning("cannot list %s: %s", printable(os.path.join(base, rel_dir)), exc)
-            continue
-        for entry in entries:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-            except OSError:
-                is_dir = False
-            if is_dir and entry.is_symlink():
-                links.append(rel)
-            elif is_dir:
-                stat = entry.stat(follow_symlinks=False)
-                if (stat.st_dev, stat.st_ino) not in seen:  # a bind mount can repeat a folder too
-                    seen.add((stat.st_dev, stat.st_ino))
-                    stack.append(rel)
-            else:
-                try:
-                    stat = entry.stat(follow_symlinks=True)
-                except OSError as exc:  # a broken link: listed, so an image among them becomes an error row
-                    files.append(ListedFile(rel, -1, -1, f"a broken link: {exc.strerror or exc}"))
-                    continue
-                kind = None if S_ISREG(stat.st_mode) else _KINDS.get(S_IFMT(stat.st_mode), "not a file")
-                files.append(ListedFile(rel, stat.st_size, stat.st_mtime_ns, kind))
-    return files, skipped
+def _child(rel_dir: str, name: str) -> str:
+    return f"{rel_dir}/{name}" if rel_dir else name
 
 
-_KINDS = {S_IFIFO: "a FIFO", S_IFSOCK: "a socket", S_IFCHR: "a character device", S_IFBLK: "a block device"}
+def _sidecar(tree: _LocalTree | _StoreTree, folder: _Folder, stem: str) -> tuple[str, int, int] | None:
+    """(relative path, size, mtime_ns) of an image's sidecar: the first extension of
+    ``SIDECAR_EXTENSIONS`` that has a regular file; of two differing only in case, the one sorting last."""
+    for ext in SIDECAR_EXTENSIONS:
+        for name, info in reversed(folder.sidecars.get((stem, ext), ())):
+            rel = _child(folder.rel, name)
+            size, mtime_ns, unusable = tree.stat(rel, info)
+            if unusable is None:  # only regular files are read as sidecars: opening a FIFO would hang
+                return rel, size, mtime_ns
+    return None
 
 
-def _walk_fs(fs: pafs.FileSystem, base: str) -> list[ListedFile]:
-    """Files under a prefix of any pyarrow filesystem (an object store: no links)."""
-    found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return [
-        ListedFile(posixpath.relpath(f.path, base), f.size or 0, f.mtime_ns or 0)
-        for f in found if f.type == pafs.FileType.File
-    ]
+def _metadata_captions(name: str, data: bytes) -> dict[str, str]:
+    """{path relative to the metadata file's folder: caption} of one metadata file.
 
-
-def _metadata_captions(fs: pafs.FileSystem, base: str, metadata_files: list[str]) -> dict[str, str]:
-    """{relative image path: caption} from every metadata file in the tree.
-
-    A metadata file that cannot be parsed stops the job here, before any work, with a message
-    naming the file (and the line, for JSON lines).
+    A metadata file that cannot be parsed stops the listing with a message naming the file (and
+    the line, for JSON lines). Entries pointing outside the file's folder are ignored, with a warning.
     """
     import pandas as pd
+
+    frame = _read_table(name, data)
+    column = next((c for c in CAPTION_FIELDS if c in frame.columns), None)
+    if "file_name" not in frame.columns or column is None:
+        raise ValueError(
+            f"{name}: a metadata file needs a 'file_name' column and a 'text' (or 'caption') "
+            f"column; it has {list(frame.columns)}"
+        )
     captions: dict[str, str] = {}
-    for rel in metadata_files:
-        frame = _read_table(printable(rel), _read_bytes(fs, base, rel))
-        field = next((c for c in CAPTION_FIELDS if c in frame.columns), None)
-        if "file_name" not in frame.columns or field is None:
-            raise ValueError(
-                f"{printable(rel)}: a metadata file needs a 'file_name' column and a 'text' (or 'caption') "
-                f"column; it has {list(frame.columns)}"
-            )
-        folder = posixpath.dirname(rel)
-        for name, text in zip(frame["file_name"], frame[field]):
-            key = posixpath.normpath(posixpath.join(folder, str(name)))
-            captions[key] = "" if pd.isna(text) else str(text)
+    outside = []
+    for file_name, text in zip(frame["file_name"], frame[column]):
+        key = posixpath.normpath(str(file_name))
+        if key == ".." or key.startswith(("../", "/")):
+            outside.append(str(file_name))
+            continue
+        captions[key] = "" if pd.isna(text) else str(text)
+    if outside:
+        log.warning("%s: %d file_name entries point outside its folder (%s); a metadata file captions files "
+                    "in its folder and below only", name, len(outside), ", ".join(outside[:3]))
     return captions
-
-
-def _read_bytes(fs: pafs.FileSystem, base: str, rel: str) -> bytes:
-    """A listed file's bytes; on a local disk through ``open``, which takes names that are not UTF-8."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        with open(os.path.join(base, rel), "rb") as f:
-            return f.read()
-    with fs.open_input_file(join(base, rel)) as f:
-        return f.read()
 
 
 def _read_table(name: str, data: bytes) -> "pd.DataFrame":
@@ -246,7 +439,7 @@ def _read_table(name: str, data: bytes) -> "pd.DataFrame":
 def _json_lines(name: str, data: bytes) -> list[dict]:
     """The records of a JSON-lines file; a bad line (a truncated file) is named with its number."""
     records = []
-    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as Windows editors write
+    data = data.removeprefix(_BOM)  # a UTF-8 byte-order mark, as Windows editors write
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -259,6 +452,288 @@ def _json_lines(name: str, data: bytes) -> list[dict]:
             raise ValueError(f"{name} line {number}: a JSON object is expected, found {type(record).__name__}")
         records.append(record)
     return records
+
+
+# --- an input list, streamed ---------------------------------------------------------------------------
+
+def iter_input_list(list_file: str, root: str | None, stats: ListingStats) -> Iterator[InputItem]:
+    """--input-list: a Parquet, CSV (.csv) or text (.txt / .lst / anything else: one path per line) file
+    of paths or URIs, one per row, with an optional caption column; streamed in the file's order.
+
+    - Parquet is read a batch at a time (``ParquetFile.iter_batches``, only the columns used), CSV
+      through ``pyarrow.csv.open_csv`` (streaming; it needs a header row), text a line at a time
+      (blank lines and lines starting with ``#`` skipped, a UTF-8 byte-order mark stripped; a pipe
+      such as ``--input-list <(find ...)`` works for text lists).
+    - The path column is the first of ``path``, ``source``, ``uri``, ``file_name``, ``image``, else
+      the first column; the caption column is ``caption`` or ``text`` when there is one (else no
+      caption). Listed files get no sidecar lookup: their caption comes from that column or a
+      captioner.
+    - With ``root``, entries are relative to it (an absolute path or URI, or a path leaving the
+      root through ``..``, raises ``ValueError`` naming the row); without it, entries must be
+      absolute paths or URIs of any scheme ``manifests.io.resolve`` knows (a relative entry raises
+      ``ValueError``). ``source`` is the entry as given, stripped of surrounding whitespace.
+    - ``stamp`` is the caption's hash only: nothing is stat'ed per entry (cheap on S3), so resume does
+      not notice an image overwritten in place under the same name; change the list (or use
+      ``--overwrite``) to redo it.
+    - An entry without an image extension is listed on purpose: it becomes an item with a
+      ``problem`` (an error row). A repeated entry is noticed only when the repeats are adjacent
+      (as in a sorted list; remembering every path would grow with the list): the repeat becomes an
+      item with the problem "listed twice (first at row N)" and an id of its own (ids are unique).
+
+    Checked at once: a missing list file raises ``FileNotFoundError`` naming it, a missing root or
+    an unusable header ``ValueError``; errors in rows are raised when the stream reaches them.
+    """
+    fs, path = resolve(list_file)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    kind = fs.get_file_info(path).type if not local else (
+        pafs.FileType.Directory if os.path.isdir(path) else
+        pafs.FileType.File if os.path.exists(path) else pafs.FileType.NotFound)
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"--input-list {list_file} does not exist")
+    if kind == pafs.FileType.Directory:
+        raise FileNotFoundError(f"--input-list {list_file} is a folder; give a .parquet, .csv or .txt list "
+                                "(or pass the folder as --input)")
+    if root is not None:
+        root_fs, root_base = resolve(root)
+        info = root_fs.get_file_info(root_base)
+        if info.type != pafs.FileType.Directory:
+            what = "does not exist" if info.type == pafs.FileType.NotFound else "is not a folder"
+            raise FileNotFoundError(f"--input {root} {what}; the paths of --input-list {list_file} are "
+                                    "relative to it")
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        rows, unit = _parquet_rows(fs, path, list_file), "row"
+    elif lower.endswith(".csv"):
+        rows, unit = _csv_rows(fs, path, list_file), "row"
+    else:
+        rows, unit = _text_rows(fs, path, local), "line"
+    return _listed_items(rows, list_file, unit, root, stats)
+
+
+def _pick_columns(name: str, columns: list[str]) -> tuple[str, str | None]:
+    """(path column, caption column or None) of a Parquet or CSV list."""
+    if not columns:
+        raise ValueError(f"--input-list {name} has no columns")
+    path_column = next((c for c in LIST_PATH_COLUMNS if c in columns), None)
+    if path_column is None:
+        path_column = columns[0]
+        if posixpath.splitext(path_column)[1].lower() in IMAGE_EXTENSIONS:
+            raise ValueError(f"--input-list {name}: its first row ({path_column!r}) looks like a path, not a "
+                             "header; add a header row (path,caption) or use a .txt list, one path per line")
+    caption_column = next((c for c in LIST_CAPTION_COLUMNS if c in columns and c != path_column), None)
+    return path_column, caption_column
+
+
+def _parquet_rows(fs: pafs.FileSystem, path: str, name: str) -> Iterator[tuple[int, Any, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = fs.open_input_file(path)
+    try:
+        parquet = pq.ParquetFile(f)
+        schema = parquet.schema_arrow
+        path_column, caption_column = _pick_columns(name, schema.names)
+        path_type = schema.field(path_column).type
+        if not (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)
+                or getattr(pa.types, "is_string_view", lambda t: False)(path_type)):
+            raise ValueError(f"--input-list {name}: column {path_column!r} holds {path_type}, not paths; "
+                             f"name the column of paths one of {', '.join(LIST_PATH_COLUMNS)}")
+    except (pa.ArrowException, OSError) as exc:
+        f.close()
+        raise ValueError(f"--input-list {name}: cannot read this Parquet file ({exc})") from exc
+    except BaseException:
+        f.close()
+        raise
+
+    def rows() -> Iterator[tuple[int, Any, Any]]:
+        number = 0
+        with f:
+            columns = [path_column] + ([caption_column] if caption_column else [])
+            for batch in parquet.iter_batches(batch_size=8192, columns=columns):
+                paths = batch.column(0).to_pylist()
+                captions = batch.column(1).to_pylist() if caption_column else [None] * len(paths)
+                for entry, caption in zip(paths, captions):
+                    number += 1
+                    yield number, entry, caption
+
+    return rows()
+
+
+def _csv_rows(fs: pafs.FileSystem, path: str, name: str) -> Iterator[tuple[int, Any, Any]]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:  # the header first (one block), then the columns used, all read as text
+        with fs.open_input_stream(path) as stream:
+            columns = pacsv.open_csv(stream).schema.names
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"--input-list {name}: cannot read this CSV file ({exc})") from exc
+    path_column, caption_column = _pick_columns(name, columns)
+    used = [path_column] + ([caption_column] if caption_column else [])
+    stream = fs.open_input_stream(path)
+    try:
+        reader = pacsv.open_csv(stream, convert_options=pacsv.ConvertOptions(
+            include_columns=used, column_types={c: pa.string() for c in used}))
+    except BaseException:
+        stream.close()
+        raise
+
+    def rows() -> Iterator[tuple[int, Any, Any]]:
+        number = 0
+        with stream:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+                except pa.ArrowInvalid as exc:
+                    raise ValueError(f"--input-list {name}: cannot read this CSV file after row {number} "
+                                     f"({exc})") from exc
+                paths = batch.column(0).to_pylist()
+                captions = batch.column(1).to_pylist() if caption_column else [None] * len(paths)
+                for entry, caption in zip(paths, captions):
+                    number += 1
+                    yield number, entry, caption
+
+    return rows()
+
+
+def _text_rows(fs: pafs.FileSystem, path: str, local: bool) -> Iterator[tuple[int, Any, Any]]:
+    f = open(path, "rb") if local else fs.open_input_stream(path)  # a local pipe works too
+
+    def rows() -> Iterator[tuple[int, Any, Any]]:
+        with f:
+            for number, line in enumerate(f if local else _lines(f), start=1):
+                if number == 1:
+                    line = line.removeprefix(_BOM)
+                text = line.decode("utf-8", "surrogateescape").strip()
+                if text and not text.startswith("#"):
+                    yield number, text, None
+
+    return rows()
+
+
+def _lines(stream: Any) -> Iterator[bytes]:
+    """The lines of a pyarrow stream (it has no ``readline``), read 1 MiB at a time."""
+    rest = b""
+    while chunk := stream.read(1 << 20):
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _listed_items(rows: Iterator[tuple[int, Any, Any]], name: str, unit: str, root: str | None,
+                  stats: ListingStats) -> Iterator[InputItem]:
+    previous, first_at = None, 0
+    for number, entry, caption in rows:
+        where = f"--input-list {name} {unit} {number}"
+        source = entry.strip() if isinstance(entry, str) else ""
+        if not source:
+            raise ValueError(f"{where}: the path is empty")
+        is_uri = bool(_SCHEME.match(source))
+        if root is not None:
+            if is_uri or source.startswith("/"):
+                raise ValueError(f"{where}: {printable(source)!r} is an absolute path or URI, but --input {root} "
+                                 "was given as the root; list paths relative to it, or leave --input out")
+            normal = posixpath.normpath(source)
+            if normal == ".." or normal.startswith("../"):
+                raise ValueError(f"{where}: {printable(source)!r} leaves the root --input {root}")
+        elif not (is_uri or source.startswith("/")):
+            raise ValueError(f"{where}: {printable(source)!r} is a relative path and no root was given; pass "
+                             "the folder it is relative to as --input, or list absolute paths or URIs")
+        shown = printable(source)
+        ext = posixpath.splitext(urllib.parse.urlsplit(source).path if is_uri else source)[1]
+        problem = None
+        if shown != source:
+            problem = NOT_UTF8
+        elif ext.lower() not in IMAGE_EXTENSIONS:
+            problem = (f"not an image file extension ({ext or 'none'}; images end in "
+                       f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if source == previous:
+            problem = f"listed twice (first at {unit} {first_at})"
+            item_id = row_id(f"{source}\n{unit} {number}")  # an id of its own: ids are unique in a manifest
+        else:
+            previous, first_at = source, number
+            item_id = row_id(source)
+        if caption is not None and not isinstance(caption, str):
+            caption = str(caption)
+        stamp = hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else ""
+        stats.images += 1
+        yield InputItem(item_id, shown, None, caption, stamp, problem)
+
+
+# --- reading sources and sidecars ----------------------------------------------------------------------
+
+class SourceReader:
+    """Opens a row's source and sidecar: relative to root, or (root None) absolute paths / URIs of any
+    scheme manifests.io.resolve knows, caching one filesystem per scheme+bucket.
+
+    Safe to share between threads; pickles without its cache (a worker resolves again).
+    """
+
+    def __init__(self, root: str | None) -> None:
+        self.root = root
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._lock = threading.Lock()
+        self._root: tuple[pafs.FileSystem, str] | None = None
+        self._filesystems: dict[tuple[str, str], tuple[pafs.FileSystem, str | None, bool]] = {}
+        """(scheme, bucket) -> (filesystem, path prefix, unquote); prefix None: resolve each URI."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root = state["root"]
+        self._init_cache()
+
+    def read(self, source: str) -> bytes:
+        """The bytes of a source (or sidecar)."""
+        fs, path = self._locate(source)
+        if isinstance(fs, pafs.LocalFileSystem):
+            with open(path, "rb") as f:
+                return f.read()
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def read_sidecar(self, sidecar: str) -> tuple[str, str | None]:
+        """(caption, non-UTF-8 encoding used or None), as ``read_sidecar`` does."""
+        return _parse_sidecar(sidecar, self.read(sidecar))
+
+    def _locate(self, source: str) -> tuple[pafs.FileSystem, str]:
+        if self.root is not None:
+            if self._root is None:
+                self._root = resolve(self.root)
+            fs, base = self._root
+            return fs, os.path.join(base, source) if isinstance(fs, pafs.LocalFileSystem) else join(base, source)
+        if not _SCHEME.match(source):
+            if not source.startswith("/"):
+                raise ValueError(f"{source!r} is relative, and this reader has no root to read it from")
+            return _LOCAL, source
+        split = urllib.parse.urlsplit(source)
+        key = (split.scheme.lower(), split.netloc)
+        with self._lock:
+            cached = self._filesystems.get(key)
+        if cached is None:
+            fs, path = resolve(source)
+            cached = (fs, None, False)
+            for unquote in (True, False):  # the path within the filesystem: a fixed prefix + the URI's path
+                tail = urllib.parse.unquote(split.path) if unquote else split.path
+                if path.endswith(tail) and not split.query and not split.fragment:
+                    cached = (fs, path[:len(path) - len(tail)], unquote)
+                    break
+            with self._lock:
+                self._filesystems.setdefault(key, cached)
+            return fs, path
+        fs, prefix, unquote = cached
+        if prefix is None or split.query or split.fragment:
+            return fs, resolve(source)[1]
+        return fs, prefix + (urllib.parse.unquote(split.path) if unquote else split.path)
+
+
+_LOCAL = pafs.LocalFileSystem()
 
 
 def decode_caption(data: bytes) -> tuple[str, str | None]:
@@ -282,17 +757,21 @@ def decode_caption(data: bytes) -> tuple[str, str | None]:
         return data.decode("latin-1"), "latin-1"  # every byte string decodes
 
 
-def read_sidecar(fs: pafs.FileSystem, base: str, sidecar: str) -> tuple[str, str | None]:
-    """(caption, encoding used when not UTF-8) of a sidecar; ``.json`` holds it in ``caption`` or ``text``."""
-    with fs.open_input_file(join(base, sidecar)) as f:
-        text, encoding = decode_caption(f.read())
+def _parse_sidecar(sidecar: str, data: bytes) -> tuple[str, str | None]:
+    text, encoding = decode_caption(data)
     if not sidecar.lower().endswith(".json"):
         return text.strip(), encoding
     record = json.loads(text)
-    for field in ("caption", "text"):
-        if isinstance(record, dict) and isinstance(record.get(field), str):
-            return record[field].strip(), encoding
+    for key in ("caption", "text"):
+        if isinstance(record, dict) and isinstance(record.get(key), str):
+            return record[key].strip(), encoding
     raise ValueError(f"{sidecar} has no string 'caption' or 'text' field")
+
+
+def read_sidecar(fs: pafs.FileSystem, base: str, sidecar: str) -> tuple[str, str | None]:
+    """(caption, encoding used when not UTF-8) of a sidecar; ``.json`` holds it in ``caption`` or ``text``."""
+    with fs.open_input_file(join(base, sidecar)) as f:
+        return _parse_sidecar(sidecar, f.read())
 
 
 def read_sidecar_caption(fs: pafs.FileSystem, base: str, sidecar: str) -> str:

@@ -1,140 +1,172 @@
-"""Annotate one shard: read, decode, annotate and encode its files, then write its Parquet file.
+"""Annotate one shard in three stages, knowing nothing of Ray.
 
-This is the unit of work the Ray job schedules and the unit of resume. It knows nothing of Ray:
-``ShardAnnotator`` is constructed once per worker (annotators load there) and called per shard.
-Every input file becomes exactly one row; a failure is recorded in that row and the shard goes on.
+1. ``prepare`` (CPU): read the shard's files (a few threads, so object-store reads overlap),
+   decode, resize, encode the image; run the CPU-only annotators; run each model annotator's
+   ``preprocess``.
+2. ``forward`` (the model worker: a GPU actor): only the model annotators' forward passes, in
+   batches.
+3. ``finish`` (CPU): each model annotator's ``postprocess`` and PNG encode, then the rows in
+   input order, committed as one shard by the ``ManifestSink``.
+
+``ShardWorker(job)(spec)`` runs all three in one process (CPU-only jobs, tests); the Ray glue in
+``pipeline/dispatch.py`` runs them as separate tasks and actors. Every input file becomes exactly
+one row; a failure is recorded in that row and the shard goes on.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from annotators import registry
 from annotators.base import AnnotationSkipped, Annotator
 from annotators.image import check_map
-from manifests.io import join, resolve, write_shard
-from manifests.schema import (
-    STATUS_ERROR,
-    STATUS_FILTERED,
-    STATUS_OK,
-    STATUSES,
-    cond_column,
-    manifest_schema,
-    shard_name,
-)
+from manifests.rows import empty_row, mark
+from manifests.schema import STATUS_ERROR, STATUS_FILTERED, STATUS_OK, cond_column
+from manifests.sink import ManifestSink, ShardStats
 from pipeline.config import fingerprint
 from pipeline.decode import Filtered, PrepareSettings, prepare
 from pipeline.encode import encode_image, encode_map
-from pipeline.reader import read_sidecar
+from pipeline.plan import ShardSpec, read_plan
+from pipeline.reader import InputItem, SourceReader
+
+#: Files read at once per shard: enough to hide object-store latency, few enough to bound memory.
+READ_THREADS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardJob:
     """What every worker needs to annotate any shard of one job (small and picklable)."""
 
-    input: str
-    output: str
+    input: str | None
+    """Root the sources are relative to; None when they are absolute paths or URIs (``--input-list``)."""
     prepare: PrepareSettings
     image_format: str
     jpeg_quality: int
     annotators: tuple[tuple[str, dict[str, Any]], ...]
     """(registry name, parameter overrides) per annotator, in column order."""
     batch_size: int
-    provenance: dict[str, Any]
-    """Job provenance stored in every shard's metadata (settings fingerprint, annotators)."""
+    sink: ManifestSink
+    """Commits each shard and its stats (knows the output and the provenance stored in shards)."""
     weights_dir: str | None = None
     """Folder (or hub id) the model annotators load weights from."""
 
 
-def shard_spec(index: int, items: Sequence[Any], settings_fingerprint: str) -> dict[str, Any]:
-    """A shard's work order: its files (as plain lists, so Ray Data can hold them in Arrow)."""
-    spec = {
-        "shard": index,
-        "ids": [i.id for i in items],
-        "sources": [i.source for i in items],
-        "sidecars": [i.sidecar for i in items],
-        "captions": [i.caption for i in items],
-        "problems": [i.problem for i in items],
-    }
-    # Names and stamps (size, mtime of the file and its sidecar): an overwritten image or an
-    # edited caption changes its slice's fingerprint, so resume redoes that shard.
-    listed = "\n".join(f"{i.source}\t{i.stamp}" for i in items)
-    slice_key = hashlib.sha256(listed.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    spec["fingerprint"] = f"{settings_fingerprint}-{slice_key}"
-    return spec
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why a row has no map from one annotator: ``filtered`` (nothing to annotate) or ``error``."""
+
+    status: str
+    reason: str
 
 
-class ShardAnnotator:
-    """Annotates shards of one job; build once per worker, call once per shard spec."""
+Outcome = bytes | Failure
+"""One annotator's result for one row: the encoded map, or why there is none."""
 
-    def __init__(self, job: ShardJob) -> None:
+
+@dataclasses.dataclass
+class PreparedShard:
+    """Stage 1's output, minus the model inputs (those go to the model worker alone)."""
+
+    rows: list[dict[str, Any]]
+    images: list[np.ndarray]
+    """The prepared images of the live rows (``live``), in row order."""
+    live: list[int]
+    """Indices of the rows that decoded (the ones annotators see)."""
+    outcomes: dict[str, list[Outcome]]
+    """CPU annotators' results, per live row."""
+    captions_not_utf8: list[str]
+    started: float
+
+
+ModelInputs = dict[str, list[Any]]
+"""Per model annotator, one input per live row (a ``Failure`` where its preprocess failed)."""
+
+
+def is_model(annotator: Annotator) -> bool:
+    """Model annotators run their forward pass in the model worker; the others run in stage 1."""
+    return annotator.uses_model
+
+
+class ShardWorker:
+    """The per-shard work of one job; build once per process (``load_models`` only where the
+    forward pass runs), call its stages once per shard."""
+
+    def __init__(self, job: ShardJob, load_models: bool = True, load_cpu: bool = True) -> None:
         self.job = job
         limit_cv2_threads()
         self.annotators: list[Annotator] = [registry.create(n, p, job.weights_dir) for n, p in job.annotators]
         for annotator in self.annotators:
-            annotator.setup()
-        self.fs, self.base = resolve(job.input)
+            if (load_models if is_model(annotator) else load_cpu):
+                annotator.setup()
+        self.reader = SourceReader(job.input)
 
-    def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def models(self) -> list[Annotator]:
+        return [a for a in self.annotators if is_model(a)]
+
+    def __call__(self, spec: ShardSpec) -> ShardStats:
+        """All three stages in this process."""
+        prepared, inputs = self.prepare(spec)
+        return self.finish(spec, prepared, self.forward(inputs))
+
+    def run(self, spec: ShardSpec) -> ShardStats:
         """Actor-method spelling of ``__call__`` (Ray actors call methods by name)."""
         return self(spec)
 
-    def __call__(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Annotate and write one shard; returns its counts by status and its time."""
-        start = time.perf_counter()
-        rows = self.annotate_rows(spec)
-        schema = manifest_schema(
-            [a.name for a in self.annotators],
-            {**self.job.provenance, "shard": spec["shard"], "fingerprint": spec["fingerprint"]},
-        )
-        write_shard(rows, schema, self.job.output, shard_name(spec["shard"]))
-        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-        return {"shard": spec["shard"], "rows": len(rows), **counts,
-                "seconds": time.perf_counter() - start, "captions_not_utf8": self.captions_not_utf8}
+    # ------------------------------------------------------------------------------ stage 1
 
-    def annotate_rows(self, spec: dict[str, Any]) -> list[dict[str, Any]]:
-        """The shard's rows, in input order, one per file."""
-        self.captions_not_utf8: list[str] = []
-        rows: list[dict[str, Any]] = []
-        pending: list[tuple[dict[str, Any], np.ndarray]] = []
-        for index in range(len(spec["ids"])):
-            row, image = self.prepare_row(spec, index)
-            rows.append(row)
+    def prepare(self, spec: ShardSpec) -> tuple[PreparedShard, ModelInputs]:
+        """Read, decode and encode every file; CPU annotators' maps; model annotators' inputs."""
+        started = time.perf_counter()
+        items = read_plan(spec.plan)
+        names = [a.name for a in self.annotators]
+        rows, images, live, not_utf8 = [], [], [], []
+        for item, data in zip(items, prefetch(self._read, items, READ_THREADS)):
+            row, image = self.prepare_row(item, data, names, not_utf8)
             if image is not None:
-                pending.append((row, image))
-            if len(pending) >= self.job.batch_size:
-                self.annotate_batch(pending)
-                pending = []
-        if pending:
-            self.annotate_batch(pending)
-        return rows
+                live.append(len(rows))
+                images.append(image)
+            rows.append(row)
+        ids = [rows[i]["id"] for i in live]
+        outcomes = {a.name: annotate_on_cpu(a, images, ids, self.job.batch_size)
+                    for a in self.annotators if not is_model(a)}
+        inputs = {a.name: preprocess_all(a, images, ids) for a in self.models}
+        return PreparedShard(rows, images, live, outcomes, not_utf8, started), inputs
 
-    def prepare_row(self, spec: dict[str, Any], index: int) -> tuple[dict[str, Any], np.ndarray | None]:
-        """Read, caption and decode one file; a failure is recorded in the row."""
-        row = empty_row(spec["ids"][index], spec["sources"][index], [a.name for a in self.annotators])
-        stage = "read"
-        problems = spec.get("problems") or [None] * len(spec["ids"])
-        if problems[index]:
-            mark(row, STATUS_ERROR, f"{stage}: {problems[index]}")
-            return row, None
+    def _read(self, item: InputItem) -> bytes | BaseException | None:
+        """A file's bytes (None when the listing already knows it cannot be read; the error when reading fails)."""
+        if item.problem:
+            return None
         try:
-            with self.fs.open_input_file(join(self.base, row["source"])) as f:
-                data = f.read()
+            return self.reader.read(item.source)
+        except Exception as exc:  # recorded in the row by prepare_row
+            return exc
+
+    def prepare_row(self, item: InputItem, data: bytes | BaseException | None, names: Sequence[str],
+                    not_utf8: list[str]) -> tuple[dict[str, Any], np.ndarray | None]:
+        """Caption, decode and encode one file; a failure is recorded in the row."""
+        row = empty_row(item.id, item.source, names)
+        stage = "read"
+        try:
+            if item.problem:
+                raise _Unreadable(item.problem)
+            if isinstance(data, BaseException):
+                raise data
             row["source_sha256"] = hashlib.sha256(data).hexdigest()
             stage = "caption"
-            sidecar = spec["sidecars"][index]
-            caption = spec["captions"][index]
-            if sidecar is not None:
-                caption, encoding = read_sidecar(self.fs, self.base, sidecar)
+            caption = item.caption
+            if item.sidecar is not None:
+                caption, encoding = self.reader.read_sidecar(item.sidecar)
                 if encoding:
-                    self.captions_not_utf8.append(f"{sidecar} ({encoding})")
+                    not_utf8.append(f"{item.sidecar} ({encoding})")
             row["caption"] = caption or ""
             stage = "decode"
             prepared = prepare(data, self.job.prepare)
@@ -151,39 +183,202 @@ class ShardAnnotator:
         row.update(width=width, height=height, image={"bytes": encoded, "path": None})
         return row, prepared.image
 
-    def annotate_batch(self, batch: list[tuple[dict[str, Any], np.ndarray]]) -> None:
-        """Run every annotator on the batch; rows whose annotation fails are marked, not lost."""
-        for annotator in self.annotators:
-            live = [(row, img) for row, img in batch if row["status"] == STATUS_OK]
-            if not live:
-                return
-            maps = run_annotator(annotator, live)
-            for (row, image), result in zip(live, maps):
-                if isinstance(result, AnnotationSkipped):
-                    mark(row, STATUS_FILTERED, f"{annotator.name}: {describe(result)}")
-                elif isinstance(result, Exception):
-                    mark(row, STATUS_ERROR, f"annotate[{annotator.name}]: {describe(result)}")
-                else:
-                    try:
-                        row[cond_column(annotator.name)] = {"bytes": encode_map(result), "path": None}
-                    except Exception as exc:  # a map that cannot be encoded fails its row, not the shard
-                        mark(row, STATUS_ERROR, f"encode[{annotator.name}]: {describe(exc)}")
+    # ------------------------------------------------------------------------------ stage 2
+
+    def forward(self, inputs: ModelInputs) -> dict[str, list[Any]]:
+        """The model annotators' forward passes, batch by batch (needs ``load_models``)."""
+        return {a.name: forward_all(a, inputs[a.name], self.job.batch_size) for a in self.models}
+
+    # ------------------------------------------------------------------------------ stage 3
+
+    def finish(self, spec: ShardSpec, prepared: PreparedShard, outputs: dict[str, list[Any]]) -> ShardStats:
+        """Postprocess and encode the model maps, apply every annotator's outcome in column order,
+        and commit the shard."""
+        ids = [prepared.rows[i]["id"] for i in prepared.live]
+        outcomes = dict(prepared.outcomes)
+        for annotator in self.models:
+            outcomes[annotator.name] = postprocess_all(annotator, outputs[annotator.name], prepared.images, ids)
+        for position, index in enumerate(prepared.live):
+            apply_outcomes(prepared.rows[index], [(a.name, outcomes[a.name][position]) for a in self.annotators])
+        return self.job.sink.write(prepared.rows, spec.index, spec.fingerprint, prepared.captions_not_utf8,
+                                   time.perf_counter() - prepared.started)
 
 
-_WORKER_CACHE: dict[str, ShardAnnotator] = {}
+class _Unreadable(Exception):
+    """The listing found a file that cannot be opened (a FIFO, a name that is not UTF-8, ...)."""
 
 
-def annotate_shard(job: ShardJob, spec: dict[str, Any]) -> dict[str, Any]:
-    """Annotate one shard with this process's ``ShardAnnotator`` for ``job``.
+def apply_outcomes(row: dict[str, Any], outcomes: Sequence[tuple[str, Outcome]]) -> None:
+    """Set the row's maps; the first annotator (in column order) that failed decides its status."""
+    for name, outcome in outcomes:
+        if isinstance(outcome, Failure):
+            mark(row, outcome.status, outcome.reason)
+            return
+        row[cond_column(name)] = {"bytes": outcome, "path": None}
 
-    Ray reuses worker processes across tasks, so annotators (and their weights) load once per
-    worker process and job, as in an actor, while shards stay independent retryable tasks.
-    """
-    key = fingerprint(dataclasses.asdict(job))
-    if key not in _WORKER_CACHE:
-        _WORKER_CACHE.clear()
-        _WORKER_CACHE[key] = ShardAnnotator(job)
-    return _WORKER_CACHE[key](spec)
+
+# ---------------------------------------------------------------------------- annotator calls
+
+
+def annotate_on_cpu(annotator: Annotator, images: Sequence[np.ndarray], ids: Sequence[str],
+                    batch_size: int) -> list[Outcome]:
+    """A CPU annotator's encoded maps, batch by batch; a batch that fails is retried image by image."""
+    outcomes: list[Outcome] = []
+    for start in range(0, len(images), batch_size):
+        batch, batch_ids = images[start:start + batch_size], ids[start:start + batch_size]
+        results = isolate(lambda imgs, i: annotator.annotate(imgs, i), list(batch), list(batch_ids))
+        outcomes.extend(encoded(annotator.name, result, image) for result, image in zip(results, batch))
+    return outcomes
+
+
+def preprocess_all(annotator: Annotator, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[Any]:
+    """A model annotator's inputs: its ``preprocess`` when it splits, else the image and id."""
+    if not annotator.splits:
+        return [(image, image_id) for image, image_id in zip(images, ids)]
+    inputs: list[Any] = []
+    for image, image_id in zip(images, ids):
+        try:
+            inputs.append(annotator.preprocess(image, image_id))
+        except Exception as exc:
+            inputs.append(Failure(STATUS_ERROR, f"annotate[{annotator.name}]: {describe(exc)}"))
+    return inputs
+
+
+def forward_all(annotator: Annotator, inputs: Sequence[Any], batch_size: int) -> list[Any]:
+    """Forward outputs per input (``Failure`` passed through, or where the model failed on it)."""
+    outputs: list[Any] = list(inputs)
+    todo = [i for i, x in enumerate(inputs) if not isinstance(x, Failure)]
+    if annotator.splits:
+        call: Callable[[list[Any]], list[Any]] = annotator.forward
+    else:  # an unsplit model annotator does all its work here
+        def call(batch: list[Any]) -> list[Any]:
+            return annotator.annotate([image for image, _ in batch], [image_id for _, image_id in batch])
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        results = isolate(lambda batch, _ids: call(batch), [inputs[i] for i in chunk], [None] * len(chunk))
+        for i, result in zip(chunk, results):
+            outputs[i] = Failure(STATUS_ERROR, f"annotate[{annotator.name}]: {describe(result)}") \
+                if isinstance(result, Exception) and not isinstance(result, AnnotationSkipped) else result
+    return outputs
+
+
+def postprocess_all(annotator: Annotator, outputs: Sequence[Any], images: Sequence[np.ndarray],
+                    ids: Sequence[str]) -> list[Outcome]:
+    """Encoded maps from forward outputs (``postprocess`` for annotators that split)."""
+    outcomes: list[Outcome] = []
+    for output, image, image_id in zip(outputs, images, ids):
+        if isinstance(output, Failure):
+            outcomes.append(output)
+            continue
+        result: Any = output
+        if annotator.splits:
+            try:
+                result = annotator.postprocess(output, image, image_id)
+            except Exception as exc:
+                result = exc
+        outcomes.append(encoded(annotator.name, result, image))
+    return outcomes
+
+
+def encoded(name: str, result: Any, image: np.ndarray) -> Outcome:
+    """One annotator result (map, ``AnnotationSkipped`` or exception) as an outcome for its row."""
+    if isinstance(result, AnnotationSkipped):
+        return Failure(STATUS_FILTERED, f"{name}: {describe(result)}")
+    if isinstance(result, Exception):
+        return Failure(STATUS_ERROR, f"annotate[{name}]: {describe(result)}")
+    try:
+        checked = check_map(result, image, name)
+    except Exception as exc:
+        return Failure(STATUS_ERROR, f"annotate[{name}]: {describe(exc)}")
+    try:
+        return encode_map(checked)
+    except Exception as exc:  # a map that cannot be encoded fails its row, not the shard
+        return Failure(STATUS_ERROR, f"encode[{name}]: {describe(exc)}")
+
+
+def isolate(call: Callable[[list[Any], list[Any]], list[Any]], batch: list[Any], ids: list[Any]) -> list[Any]:
+    """``call`` on the batch; when it fails (or returns the wrong count), once per item, so one bad
+    image fails alone. Each result is the item's output or the exception it raised."""
+    try:
+        results = list(call(batch, ids))
+        if len(results) == len(batch):
+            return results
+        raise ValueError(f"returned {len(results)} results for {len(batch)} inputs")
+    except Exception as exc:
+        if len(batch) == 1:
+            return [exc]
+    out: list[Any] = []
+    for item, item_id in zip(batch, ids):
+        try:
+            out.append(call([item], [item_id])[0])
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def prefetch(fn: Callable[[Any], Any], items: Sequence[Any], threads: int) -> Iterator[Any]:
+    """``fn(item)`` for each item in order, ``threads`` at a time, at most ``2 * threads`` ahead."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending: list[concurrent.futures.Future] = []
+        source = iter(items)
+        for item in _take(source, 2 * threads):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.pop(0).result()
+            for item in _take(source, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+
+
+def _take(source: Iterator[Any], n: int) -> Iterable[Any]:
+    for _ in range(n):
+        try:
+            yield next(source)
+        except StopIteration:
+            return
+
+
+# ---------------------------------------------------------------------------- per-process workers
+
+_WORKERS: dict[tuple[str, bool, bool], ShardWorker] = {}
+
+
+def worker_for(job: ShardJob, load_models: bool, load_cpu: bool) -> ShardWorker:
+    """This process's ``ShardWorker`` for ``job``: Ray reuses worker processes across tasks, so
+    annotators (and their weights) load once per process and job, while shards stay independent
+    retryable tasks."""
+    key = (fingerprint(dataclasses.asdict(job)), load_models, load_cpu)
+    if key not in _WORKERS:
+        _WORKERS.clear()
+        _WORKERS[key] = ShardWorker(job, load_models=load_models, load_cpu=load_cpu)
+    return _WORKERS[key]
+
+
+def annotate_shard(job: ShardJob, spec: ShardSpec) -> ShardStats:
+    """One shard, every stage in this process (the CPU-only job's task)."""
+    return worker_for(job, load_models=True, load_cpu=True)(spec)
+
+
+def prepare_shard(job: ShardJob, spec: ShardSpec) -> tuple[int, PreparedShard, ModelInputs]:
+    """Stage 1 as a task: (a small receipt the driver waits on, the prepared shard, the model inputs)."""
+    prepared, inputs = worker_for(job, load_models=False, load_cpu=True).prepare(spec)
+    return spec.index, prepared, inputs
+
+
+def finish_shard(job: ShardJob, spec: ShardSpec, prepared: PreparedShard, outputs: dict[str, list[Any]]) -> ShardStats:
+    """Stage 3 as a task."""
+    return worker_for(job, load_models=False, load_cpu=False).finish(spec, prepared, outputs)
+
+
+class ModelWorker:
+    """Stage 2: holds the model annotators' weights; build once per actor."""
+
+    def __init__(self, job: ShardJob) -> None:
+        self.worker = ShardWorker(job, load_models=True, load_cpu=False)
+
+    def forward(self, spec_index: int, inputs: ModelInputs) -> tuple[int, dict[str, list[Any]]]:
+        """(a small receipt, the forward outputs)."""
+        return spec_index, self.worker.forward(inputs)
 
 
 def limit_cv2_threads() -> None:
@@ -192,52 +387,6 @@ def limit_cv2_threads() -> None:
 
     if os.environ.get("OMP_NUM_THREADS"):
         cv2.setNumThreads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-def run_annotator(annotator: Annotator, batch: list[tuple[dict[str, Any], np.ndarray]]) -> list[Any]:
-    """Maps for the batch; when the batch call fails, retry image by image to isolate the culprit."""
-    images = [img for _, img in batch]
-    ids = [row["id"] for row, _ in batch]
-    try:
-        maps = annotator.annotate(images, ids)
-        return [_checked(m, img, annotator.name) for m, img in zip(maps, images, strict=True)]
-    except Exception:
-        if len(batch) == 1:
-            return [_single(annotator, images[0], ids[0])]
-    return [_single(annotator, img, i) for img, i in zip(images, ids)]
-
-
-def _single(annotator: Annotator, image: np.ndarray, image_id: str) -> Any:
-    try:
-        return _checked(annotator.annotate([image], [image_id])[0], image, annotator.name)
-    except Exception as exc:
-        return exc
-
-
-def _checked(result: Any, image: np.ndarray, name: str) -> Any:
-    """A valid map, or the ``AnnotationSkipped`` an annotator returned for this image."""
-    return result if isinstance(result, AnnotationSkipped) else check_map(result, image, name)
-
-
-def empty_row(row_id: str, source: str, annotator_names: Sequence[str]) -> dict[str, Any]:
-    """A row with only its keys set: status ok until something fails."""
-    row: dict[str, Any] = {
-        "id": row_id, "source": source, "caption": "", "image": None, "width": None, "height": None,
-        "status": STATUS_OK, "error": None, "source_sha256": None, "orig_width": None, "orig_height": None,
-    }
-    row.update({cond_column(n): None for n in annotator_names})
-    return row
-
-
-def mark(row: dict[str, Any], status: str, reason: str) -> None:
-    """Record a failure: the row keeps its provenance but drops half-made images."""
-    row["status"] = status
-    row["error"] = reason
-    row["image"] = None
-    row["width"] = row["height"] = None
-    for key in row:
-        if key.startswith("cond_"):
-            row[key] = None
 
 
 def describe(exc: BaseException) -> str:

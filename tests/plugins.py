@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from annotators.base import Annotator, AnnotatorParams
+from annotators.base import Annotator, AnnotatorParams, SplitAnnotator
 
 
 class InvertAnnotator(Annotator):
@@ -80,3 +80,40 @@ class ActorProbe(Annotator):
                 with open(os.path.join(self.params.log_dir, image_id), "w") as f:
                     f.write(str(os.getpid()))
         return [np.zeros(img.shape[:2], np.uint8) for img in images]
+
+
+@dataclasses.dataclass
+class StageProbeParams(AnnotatorParams):
+    log_dir: str = ""
+    """Each stage writes ``<id>.<stage>`` here, holding the process id that ran it."""
+    fail_forward_on: str = ""
+    """While this file exists, ``forward`` raises (a model error on the whole batch)."""
+
+
+class StageProbe(SplitAnnotator):
+    """A split "model" annotator: 255 minus the first channel, computed across the three stages,
+    each recording the process that ran it."""
+
+    name = "stage_probe"
+    Params = StageProbeParams
+    uses_model = True
+
+    def _log(self, image_id: str, stage: str) -> None:
+        if self.params.log_dir:
+            with open(os.path.join(self.params.log_dir, f"{image_id}.{stage}"), "w") as f:
+                f.write(str(os.getpid()))
+
+    def preprocess(self, image: np.ndarray, image_id: str) -> tuple[str, np.ndarray]:
+        self._log(image_id, "preprocess")
+        return image_id, np.ascontiguousarray(image[:, :, 0])
+
+    def forward(self, inputs: list) -> list:
+        if self.params.fail_forward_on and os.path.exists(self.params.fail_forward_on):
+            raise RuntimeError("model failed on the batch")
+        for image_id, _ in inputs:
+            self._log(image_id, "forward")
+        return [255 - channel for _, channel in inputs]
+
+    def postprocess(self, output: np.ndarray, image: np.ndarray, image_id: str) -> np.ndarray:
+        self._log(image_id, "postprocess")
+        return output

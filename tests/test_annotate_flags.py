@@ -148,16 +148,18 @@ def test_fsspec_input_and_output_beyond_file_urls(marked_collection, tmp_path, l
                  "--shard-size", "4"]) == 0
     frame = manifests.read(f"local://{out}", status=None)
     assert sorted(frame["source"]) == sorted(arrays) and (frame["status"] == "ok").all()
-    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-000000.parquet", "part-000001.parquet"]
 
 
 def test_in_memory_fsspec_collection_annotates_in_process(marked_collection):
     """An fsspec memory filesystem (one process: no Ray) is listed, read and written like a folder."""
     import fsspec
 
-    from pipeline.annotate import make_job, plan_shards
+    from pipeline.annotate import make_job
     from pipeline.config import AnnotateConfig
-    from pipeline.shard import ShardAnnotator
+    from pipeline.plan import plan_shards
+    from pipeline.reader import ListingStats, iter_inputs
+    from pipeline.shard import ShardWorker
 
     folder, arrays = marked_collection
     memory = fsspec.filesystem("memory")
@@ -168,15 +170,16 @@ def test_in_memory_fsspec_collection_annotates_in_process(marked_collection):
     listing = list_inputs(config.input)
     assert [i.source for i in listing.items] == ["sub/img0.png", "sub/img1.png", "sub/img2.png"]
     job = make_job(config)
-    todo, done = plan_shards(config, listing, job)
-    assert done == [] and len(todo) == 1
-    stats = ShardAnnotator(job)(todo[0])
-    assert stats["ok"] == 3
-    assert memory.exists("/manifest/part-00000.parquet")
+    plan = plan_shards(iter_inputs(config.input, ListingStats()), 8, "fp", lambda i, fp: False, "memory://plans")
+    assert plan.kept == [] and len(plan.todo) == 1 and plan.rows == 3
+    stats = ShardWorker(job)(plan.todo[0])  # the three stages in this process
+    assert stats.counts["ok"] == 3 and stats.rows == 3
+    assert memory.exists("/manifest/_stats/part-000000.json")
+    assert memory.exists("/manifest/part-000000.parquet")
     import pyarrow.parquet as pq
 
-    with memory.open("/manifest/part-00000.parquet", "rb") as f:
+    with memory.open("/manifest/part-000000.parquet", "rb") as f:
         table = pq.read_table(f)
     assert table["caption"].to_pylist()[0] == "a drawn square and a bar"
-    memory.rm("/collection", recursive=True)
-    memory.rm("/manifest", recursive=True)
+    for folder in ("/collection", "/manifest", "/plans"):
+        memory.rm(folder, recursive=True)

@@ -178,7 +178,7 @@ def test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption(tm
     summary = manifests.read_manifest_json(str(out))
     assert summary["run"]["shards_written"] == 2 and summary["run"]["shards_kept"] == 1
     shards_after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    assert shards_after["part-00001.parquet"] == shards_before["part-00001.parquet"]  # untouched
+    assert shards_after["part-000001.parquet"] == shards_before["part-000001.parquet"]  # untouched
 
 
 # --- one run per output --------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, loc
     (out / output_lock.LOCK_NAME).write_text(json.dumps(
         {"host": socket.gethostname(), "pid": dead.pid, "started": "earlier", "started_unix": time.time() - 60,
          "heartbeat": time.time(), "token": "dead"}))
-    (out / ".tmp-0123-part-00000.parquet").write_bytes(b"half a shard")  # left by the killed write
+    (out / ".tmp-0123-part-000000.parquet").write_bytes(b"half a shard")  # left by the killed write
     with caplog.at_level("WARNING", logger="annotate"):
         assert main(args(root, out)) == 0
     assert "took over the lock" in caplog.text and f"pid {dead.pid}" in caplog.text
@@ -258,8 +258,8 @@ def test_a_shard_that_kills_its_worker_fails_alone_and_a_rerun_completes(tmp_pat
     command = args(root, out, "--annotators", "canny,tests.plugins:CrashesWorkerOnMagenta", "-p", f"tests.plugins:CrashesWorkerOnMagenta.flag={flag}")
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert "1 of 3 shards failed" in err and "part-00001.parquet" in err and "run the same command again" in err
-    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00002.parquet"]
+    assert "1 of 3 shards failed" in err and "part-000001.parquet" in err and "run the same command again" in err
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-000000.parquet", "part-000002.parquet"]
     assert not (out / "_manifest.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
 
@@ -267,7 +267,7 @@ def test_a_shard_that_kills_its_worker_fails_alone_and_a_rerun_completes(tmp_pat
     assert main(command) == 0
     summary = manifests.read_manifest_json(str(out))
     assert summary["counts"]["ok"] == 6 and summary["run"]["shards_written"] == 1
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[02].parquet")} == kept
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-00000[02].parquet")} == kept
     assert validate(str(out), progress=False) == []
 
 
@@ -287,8 +287,8 @@ def test_a_poison_shard_crashing_its_model_actor_fails_alone_after_its_retries(t
                    "--max-shard-retries", "1")
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert "1 of 3 shards failed" in err and "part-00002.parquet (failed 2 times)" in err
-    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert "1 of 3 shards failed" in err and "part-000002.parquet (failed 2 times)" in err
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-000000.parquet", "part-000001.parquet"]
     flag.unlink()
     assert main(command) == 0
     assert manifests.read_manifest_json(str(out))["counts"]["ok"] == 6
@@ -331,14 +331,14 @@ def test_resume_redoes_the_shard_of_an_edited_metadata_caption(tmp_path, local_r
     write_metadata("caption 3")
     out = tmp_path / "out"
     assert main(args(root, out)) == 0
-    kept = (out / "part-00000.parquet").stat().st_mtime_ns
+    kept = (out / "part-000000.parquet").stat().st_mtime_ns
     write_metadata("edited")
     assert main(args(root, out)) == 0
     rows = rows_by_source(out)
     assert rows["3.png"]["caption"] == "edited" and rows["2.png"]["caption"] == "caption 2"
     summary = manifests.read_manifest_json(str(out))
     assert summary["run"]["shards_written"] == 1 and summary["run"]["shards_kept"] == 1
-    assert (out / "part-00000.parquet").stat().st_mtime_ns == kept
+    assert (out / "part-000000.parquet").stat().st_mtime_ns == kept
 
 
 def test_a_lock_whose_pid_now_belongs_to_a_later_process_is_stale():
@@ -373,7 +373,7 @@ def test_a_run_refused_by_the_lock_leaves_the_live_runs_files_alone(tmp_path, ca
     out = tmp_path / "out"
     out.mkdir()
     (out / "_manifest.json").write_text("{}")
-    writing = out / ".tmp-0123-part-00000.parquet"
+    writing = out / ".tmp-0123-part-000000.parquet"
     writing.write_bytes(b"a shard being written")
     holder = output_lock.acquire(str(out))
     try:
@@ -491,18 +491,18 @@ def test_runs_starting_at_once_get_one_lock(tmp_path, stale):
 def test_a_run_whose_lock_was_taken_over_does_not_mark_the_manifest_complete(tmp_path, local_ray, monkeypatch,
                                                                              capsys):
     """Thought dead (a long stall), its lock taken by another run: it must not write _manifest.json."""
-    from pipeline import annotate
+    from manifests.sink import ManifestSink
 
     root = tmp_path / "photos"
     write_image(root / "a.png")
     out = tmp_path / "out"
-    real_summarize = annotate.summarize
+    real_summary = ManifestSink.summary
 
     def summarize_then_lose_the_lock(*a, **k):
         (out / output_lock.LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 7, "token": "theirs"}))
-        return real_summarize(*a, **k)
+        return real_summary(*a, **k)
 
-    monkeypatch.setattr(annotate, "summarize", summarize_then_lose_the_lock)
+    monkeypatch.setattr(ManifestSink, "summary", summarize_then_lose_the_lock)
     assert main(args(root, out)) == 2
     assert "took over the lock" in capsys.readouterr().err
     assert not (out / "_manifest.json").exists()

@@ -40,19 +40,19 @@ def test_a_refused_rerun_changes_nothing(manifest_copy, demo_collection, local_r
 def test_limit_with_overwrite_rewrites_with_fewer_rows(manifest_copy, demo_collection, local_ray):
     assert main(args(demo_collection, manifest_copy, "--limit", "4", "--overwrite")) == 0
     assert manifests.read_manifest_json(str(manifest_copy))["counts"]["rows"] == 4
-    assert sorted(p.name for p in manifest_copy.glob("part-*")) == ["part-00000.parquet"]
+    assert sorted(p.name for p in manifest_copy.glob("part-*")) == ["part-000000.parquet"]
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_files_of_others_in_the_output_are_refused_untouched(tmp_path, demo_collection, local_ray, capsys, overwrite):
     out = tmp_path / "shared"
     out.mkdir()
-    pq.write_table(pa.table({"x": [1, 2, 3]}), out / "part-00000.parquet")  # someone else's shard
+    pq.write_table(pa.table({"x": [1, 2, 3]}), out / "part-000000.parquet")  # someone else's shard
     (out / "notes.txt").write_text("keep me")
     before = snapshot(out)
     assert main(args(demo_collection / "scenes", out, *overwrite)) == 2
     err = capsys.readouterr().err
-    assert "files this project did not write (notes.txt, part-00000.parquet)" in err
+    assert "files this project did not write (notes.txt, part-000000.parquet)" in err
     assert snapshot(out) == before
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 import manifests
 from manifests import io as mio
 from manifests.schema import IMAGE_STRUCT, SCHEMA_VERSION, manifest_schema, shard_name
-from pipeline.shard import empty_row
+from manifests.rows import empty_row
 
 
 def png(value: int, size=(24, 16)) -> bytes:

@@ -227,8 +227,8 @@ def delete(path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("change", "shard", "says"), [
-    (delete, "part-00001.parquet", "is missing"),
-    (truncate, "part-00002.parquet", "truncated or corrupt"),
+    (delete, "part-000001.parquet", "is missing"),
+    (truncate, "part-000002.parquet", "truncated or corrupt"),
 ])
 def test_a_shard_gone_bad_after_a_run_is_named_on_a_fresh_run_and_on_resume(manifest_copy, tiny_sd, tmp_path,
                                                                            capsys, change, shard, says):
@@ -255,7 +255,7 @@ def test_a_shard_with_a_whole_footer_but_bad_pages_is_named_when_the_rows_are_re
 
     from train.data import check_conditions, load_rows
 
-    shard = manifest_copy / "part-00001.parquet"
+    shard = manifest_copy / "part-000001.parquet"
     data = bytearray(shard.read_bytes())
     footer = int.from_bytes(data[-8:-4], "little") + 8
     data[4:len(data) - footer] = bytes(len(data) - footer - 4)  # every page zeroed, the footer kept
@@ -280,15 +280,15 @@ def zero_pages(path: Path) -> None:
 def test_the_trainer_exits_with_one_line_naming_a_shard_whose_pages_are_bad(manifest_copy, tiny_sd, tmp_path, capsys):
     from train.train import main
 
-    zero_pages(manifest_copy / "part-00001.parquet")
+    zero_pages(manifest_copy / "part-000001.parquet")
     assert main(train_args(manifest_copy, tiny_sd, tmp_path / "run", "--max_train_steps", "1")) == 2
     [line] = error_lines(capsys)
-    assert str(manifest_copy / "part-00001.parquet") in line and "corrupt" in line
+    assert str(manifest_copy / "part-000001.parquet") in line and "corrupt" in line
 
 
 def test_a_shard_replaced_by_one_with_other_rows_is_named(manifest_copy):
     from train.data import check_conditions
 
-    (manifest_copy / "part-00002.parquet").write_bytes((manifest_copy / "part-00000.parquet").read_bytes())
-    with pytest.raises(ValueError, match=r"part-00002\.parquet holds 8 rows where _manifest\.json lists 4"):
+    (manifest_copy / "part-000002.parquet").write_bytes((manifest_copy / "part-000000.parquet").read_bytes())
+    with pytest.raises(ValueError, match=r"part-000002\.parquet holds 8 rows where _manifest\.json lists 4"):
         check_conditions(str(manifest_copy), ["canny"])

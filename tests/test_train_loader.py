@@ -17,7 +17,7 @@ import torch
 
 from manifests import io as mio
 from manifests.schema import SCHEMA_VERSION, manifest_schema, shard_name
-from pipeline.shard import empty_row, mark
+from manifests.rows import empty_row, mark
 
 ROOT = Path(__file__).resolve().parents[1]
 
