@@ -42,6 +42,10 @@ from pipeline.shard import ShardJob
 log = logging.getLogger("annotate")
 
 
+#: What the driver (not the sink) keeps in the output: the lock, its takeover file, the plan folders.
+DRIVER_FILES = (output_lock.LOCK_NAME, output_lock.LOCK_NAME + ".takeover", PLAN_DIR)
+
+
 class ResumeConflict(RuntimeError):
     """The output folder holds shards written with other settings."""
 
@@ -258,8 +262,7 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     settings_fp = job.sink.provenance["settings_fingerprint"]
     check_writable(config.output)
     with output_lock.acquire(config.output) as lock:  # one run per output, before any change
-        existing = job.sink.existing(also_ours=(output_lock.LOCK_NAME, output_lock.LOCK_NAME + ".takeover",
-                                                PLAN_DIR))
+        existing = job.sink.existing(also_ours=DRIVER_FILES)
         check_output(config, existing, settings_fp)
         remove_plans(config.output)  # plan folders of killed runs (this run holds the lock)
         try:

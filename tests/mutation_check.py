@@ -5,6 +5,7 @@
     python tests/mutation_check.py --full          # every mutation, the whole suite each (hours)
     python tests/mutation_check.py --only flip     # mutations whose name contains "flip"
     python tests/mutation_check.py --only hostile: --only flip   # --only repeats: any of them
+    python tests/mutation_check.py --list          # each mutation, whether its text is still there once, its tests
 
 Each mutation is one textual edit that breaks a promise the README makes (the kinds of bug a
 refactor introduces quietly). The copy is made from this checkout's files (tracked and untracked,
@@ -42,6 +43,7 @@ class Mutation:
 
 
 HOSTILE = "tests/test_annotate_hostile_inputs.py"
+STAGES = "tests/test_annotate_stages.py"
 HOSTILE_LOCK_TESTS = tuple(f"{HOSTILE}::{name}" for name in (
     "test_a_second_run_on_a_locked_output_is_refused_naming_the_first",
     "test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message",
@@ -59,9 +61,9 @@ MUTATIONS = [
              "conds = [decode_rgb(row[cond_column(c)]) for c in self.conditions]",
              "conds = [decode_rgb(row[cond_column(c)]) for c in reversed(self.conditions)]",
              ("tests/test_train_data.py",)),
-    Mutation("annotators see a mirrored image", "pipeline/shard.py",
-             "pending.append((row, image))",
-             "pending.append((row, np.ascontiguousarray(image[:, ::-1])))",
+    Mutation("annotators see a mirrored image", "pipeline/shard.py",  # ShardWorker.prepare
+             "                images.append(image)\n",
+             "                images.append(np.ascontiguousarray(image[:, ::-1]))\n",
              ("tests/test_annotate_job.py", "tests/test_annotate_flags.py")),
     Mutation("shard written straight to its final name", "manifests/io.py",
              'tmp = join(base, f".tmp-{uuid.uuid4().hex}-{name}")', "tmp = final",
@@ -107,25 +109,25 @@ MUTATIONS = [
     Mutation("--gradient_checkpointing ignored", "train/loop.py",
              "controlnet.enable_gradient_checkpointing()", "pass", ("tests/test_train.py",)),
     # Messy collections and one run per output (tests/test_annotate_hostile_inputs.py).
-    Mutation("hostile: resume ignores file stamps (edits not noticed)", "pipeline/shard.py",
-             'listed = "\\n".join(f"{i.source}\\t{i.stamp}" for i in items)',
-             'listed = "\\n".join(f"{i.source}" for i in items)',
+    Mutation("hostile: resume ignores file stamps (edits not noticed)", "pipeline/plan.py",  # slice_fingerprint
+             "{item.source}\\t{item.stamp}", "{item.source}",
              (f"{HOSTILE}::test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption",)),
     Mutation("hostile: metadata captions left out of the stamp", "pipeline/reader.py",
              'hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else "",', '"",',
              (f"{HOSTILE}::test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption",
               f"{HOSTILE}::test_resume_redoes_the_shard_of_an_edited_metadata_caption")),
-    Mutation("hostile: symlinked folders followed without the seen-set", "pipeline/reader.py",
-             "if (stat.st_dev, stat.st_ino) in seen:", "if False:",
+    Mutation("hostile: symlinked folders followed without the seen-set", "pipeline/reader.py",  # _LocalTree.enter
+             "if key in self.seen or key in self.open or _under(real, self.listed_reals):", "if False:",
              (f"{HOSTILE}::test_a_symlink_loop_lists_each_real_folder_once_and_counts_the_skips",),
              timeout=120),  # a loop then lists forever
+    # The loop test no longer catches this one: a loop's link points into the input, which
+    # ``listed_reals`` held from the start; only a second link to a folder outside does.
     Mutation("hostile: folders reached through links not remembered", "pipeline/reader.py",
-             "seen.add((stat.st_dev, stat.st_ino))\n            stack.append(link)", "stack.append(link)",
-             (f"{HOSTILE}::test_a_symlink_loop_lists_each_real_folder_once_and_counts_the_skips",
-              f"{HOSTILE}::test_two_links_to_one_folder_outside_the_input_list_it_once"), timeout=120),
+             "            self.seen.add(key)\n            self.listed_reals.add(real)\n", "",
+             (f"{HOSTILE}::test_two_links_to_one_folder_outside_the_input_list_it_once",), timeout=120),
     Mutation("hostile: sidecar extension matched case-sensitively", "pipeline/reader.py",
-             "posixpath.splitext(f.path)[1].lower()): f for f in regular}",
-             "posixpath.splitext(f.path)[1]): f for f in regular}",
+             "sidecars.setdefault((stem, ext.lower()), []).append((name, info))",
+             "sidecars.setdefault((stem, ext), []).append((name, info))",
              (f"{HOSTILE}::test_a_sidecar_matches_its_image_whatever_the_case_of_its_extension",)),
     Mutation("hostile: legacy-encoded sidecars not decoded leniently", "pipeline/reader.py",
              'return data.decode("utf-8-sig"), None\n    except UnicodeDecodeError:\n        pass',
@@ -141,11 +143,25 @@ MUTATIONS = [
     Mutation("hostile: release deletes a lock another run took over", "pipeline/output_lock.py",
              'if (read_lock(self.output) or {}).get("token") == self.owner["token"]:', "if True:",
              HOSTILE_LOCK_TESTS),
+    # Planning, the checks and ``on_write_start`` (which deletes _manifest.json and temp files)
+    # moved above the lock: a run the lock refuses has already changed the live run's output.
     Mutation("hostile: lock taken after planning (a refused run already changed the output)", "pipeline/annotate.py",
              "    with output_lock.acquire(config.output) as lock:  # one run per output, before any change\n"
-             "        todo, done = plan_shards(config, listing, job)\n",
-             "    todo, done = plan_shards(config, listing, job)\n"
-             "    with output_lock.acquire(config.output) as lock:  # one run per output, before any change\n",
+             "        existing = job.sink.existing(also_ours=DRIVER_FILES)\n"
+             "        check_output(config, existing, settings_fp)\n"
+             "        remove_plans(config.output)  # plan folders of killed runs (this run holds the lock)\n"
+             "        try:\n"
+             "            is_done = (lambda index, fp: False) if config.overwrite else existing.done\n"
+             "            plan = plan_shards(items, config.shard_size, settings_fp, is_done, run_plan_dir(config.output))\n",
+             "    existing = job.sink.existing(also_ours=DRIVER_FILES)\n"
+             "    check_output(config, existing, settings_fp)\n"
+             "    remove_plans(config.output)\n"
+             "    is_done = (lambda index, fp: False) if config.overwrite else existing.done\n"
+             "    plan = plan_shards(items, config.shard_size, settings_fp, is_done, run_plan_dir(config.output))\n"
+             "    check_no_rows_dropped(config, existing, plan)\n"
+             "    job.sink.on_write_start(existing, config.overwrite)\n"
+             "    with output_lock.acquire(config.output) as lock:  # one run per output, before any change\n"
+             "        try:\n",
              HOSTILE_LOCK_TESTS),
     Mutation("hostile: a stale lock removed without checking it is still the stale one", "pipeline/output_lock.py",
              'if (read_lock(output) or {}).get("token") != held.get("token"):', "if False:",
@@ -156,9 +172,63 @@ MUTATIONS = [
     Mutation("hostile: a FIFO named like an image is opened", "pipeline/reader.py",
              "kind = None if S_ISREG(stat.st_mode) else", "kind = None if True else",
              (f"{HOSTILE}::test_a_fifo_named_like_an_image_or_a_sidecar_is_an_error_row_not_a_hang",), timeout=180),
-    Mutation("hostile: stale temp files of a killed run left behind", "pipeline/annotate.py",
-             "    remove_stale_temp_files(config.output)\n", "",
+    Mutation("hostile: stale temp files of a killed run left behind", "manifests/sink.py",  # on_write_start
+             "        for path in stale:\n            delete_quietly(fs, path)\n", "",
              (f"{HOSTILE}::test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message",)),
+    # Stages, plan and stats files, resume and the summary from stats (tests/test_annotate_stages.py).
+    Mutation("stages: resume keeps a shard whose stats fingerprint differs from its plan", "manifests/sink.py",
+             "return index in self.paths and stats is not None and stats.fingerprint == fingerprint",
+             "return index in self.paths and stats is not None",
+             (f"{STAGES}::test_a_shard_whose_stats_disagree_with_its_plan_is_redone",
+              f"{HOSTILE}::test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption")),
+    Mutation("stages: resume reads every shard's footer (stats files ignored)", "manifests/sink.py",  # existing
+             "        stats = self._read_stats(fs, base, paths)\n        unstated",
+             "        stats = {}\n        unstated",
+             (f"{STAGES}::test_resume_and_summary_read_stats_files_not_shards",)),
+    Mutation("stages: the summary re-reads every shard (stats files ignored)", "manifests/sink.py",  # summary
+             "        stats = self._read_stats(fs, base, paths)\n        for index in sorted(",
+             "        stats = {}\n        for index in sorted(",
+             (f"{STAGES}::test_resume_and_summary_read_stats_files_not_shards",)),
+    Mutation("stages: a failed shard is not retried", "pipeline/dispatch.py",
+             "if flight.attempt <= max_retries:", "if False:",
+             (f"{HOSTILE}::test_a_poison_shard_crashing_its_model_actor_fails_alone_after_its_retries",)),
+    # Every model annotator then runs whole (preprocess, forward, postprocess) in the CPU prepare
+    # task, loading its weights there, and the actor gets nothing to do.
+    Mutation("stages: forward passes run in the prepare task, not the model actor", "pipeline/shard.py",  # is_model
+             "    return annotator.uses_model\n", "    return False\n",
+             (f"{STAGES}::test_the_model_actor_runs_only_the_forward_pass",)),
+    Mutation("stages: the first failing annotator does not decide the row (a later map is kept)",
+             "pipeline/shard.py",  # apply_outcomes
+             "            mark(row, outcome.status, outcome.reason)\n            return\n",
+             "            mark(row, outcome.status, outcome.reason)\n            continue\n",
+             (f"{STAGES}::test_the_first_failing_annotator_decides_the_row_and_no_map_is_kept",)),
+    Mutation("stages: --input-list order not kept (sorted like a folder)", "pipeline/annotate.py",  # stream_inputs
+             "        items = iter_input_list(config.input_list, config.input, stats)\n",
+             "        items = iter(sorted(iter_input_list(config.input_list, config.input, stats), key=lambda i: i.source))\n",
+             (f"{STAGES}::test_input_list_in_text_with_a_root_and_in_parquet_with_absolute_paths_and_captions",)),
+    Mutation("stages: plan files left behind after a run", "pipeline/annotate.py",  # run
+             "        finally:\n            remove_plans(config.output)\n", "        finally:\n            pass\n",
+             (f"{STAGES}::test_each_shard_has_a_stats_file_and_the_plan_files_are_gone",)),
+    # A rewrite killed between the two files then leaves the old shard under stats that claim the
+    # new plan, and resume keeps it (no run is killed there in the job tests: the unit test cuts
+    # the shard write off).
+    Mutation("stages: stats file written before its shard", "manifests/sink.py",  # ManifestSink.write
+             "        write_shard(rows, schema, self.output, shard_name(shard, self.digits))\n"
+             "        stats = ShardStats.from_rows(shard, fingerprint, rows, captions_not_utf8, seconds)\n"
+             "        fs, base = resolve(self.output)\n"
+             "        self._write_stats(fs, base, stats)\n",
+             "        stats = ShardStats.from_rows(shard, fingerprint, rows, captions_not_utf8, seconds)\n"
+             "        fs, base = resolve(self.output)\n"
+             "        self._write_stats(fs, base, stats)\n"
+             "        write_shard(rows, schema, self.output, shard_name(shard, self.digits))\n",
+             (f"{STAGES}::test_a_shard_write_cut_off_leaves_stats_that_redo_it",)),
+    # The file is then taken for a shard to redo, and overwritten, unless another foreign file
+    # stops the run; the refusal test's message names it.
+    Mutation("stages: a shard-named file without stats or provenance not refused as foreign",
+             "manifests/sink.py",  # ManifestSink.existing
+             "                foreign.append(PurePosixPath(paths[index]).name)\n                continue\n",
+             "                continue\n",
+             ("tests/test_annotate_refusals.py::test_files_of_others_in_the_output_are_refused_untouched",)),
 ]
 
 
@@ -191,8 +261,25 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, f
         done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, time.perf_counter() - start, "timed out"
-    tail = [line for line in done.stdout.splitlines() if line.strip()][-1:]
-    return done.returncode == 0, time.perf_counter() - start, " ".join(tail)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]  # -ra summary
+    return done.returncode == 0, time.perf_counter() - start, " ".join([*failed[:1], *lines[-1:]])
+
+
+def list_mutations(chosen: list[Mutation]) -> int:
+    """Print each mutation, its file, whether its text occurs exactly once (in this checkout) and
+    its tests; non-zero when any is stale."""
+    stale = 0
+    for m in chosen:
+        path = ROOT / m.path
+        count = path.read_text().count(m.old) if path.is_file() else 0
+        stale += count != 1
+        state = "ok" if count == 1 else f"STALE ({count} matches)"
+        print(f"{state:17s} {m.name}  [{m.path}]")
+        for test in m.tests:
+            print(f"{'':17s}   {test}")
+    print(f"\n{len(chosen) - stale} of {len(chosen)} mutations apply")
+    return 1 if stale else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=[],
                    help="only mutations whose name contains this text (repeatable: any of them)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per pytest run")
+    p.add_argument("--list", action="store_true",
+                   help="list the (chosen) mutations and whether each one's text occurs exactly once; run nothing")
     args = p.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or any(o.lower() in m.name.lower() for o in args.only)]
     if not chosen:
         raise SystemExit(f"no mutation matches {' or '.join(map(repr, args.only))}")
+    if args.list:
+        return list_mutations(chosen)
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         pristine = copy_project(Path(tmp) / "pristine")
         for m in chosen:  # fail early on stale mutations, before any test runs

@@ -15,7 +15,9 @@ from PIL import Image
 
 import manifests
 from manifests import sink as sink_module
-from manifests.schema import STATS_DIR
+from manifests.rows import empty_row, mark
+from manifests.schema import STATS_DIR, cond_column
+from manifests.sink import ManifestSink
 from manifests.validate import validate
 from pipeline.annotate import main
 
@@ -162,6 +164,55 @@ def test_a_shard_whose_stats_disagree_with_its_plan_is_redone(tmp_path, local_ra
     assert main(args(root, out)) == 0
     assert manifests.read_manifest_json(str(out))["run"]["shards_written"] == 1
 
+
+
+def test_a_shard_write_cut_off_leaves_stats_that_redo_it(tmp_path, monkeypatch):
+    """The stats file is written after its shard: a rewrite killed before the shard is in place
+    leaves the old stats (old fingerprint), so resume redoes the shard instead of keeping the old
+    shard under the new plan's fingerprint."""
+    out = str(tmp_path / "out")
+    provenance = {"settings": {}, "settings_fingerprint": "s", "annotators": []}
+    sink = ManifestSink(out, ["canny"], provenance)
+    sink.on_write_start(sink.existing(), overwrite=False)
+    row = empty_row("a", "a.png", ["canny"])
+    mark(row, "error", "decode: not an image")
+    sink.write([row], 0, "s-old")
+
+    class Killed(BaseException):
+        """The worker dies while writing the shard."""
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(sink_module, "write_shard", killed)
+    with pytest.raises(Killed):
+        sink.write([row], 0, "s-new")
+    existing = ManifestSink(out, ["canny"], provenance).existing()
+    assert existing.done(0, "s-old") and not existing.done(0, "s-new")
+
+
+def test_the_first_failing_annotator_decides_the_row_and_no_map_is_kept():
+    """Outcomes apply in column order; the first failure decides the row's status and reason, and
+    a failed row keeps no image and no map (not even one a later annotator made)."""
+    from pipeline.shard import Failure, apply_outcomes
+
+    names = ["canny", "hed", "depth"]
+    row = empty_row("a", "a.png", names)
+    row.update(image={"bytes": b"image", "path": None}, width=8, height=8)
+    apply_outcomes(row, [("canny", b"canny map"), ("hed", Failure("filtered", "hed: no edges")),
+                         ("depth", b"depth map")])
+    assert (row["status"], row["error"]) == ("filtered", "hed: no edges")
+    assert row["image"] is None and all(row[cond_column(n)] is None for n in names)
+
+    row = empty_row("b", "b.png", names)
+    apply_outcomes(row, [("canny", b"canny map"), ("hed", Failure("error", "annotate[hed]: out of memory")),
+                         ("depth", Failure("filtered", "depth: flat"))])
+    assert (row["status"], row["error"]) == ("error", "annotate[hed]: out of memory")
+
+    row = empty_row("c", "c.png", names)
+    apply_outcomes(row, [(n, f"{n} map".encode()) for n in names])
+    assert row["status"] == "ok" and [row[cond_column(n)]["bytes"] for n in names] == [b"canny map", b"hed map",
+                                                                                      b"depth map"]
 
 def test_input_list_in_text_with_a_root_and_in_parquet_with_absolute_paths_and_captions(tmp_path, local_ray):
     root = collection(tmp_path / "photos", 4)
