@@ -23,7 +23,18 @@ from annotators.image import check_batch
 
 @dataclasses.dataclass
 class AnnotatorParams:
-    """Base for each annotator's parameters; subclasses add documented fields and checks."""
+    """Base for each annotator's parameters; subclasses add documented fields and checks.
+
+    Every annotator takes the two curation fields below: a ControlNet learns nothing from a pair
+    whose condition map is empty, so such rows can be ``filtered`` (``canny: empty map ...``).
+    """
+
+    min_coverage: float = 0.0
+    """Mark the row ``filtered`` when less than this share of the map's pixels is above
+    ``coverage_level`` (e.g. 0.005 for Canny; 0 keeps every map)."""
+    coverage_level: int = 0
+    """A pixel counts as covered when its value (any channel) exceeds this: 0 for binary maps such
+    as Canny's, about 32 for soft maps such as HED's."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

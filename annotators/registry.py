@@ -79,7 +79,12 @@ def parse_params(cls: type[Annotator], overrides: Mapping[str, Any]) -> Annotato
                 f"its parameters: {', '.join(fields) or '(none)'}"
             )
         values[key] = _coerce(raw, hints[key], f"{cls.name}.{key}")
-    return cls.Params(**values)
+    params = cls.Params(**values)
+    if not 0.0 <= params.min_coverage <= 1.0:
+        raise ValueError(f"{cls.name}.min_coverage {params.min_coverage}: a share of pixels, 0..1 (e.g. 0.005)")
+    if not 0 <= params.coverage_level < 255:
+        raise ValueError(f"{cls.name}.coverage_level {params.coverage_level}: a pixel value, 0..254")
+    return params
 
 
 def _coerce(raw: Any, hint: Any, label: str) -> Any:

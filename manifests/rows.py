@@ -12,6 +12,7 @@ def empty_row(row_id: str, source: str, annotator_names: Sequence[str]) -> dict[
     row: dict[str, Any] = {
         "id": row_id, "source": source, "caption": "", "image": None, "width": None, "height": None,
         "status": STATUS_OK, "error": None, "source_sha256": None, "orig_width": None, "orig_height": None,
+        "caption_source": "", "phash": None,
     }
     row.update({cond_column(n): None for n in annotator_names})
     return row
@@ -23,6 +24,7 @@ def mark(row: dict[str, Any], status: str, reason: str) -> None:
     row["error"] = reason
     row["image"] = None
     row["width"] = row["height"] = None
+    row["phash"] = None  # a hash only for rows a reader keeps
     for key in row:
         if key.startswith(COND_PREFIX):
             row[key] = None

@@ -14,6 +14,9 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = frozenset({1})
+#: Additive changes within v1: 1 adds ``caption_source`` and ``phash`` (readers of v1.0 manifests,
+#: which lack them, treat them as absent).
+SCHEMA_MINOR = 1
 
 MANIFEST_JSON = "_manifest.json"
 SHARD_PREFIX = "part-"
@@ -51,6 +54,13 @@ TAIL_FIELDS: tuple[pa.Field, ...] = (
     pa.field("orig_width", pa.int32()),
     pa.field("orig_height", pa.int32()),
 )
+#: Columns added in v1.1; older shards lack them.
+V1_1_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("caption_source", pa.string()),
+    pa.field("phash", pa.int64()),
+)
+#: Where a row's caption came from (``caption_source``); a captioner's name otherwise, "" for none.
+CAPTION_SOURCES = ("sidecar", "metadata", "list")
 
 
 def cond_column(annotator_name: str) -> str:
@@ -86,7 +96,7 @@ def manifest_schema(annotator_names: Iterable[str], provenance: dict | None = No
     every shard describes itself even without ``_manifest.json``.
     """
     cond = [pa.field(cond_column(n), IMAGE_STRUCT) for n in annotator_names]
-    schema = pa.schema([*BASE_FIELDS, *cond, *TAIL_FIELDS])
+    schema = pa.schema([*BASE_FIELDS, *cond, *TAIL_FIELDS, *V1_1_FIELDS])
     metadata = {b"huggingface": json.dumps({"info": {"features": _hf_features(schema)}})}
     if provenance is not None:
         metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)

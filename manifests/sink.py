@@ -29,6 +29,7 @@ from manifests.io import delete_quietly, join, resolve, shard_provenance, write_
 from manifests.rows import error_kind
 from manifests.schema import (
     MANIFEST_JSON,
+    SCHEMA_MINOR,
     SCHEMA_VERSION,
     SHARD_DIGITS,
     STATS_DIR,
@@ -175,6 +176,7 @@ class ManifestSink:
         order = sorted(paths)
         summary = {
             "schema_version": SCHEMA_VERSION,
+            "schema_minor": SCHEMA_MINOR,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "input": input_info,
             "settings": self.provenance["settings"],

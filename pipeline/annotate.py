@@ -73,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="reject images above this many pixels")
     p.add_argument("--max-aspect", type=float, default=4.0,
                    help="mark images longer than this ratio of long to short side as filtered")
+    p.add_argument("--min-aspect", type=float, default=None,
+                   help="mark images whose width / height is below this as filtered (e.g. 1: landscape and square only)")
     p.add_argument("--image-format", default="jpeg", help="jpeg or png for the prepared image")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--shard-size", type=int, default=256, help="files per shard (the unit of resume)")
@@ -99,6 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
             input=args.input, input_list=args.input_list, output=args.output, annotators=names,
             annotator_params=_parse_params(args.param), resolution=args.resolution,
             center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
+            min_aspect=args.min_aspect,
             image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
             batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
             weights_dir=args.weights_dir, require_detection=args.require_detection,

@@ -80,6 +80,9 @@ class AnnotateConfig(PrepareSettings):
         for key in ("shard_size", "batch_size", "max_pixels"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.min_aspect is not None and not 0 < self.min_aspect <= self.max_aspect:
+            raise ValueError(f"--min-aspect {self.min_aspect}: use a width / height ratio above 0 and at most "
+                             f"--max-aspect {self.max_aspect:g} (e.g. 1 keeps landscape and square images)")
         if self.max_aspect < 1:
             raise ValueError(f"--max-aspect {self.max_aspect}: use 1 or more (e.g. 4 keeps up to 4:1 panoramas)")
         if self.min_side < 0:
@@ -99,7 +102,7 @@ class AnnotateConfig(PrepareSettings):
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that decide the rows written (not how the job runs)."""
-        keys = ("resolution", "center_crop", "min_side", "max_pixels", "max_aspect", "image_format",
+        keys = ("resolution", "center_crop", "min_side", "max_pixels", "max_aspect", "min_aspect", "image_format",
                 "jpeg_quality", "shard_size", "annotators", "require_detection")
         return {k: getattr(self, k) for k in keys}
 

@@ -44,6 +44,12 @@ class TooElongated(Filtered):
     code = "max_aspect"
 
 
+class TooNarrow(Filtered):
+    """Upright width divided by height is below ``min_aspect`` (e.g. portraits in a landscape-only set)."""
+
+    code = "min_aspect"
+
+
 @dataclasses.dataclass
 class PrepareSettings:
     """How a raw image becomes the prepared image (``AnnotateConfig`` extends these settings)."""
@@ -59,6 +65,9 @@ class PrepareSettings:
     max_aspect: float = 4.0
     """Images whose long side exceeds this many times the short side (read from the header) become
     ``filtered`` rows: a banner would otherwise be prepared far past what JPEG can encode."""
+    min_aspect: float | None = None
+    """Images whose upright width / height is below this (read from the header) become ``filtered``
+    rows, e.g. 1.0 keeps landscape and square images only (None: only ``max_aspect`` applies)."""
 
     def prepare_settings(self) -> "PrepareSettings":
         """Just these settings (what a worker needs to prepare images)."""
@@ -89,6 +98,9 @@ def prepare(data: bytes, settings: PrepareSettings) -> Prepared:
         raise TooSmall(f"{upright[0]}x{upright[1]} is below --min-side {settings.min_side}")
     if max(width, height) > settings.max_aspect * min(width, height):
         raise TooElongated(f"{upright[0]}x{upright[1]} is longer than --max-aspect {settings.max_aspect:g} to 1")
+    if settings.min_aspect is not None and upright[0] < settings.min_aspect * upright[1]:
+        raise TooNarrow(f"{upright[0]}x{upright[1]} is narrower than --min-aspect {settings.min_aspect:g} "
+                        "(width / height)")
     # JPEG can decode at 1/2, 1/4, 1/8 scale for nearly free; ask for no less than we keep.
     scale = settings.resolution / min(width, height)
     im.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))

@@ -69,6 +69,8 @@ class InputItem:
     resume compares to notice a file overwritten or a caption edited between runs."""
     problem: str | None = None
     """Why this file cannot be read at all (its row becomes an error without a read)."""
+    caption_from: str | None = None
+    """Where ``caption`` came from: ``metadata`` or ``list`` (None when there is none)."""
 
 
 @dataclasses.dataclass
@@ -373,7 +375,8 @@ def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[Inpu
         elif unusable is not None:
             problem = f"not a regular file ({unusable})"
         stats.images += 1
-        yield InputItem(row_id(source), shown, sidecar[0] if sidecar else None, caption, stamp, problem)
+        yield InputItem(row_id(source), shown, sidecar[0] if sidecar else None, caption, stamp, problem,
+                        "metadata" if caption is not None else None)
 
 
 def _child(rel_dir: str, name: str) -> str:
@@ -660,7 +663,7 @@ def _listed_items(rows: Iterator[tuple[int, Any, Any]], name: str, unit: str, ro
             caption = str(caption)
         stamp = hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else ""
         stats.images += 1
-        yield InputItem(item_id, shown, None, caption, stamp, problem)
+        yield InputItem(item_id, shown, None, caption, stamp, problem, "list" if caption is not None else None)
 
 
 # --- reading sources and sidecars ----------------------------------------------------------------------

@@ -162,12 +162,15 @@ class ShardWorker:
                 raise data
             row["source_sha256"] = hashlib.sha256(data).hexdigest()
             stage = "caption"
-            caption = item.caption
+            caption, row["caption_source"] = item.caption, item.caption_from or ""
             if item.sidecar is not None:
                 caption, encoding = self.reader.read_sidecar(item.sidecar)
+                row["caption_source"] = "sidecar"
                 if encoding:
                     not_utf8.append(f"{item.sidecar} ({encoding})")
             row["caption"] = caption or ""
+            if not row["caption"]:
+                row["caption_source"] = ""
             stage = "decode"
             prepared = prepare(data, self.job.prepare)
             row.update(orig_width=prepared.orig_width, orig_height=prepared.orig_height)
@@ -227,7 +230,7 @@ def annotate_on_cpu(annotator: Annotator, images: Sequence[np.ndarray], ids: Seq
     for start in range(0, len(images), batch_size):
         batch, batch_ids = images[start:start + batch_size], ids[start:start + batch_size]
         results = isolate(lambda imgs, i: annotator.annotate(imgs, i), list(batch), list(batch_ids))
-        outcomes.extend(encoded(annotator.name, result, image) for result, image in zip(results, batch))
+        outcomes.extend(encoded(annotator, result, image) for result, image in zip(results, batch))
     return outcomes
 
 
@@ -276,12 +279,14 @@ def postprocess_all(annotator: Annotator, outputs: Sequence[Any], images: Sequen
                 result = annotator.postprocess(output, image, image_id)
             except Exception as exc:
                 result = exc
-        outcomes.append(encoded(annotator.name, result, image))
+        outcomes.append(encoded(annotator, result, image))
     return outcomes
 
 
-def encoded(name: str, result: Any, image: np.ndarray) -> Outcome:
-    """One annotator result (map, ``AnnotationSkipped`` or exception) as an outcome for its row."""
+def encoded(annotator: Annotator, result: Any, image: np.ndarray) -> Outcome:
+    """One annotator result (map, ``AnnotationSkipped`` or exception) as an outcome for its row;
+    a map covering less than the annotator's ``min_coverage`` makes the row ``filtered``."""
+    name = annotator.name
     if isinstance(result, AnnotationSkipped):
         return Failure(STATUS_FILTERED, f"{name}: {describe(result)}")
     if isinstance(result, Exception):
@@ -290,6 +295,13 @@ def encoded(name: str, result: Any, image: np.ndarray) -> Outcome:
         checked = check_map(result, image, name)
     except Exception as exc:
         return Failure(STATUS_ERROR, f"annotate[{name}]: {describe(exc)}")
+    params = annotator.params
+    if params.min_coverage > 0:
+        covered = checked > params.coverage_level
+        share = float((covered.any(axis=-1) if covered.ndim == 3 else covered).mean())
+        if share < params.min_coverage:
+            return Failure(STATUS_FILTERED, f"{name}: empty map (coverage {share:.4f} < min_coverage "
+                                            f"{params.min_coverage:g})")
     try:
         return encode_map(checked)
     except Exception as exc:  # a map that cannot be encoded fails its row, not the shard

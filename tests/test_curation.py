@@ -1,0 +1,112 @@
+"""Curation in the job: useless pairs are filtered with their reasons, every caption says where it
+came from, and the schema's v1.1 columns are written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import manifests
+from manifests.validate import validate
+from pipeline.annotate import main
+
+
+def square(path: Path, size: tuple[int, int] = (64, 64), value: int = 60) -> Path:
+    """An image with a bright square in it (Canny finds its outline)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size[1], size[0], 3), value, np.uint8)
+    h, w = size[1], size[0]
+    pixels[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255 - value
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def run(root: Path, out: Path, *extra: str) -> dict:
+    assert main(["--input", str(root), "--output", str(out), "--resolution", "64", "--shard-size", "4",
+                 *extra]) == 0
+    return manifests.read_manifest_json(str(out))
+
+
+def by_source(out: Path) -> dict:
+    frame = manifests.read(str(out), status=None)
+    return {row["source"]: row for _, row in frame.iterrows()}
+
+
+def test_an_empty_canvas_and_a_banner_are_filtered_with_their_reasons(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    square(root / "ok.png")
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(root / "canvas.png")  # no edge at all
+    Image.new("RGB", (10000, 50), (10, 20, 30)).save(root / "banner.png")
+    summary = run(root, tmp_path / "out", "-p", "canny.min_coverage=0.005")
+    rows = by_source(tmp_path / "out")
+    assert rows["ok.png"]["status"] == "ok"
+    assert rows["canvas.png"]["status"] == "filtered"
+    assert rows["canvas.png"]["error"].startswith("canny: empty map (coverage 0.0000 < min_coverage 0.005)")
+    assert rows["banner.png"]["status"] == "filtered" and rows["banner.png"]["error"].startswith("max_aspect:")
+    assert summary["error_reasons"] == {"canny": 1, "max_aspect": 1}
+
+
+def test_without_min_coverage_an_empty_map_is_kept(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(root / "canvas.png")
+    run(root, tmp_path / "out")
+    assert by_source(tmp_path / "out")["canvas.png"]["status"] == "ok"
+
+
+def test_min_aspect_filters_portraits_before_decoding(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    square(root / "landscape.png", (96, 64))
+    square(root / "portrait.png", (64, 96))
+    run(root, tmp_path / "out", "--min-aspect", "1")
+    rows = by_source(tmp_path / "out")
+    assert rows["landscape.png"]["status"] == "ok"
+    assert rows["portrait.png"]["status"] == "filtered"
+    assert rows["portrait.png"]["error"] == "min_aspect: 64x96 is narrower than --min-aspect 1 (width / height)"
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--min-aspect", "0"], "--min-aspect 0.0"),
+    (["--min-aspect", "5"], "at most --max-aspect 4"),
+    (["-p", "canny.min_coverage=2"], "canny.min_coverage 2.0"),
+    (["-p", "canny.coverage_level=300"], "canny.coverage_level 300"),
+])
+def test_bad_curation_flags_fail_fast(tmp_path, capsys, flags, says):
+    with pytest.raises(SystemExit):
+        main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), *flags])
+    assert says in capsys.readouterr().err
+
+
+def test_caption_source_says_where_each_caption_came_from(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    for name in ("a", "b", "c", "d"):
+        square(root / f"{name}.png", value=40 + 30 * ord(name[0]) % 100)
+    (root / "a.txt").write_text("a sidecar caption")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "a metadata caption"}) + "\n"
+                                         + json.dumps({"file_name": "c.png", "text": ""}) + "\n")
+    run(root, tmp_path / "out")
+    rows = by_source(tmp_path / "out")
+    assert {s: (r["caption"], r["caption_source"]) for s, r in rows.items()} == {
+        "a.png": ("a sidecar caption", "sidecar"), "b.png": ("a metadata caption", "metadata"),
+        "c.png": ("", ""), "d.png": ("", ""),
+    }
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,caption\nd.png,a listed caption\n")
+    assert main(["--input", str(root), "--input-list", str(listing), "--output", str(tmp_path / "out2"),
+                 "--resolution", "64"]) == 0
+    assert by_source(tmp_path / "out2")["d.png"]["caption_source"] == "list"
+
+
+def test_a_v1_1_manifest_declares_its_minor_version_and_validates(tmp_path, local_ray):
+    root = tmp_path / "photos"
+    square(root / "a.png")
+    summary = run(root, tmp_path / "out")
+    assert summary["schema_version"] == 1 and summary["schema_minor"] == 1
+    schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))
+    assert {"caption_source", "phash"} <= set(schema.names)
+    assert validate(str(tmp_path / "out"), progress=False) == []
