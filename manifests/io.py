@@ -81,7 +81,7 @@ def write_shard(rows: Sequence[dict[str, Any]], schema: pa.Schema, out_dir: str,
                 # Image bytes are JPEG/PNG already: compressing or dictionary-encoding them again
                 # costs time and saves nothing. Text columns get zstd.
                 compression={f.name: "none" if f.type == IMAGE_STRUCT else "zstd" for f in schema},
-                use_dictionary=["id", "status", "error", "caption", "source"],
+                use_dictionary=["id", "status", "error", "caption", "source", "caption_source"],
             )
         fs.move(tmp, final)
     except BaseException:
