@@ -24,9 +24,11 @@ Designs, all on the same generated collection and shard slices, through the proj
   tasks, ``pipeline/dispatch.py``), reusing the already started Ray; its manifest is checked.
 - ``old``: each shard whole by ``ShardWorker(job)(spec)`` in a ``ray.remote(num_gpus=1)`` actor
   (one per GPU), the next shard going to whichever actor is free.
-- ``raydata``: Ray Data with default settings, one row per shard (so a shard is still committed
-  whole, once): ``map_batches(prepare)`` (CPU tasks) -> ``map_batches(ModelStage, concurrency=1,
-  num_gpus=1)`` -> ``map_batches(finish)`` (CPU tasks: postprocess, PNG, Parquet shard commit).
+- ``raydata``: Ray Data with default settings, one row (and block) per shard, ``batch_size=1``, so
+  a shard is still committed whole, once: ``map_batches(prepare)`` (CPU tasks) ->
+  ``map_batches(ModelStage, compute=ActorPoolStrategy(size=1), num_gpus=1)`` (Ray 2.60's spelling of
+  ``concurrency=1``) -> ``map_batches(finish)`` (CPU tasks: postprocess, PNG, Parquet shard commit).
+  Ray Data logs that it pickles the ``prepared`` column (Python objects); that is expected.
 
 Measured per design: makespan (dispatch start to last shard committed, model-actor start-up
 included), the ideal (total forward sleep, one GPU), their ratio, GPU busy (the union of forward
@@ -37,6 +39,26 @@ forward (the last shards' stage 3). ``--window N`` replaces the dispatch window 
 ``dispatch.run_job`` (``cpus + 2 * actors``) for an experiment, without editing the pipeline.
 Ray start-up and the workers' first imports are excluded: a warm-up (imports in every CPU worker, then a
 16-image staged job) runs first, so each design finds the same worker pool.
+
+Measured here (2 real cores shared with other work, 2026-11-26; run-to-run spread about +-10%):
+
+    hed 1024 images/32 shards  makespan  x ideal  GPU busy  (steady)  GPU idle per shard hand-over
+      new (staged)                9.21 s    1.50x     67.1%    94.1%   12 ms
+      old (do-everything actor)  31.71 s    5.16x     19.5%    20.9%   -
+      Ray Data, defaults         14.46 s    2.35x     42.8%    59.4%   86 ms
+    hed 4096 images: new 28.95 s, 1.18x, 85.3% busy (93.9% steady); Ray Data 39.23 s, 1.60x, 63.0%
+    openpose 64 images/16 shards: new 8.00 s (1.74x the 4.60 s CPU floor), old 35.26 s (0.6% GPU busy),
+      Ray Data 10.36 s
+
+So Ray Data with defaults is not kept: it was slower than the Ray core pipeline in every run (1.1-1.7x
+the makespan), because every block crosses the model actor (the prepared shard too: a Ray Data
+pipeline is one chain) and the actor spent ~80-170 ms between calls moving blocks in and out. The
+targets (>= 85% busy, <= 1.25x ideal) hold for the new design once the job is long enough to
+amortise ~2-3.5 s of start (model actor up) and tail (the last shard's stage 3): not at 1024 images,
+yes at 4096. Window experiments (a scratch copy of ``dispatch.py``, hed 1024, steady busy): window 4:
+75-77% (7-9 of 31 hand-overs starved); 7: 94-95%; 10 (``cpus + 2 * actors``, the default): 91-95%;
+20: 94%. Queueing 2 forward calls per actor instead of 1: 97.6-97.9%, hand-over 4-5 ms instead of
+10-20 ms (the driver's round trip between two forwards disappears).
 """
 
 from __future__ import annotations
@@ -214,6 +236,12 @@ def run_new(collection: Path, base: Path, profile: Profile, shard_size: int, win
     return Run("new", clock["start"], clock["end"], log_dir, output, note)
 
 
+def remove_plans(output: str) -> None:
+    from pipeline.plan import remove_plans as remove
+
+    remove(output)
+
+
 def job_and_specs(collection: Path, output: Path, profile: Profile, log_dir: Path, shard_size: int):
     """The job (its sink writing to ``output``, made ready) and the shard specs ``annotate.run`` plans."""
     from pipeline.annotate import make_job
@@ -252,14 +280,24 @@ def run_old(collection: Path, base: Path, profile: Profile, shard_size: int) -> 
     end = time.time()
     for actor in actors:
         ray.kill(actor)
+    remove_plans(str(output))
     return Run("old", start, end, log_dir, output, f"{len(actors)} do-everything actor(s)")
+
+
+SPEC_COLUMNS = ("index", "fingerprint", "rows", "plan")  # a ShardSpec as plain columns (Arrow, not pickle)
+
+
+def _specs(batch: dict[str, np.ndarray]) -> list[Any]:
+    from pipeline.plan import ShardSpec
+
+    return [ShardSpec(int(i), str(f), int(r), str(p)) for i, f, r, p in zip(*(batch[c] for c in SPEC_COLUMNS))]
 
 
 def _rd_prepare(batch: dict[str, np.ndarray], job: Any) -> dict[str, np.ndarray]:
     from pipeline.shard import prepare_shard
 
-    prepared, inputs = zip(*(prepare_shard(job, spec)[1:] for spec in batch["spec"]))
-    return {"spec": batch["spec"], "prepared": _objects(prepared), "inputs": _objects(inputs)}
+    prepared, inputs = zip(*(prepare_shard(job, spec)[1:] for spec in _specs(batch)))
+    return {**{c: batch[c] for c in SPEC_COLUMNS}, "prepared": _objects(prepared), "inputs": _objects(inputs)}
 
 
 class _RdModelStage:
@@ -273,17 +311,17 @@ class _RdModelStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.time()
-        outputs = [self.worker.forward(spec.index, inputs)[1] for spec, inputs in zip(batch["spec"], batch["inputs"])]
+        outputs = [self.worker.forward(index, inputs)[1] for index, inputs in zip(batch["index"], batch["inputs"])]
         with open(self.log, "a") as f:  # the call's time inside the actor, beside the forward calls' time
             f.write(f"call {start:.6f} {time.time():.6f} 0 \n")
-        return {"spec": batch["spec"], "prepared": batch["prepared"], "outputs": _objects(outputs)}
+        return {**{c: batch[c] for c in SPEC_COLUMNS}, "prepared": batch["prepared"], "outputs": _objects(outputs)}
 
 
 def _rd_finish(batch: dict[str, np.ndarray], job: Any) -> dict[str, np.ndarray]:
     from pipeline.shard import finish_shard
 
     stats = [finish_shard(job, spec, prepared, outputs)
-             for spec, prepared, outputs in zip(batch["spec"], batch["prepared"], batch["outputs"])]
+             for spec, prepared, outputs in zip(_specs(batch), batch["prepared"], batch["outputs"])]
     return {"rows": np.array([s.rows for s in stats])}
 
 
@@ -301,13 +339,14 @@ def run_ray_data(collection: Path, base: Path, profile: Profile, shard_size: int
     job, todo = job_and_specs(collection, output, profile, log_dir, shard_size)
     ray.data.DataContext.get_current().enable_progress_bars = False  # output only; no effect on scheduling
     start = time.time()
-    ds = ray.data.from_items([{"spec": spec} for spec in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items([dataclasses.asdict(spec) for spec in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(_rd_prepare, fn_kwargs={"job": job}, batch_size=1)
-    ds = ds.map_batches(_RdModelStage, fn_constructor_kwargs={"job": job, "log_dir": str(log_dir)}, batch_size=1, num_gpus=1,
-                        compute=ray.data.ActorPoolStrategy(size=1))  # = concurrency=1 (deprecated spelling)
+    ds = ds.map_batches(_RdModelStage, fn_constructor_kwargs={"job": job, "log_dir": str(log_dir)}, batch_size=1,
+                        num_gpus=1, compute=ray.data.ActorPoolStrategy(size=1))  # = concurrency=1, now deprecated
     ds = ds.map_batches(_rd_finish, fn_kwargs={"job": job}, batch_size=1)
     rows = sum(int(row["rows"]) for row in ds.iter_rows())
     end = time.time()
+    remove_plans(str(output))
     return Run("raydata", start, end, log_dir, output, f"{rows} rows committed through Ray Data")
 
 
@@ -358,6 +397,7 @@ class Figures:
     makespan: float
     ideal: float
     cpu_floor: float
+    """Stage 1 and 3 sleeps spread over the CPUs left beside the model actor."""
     busy: float
     steady_busy: float
     """GPU busy between the first forward's start and the last one's end."""
@@ -384,7 +424,8 @@ def figures(run: Run, profile: Profile, count: int, shard_size: int) -> Figures:
     weight = sum(profile.heavy_factor if is_heavy(i // shard_size) else 1.0 for i in range(count))
     calls = read_logs(run.log_dir)
     forwards = [(s, e, shard_of[ids[0]]) for s, e, ids in calls["forward"]]
-    busy = union_length([(s, e) for s, e, _ in forwards], run.start, run.end)
+    intervals = [(s, e) for s, e, _ in forwards]
+    busy = union_length(intervals, run.start, run.end)
     prepared: dict[int, float] = collections.defaultdict(float)  # shard -> end of its last preprocess
     for _, end, ids in calls["prepare"]:
         prepared[shard_of[ids[0]]] = max(prepared[shard_of[ids[0]]], end)
@@ -411,21 +452,24 @@ def figures(run: Run, profile: Profile, count: int, shard_size: int) -> Figures:
     actor_calls = sorted((s, e) for s, e, _ in calls["call"])
     call_gap = (float(np.mean([b[0] - a[1] for a, b in zip(actor_calls, actor_calls[1:])]))
                 if len(actor_calls) > 1 else None)
-    return Figures(run.design, run.end - run.start, profile.forward_ms * weight / 1000,
-                   (profile.prepare_ms + profile.post_ms) * weight / 1000 / (DECLARED_CPUS - DECLARED_GPUS),
-                   busy / (run.end - run.start), union_length([(s, e) for s, e, _ in forwards], first, last) / (last - first),
-                   first - run.start, run.end - last, dispatch_idle, starved_idle,
-                   starved_gaps, len(order) - 1, waiting, spawned - run.start, ready - run.start, call_gap)
+    return Figures(
+        design=run.design, makespan=run.end - run.start, ideal=profile.forward_ms * weight / 1000,
+        cpu_floor=(profile.prepare_ms + profile.post_ms) * weight / 1000 / (DECLARED_CPUS - DECLARED_GPUS),
+        busy=busy / (run.end - run.start), steady_busy=union_length(intervals, first, last) / (last - first),
+        startup=first - run.start, tail=run.end - last, dispatch_idle=dispatch_idle, starved_idle=starved_idle,
+        starved_gaps=starved_gaps, gaps=len(order) - 1, waiting=waiting, actor_spawned=spawned - run.start,
+        actor_ready=ready - run.start, call_gap=call_gap)
 
 
 def print_figures(rows: list[Figures]) -> None:
-    print(f"  {'design':8} {'makespan':>9} {'ideal':>7} {'ratio':>6} {'GPU busy':>9} {'steady':>7} | GPU idle: {'start':>6} "
-          f"{'dispatch':>9} {'starved':>8} {'tail':>6} | shards prepared+waiting at each forward")
+    print(f"  {'design':8} {'makespan':>9} {'ideal':>7} {'ratio':>6} {'GPU busy':>9} {'steady':>7} | GPU idle: "
+          f"{'start':>6} {'dispatch':>9} {'starved':>8} {'tail':>6} | shards prepared+waiting at each forward")
     for f in rows:
         waits = (f"min {min(f.waiting)} median {int(np.median(f.waiting))} max {max(f.waiting)}; "
                  f"{f.starved_gaps}/{f.gaps} gaps starved") if f.waiting else "-"
-        print(f"  {f.design:8} {f.makespan:8.2f}s {f.ideal:6.2f}s {f.makespan / f.ideal:5.2f}x {f.busy:8.1%} {f.steady_busy:7.1%} | "
-              f"{'':9} {f.startup:5.2f}s {f.dispatch_idle:8.2f}s {f.starved_idle:7.2f}s {f.tail:5.2f}s | {waits}")
+        print(f"  {f.design:8} {f.makespan:8.2f}s {f.ideal:6.2f}s {f.makespan / f.ideal:5.2f}x {f.busy:8.1%} "
+              f"{f.steady_busy:7.1%} | {'':9} {f.startup:5.2f}s {f.dispatch_idle:8.2f}s {f.starved_idle:7.2f}s "
+              f"{f.tail:5.2f}s | {waits}")
     for f in rows:
         extra = (f"; {f.call_gap * 1000:.0f} ms on average between two calls of the model actor (Ray Data moving "
                  "blocks in and out)") if f.call_gap is not None else ""

@@ -4,8 +4,9 @@
 ``forward`` in the model-actor pool and its ``preprocess`` / ``postprocess`` in CPU tasks, exactly
 as for HED or OpenPose. Each part sleeps for the cost it stands in for; an image of the colour
 ``HEAVY_RGB`` costs ``heavy_factor`` times as much (a heavy shard). With ``log_dir`` set, every
-call appends ``kind start end n ids`` (``setup``: the process's start, then the end of ``setup()``) (wall-clock seconds) to a file per process, from which the
-benchmark computes GPU busy time and where the GPU waited.
+call appends ``kind start end n ids`` (wall-clock seconds; for ``setup``: the process's start and
+the end of ``setup()``) to a file per process, from which the benchmark computes GPU busy time and
+where the GPU waited.
 """
 
 from __future__ import annotations
