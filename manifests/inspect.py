@@ -1,15 +1,23 @@
-"""A readable report of a manifest: rows, status, error reasons, sizes, annotators."""
+"""A readable report of a manifest: rows, status, error and filter reasons, sizes, captions, duplicates,
+annotators."""
 
 from __future__ import annotations
 
 import collections
 import json
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from manifests import duplicates
 from manifests.io import list_shards, read_manifest_json, resolve
+from manifests.rows import error_kind
 from manifests.schema import image_columns
+
+#: Caption lengths in words, bucketed: (lowest, highest) per bucket; CLIP reads 77 tokens, about 55-60
+#: English words, so the last bucket is what SD 1.x/2.x text encoders cut off.
+CAPTION_WORD_BINS = ((0, 0), (1, 4), (5, 9), (10, 19), (20, 39), (40, 59), (60, None))
 
 
 def inspect(path: str) -> str:
@@ -19,8 +27,11 @@ def inspect(path: str) -> str:
     shards = list_shards(path)
     statuses: collections.Counter[str] = collections.Counter()
     reasons: collections.Counter[str] = collections.Counter()
+    filters: collections.Counter[str] = collections.Counter()
     sizes: collections.Counter[str] = collections.Counter()
+    caption_sources: collections.Counter[str] = collections.Counter()
     column_bytes: collections.Counter[str] = collections.Counter()
+    caption_words: list[np.ndarray] = []
     disk = 0
     for shard in shards:
         meta = pq.read_metadata(shard, filesystem=fs)
@@ -30,24 +41,43 @@ def inspect(path: str) -> str:
             for c in range(group.num_columns):
                 col = group.column(c)
                 column_bytes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
-        table = pq.read_table(shard, columns=["status", "error", "width", "height"], filesystem=fs)
+        names = set(meta.schema.to_arrow_schema().names)
+        wanted = ["status", "error", "width", "height", "caption", "caption_source"]
+        table = pq.read_table(shard, columns=[c for c in wanted if c in names], filesystem=fs)
         statuses.update(table["status"].to_pylist())
         reasons.update(_reason(e) for e in table["error"].to_pylist() if e)
+        filtered = table.filter(pc.equal(table["status"], "filtered"))
+        filters.update(error_kind(e) for e in filtered["error"].to_pylist() if e)
         ok = table.filter(pc.equal(table["status"], "ok"))
         sizes.update(f"{w}x{h}" for w, h in zip(ok["width"].to_pylist(), ok["height"].to_pylist()))
+        if "caption" in names:
+            caption_words.append(_word_counts(ok["caption"]))
+        if "caption_source" in names:
+            caption_sources.update(s or "none" for s in ok["caption_source"].to_pylist())
     rows = sum(statuses.values())
     schema_cols = image_columns(pq.read_schema(shards[0], filesystem=fs)) if shards else []
+    version = f"v{summary['schema_version']}" + (f".{summary['schema_minor']}" if "schema_minor" in summary else "")
     lines = [
         f"manifest  {path}",
-        f"schema    v{summary['schema_version']}, {len(shards)} shards, {disk / 1e6:.1f} MB on disk",
-        f"input     {summary['input']['uri']} ({summary['input']['images']} images, "
-        f"{summary['input']['ignored_files']} other files ignored)",
-        f"rows      {rows}: " + ", ".join(f"{s} {statuses.get(s, 0)}" for s in ("ok", "error", "filtered")),
+        f"schema    {version}, {len(shards)} shards, {disk / 1e6:.1f} MB on disk",
     ]
+    source = summary.get("input") or {}
+    if source:
+        lines.append(f"input     {source.get('uri')} ({source.get('images')} images, "
+                     f"{source.get('ignored_files')} other files ignored)")
+    lines.append(f"rows      {rows}: " + ", ".join(f"{s} {statuses.get(s, 0)}" for s in ("ok", "error", "filtered")))
     if reasons:
         lines.append("not ok    " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common(10)))
+    if statuses.get("filtered"):
+        lines.append("filtered  " + ", ".join(f"{kind} {n}" for kind, n in filters.most_common())
+                     + f" (of {statuses['filtered']} filtered rows)")
+    lines.append(_duplicates_line(path, statuses.get("ok", 0)))
     if sizes:
         lines.append("sizes     " + ", ".join(f"{s} ({n})" for s, n in sizes.most_common(5)))
+    if caption_words:
+        lines.extend(_caption_lines(np.concatenate(caption_words)))
+    if caption_sources:
+        lines.append("captions  from " + ", ".join(f"{s} {n}" for s, n in caption_sources.most_common()))
     for col in schema_cols:
         per_row = column_bytes[col] / max(1, statuses.get("ok", 0))
         lines.append(f"column    {col}: {column_bytes[col] / 1e6:.1f} MB, {per_row / 1e3:.0f} kB per ok row")
@@ -62,6 +92,40 @@ def inspect(path: str) -> str:
         lines.append(f"run       {run.get('wall_s')} s wall, {run.get('images_per_s')} images/s, "
                      f"ray {run.get('ray', {}).get('mode')}")
     return "\n".join(lines)
+
+
+def _duplicates_line(path: str, ok_rows: int) -> str:
+    """Counts of the duplicates table, or why there is none."""
+    table = duplicates.read_table(path)
+    if table is None:
+        return "duplicates not computed (no _duplicates/duplicates.parquet: a manifest from before them)"
+    found = duplicates.counts(table)
+    made = duplicates.read_summary(path) or {}
+    distance = made.get("max_distance", "?")
+    near = "exact copies only" if distance is None else f"near: within {distance} bits of 64"
+    groups = len(set(table["duplicate_of"].to_pylist()))
+    return (f"duplicates exact {found['exact']}, near {found['near']} ({near}), in {groups} group{'' if groups == 1 else 's'}; "
+            f"{ok_rows - table.num_rows} of {ok_rows} ok rows kept (readers and training skip the rest)")
+
+
+def _word_counts(captions) -> np.ndarray:
+    """Words per caption (null counts as empty)."""
+    filled = pc.fill_null(captions, "")
+    return np.asarray(pc.list_value_length(pc.utf8_split_whitespace(filled)).to_numpy(zero_copy_only=False),
+                      dtype=np.int64)
+
+
+def _caption_lines(words: np.ndarray) -> list[str]:
+    """A histogram of caption lengths in words over the ok rows, one line."""
+    if words.size == 0:
+        return []
+    parts = []
+    for low, high in CAPTION_WORD_BINS:
+        n = int(((words >= low) & (words <= (np.inf if high is None else high))).sum())
+        label = "empty" if high == 0 else f"{low}+" if high is None else f"{low}-{high}"
+        parts.append(f"{label} {n}")
+    return ["captions  words per ok row: " + ", ".join(parts)
+            + f"; median {int(np.median(words))}, longest {int(words.max())}"]
 
 
 def _reason(error: str) -> str:

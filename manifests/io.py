@@ -168,27 +168,37 @@ def read(
     path: str,
     columns: Iterable[str] | None = None,
     status: str | None = "ok",
+    duplicates: str | bool = "skip",
 ) -> "pd.DataFrame":
     """Read a manifest into pandas, rows in shard order.
 
     ``status`` keeps only rows with that status (``None`` keeps all); ``columns`` limits what is
-    read, which matters because image columns dominate the size.
+    read, which matters because image columns dominate the size. ``duplicates``: ``"skip"`` (the
+    default; or False) leaves out the rows ``_duplicates/duplicates.parquet`` lists as exact or near duplicates
+    of an earlier row, ``"keep"`` (or True) keeps them; a manifest without that table has none.
     """
     import pandas as pd
 
+    from manifests.duplicates import duplicate_ids, duplicates_option, keep_mask
+
     if status is not None and status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES} or None, not {status!r}")
+    skip = duplicates_option(duplicates)
     read_manifest_json(path)  # fails clearly on a folder that is not a (finished) manifest
     fs, base = resolve(path)
     shards = list_shards(path)
-    cols = None if columns is None else list(dict.fromkeys([*columns, "status"]))
+    skip_ids = duplicate_ids(path) if skip else None
+    extra = ["status", *(["id"] if skip_ids is not None else [])]
+    cols = None if columns is None else list(dict.fromkeys([*columns, *extra]))
     tables = [pq.read_table(s, columns=cols, filesystem=fs) for s in shards]
     if not tables:
         return pd.DataFrame(columns=cols or [])
     table = pa.concat_tables(tables)
     if status is not None:
         table = table.filter(pc.equal(table["status"], status))
+    if skip_ids is not None and len(skip_ids):
+        table = table.filter(keep_mask(table["id"], skip_ids))
     frame = table.to_pandas()
-    if columns is not None and "status" not in columns:
-        frame = frame.drop(columns=["status"])
+    if columns is not None:
+        frame = frame[list(dict.fromkeys(columns))]
     return frame

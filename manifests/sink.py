@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from manifests.duplicates import DUPLICATES_DIR, DUPLICATES_FILE
 from manifests.io import delete_quietly, join, resolve, shard_provenance, write_json, write_manifest_json, write_shard
 from manifests.rows import error_kind
 from manifests.schema import (
@@ -115,7 +116,7 @@ class ManifestSink:
         """The output's shards, their stats and any foreign files; reads no shard that has a stats file."""
         fs, base = resolve(self.output)
         infos = _list(fs, base)
-        ours = {MANIFEST_JSON, STATS_DIR, *also_ours}
+        ours = {MANIFEST_JSON, STATS_DIR, DUPLICATES_DIR, *also_ours}
         paths: dict[int, str] = {}
         foreign: list[str] = []
         widths = set()
@@ -139,13 +140,16 @@ class ManifestSink:
         self.digits = max(widths) if widths else self.digits
         return ExistingShards(paths, stats, sorted(foreign), self.digits)
 
-    def on_write_start(self, existing: ExistingShards, overwrite: bool) -> None:
+    def on_write_start(self, existing: ExistingShards, overwrite: bool, writes: bool = True) -> None:
         """Make the output ready for this run's shards (call only once every refusal check passed):
         the manifest stops being complete, temp files of killed writes go, and with ``overwrite``
-        every earlier shard and its stats go."""
+        every earlier shard and its stats go. When shards will be ``writes``-en, the duplicates table
+        goes too (it no longer covers every row; the run makes it again)."""
         fs, base = resolve(self.output)
         delete_quietly(fs, join(base, MANIFEST_JSON))  # present only while the manifest is complete
-        stale = [i.path for folder in (base, join(base, STATS_DIR)) for i in _list(fs, folder)
+        if writes or overwrite:
+            delete_quietly(fs, join(base, DUPLICATES_FILE))
+        stale = [i.path for folder in (base, join(base, STATS_DIR), join(base, DUPLICATES_DIR)) for i in _list(fs, folder)
                  if i.base_name.startswith(".tmp-") and not i.base_name.endswith("-lock")
                  and i.type == pafs.FileType.File]
         for path in stale:

@@ -30,6 +30,9 @@ import pyarrow.fs as pafs
 from tqdm import tqdm
 
 from annotators import registry
+from captioners import registry as caption_registry
+from manifests import duplicates
+from manifests.duplicates import DEFAULT_MAX_DISTANCE
 from manifests.io import resolve
 from manifests.schema import SCHEMA_VERSION, shard_name
 from manifests.sink import ExistingShards, ManifestSink
@@ -67,6 +70,13 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
                    help=f"comma-separated names; known: {', '.join(registry.available())}")
     p.add_argument("--param", "-p", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="annotator parameter, e.g. -p canny.low=50 (repeatable)")
+    p.add_argument("--captioner", default=None,
+                   help="caption rows with a model: blip, florence2, vlm (or package.module:Class); -p NAME.KEY=VALUE "
+                        "sets its parameters, e.g. -p vlm.prompt=\"Describe the image in one sentence.\"")
+    p.add_argument("--caption-policy", default="missing", choices=("missing", "always", "prefix"),
+                   help="missing: caption rows without a given caption; always: every row; prefix: every row, "
+                        "after --caption-prefix")
+    p.add_argument("--caption-prefix", default="", help="text put before every generated caption (a trigger phrase)")
     p.add_argument("--resolution", type=int, default=512, help="shortest side in pixels, multiple of 8")
     p.add_argument("--center-crop", action="store_true", help="crop to resolution x resolution")
     p.add_argument("--min-side", type=int, default=0, help="mark smaller images as filtered (0: upscale all)")
@@ -88,6 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
     p.add_argument("--concurrency", type=int, default=None, help="model-annotator workers (default: per GPU or CPU)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per model worker (default: 1 if any, else 0)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker")
+    p.add_argument("--near-duplicate-distance", type=int, default=DEFAULT_MAX_DISTANCE,
+                   help="perceptual-hash bits (of 64) within which images are near duplicates; 0: identical only")
     p.add_argument("--max-shard-retries", type=int, default=2,
                    help="resubmit a shard whose task or actor failed this many times before reporting it")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local Ray)")
@@ -97,9 +109,14 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
         names = tuple(n.strip() for n in args.annotators.split(",") if n.strip())
         for name in names:
             registry.get(name)
+        params = _parse_params(args.param)
+        captioner_params = params.pop(args.captioner, {}) if args.captioner else {}
+        if args.captioner:
+            caption_registry.parse_params(caption_registry.get(args.captioner), captioner_params)
         config = AnnotateConfig(
             input=args.input, input_list=args.input_list, output=args.output, annotators=names,
-            annotator_params=_parse_params(args.param), resolution=args.resolution,
+            annotator_params=params, resolution=args.resolution, captioner=args.captioner,
+            captioner_params=captioner_params, caption_policy=args.caption_policy, caption_prefix=args.caption_prefix,
             center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
             min_aspect=args.min_aspect,
             image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
@@ -107,7 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
             weights_dir=args.weights_dir, require_detection=args.require_detection,
             concurrency=args.concurrency, gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker, address=args.address, num_cpus=args.num_cpus,
-            max_shard_retries=args.max_shard_retries,
+            max_shard_retries=args.max_shard_retries, near_duplicate_distance=args.near_duplicate_distance,
         )
         for name in config.annotators:  # parameter names and values, checked before any work
             registry.parse_params(registry.get(name), config.annotator_params.get(name, {}))
@@ -150,19 +167,27 @@ def make_job(config: AnnotateConfig) -> ShardJob:
         raise ValueError(f"two annotators write the same column: {names}")
     for annotator in annotators:
         annotator.locate_weights()
+    captioner = None
+    if config.captioner is not None:
+        captioner = caption_registry.create(config.captioner, config.captioner_params, config.weights_dir)
+        captioner.locate_weights()  # a missing model folder stops here, naming it and where to get it
     provenance = {
         "schema_version": SCHEMA_VERSION,
         "settings": config.output_settings(),
         "annotators": [a.provenance() for a in annotators],
+        "captioner": captioner.provenance() if captioner else None,
     }
     provenance["settings_fingerprint"] = fingerprint(
-        {"settings": provenance["settings"], "params": [a.params.to_dict() for a in annotators]}
+        {"settings": provenance["settings"], "params": [a.params.to_dict() for a in annotators],
+         **({"captioner": dataclasses.asdict(captioner.params)} if captioner else {})}
     )
     sink = ManifestSink(config.output, names, provenance)
     return ShardJob(
         input=config.input, prepare=config.prepare_settings(), image_format=config.image_format,
         jpeg_quality=config.jpeg_quality, annotators=tuple((n, overrides[n]) for n in config.annotators),
         batch_size=config.batch_size, sink=sink, weights_dir=config.weights_dir,
+        captioner=(config.captioner, dict(config.captioner_params)) if config.captioner else None,
+        caption_policy=config.caption_policy, caption_prefix=config.caption_prefix,
     )
 
 
@@ -237,7 +262,7 @@ def annotate_shards(job: ShardJob, todo: list, config: AnnotateConfig) -> tuple[
     unwritten; the same command again redoes it. Returns (seconds, failed-shard messages,
     sidecars that were not UTF-8).
     """
-    uses_model = any(registry.get(n).uses_model for n, _ in job.annotators)
+    uses_model = job.captioner is not None or any(registry.get(n).uses_model for n, _ in job.annotators)
     pool = (dispatch.pool_size(config.concurrency, config.gpus_per_worker, config.cpus_per_worker)
             if uses_model else None)
     failures: list[str] = []
@@ -254,6 +279,15 @@ def annotate_shards(job: ShardJob, todo: list, config: AnnotateConfig) -> tuple[
             bar.set_postfix(error=result.stat.counts.get("error", 0), filtered=result.stat.counts.get("filtered", 0),
                             refresh=False)
     return time.perf_counter() - start, failures, sorted(not_utf8)
+
+
+def find_duplicates(config: AnnotateConfig, wrote: bool) -> dict[str, Any]:
+    """Duplicates across the whole manifest (kept shards included), as a side table; shards stay as
+    written. A rerun that wrote nothing keeps the table when it was made with the same distance."""
+    made = duplicates.read_summary(config.output)
+    if not wrote and made and made.get("max_distance") == config.near_duplicate_distance:
+        return {k: made[k] for k in ("exact", "near", "max_distance")}
+    return duplicates.write_duplicates(config.output, config.near_duplicate_distance)
 
 
 def run(config: AnnotateConfig) -> dict[str, Any]:
@@ -276,7 +310,7 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
                             "%s", len(listing.skipped_links), ", ".join(listing.skipped_links[:5]))
             check_no_rows_dropped(config, existing, plan)
             # Every check passed: from here on the output changes.
-            job.sink.on_write_start(existing, config.overwrite)
+            job.sink.on_write_start(existing, config.overwrite, writes=bool(plan.todo))
             ray_info = ray_runtime.connect(config.address, config.num_cpus)
             log.info("%d images in %d shards (%d done before)", plan.rows, plan.shards, len(plan.kept))
             work_s, not_utf8 = 0.0, []
@@ -299,6 +333,7 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
         }
         input_info = {"uri": config.input, "list": config.input_list, "images": plan.rows,
                       "ignored_files": listing.ignored, "skipped_links": listing.skipped_links}
+        run_info["duplicates"] = find_duplicates(config, bool(plan.todo))
         summary = job.sink.summary(input_info, run_info)
         lock.check()  # a run that lost its lock never declares the manifest complete
         job.sink.on_write_complete(summary)

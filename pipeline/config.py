@@ -7,9 +7,11 @@ import hashlib
 import json
 from typing import Any
 
+from manifests.duplicates import DEFAULT_MAX_DISTANCE
 from pipeline.decode import PrepareSettings
 
 IMAGE_FORMATS = ("jpeg", "png")
+CAPTION_POLICIES = ("missing", "always", "prefix")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -52,6 +54,19 @@ class AnnotateConfig(PrepareSettings):
     """GPUs per model-annotator worker; None: 1 when the cluster has GPUs, else 0 (CPU)."""
     cpus_per_worker: int = 1
     """CPUs per worker (torch uses as many threads)."""
+    captioner: str | None = None
+    """Captioner registry name (``blip``, ``florence2``, ``vlm`` or ``package.module:Class``): its
+    forward pass runs in the model actors; None: captions come only from sidecars, metadata, lists."""
+    captioner_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The captioner's parameter overrides (``-p blip.max_new_tokens=30``)."""
+    caption_policy: str = "missing"
+    """``missing``: caption rows without a sidecar/metadata caption; ``always``: caption every row
+    (replacing given captions); ``prefix``: every row gets ``caption_prefix`` plus its generated caption."""
+    caption_prefix: str = ""
+    """Text put before every generated caption (a trigger phrase for a task-specific ControlNet)."""
+    near_duplicate_distance: int = DEFAULT_MAX_DISTANCE
+    """Images whose perceptual hashes differ in at most this many of 64 bits are near duplicates
+    (listed in ``_duplicates.parquet``, skipped by readers); 0: identical hashes and exact copies only."""
     max_shard_retries: int = 2
     """Times a shard whose task or actor failed is resubmitted before it is reported as failed
     (the other shards go on; the same command again redoes it)."""
@@ -68,6 +83,12 @@ class AnnotateConfig(PrepareSettings):
             raise ValueError("--annotators: give at least one annotator")
         if len(set(self.annotators)) != len(self.annotators):
             raise ValueError(f"--annotators lists a name twice: {','.join(self.annotators)}")
+        if self.caption_policy not in CAPTION_POLICIES:
+            raise ValueError(f"--caption-policy {self.caption_policy!r}: choose one of {', '.join(CAPTION_POLICIES)}")
+        if self.captioner is None and (self.caption_policy != "missing" or self.caption_prefix):
+            raise ValueError("--caption-policy and --caption-prefix need --captioner (e.g. --captioner blip)")
+        if self.caption_policy == "prefix" and not self.caption_prefix.strip():
+            raise ValueError("--caption-policy prefix needs --caption-prefix TEXT (e.g. \"a canny edge photo,\")")
         unknown = set(self.annotator_params) - set(self.annotators)
         if unknown:
             raise ValueError(f"parameters given for annotators not in --annotators: {sorted(unknown)}")
@@ -95,6 +116,9 @@ class AnnotateConfig(PrepareSettings):
             raise ValueError("--gpus-per-worker must be 0 or more")
         if self.cpus_per_worker < 1:
             raise ValueError("--cpus-per-worker must be at least 1")
+        if not 0 <= self.near_duplicate_distance <= 16:
+            raise ValueError(f"--near-duplicate-distance {self.near_duplicate_distance}: use 0 (identical only) "
+                             f"to 16 bits of 64 (default {DEFAULT_MAX_DISTANCE}; beyond about 8 the search slows)")
         if self.max_shard_retries < 0:
             raise ValueError("--max-shard-retries must be 0 or more")
         if self.num_cpus is not None and self.num_cpus < 1:
@@ -103,7 +127,8 @@ class AnnotateConfig(PrepareSettings):
     def output_settings(self) -> dict[str, Any]:
         """The settings that decide the rows written (not how the job runs)."""
         keys = ("resolution", "center_crop", "min_side", "max_pixels", "max_aspect", "min_aspect", "image_format",
-                "jpeg_quality", "shard_size", "annotators", "require_detection")
+                "jpeg_quality", "shard_size", "annotators", "require_detection", "captioner", "caption_policy",
+                "caption_prefix")
         return {k: getattr(self, k) for k in keys}
 
 

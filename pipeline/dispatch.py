@@ -98,7 +98,7 @@ def run_job(job: ShardJob, todo: list[ShardSpec], uses_model: bool, pool: PoolSi
     # A crashed actor restarts (reloading its weights); the dispatcher resubmits its shard.
     actor_cls = ray.remote(num_cpus=pool.cpus, num_gpus=pool.gpus, max_restarts=-1,
                            max_task_retries=0)(ModelWorker)
-    actors = [actor_cls.remote(job_ref) for _ in range(pool.actors)]
+    actors = [actor_cls.remote(job) for _ in range(pool.actors)]  # by value: a restart needs its arguments
     prepare = ray.remote(num_cpus=pool.task_cpus, max_retries=0, num_returns=3)(prepare_shard)
     finish = ray.remote(num_cpus=pool.task_cpus, max_retries=0)(finish_shard)
     stages = Stages(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
-PROJECT_PACKAGES = ("annotators", "manifests", "pipeline")
+PROJECT_PACKAGES = ("annotators", "captioners", "manifests", "pipeline")
 
 
 def _loopback_only() -> None:

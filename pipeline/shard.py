@@ -28,6 +28,7 @@ import numpy as np
 from annotators import registry
 from annotators.base import AnnotationSkipped, Annotator
 from annotators.image import check_map
+from manifests.duplicates import phash
 from manifests.rows import empty_row, mark
 from manifests.schema import STATUS_ERROR, STATUS_FILTERED, STATUS_OK, cond_column
 from manifests.sink import ManifestSink, ShardStats
@@ -57,6 +58,16 @@ class ShardJob:
     """Commits each shard and its stats (knows the output and the provenance stored in shards)."""
     weights_dir: str | None = None
     """Folder (or hub id) the model annotators load weights from."""
+    captioner: tuple[str, dict[str, Any]] | None = None
+    """(captioner registry name, parameter overrides), or None: no generated captions."""
+    caption_policy: str = "missing"
+    """Which rows the captioner captions: ``missing`` (those without a caption), ``always``, ``prefix``."""
+    caption_prefix: str = ""
+    """Text put before each generated caption."""
+
+
+#: The model inputs/outputs key of the captioner (annotator names never contain a colon).
+CAPTION_KEY = "caption:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +117,13 @@ class ShardWorker:
         for annotator in self.annotators:
             if (load_models if is_model(annotator) else load_cpu):
                 annotator.setup()
+        self.captioner = None
+        if job.captioner is not None:
+            from captioners import registry as caption_registry
+
+            self.captioner = caption_registry.create(job.captioner[0], job.captioner[1], job.weights_dir)
+            if load_models:
+                self.captioner.setup()
         self.reader = SourceReader(job.input)
 
     @property
@@ -139,7 +157,23 @@ class ShardWorker:
         outcomes = {a.name: annotate_on_cpu(a, images, ids, self.job.batch_size)
                     for a in self.annotators if not is_model(a)}
         inputs = {a.name: preprocess_all(a, images, ids) for a in self.models}
+        if self.captioner is not None:
+            inputs[CAPTION_KEY] = self.caption_inputs([rows[i] for i in live], images, ids)
         return PreparedShard(rows, images, live, outcomes, not_utf8, started), inputs
+
+    def caption_inputs(self, rows: Sequence[dict[str, Any]], images: Sequence[np.ndarray],
+                       ids: Sequence[str]) -> list[Any]:
+        """The captioner's input per live row; None where the policy keeps the given caption."""
+        inputs: list[Any] = []
+        for row, image, image_id in zip(rows, images, ids):
+            if self.job.caption_policy == "missing" and row["caption"]:
+                inputs.append(None)
+                continue
+            try:
+                inputs.append(self.captioner.preprocess(image, image_id))
+            except Exception as exc:
+                inputs.append(Failure(STATUS_ERROR, f"caption[{self.captioner.name}]: {describe(exc)}"))
+        return inputs
 
     def _read(self, item: InputItem) -> bytes | BaseException | None:
         """A file's bytes (None when the listing already knows it cannot be read; the error when reading fails)."""
@@ -183,14 +217,17 @@ class ShardWorker:
             mark(row, STATUS_ERROR, f"{stage}: {describe(exc)}")
             return row, None
         height, width = prepared.image.shape[:2]
-        row.update(width=width, height=height, image={"bytes": encoded, "path": None})
+        row.update(width=width, height=height, image={"bytes": encoded, "path": None}, phash=phash(prepared.image))
         return row, prepared.image
 
     # ------------------------------------------------------------------------------ stage 2
 
     def forward(self, inputs: ModelInputs) -> dict[str, list[Any]]:
         """The model annotators' forward passes, batch by batch (needs ``load_models``)."""
-        return {a.name: forward_all(a, inputs[a.name], self.job.batch_size) for a in self.models}
+        outputs = {a.name: forward_all(a, inputs[a.name], self.job.batch_size) for a in self.models}
+        if self.captioner is not None:
+            outputs[CAPTION_KEY] = caption_all(self.captioner, inputs[CAPTION_KEY], self.job.batch_size)
+        return outputs
 
     # ------------------------------------------------------------------------------ stage 3
 
@@ -201,10 +238,29 @@ class ShardWorker:
         outcomes = dict(prepared.outcomes)
         for annotator in self.models:
             outcomes[annotator.name] = postprocess_all(annotator, outputs[annotator.name], prepared.images, ids)
+        captions = outputs.get(CAPTION_KEY)
         for position, index in enumerate(prepared.live):
-            apply_outcomes(prepared.rows[index], [(a.name, outcomes[a.name][position]) for a in self.annotators])
+            row = prepared.rows[index]
+            apply_outcomes(row, [(a.name, outcomes[a.name][position]) for a in self.annotators])
+            if captions is not None and row["status"] == STATUS_OK:
+                self.apply_caption(row, captions[position])
         return self.job.sink.write(prepared.rows, spec.index, spec.fingerprint, prepared.captions_not_utf8,
                                    time.perf_counter() - prepared.started)
+
+
+    def apply_caption(self, row: dict[str, Any], caption: str | Failure | None) -> None:
+        """Set a generated caption (after the prefix, with the captioner as its source), or fail the row."""
+        name = self.captioner.name
+        if caption is None:  # the policy kept the given caption
+            return
+        if isinstance(caption, Failure):
+            mark(row, caption.status, caption.reason)
+        elif not caption.strip():
+            mark(row, STATUS_ERROR, f"caption[{name}]: empty caption")
+        else:
+            prefix = self.job.caption_prefix.strip() if self.job.caption_policy == "prefix" else ""
+            row["caption"] = f"{prefix} {caption.strip()}" if prefix else caption.strip()
+            row["caption_source"] = name
 
 
 class _Unreadable(Exception):
@@ -262,6 +318,19 @@ def forward_all(annotator: Annotator, inputs: Sequence[Any], batch_size: int) ->
         for i, result in zip(chunk, results):
             outputs[i] = Failure(STATUS_ERROR, f"annotate[{annotator.name}]: {describe(result)}") \
                 if isinstance(result, Exception) and not isinstance(result, AnnotationSkipped) else result
+    return outputs
+
+
+def caption_all(captioner: Any, inputs: Sequence[Any], batch_size: int) -> list[Any]:
+    """Captions per input (None and ``Failure`` passed through; a failing image fails alone)."""
+    outputs: list[Any] = list(inputs)
+    todo = [i for i, x in enumerate(inputs) if x is not None and not isinstance(x, Failure)]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        results = isolate(lambda batch, _ids: captioner.forward(batch), [inputs[i] for i in chunk], [None] * len(chunk))
+        for i, result in zip(chunk, results):
+            outputs[i] = Failure(STATUS_ERROR, f"caption[{captioner.name}]: {describe(result)}") \
+                if isinstance(result, Exception) else result
     return outputs
 
 

@@ -117,3 +117,31 @@ class StageProbe(SplitAnnotator):
     def postprocess(self, output: np.ndarray, image: np.ndarray, image_id: str) -> np.ndarray:
         self._log(image_id, "postprocess")
         return output
+
+
+from captioners.base import Captioner, CaptionerParams  # noqa: E402
+
+
+@dataclasses.dataclass
+class ColourCaptionerParams(CaptionerParams):
+    model: str = "no-weights"
+
+
+class ColourCaptioner(Captioner):
+    """Captions an image by its mean colour; raises on a pure magenta image (a per-image failure)."""
+
+    name = "colour"
+    Params = ColourCaptionerParams
+    packages = ()
+
+    def setup(self) -> None:
+        self.ready = True
+
+    def preprocess(self, image: np.ndarray, image_id: str) -> np.ndarray:
+        return image.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
+
+    def forward(self, inputs: list) -> list[str]:
+        assert self.ready, "forward needs setup()"
+        if any((m == (255, 0, 255)).all() for m in inputs):
+            raise RuntimeError("cannot caption magenta")
+        return [f"a picture of colour {m[0]} {m[1]} {m[2]}" for m in inputs]

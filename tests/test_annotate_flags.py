@@ -54,7 +54,7 @@ def test_png_images_are_exactly_what_the_annotators_saw(marked_collection, tmp_p
     folder, arrays = marked_collection
     out = tmp_path / "m"
     assert annotate(folder, out, "--image-format", "png", "--resolution", "128") == 0
-    frame = manifests.read(str(out)).set_index("source")
+    frame = manifests.read(str(out), duplicates="keep").set_index("source")
     assert len(frame) == len(arrays)
     for source, row in frame.iterrows():
         assert row["image"]["bytes"].startswith(PNG_SIGNATURE)
@@ -85,7 +85,7 @@ def test_jpeg_quality_trades_bytes_for_fidelity(marked_collection, tmp_path, loc
                         "q95": ["--jpeg-quality", "95"]}.items():
         out = tmp_path / name
         assert annotate(folder, out, "--resolution", "128", *flags) == 0
-        images[name] = manifests.read(str(out), columns=["image"])["image"].tolist()
+        images[name] = manifests.read(str(out), columns=["image"], duplicates="keep")["image"].tolist()
     assert all(cell["bytes"][:2] == b"\xff\xd8" for cell in images["q20"] + images["q95"])  # JPEG
     size = {q: sum(len(cell["bytes"]) for cell in images[q]) for q in ("q20", "q95")}
     assert size["q20"] < 0.7 * size["q95"]
@@ -98,7 +98,7 @@ def test_limit_takes_the_first_files_of_the_sorted_input(marked_collection, tmp_
     folder, _ = marked_collection
     out = tmp_path / "m"
     assert annotate(folder, out, "--limit", "4", "--resolution", "64") == 0
-    frame = manifests.read(str(out), status=None)
+    frame = manifests.read(str(out), status=None, duplicates="keep")
     first = [item.source for item in list_inputs(str(folder)).items[:4]]
     assert frame["source"].tolist() == first
     assert manifests.read_manifest_json(str(out))["counts"]["rows"] == 4
@@ -111,7 +111,7 @@ def test_center_crop_min_side_and_max_pixels(marked_collection, tmp_path, local_
     out = tmp_path / "m"
     assert annotate(folder, out, "--center-crop", "--resolution", "64", "--min-side", "100",
                     "--max-pixels", str(500 * 500)) == 0
-    frame = manifests.read(str(out), status=None).set_index("source")
+    frame = manifests.read(str(out), status=None, duplicates="keep").set_index("source")
     assert frame.loc["img7.png", "status"] == "filtered"  # 96x64
     assert frame.loc["img7.png", "error"] == "min_side: 96x64 is below --min-side 100"
     assert frame.loc["img5.png", "status"] == "error"  # 640x480
@@ -133,7 +133,7 @@ def test_float_tiff_images_become_ok_rows(tmp_path, local_ray):
     Image.fromarray(ramp, mode="F").save(folder / "ramp.tif")
     out = tmp_path / "m"
     assert annotate(folder, out, "--resolution", "64", "--image-format", "png") == 0
-    (row,) = manifests.read(str(out), status=None).to_dict("records")
+    (row,) = manifests.read(str(out), status=None, duplicates="keep").to_dict("records")
     assert row["status"] == "ok"
     grey = decoded(row["image"])[:, :, 0].astype(int)
     assert grey[:, 0].mean() < 10 and grey[:, -1].mean() > 245  # full range used
@@ -146,7 +146,7 @@ def test_fsspec_input_and_output_beyond_file_urls(marked_collection, tmp_path, l
     out = tmp_path / "m"
     assert main(["--input", f"local://{folder}", "--output", f"local://{out}", "--resolution", "64",
                  "--shard-size", "4"]) == 0
-    frame = manifests.read(f"local://{out}", status=None)
+    frame = manifests.read(f"local://{out}", status=None, duplicates="keep")
     assert sorted(frame["source"]) == sorted(arrays) and (frame["status"] == "ok").all()
     assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-000000.parquet", "part-000001.parquet"]
 

@@ -37,7 +37,7 @@ def args(collection: Path, out: Path, *extra: str) -> list[str]:
 
 
 def rows_by_source(out: Path):
-    frame = manifests.read(str(out), status=None)
+    frame = manifests.read(str(out), status=None, duplicates="keep")
     return {row["source"]: row for _, row in frame.iterrows()}
 
 
@@ -307,7 +307,7 @@ def test_shards_go_to_the_free_actor_not_round_robin(tmp_path, local_ray):
     out = tmp_path / "out"
     assert main(args(root, out, "--annotators", PROBE, "-p", f"{PROBE}.log_dir={log_dir}",
                      "-p", f"{PROBE}.slow_s=8", "--concurrency", "2")) == 0
-    frame = manifests.read(str(out), columns=["id", "source"])
+    frame = manifests.read(str(out), columns=["id", "source"], duplicates="keep")
     pid_of = {row.source: (log_dir / row.id).read_text() for row in frame.itertuples()}
     heavy_actor = pid_of["00.png"]
     assert [s for s, pid in sorted(pid_of.items()) if pid == heavy_actor] == ["00.png", "01.png"]

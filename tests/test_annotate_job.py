@@ -22,7 +22,7 @@ def decode(cell: dict) -> Image.Image:
 
 
 def test_every_input_file_is_one_row(demo_manifest):
-    frame = manifests.read(str(demo_manifest), status=None).set_index("source")
+    frame = manifests.read(str(demo_manifest), status=None, duplicates="keep").set_index("source")
     assert len(frame) == 20 and frame["id"].is_unique
     errors = frame[frame["status"] == "error"]
     assert sorted(errors.index) == ["edge_cases/not_an_image.png", "edge_cases/truncated.jpg"]
@@ -35,7 +35,7 @@ def test_every_input_file_is_one_row(demo_manifest):
 
 
 def test_maps_align_with_images(demo_manifest):
-    frame = manifests.read(str(demo_manifest))
+    frame = manifests.read(str(demo_manifest), duplicates="keep")
     for _, row in frame.iterrows():
         image, cond = decode(row["image"]), decode(row["cond_canny"])
         assert image.size == cond.size == (row["width"], row["height"])
@@ -46,7 +46,7 @@ def test_maps_align_with_images(demo_manifest):
 
 
 def test_edge_cases_are_prepared_upright_and_with_captions(demo_manifest):
-    frame = manifests.read(str(demo_manifest)).set_index("source")
+    frame = manifests.read(str(demo_manifest), duplicates="keep").set_index("source")
     rotated = frame.loc["edge_cases/rotated_exif.jpg"]
     assert rotated["height"] > rotated["width"]  # stored landscape, EXIF says portrait
     assert (rotated["orig_width"], rotated["orig_height"]) == (240, 320)
@@ -58,11 +58,11 @@ def test_edge_cases_are_prepared_upright_and_with_captions(demo_manifest):
 
 
 def test_resume_after_losing_a_shard_gives_identical_rows(manifest_copy, demo_collection, local_ray):
-    before = manifests.read(str(manifest_copy), status=None)
+    before = manifests.read(str(manifest_copy), status=None, duplicates="keep")
     (manifest_copy / shard_name(1)).unlink()
     summary = run(AnnotateConfig(input=str(demo_collection), output=str(manifest_copy), shard_size=8))
     assert (summary["run"]["shards_written"], summary["run"]["shards_kept"]) == (1, 2)
-    pd.testing.assert_frame_equal(manifests.read(str(manifest_copy), status=None), before)
+    pd.testing.assert_frame_equal(manifests.read(str(manifest_copy), status=None, duplicates="keep"), before)
 
 
 def test_rerun_keeps_complete_shards_and_overwrite_redoes_them(manifest_copy, demo_collection, local_ray):
@@ -103,7 +103,7 @@ def test_an_annotator_failing_on_one_image_marks_only_that_row(tmp_path, local_r
     out = tmp_path / "out"
     run(AnnotateConfig(input=str(src), output=str(out), annotators=("canny", "tests.plugins:FailsOnSomeAnnotator"),
                        batch_size=4))
-    frame = manifests.read(str(out), status=None).set_index("source")
+    frame = manifests.read(str(out), status=None, duplicates="keep").set_index("source")
     assert frame["status"].to_dict() == {"img0.png": "ok", "img1.png": "error", "img2.png": "ok", "img3.png": "error"}
     assert frame.loc["img1.png", "error"] == "annotate[flaky]: cannot handle width 520"
     assert frame.loc["img2.png", "cond_flaky"] is not None and frame.loc["img2.png", "cond_canny"] is not None
@@ -151,7 +151,7 @@ def test_maps_lie_on_the_edges_of_their_own_images(demo_manifest):
     """Canny of each stored (JPEG) image finds the stored map's edges; mirrored, it does not."""
     import cv2
 
-    frame = manifests.read(str(demo_manifest)).set_index("source")
+    frame = manifests.read(str(demo_manifest), duplicates="keep").set_index("source")
     for source in ("photos/astronaut.jpg", "photos/chelsea.jpg", "photos/rocket.jpg", "photos/camera.jpg"):
         image = np.asarray(decode(frame.loc[source, "image"]).convert("RGB"))
         stored = np.asarray(decode(frame.loc[source, "cond_canny"]))
@@ -172,7 +172,7 @@ def test_rerun_with_other_annotator_parameters_is_refused_not_mixed(manifest_cop
                  "-p", "canny.low=10", "--overwrite"]) == 0
     after = manifests.read_manifest_json(str(manifest_copy))
     assert after["annotators"][0]["params"]["low"] == 10
-    frame = manifests.read(str(manifest_copy)).set_index("source")
+    frame = manifests.read(str(manifest_copy), duplicates="keep").set_index("source")
     edges = np.asarray(decode(frame.loc["photos/astronaut.jpg", "cond_canny"]))
     image = np.asarray(decode(frame.loc["photos/astronaut.jpg", "image"]).convert("RGB"))
     import cv2

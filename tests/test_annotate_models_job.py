@@ -52,7 +52,7 @@ def test_canny_hed_and_pose_make_one_aligned_manifest(canny_hed_pose_manifest):
     out, summary = canny_hed_pose_manifest
     assert summary["columns"] == ["image", "cond_canny", "cond_hed", "cond_mediapipe_pose"]
     assert summary["counts"]["ok"] == 4
-    frame = manifests.read(str(out)).set_index("source")
+    frame = manifests.read(str(out), duplicates="keep").set_index("source")
     for _, row in frame.iterrows():
         size = (row["height"], row["width"])
         for col in ("image", "cond_canny", "cond_hed", "cond_mediapipe_pose"):
@@ -83,7 +83,7 @@ def test_require_detection_filters_images_without_a_person(people_collection, tm
     out = tmp_path / "m"
     run(AnnotateConfig(input=str(people_collection), output=str(out), annotators=("mediapipe_pose",),
                        require_detection=True, resolution=256))
-    frame = manifests.read(str(out), status=None).set_index("source")
+    frame = manifests.read(str(out), status=None, duplicates="keep").set_index("source")
     assert frame.loc["astronaut.jpg", "status"] == "ok"
     for name in ("coffee.jpg", "rocket.jpg"):
         assert frame.loc[name, "status"] == "filtered"
@@ -109,7 +109,7 @@ def test_require_detection_filters_images_without_a_face_or_a_person(face_and_bo
     code = main(["--input", str(face_and_body_collection), "--output", str(out), "--resolution", "384",
                  "--annotators", "person_mask,mediapipe_face", "--require-detection"])
     assert code == 0
-    frame = manifests.read(str(out), status=None).set_index("source")
+    frame = manifests.read(str(out), status=None, duplicates="keep").set_index("source")
     assert frame.loc["astronaut.jpg", "status"] == "ok" and pd.isna(frame.loc["astronaut.jpg", "error"])
     assert decoded(frame.loc["astronaut.jpg", "cond_mediapipe_face"]).any()
     assert decoded(frame.loc["astronaut.jpg", "cond_person_mask"]).any()
@@ -144,7 +144,7 @@ def all_weights_manifest(puppet_collection, weights_dir, tmp_path_factory, local
 
 def test_all_weight_annotators_with_a_weights_folder(all_weights_manifest):
     assert validate(str(all_weights_manifest), progress=False) == []
-    frame = manifests.read(str(all_weights_manifest)).set_index("source")
+    frame = manifests.read(str(all_weights_manifest), duplicates="keep").set_index("source")
     assert len(frame) == 5
     assert {"cond_hed", "cond_depth", "cond_openpose", "cond_segmentation"} <= set(frame.columns)
     assert decoded(frame.iloc[0]["cond_segmentation"]).shape[2] == 3

@@ -70,7 +70,7 @@ def test_a_banner_is_filtered_by_aspect_and_its_shard_keeps_every_other_row(tmp_
     folder = banner_collection(tmp_path)
     out = tmp_path / "m"
     assert main(["--input", str(folder), "--output", str(out), "--resolution", "64"]) == 0
-    frame = manifests.read(str(out), status=None).set_index("source")
+    frame = manifests.read(str(out), status=None, duplicates="keep").set_index("source")
     assert frame.loc["banner.png", "status"] == "filtered"
     assert frame.loc["banner.png", "error"] == "max_aspect: 20000x16 is longer than --max-aspect 4 to 1"
     assert (frame.drop("banner.png")["status"] == "ok").all()
@@ -81,7 +81,7 @@ def test_an_image_that_cannot_be_encoded_fails_its_row_not_its_shard(tmp_path, l
     folder = banner_collection(tmp_path)
     out = tmp_path / "m"
     assert main(["--input", str(folder), "--output", str(out), "--resolution", "64", "--max-aspect", "5000"]) == 0
-    frame = manifests.read(str(out), status=None).set_index("source")
+    frame = manifests.read(str(out), status=None, duplicates="keep").set_index("source")
     assert frame.loc["banner.png", "status"] == "error"
     assert frame.loc["banner.png", "error"].startswith("encode: ")
     assert (frame.loc["banner.png", "orig_width"], frame.loc["banner.png", "orig_height"]) == (20000, 16)

@@ -66,7 +66,7 @@ def test_the_model_actor_runs_only_the_forward_pass(tmp_path, local_ray):
     log.mkdir()
     out = tmp_path / "out"
     assert main(args(root, out, "--annotators", PROBE, "-p", f"{PROBE}.log_dir={log}", "--concurrency", "1")) == 0
-    frame = manifests.read(str(out), columns=["id", "image", "cond_stage_probe"])
+    frame = manifests.read(str(out), columns=["id", "image", "cond_stage_probe"], duplicates="keep")
     assert len(frame) == 6
     pids = {stage: {(log / f"{i}.{stage}").read_text() for i in frame["id"]}
             for stage in ("preprocess", "forward", "postprocess")}
@@ -101,7 +101,7 @@ def test_each_shard_has_a_stats_file_and_the_plan_files_are_gone(tmp_path, local
     footer = manifests.io.shard_provenance(str(out / "part-000000.parquet"))
     assert footer["fingerprint"] == first["fingerprint"]
     assert not (out / "_plan").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "_stats", "part-000000.parquet",
+    assert sorted(p.name for p in out.iterdir()) == ["_duplicates", "_manifest.json", "_stats", "part-000000.parquet",
                                                      "part-000001.parquet", "part-000002.parquet"]
 
 
@@ -220,7 +220,7 @@ def test_input_list_in_text_with_a_root_and_in_parquet_with_absolute_paths_and_c
     listing.write_text("# chosen by hand\n03.png\n01.png\nmissing.png\n")
     out = tmp_path / "out"
     assert main(args(root, out, "--input-list", str(listing))) == 0
-    frame = manifests.read(str(out), columns=["source", "status", "error"], status=None)
+    frame = manifests.read(str(out), columns=["source", "status", "error"], status=None, duplicates="keep")
     assert list(frame["source"]) == ["03.png", "01.png", "missing.png"]  # the list's order
     assert list(frame["status"]) == ["ok", "ok", "error"] and frame["error"][2].startswith("read:")
     summary = manifests.read_manifest_json(str(out))
@@ -230,7 +230,7 @@ def test_input_list_in_text_with_a_root_and_in_parquet_with_absolute_paths_and_c
     pq.write_table(table, tmp_path / "list.parquet")
     out2 = tmp_path / "out2"
     assert main(args(None, out2, "--input-list", str(tmp_path / "list.parquet"))) == 0
-    frame = manifests.read(str(out2), columns=["source", "caption"])
+    frame = manifests.read(str(out2), columns=["source", "caption"], duplicates="keep")
     assert list(frame["caption"]) == ["zero", "two"] and frame["source"][0] == str(root / "00.png")
     assert main(args(None, out2, "--input-list", str(tmp_path / "list.parquet"))) == 0  # resume: kept
     assert manifests.read_manifest_json(str(out2))["run"]["shards_kept"] == 1

@@ -33,7 +33,7 @@ def run(root: Path, out: Path, *extra: str) -> dict:
 
 
 def by_source(out: Path) -> dict:
-    frame = manifests.read(str(out), status=None)
+    frame = manifests.read(str(out), status=None, duplicates="keep")
     return {row["source"]: row for _, row in frame.iterrows()}
 
 
@@ -109,4 +109,24 @@ def test_a_v1_1_manifest_declares_its_minor_version_and_validates(tmp_path, loca
     assert summary["schema_version"] == 1 and summary["schema_minor"] == 1
     schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))
     assert {"caption_source", "phash"} <= set(schema.names)
+    assert validate(str(tmp_path / "out"), progress=False) == []
+
+
+def test_the_job_lists_exact_and_near_duplicates_in_a_side_table_and_readers_skip_them(tmp_path, local_ray):
+    from skimage import data
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.fromarray(data.astronaut()).save(root / "a_astronaut.png")
+    (root / "b_copy.png").write_bytes((root / "a_astronaut.png").read_bytes())  # byte-identical
+    Image.fromarray(data.astronaut()).resize((256, 256)).save(root / "c_small.jpg", quality=70)  # near
+    Image.fromarray(data.coffee()).save(root / "d_coffee.png")  # another photo
+    summary = run(root, tmp_path / "out")
+    assert summary["run"]["duplicates"] == {"exact": 1, "near": 1, "max_distance": 4}
+    table = pq.read_table(tmp_path / "out" / "_duplicates" / "duplicates.parquet").to_pylist()
+    ids = {r["source"]: r["id"] for r in manifests.read(str(tmp_path / "out"), columns=["id", "source"],
+                                                         duplicates="keep").to_dict("records")}
+    assert {(r["id"], r["duplicate_of"], r["exact"]) for r in table} == {
+        (ids["b_copy.png"], ids["a_astronaut.png"], True), (ids["c_small.jpg"], ids["a_astronaut.png"], False)}
+    assert sorted(manifests.read(str(tmp_path / "out"))["source"]) == ["a_astronaut.png", "d_coffee.png"]
     assert validate(str(tmp_path / "out"), progress=False) == []

@@ -96,6 +96,9 @@ class TrainConfig:
     """Seed of every random choice (data order, crops, noise); None means 0."""
     dataloader_num_workers: int = 0
     """DataLoader worker processes decoding examples (0: in the training process)."""
+    keep_duplicates: bool = False
+    """Also train on the rows the manifest's ``_duplicates/duplicates.parquet`` lists as exact or near copies of an
+    earlier row (by default they are left out; a manifest without that table has none)."""
     data_cache_dir: str | None = None
     """Folder of the memory-mapped row cache built once per manifest; default ``$CONTROLFORGE_CACHE``,
     else ``~/.cache/controlforge``."""

@@ -7,6 +7,7 @@ resumed run sees exactly the batches an uninterrupted one would, and ranks split
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -14,8 +15,11 @@ import torch
 from PIL import Image
 
 import manifests
+from manifests.duplicates import DUPLICATES_FILE, duplicate_ids
 from manifests.schema import cond_column
 from train import row_cache
+
+log = logging.getLogger("train")
 
 
 def check_conditions(manifest: str, conditions: Sequence[str], cache_dir: str | None = None) -> dict[str, Any]:
@@ -40,13 +44,19 @@ def training_columns(conditions: Sequence[str]) -> list[str]:
 
 
 def load_rows(manifest: str, conditions: Sequence[str], holdout: int,
-              cache_dir: str | None = None) -> tuple[Sequence[dict], Sequence[dict]]:
+              cache_dir: str | None = None, keep_duplicates: bool = False) -> tuple[Sequence[dict], Sequence[dict]]:
     """(train rows, held-out rows): ok rows with only the columns training needs, split by id.
 
     The rows are views on a memory-mapped cache of those columns (train/row_cache.py, built on first
     use under ``cache_dir``): only their order is held in memory; a row's bytes are read when it is used.
+    Rows the manifest's ``_duplicates/duplicates.parquet`` lists (exact or near copies of an earlier row) are left
+    out unless ``keep_duplicates``: a copy would weigh one picture twice, and one in the held-out rows
+    and another in the training rows would leak validation into training.
     """
-    rows = row_cache.sorted_rows(manifest, training_columns(conditions), cache_dir)
+    skip = None if keep_duplicates else duplicate_ids(manifest)
+    rows = row_cache.sorted_rows(manifest, training_columns(conditions), cache_dir, skip)
+    if skip is not None and len(skip):
+        log.info("left out %d duplicate rows listed in %s (--keep_duplicates keeps them)", len(skip), DUPLICATES_FILE)
     holdout = min(holdout, len(rows) - 1)
     return rows[holdout:], rows[:holdout]
 

@@ -124,7 +124,7 @@ def set_up(config: TrainConfig) -> Run:
     base.place(device, weight_dtype)
     with accelerator.local_main_process_first():  # one process per machine builds the row cache
         train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config, base),
-                                         config.data_cache_dir)
+                                         config.data_cache_dir, config.keep_duplicates)
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path)
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()

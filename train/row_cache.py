@@ -287,9 +287,15 @@ class CachedRows(Sequence[dict]):
         self.__init__(state["path"], state["positions"])
 
 
-def sorted_rows(manifest: str, columns: Sequence[str], cache_dir: str | os.PathLike | None = None) -> CachedRows:
-    """The manifest's ok rows sorted by id (stable), as views on the cache (built if missing)."""
+def sorted_rows(manifest: str, columns: Sequence[str], cache_dir: str | os.PathLike | None = None,
+                skip_ids: pa.Array | None = None) -> CachedRows:
+    """The manifest's ok rows sorted by id (stable), as views on the cache (built if missing), leaving
+    out the rows whose id is in ``skip_ids`` (the manifest's duplicates; the cache holds every ok row,
+    so keeping or skipping them never rebuilds it)."""
     path = ensure_cache(manifest, columns, cache_dir)
     table = open_table(path)
     order = pc.sort_indices(table["id"]).to_numpy().astype(np.int64)  # Arrow's sort is stable
+    if skip_ids is not None and len(skip_ids):
+        keep = ~pc.is_in(table["id"], value_set=skip_ids).to_numpy(zero_copy_only=False)
+        order = order[keep[order]]
     return CachedRows(path, order, table)
