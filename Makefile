@@ -29,6 +29,8 @@ test-quick: $(STAMP)
 # The whole product on a CPU: raw images -> manifest (local Ray) -> ControlNet (accelerate) -> measured.
 # The ControlNet paper's fill task, shrunk: circles' Canny outlines condition a tiny base (models/tiny-circles)
 # that knows colours but not where to draw; the report compares it with and without the ControlNet.
+# --keep_duplicates: circles that differ only in colour look alike to a (grayscale) perceptual hash,
+# but here colour is what the caption asks for, so none of them is a duplicate.
 RUN := runs/demo
 demo: $(STAMP)
 	@rm -rf $(DEMO) $(RUN)
@@ -45,10 +47,10 @@ demo: $(STAMP)
 		--pretrained_model_name_or_path models/tiny-circles --output_dir $(RUN) --resolution 32 \
 		--train_batch_size 16 --learning_rate 1e-3 --lr_warmup_steps 50 --max_train_steps 800 \
 		--checkpointing_steps 400 --validation_steps 200 --validation_task circle --num_validation_rows 32 \
-		--num_validation_images 1 --seed 0
+		--num_validation_images 1 --seed 0 --keep_duplicates
 	OMP_NUM_THREADS=1 $(PY) train/evaluate.py --controlnet $(RUN) --pretrained_model_name_or_path models/tiny-circles \
 		--manifest $(DEMO)/circles_manifest --condition canny --task circle --num_samples 32 --resolution 32 \
-		--output_dir $(RUN)/eval
+		--output_dir $(RUN)/eval --keep_duplicates
 	$(PY) train/report.py $(RUN)
 	@echo
 	@echo "demo outputs:"

@@ -60,6 +60,9 @@ class EvalConfig:
     guidance_scale: float = 7.5
     weights_dir: str | None = None
     device: str = "cpu"
+    keep_duplicates: bool = False
+    """Evaluate on rows the manifest lists as duplicates too (pass what the trainer was given, so
+    the rows evaluated are the ones it held out)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
@@ -78,6 +81,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--weights_dir", default=None, help="annotator weights (default: CONTROLFORGE_WEIGHTS)")
     p.add_argument("--device", default="cpu", help="torch device for generation (cpu keeps results reproducible)")
+    p.add_argument("--keep_duplicates", action="store_true",
+                   help="include rows listed as duplicates (as the trainer's --keep_duplicates does)")
     a = p.parse_args(argv)
     if a.num_samples < 1:
         p.error("--num_samples must be at least 1")
@@ -90,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
         manifest=a.manifest, condition=a.condition, num_samples=a.num_samples,
         output_dir=a.output_dir or str(Path(a.controlnet) / "eval"), task=a.task, seed=a.seed,
         num_inference_steps=a.num_inference_steps, resolution=a.resolution, guidance_scale=a.guidance_scale,
-        weights_dir=a.weights_dir, device=a.device,
+        weights_dir=a.weights_dir, device=a.device, keep_duplicates=a.keep_duplicates,
     )
 
 
@@ -160,12 +165,14 @@ def check(config: EvalConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- the work
 
-def load_rows(manifest: str, condition: str, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` ok rows by id, with id, caption, image and the condition column."""
+def load_rows(manifest: str, condition: str, count: int, keep_duplicates: bool = False) -> list[dict[str, Any]]:
+    """The first ``count`` ok rows by id (the trainer's held-out rows), with id, caption, image and
+    the condition column; duplicates left out unless ``keep_duplicates``, as the trainer does."""
     import manifests
     from manifests.schema import cond_column
 
-    frame = manifests.read(manifest, columns=["id", "caption", "image", cond_column(condition)], status="ok")
+    frame = manifests.read(manifest, columns=["id", "caption", "image", cond_column(condition)], status="ok",
+                           duplicates="keep" if keep_duplicates else "skip")
     return frame.sort_values("id", kind="stable").head(count).to_dict("records")
 
 
@@ -254,7 +261,7 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
             if config.condition in metrics.CONDITION_METRICS else None
     except (OSError, ValueError) as exc:
         raise UsageError(f"annotator {config.condition}: {exc}") from exc
-    rows = load_rows(config.manifest, config.condition, config.num_samples)
+    rows = load_rows(config.manifest, config.condition, config.num_samples, config.keep_duplicates)
     nearest = config.condition in LABEL_MAPS
     conditions = [prepare_condition(r[cond_column(config.condition)], config.resolution, nearest) for r in rows]
     # Scored against the stored map (the region the sample covers, at its own resolution), not the
