@@ -321,3 +321,25 @@ def test_inspect_prints_duplicate_counts_caption_lengths_and_filters(manifest, c
     assert f"duplicates exact 1, near 1 (near: within {D} bits of 64), in 1 group; 4 of 6 ok rows kept" in out
     assert "captions  words per ok row: empty 0, 1-4 6, 5-9 0" in out
     assert "filtered  min_side 1 (of 1 filtered rows)" in out
+
+
+def test_sha256_digests_group_like_dictionary_encoding():
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    digests = [hashlib.sha256(str(int(k)).encode()).hexdigest() for k in rng.integers(0, 300, 1000)]
+    values = pa.chunked_array([pa.array(digests[:400] + [None]), pa.array(digests[400:])])
+    codes = dup._codes(values, len(values))  # 64-byte keys in numpy
+    reference = pa.array(digests[:400] + [None] + digests[400:]).dictionary_encode().indices.to_pylist()
+    pairs = {(a, b) for a, b in zip(codes.tolist(), reference)}
+    assert codes[400] == -1 and (-1, None) in pairs
+    assert len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs)  # one code per digest
+    short = dup._codes(["ab", None, "ab", "c"], 4)  # not digests: the general path
+    assert short[0] == short[2] != short[3] and short[1] == -1
+
+
+def test_a_64_bit_key_collision_between_digests_still_gives_exact_codes(monkeypatch):
+    monkeypatch.setattr(dup, "_MIX", np.zeros(8, np.uint64))  # every digest gets the same key
+    digests = ["a" * 64, "b" * 64, "a" * 64, None]
+    codes = dup._codes(digests, 4)
+    assert codes[0] == codes[2] != codes[1] and codes[3] == -1

@@ -458,7 +458,8 @@ def test_proportion_empty_prompts_reaches_the_text_encoder(demo_manifest, tiny_s
                       "10", "--proportion_empty_prompts", str(share))
     assert main(args) == 0
     config = parse_args(args)
-    rows, _ = load_rows(config.manifest, config.condition, config.num_validation_rows)
+    rows, _ = load_rows(config.manifest, config.condition, config.num_validation_rows,
+                        keep_duplicates=config.keep_duplicates)
     trained = json.loads((tmp_path / "run" / "train_summary.json").read_text())["figures"]["ranks"][0]["rows"]
     own = sorted(rows[i]["caption"] for i in trained)  # the summary lists rows sorted, not in batch order
     assert len(captions) == len(own) == 6 and sum(c != "" for c in own) >= 2

@@ -336,7 +336,7 @@ def test_sdxl_sees_each_images_original_size_and_crop(demo_manifest, tmp_path, m
     sdxl = write_tiny_sdxl(tmp_path / "sdxl")
     assert main(train_args(demo_manifest, sdxl, tmp_path / "run", "--max_train_steps", "3", "--center_crop",
                            "--checkpointing_steps", "10")) == 0
-    rows, _ = load_rows(str(demo_manifest), ["canny"], 0)
+    rows, _ = load_rows(str(demo_manifest), ["canny"], 0, keep_duplicates=True)  # train_args keeps them
     for time_ids, batch in zip(seen, indices):
         for ids, index in zip(time_ids.tolist(), batch):
             row = rows[index]
