@@ -553,13 +553,17 @@ def _parquet_rows(fs: pafs.FileSystem, path: str, name: str) -> Iterator[tuple[i
         with f:
             columns = [path_column] + ([caption_column] if caption_column else [])
             for batch in parquet.iter_batches(batch_size=8192, columns=columns):
-                paths = batch.column(0).to_pylist()
-                captions = batch.column(1).to_pylist() if caption_column else [None] * len(paths)
-                for entry, caption in zip(paths, captions):
+                for entry, caption in _batch_entries(batch, caption_column is not None):
                     number += 1
                     yield number, entry, caption
 
     return rows()
+
+
+def _batch_entries(batch: Any, has_caption: bool) -> Iterator[tuple[Any, Any]]:
+    """(path, caption) of each row of an Arrow batch whose columns are the path and maybe a caption."""
+    paths = batch.column(0).to_pylist()
+    return zip(paths, batch.column(1).to_pylist() if has_caption else [None] * len(paths))
 
 
 def _csv_rows(fs: pafs.FileSystem, path: str, name: str) -> Iterator[tuple[int, Any, Any]]:
@@ -592,9 +596,7 @@ def _csv_rows(fs: pafs.FileSystem, path: str, name: str) -> Iterator[tuple[int, 
                 except pa.ArrowInvalid as exc:
                     raise ValueError(f"--input-list {name}: cannot read this CSV file after row {number} "
                                      f"({exc})") from exc
-                paths = batch.column(0).to_pylist()
-                captions = batch.column(1).to_pylist() if caption_column else [None] * len(paths)
-                for entry, caption in zip(paths, captions):
+                for entry, caption in _batch_entries(batch, caption_column is not None):
                     number += 1
                     yield number, entry, caption
 
