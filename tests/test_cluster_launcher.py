@@ -315,6 +315,14 @@ def tail(done: subprocess.CompletedProcess, n: int = 4000) -> str:
     return f"rc={done.returncode}\n--- stdout\n{done.stdout[-n:]}\n--- stderr\n{done.stderr[-n:]}"
 
 
+def is_ray_daemon(proc: psutil.Process) -> bool:
+    """Whether ``proc`` is a Ray GCS server or raylet (a worker may exit at any time)."""
+    try:
+        return any(name in " ".join(proc.cmdline()) for name in ("gcs_server", "raylet"))
+    except psutil.Error:
+        return False
+
+
 def http_status(url: str, token: str | None) -> int:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -334,7 +342,9 @@ def test_ray_up_submit_down_of_the_shipped_local_cluster(ssh_tools, local_ray, d
 
     from pipeline import ray_runtime
 
-    suite_ray = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    # The suite's Ray daemons (not its workers: Ray reaps idle workers whenever it likes).
+    suite_ray = [p for p in psutil.Process().children(recursive=True) if is_ray_daemon(p)]
+    assert suite_ray, "the suite's local Ray should be running"
     mark = uuid.uuid4().hex
     temp_dir = tempfile.mkdtemp(prefix="raycl", dir="/tmp")  # short: Ray's socket paths are capped
     home, head_home, work = tmp_path / "laptop", tmp_path / "head", tmp_path / "sshd"
