@@ -11,8 +11,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+import pyarrow as pa
+
+from manifests import duplicates as dup
 from manifests.io import list_shards, read_manifest_json, resolve
-from manifests.schema import BASE_FIELDS, STATUS_OK, STATUSES, TAIL_FIELDS, image_columns
+from manifests.schema import (BASE_FIELDS, CAPTION_SOURCES, STATUS_OK, STATUSES, TAIL_FIELDS, V1_1_FIELDS,
+                              image_columns)
 
 MAX_IDS_SHOWN = 20
 
@@ -46,6 +50,8 @@ def validate(path: str, decode: bool = True, progress: bool = True) -> list[Prob
     seen: collections.Counter[str] = collections.Counter()
     counts: collections.Counter[str] = collections.Counter()
     shards = list_shards(path)
+    sources = caption_sources(summary)
+    ok_ids: set[str] = set()
     bar = tqdm(total=summary.get("counts", {}).get("rows"), unit="row", desc="validate", disable=not progress)
     for shard in shards:
         schema = pq.read_schema(shard, filesystem=fs)
@@ -53,18 +59,94 @@ def validate(path: str, decode: bool = True, progress: bool = True) -> list[Prob
         if missing:
             problems.append(Problem("schema", f"{shard} lacks columns {missing}"))
             continue
+        v1_1 = _v1_1_schema_problem(schema)
+        if v1_1:
+            problems.append(Problem("schema", f"{shard} {v1_1}"))
+            continue
         table = pq.read_table(shard, filesystem=fs)
         rows = table.to_pylist()
         seen.update(r["id"] for r in rows)
         counts.update(r["status"] for r in rows)
+        ok_ids.update(r["id"] for r in rows if r["status"] == STATUS_OK)
         problems.extend(_row_problems(rows, image_columns(schema), decode))
+        if "phash" in schema.names:
+            problems.extend(_v1_1_row_problems(rows, sources))
         bar.update(len(rows))
     bar.close()
     duplicates = [i for i, n in seen.items() if n > 1]
     if duplicates:
         problems.append(Problem("unique_id", "ids appear more than once", duplicates))
     problems.extend(_count_problems(summary, counts, len(shards)))
+    problems.extend(_duplicates_problems(path, ok_ids))
     return _merge(problems)
+
+
+def caption_sources(summary: dict) -> set[str]:
+    """The values ``caption_source`` may take in this manifest: "" (no caption), the fixed origins, and
+    the name of the captioner the job ran, if any."""
+    allowed = {"", *CAPTION_SOURCES}
+    captioner = summary.get("captioner") or {}
+    if captioner.get("name"):
+        allowed.add(captioner["name"])
+    return allowed
+
+
+def _v1_1_schema_problem(schema: pa.Schema) -> str | None:
+    """A shard has both v1.1 columns with their types, or neither (written before v1.1)."""
+    present = [f for f in V1_1_FIELDS if f.name in schema.names]
+    if not present:
+        return None
+    if len(present) != len(V1_1_FIELDS):
+        return f"has {present[0].name} but not {', '.join(f.name for f in V1_1_FIELDS if f not in present)}"
+    wrong = [f"{f.name} is {schema.field(f.name).type}, not {f.type}" for f in V1_1_FIELDS
+             if schema.field(f.name).type != f.type]
+    return "; ".join(wrong) or None
+
+
+def _v1_1_row_problems(rows: list[dict], sources: set[str]) -> Iterator[Problem]:
+    """Every ok row has its perceptual hash; ``caption_source`` names a known origin, empty exactly
+    when the caption is."""
+    for row in rows:
+        if row["status"] != STATUS_OK:
+            continue
+        rid = row["id"]
+        if row["phash"] is None:
+            yield Problem("phash", "ok rows need a phash", [rid])
+        source = row["caption_source"] or ""
+        if source not in sources:
+            yield Problem("caption_source", f"caption_source {source!r} is not one of {sorted(sources)}", [rid])
+        elif bool(source) != bool(row["caption"]):
+            yield Problem("caption_source", "caption_source must be set exactly when the caption is", [rid])
+
+
+def _duplicates_problems(path: str, ok_ids: set[str]) -> Iterator[Problem]:
+    """The duplicates side table names ok rows of this manifest, each once, each pointing at a kept
+    (not itself duplicate) row other than itself, with a distance of 0..64 (0 when exact)."""
+    try:
+        table = dup.read_table(path)
+    except Exception as exc:  # unreadable: readers would fail the same way
+        yield Problem("duplicates", f"{dup.DUPLICATES_FILE} does not read ({exc})")
+        return
+    if table is None:
+        return
+    missing = [f.name for f in dup.SCHEMA if f.name not in table.schema.names]
+    if missing:
+        yield Problem("duplicates", f"{dup.DUPLICATES_FILE} lacks columns {missing}")
+        return
+    rows = table.to_pylist()
+    listed = collections.Counter(r["id"] for r in rows)
+    for row in rows:
+        rid, kept, distance = row["id"], row["duplicate_of"], row["distance"]
+        if rid not in ok_ids or kept not in ok_ids:
+            yield Problem("duplicates", "duplicates table names ids that are not ok rows of the manifest", [rid])
+        elif rid == kept:
+            yield Problem("duplicates", "a row listed as a duplicate of itself", [rid])
+        elif kept in listed:
+            yield Problem("duplicates", "duplicate_of names a row that is itself a duplicate", [rid])
+        if listed[rid] > 1:
+            yield Problem("duplicates", "ids listed more than once in the duplicates table", [rid])
+        if (distance is not None and not 0 <= distance <= 64) or (row["exact"] and distance not in (0, None)):
+            yield Problem("duplicates", "distance must be 0..64 bits, and 0 for exact copies", [rid])
 
 
 def _row_problems(rows: list[dict], image_cols: list[str], decode: bool) -> Iterator[Problem]:
