@@ -110,9 +110,9 @@ def _duplicates_line(path: str, ok_rows: int) -> str:
 
 def _word_counts(captions) -> np.ndarray:
     """Words per caption (null counts as empty)."""
-    filled = pc.fill_null(captions, "")
-    return np.asarray(pc.list_value_length(pc.utf8_split_whitespace(filled)).to_numpy(zero_copy_only=False),
-                      dtype=np.int64)
+    # Runs of non-space characters: splitting on whitespace would count "" (and edge spaces) as words.
+    words = pc.count_substring_regex(pc.fill_null(captions, ""), r"\S+")
+    return np.asarray(words.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def _caption_lines(words: np.ndarray) -> list[str]:

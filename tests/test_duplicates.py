@@ -343,3 +343,14 @@ def test_a_64_bit_key_collision_between_digests_still_gives_exact_codes(monkeypa
     digests = ["a" * 64, "b" * 64, "a" * 64, None]
     codes = dup._codes(digests, 4)
     assert codes[0] == codes[2] != codes[1] and codes[3] == -1
+
+
+def test_caption_histogram_counts_words_not_separators():
+    import pyarrow as pa
+
+    from manifests.inspect import _caption_lines, _word_counts
+
+    captions = pa.array(["", "   ", None, "a red circle", " two  spaced\twords ", "word " * 60])
+    assert _word_counts(captions).tolist() == [0, 0, 0, 3, 3, 60]
+    assert _caption_lines(_word_counts(captions)) == [
+        "captions  words per ok row: empty 3, 1-4 2, 5-9 0, 10-19 0, 20-39 0, 40-59 0, 60+ 1; median 1, longest 60"]
