@@ -105,3 +105,27 @@ def stacked_manifest(local_ray, demo_collection, tmp_path_factory) -> Path:
     run(AnnotateConfig(input=str(demo_collection / "scenes"), output=str(out),
                        annotators=("canny", "tests.plugins:InvertAnnotator"), resolution=64))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny SD3-style folder (MMDiT, two CLIPs + T5, 16-channel VAE) built from configs."""
+    from tests.tiny_flow import write_tiny_sd3
+
+    return write_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny Flux.1-dev-style folder (double + single blocks, guidance embeds, CLIP + T5) built from configs."""
+    from tests.tiny_flow import write_tiny_flux
+
+    return write_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-style folder (two CLIPs, pooled embeds, time ids) built from configs."""
+    from tests.tiny_sd import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from train.data import row_captions
+from train.models import latents_from_sample
 
 
 class EncodedCache:
@@ -44,7 +45,7 @@ class EncodedCache:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         sample = DiagonalGaussianDistribution(self.moments[list(indices)]).sample(generator=generator)
-        return (sample * self.base.vae.config.scaling_factor).to(self.device)
+        return latents_from_sample(self.base.vae.config, sample).to(self.device)
 
     def prompts_for(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict]:
         hidden = torch.stack([self.prompts[c][0] for c in captions])

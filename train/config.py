@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import json
+import os
 import textwrap
 from typing import Any
 
@@ -19,6 +21,10 @@ DIFFUSERS_DIFFERENCES = {
     "num_validation_images": (4, "fewer samples per validation, which runs on held-out rows too"),
     "output_dir": ("controlnet-model", "runs are collected under runs/"),
 }
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/3.5", "flux": "Flux.1"}
+UNION_FAMILIES = ("sdxl", "flux")
+"""Families with a union ControlNet in diffusers: ControlNetUnionModel (SDXL), FluxControlNetModel(num_mode)."""
+SDXL_CONTROL_TYPES = 6  # ControlNetUnionModel.from_unet builds num_control_type=6 slots
 HANDED_CONDITIONS = ("openpose", "mediapipe_pose", "mediapipe_face")
 """Conditions whose maps tell left from right by colour (OpenPose limb colours, face-mesh eyes)."""
 
@@ -35,9 +41,11 @@ class TrainConfig:
     """Manifest folder written by ``pipeline/annotate.py`` (only its status=ok rows are read)."""
     condition: tuple[str, ...] = dataclasses.field(metadata={"separator": ","})
     """Annotator name(s) whose ``cond_<name>`` maps condition the ControlNet, e.g. ``canny``; a
-    comma-separated list (``canny,depth``) stacks them as channels, in that order."""
+    comma-separated list (``canny,depth``) stacks them as channels, in that order (SD 1.x/2.x, SDXL), or
+    with ``--union`` trains one ControlNet that accepts any of them."""
     pretrained_model_name_or_path: str
-    """Stable Diffusion base (SD 1.x/2.x or SDXL): a local diffusers folder or a hub id."""
+    """Base model (SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1; the family is read from its model_index.json or
+    subfolders): a local diffusers folder or a hub id."""
     output_dir: str = "runs/controlnet"
     """Where checkpoints, validation grids, logs and the exported ControlNet are written."""
     controlnet_model_name_or_path: str | None = None
@@ -112,6 +120,19 @@ class TrainConfig:
     """Keep an exponential moving average of the weights; it is what is validated and exported."""
     max_nonfinite_steps: int = 10
     """Stop after this many optimiser steps in a row with a non-finite loss."""
+    union: bool = False
+    """Train one union ControlNet accepting any of the ``--condition`` maps (SDXL: diffusers'
+    ControlNetUnionModel, a random subset of conditions per micro-batch; Flux: ``num_mode`` modes, one
+    condition per example); the condition -> index mapping is written to the model card."""
+    controlnet_num_layers: int | None = None
+    """Transformer blocks in an SD3/Flux ControlNet (copied from the base's first blocks); None: diffusers'
+    default (SD3 12, Flux 4), capped at the base's depth."""
+    controlnet_num_single_layers: int | None = None
+    """Flux only: single-stream blocks in the ControlNet; None: diffusers' default 10, capped at the base's."""
+    guidance_scale: float = 3.5
+    """Flux.1-dev's distilled guidance input during training (bases whose config has ``guidance_embeds``)."""
+    max_sequence_length: int | None = None
+    """T5 tokens per prompt (SD3/Flux); None: the pipeline's default (SD3 256, Flux 512)."""
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""
@@ -145,6 +166,16 @@ class TrainConfig:
             raise ValueError("--validation_prompt needs --validation_image (or leave both out to use held-out rows)")
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise ValueError("--cache_latents needs fixed crops: add --center_crop and leave --random_flip out")
+        if self.union and len(self.condition) < 2:
+            raise ValueError("--union trains one ControlNet for several conditions: name two or more, e.g. "
+                             "--condition canny,depth (or drop --union)")
+        for key in ("controlnet_num_layers", "controlnet_num_single_layers", "max_sequence_length"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"--{key} must be at least 1")
+        family = local_family(self.pretrained_model_name_or_path)  # a hub id's is checked once it loads
+        problem = family and family_flag_problem(self, family)
+        if problem:
+            raise ValueError(problem)
         handed = [c for c in self.condition if c in HANDED_CONDITIONS]
         if self.random_flip and handed:
             raise ValueError(f"--random_flip with {', '.join(handed)}: these maps colour left and right limbs (or "
@@ -156,6 +187,79 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def family_flag_problem(config: TrainConfig, family: str) -> str | None:
+    """What is wrong with the flags for this model family (a message saying what to do), or None."""
+    label = FAMILY_NAMES[family]
+    if config.union and family not in UNION_FAMILIES:
+        return (f"--union: diffusers has no union ControlNet for {label} (only SDXL and Flux.1); drop --union to "
+                + ("stack the conditions as channels" if family in ("sd", "sdxl") else "train one condition"))
+    if config.union and family == "sdxl" and len(config.condition) > SDXL_CONTROL_TYPES:
+        return f"--union on SDXL: ControlNetUnionModel has {SDXL_CONTROL_TYPES} control types; name at most that many"
+    if config.controlnet_num_single_layers is not None and family != "flux":
+        return f"--controlnet_num_single_layers sizes Flux's single-stream blocks; {label} has none: drop it"
+    if config.controlnet_num_layers is not None and family in ("sd", "sdxl"):
+        return (f"--controlnet_num_layers sizes SD3/Flux transformer ControlNets; a {label} ControlNet copies the "
+                "UNet's whole encoder: drop it")
+    if config.max_sequence_length is not None and family in ("sd", "sdxl"):
+        return f"--max_sequence_length sets T5's prompt length (SD3, Flux); {label} has no T5: drop it"
+    if family in ("sd3", "flux") and len(config.condition) > 1 and not config.union:
+        return (f"{label} ControlNets read one VAE-encoded condition image (as their pipelines pass it), so "
+                "conditions cannot be stacked as channels: name one condition"
+                + (", or add --union" if family in UNION_FAMILIES else ""))
+    return None
+
+
+def local_family(path: str) -> str | None:
+    """The family of a local base folder; None for a hub id or a folder that is not a diffusers base
+    (loading it reports that, with the rest of the run's set-up)."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        return detect_family(path)
+    except (ValueError, OSError):
+        return None
+
+
+def detect_family(path: str) -> str:
+    """``sd``, ``sdxl``, ``sd3`` or ``flux`` for a diffusers base (local folder or hub id): from its
+    denoiser's config (transformer/ or unet/), else its model_index.json pipeline class."""
+    transformer = _base_json(path, "transformer/config.json")
+    if transformer:
+        kind = transformer.get("_class_name", "")
+        for prefix, name in (("SD3", "sd3"), ("Flux", "flux")):
+            if kind.startswith(prefix):
+                return name
+        raise ValueError(f"{path}: transformer {kind!r} is not a supported family (SD3/3.5 or Flux.1)")
+    unet = _base_json(path, "unet/config.json")
+    if unet:
+        return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
+    pipeline = (_base_json(path, "model_index.json") or {}).get("_class_name", "")
+    for prefix, name in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusionXL", "sdxl"),
+                         ("StableDiffusion", "sd")):
+        if pipeline.startswith(prefix):
+            return name
+    raise ValueError(f"{path}: no unet/ or transformer/ config and no known model_index.json pipeline; "
+                     "expected a diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1")
+
+
+def _base_json(path: str, name: str) -> dict | None:
+    """A JSON file of the base: read locally, else fetched from the hub (None when absent)."""
+    if os.path.isdir(path):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return None
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            folder, _, filename = name.rpartition("/")
+            file = hf_hub_download(path, filename, subfolder=folder or None)
+        except Exception:
+            return None
+    with open(file) as f:
+        return json.load(f)
 
 
 def field_docs(cls: type) -> dict[str, str]:

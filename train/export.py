@@ -33,6 +33,13 @@ def model_card(card: dict[str, Any]) -> str:
     args = json.dumps(card["args"], indent=2, sort_keys=True, default=str)
     prov = json.dumps(card["provenance"], indent=2, sort_keys=True, default=str)
     figures = "\n".join(f"- {k}: {v}" for k, v in card["figures"].items() if k != "ranks")
+    controlnet_class = card.get("controlnet_class", "ControlNetModel")
+    pipeline_class = card.get("pipeline_class", "StableDiffusionControlNetPipeline")
+    routing = ""
+    for key, what in (("control_type_index", "`control_mode` (ControlNetUnionModel control type) per condition"),
+                      ("controlnet_mode", "`control_mode` (FluxControlNetModel mode) per condition")):
+        if key in card:
+            routing = f"\n## Union conditions\n{what}: `{json.dumps(card[key])}`\n"
     return f"""---
 library_name: diffusers
 base_model: {card['base_model']}
@@ -44,13 +51,13 @@ tags: [controlnet, stable-diffusion, controlforge]
 Trained with controlforge on the manifest `{card['manifest']}` (fingerprint `{card['manifest_fingerprint']}`).
 
 ```python
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-controlnet = ControlNetModel.from_pretrained("controlnet")
-pipe = StableDiffusionControlNetPipeline.from_pretrained("{card['base_model']}", controlnet=controlnet)
+from diffusers import {controlnet_class}, {pipeline_class}
+controlnet = {controlnet_class}.from_pretrained("controlnet")
+pipe = {pipeline_class}.from_pretrained("{card['base_model']}", controlnet=controlnet)
 ```
 
 For ComfyUI or A1111, use `{SINGLE_FILE}`.
-
+{routing}
 ## Final figures
 {figures}
 

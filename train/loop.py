@@ -22,11 +22,10 @@ import torch
 from tqdm import tqdm
 
 from train import checkpoints
-from train.config import TrainConfig
+from train.config import TrainConfig, family_flag_problem
 from train.data import ManifestDataset, RankSampler, collate, load_rows
 from train.export import export
-from train.models import BaseModels, load_base, make_controlnet
-from train.step import controlnet_loss, sample_noise
+from train.models import BaseModels, FamilyOptions, latents_from_sample, load_base, make_controlnet
 
 log = logging.getLogger("train")
 
@@ -121,11 +120,16 @@ def set_up(config: TrainConfig) -> Run:
              weight_dtype)
 
     base = load_base(config.pretrained_model_name_or_path, config.resolution)
+    problem = family_flag_problem(config, base.family.name)  # a hub id's family is known only now
+    if problem:
+        raise ValueError(problem)
+    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, config.guidance_scale)
     base.place(device, weight_dtype)
     with accelerator.local_main_process_first():  # one process per machine builds the row cache
         train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config, base),
                                          config.data_cache_dir, config.keep_duplicates)
-    controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path)
+    controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path,
+                                 config.controlnet_num_layers, config.controlnet_num_single_layers)
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     ema = make_ema(accelerator, controlnet) if config.use_ema else None
@@ -277,10 +281,8 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
         generator = torch.Generator().manual_seed(
             hash((run.seed, run.global_step, micro, accelerator.process_index)) % 2**63)
         latents, hidden, added = encode_batch(run, batch, generator)
-        noise, timesteps = sample_noise(latents, run.base.scheduler.config.num_train_timesteps, generator)
         condition = batch["conditioning_pixel_values"].to(accelerator.device)
-        loss = controlnet_loss(run.controlnet, run.base.unet, run.base.scheduler, latents, hidden, condition, noise,
-                               timesteps, added)
+        loss = controlnet_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
         finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(accelerator.device)).min() > 0)
         if finite:
             accelerator.backward(loss)
@@ -297,6 +299,13 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
     return finite
 
 
+def controlnet_loss(base: BaseModels, controlnet: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor,
+                    added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A batch's loss as its family computes it: epsilon/v on a UNet (train/step.py) or flow matching on a
+    transformer (train/flow.py); noise and timesteps come from ``generator``."""
+    return base.family.loss(controlnet, base, latents, hidden, added, condition, generator)
+
+
 def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(latents, prompt embeddings, added conditioning) of a batch, from the cache or the frozen encoders."""
     base, device = run.base, run.accelerator.device
@@ -309,7 +318,7 @@ def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) ->
         # a CPU generator on any device: diffusers draws on the CPU and moves the sample, so GPU
         # runs get the numbers a CPU or a cached run gets
         latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
-        latents = (latents * base.vae.config.scaling_factor).to(run.weight_dtype)
+        latents = latents_from_sample(base.vae.config, latents).to(run.weight_dtype)
         hidden, added = base.family.encode_prompts(base, batch["captions"], device)
     return latents, hidden, base.family.with_sizes(added, batch, device)
 
@@ -364,10 +373,13 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
                            scorer=run.scorer)
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
+            "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.pipeline_class,
+            **run.base.family.card_extra(run.base),
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
             "provenance": summary.get("annotators", []), "args": config.to_dict(), "figures": figures,
         }
         result["exported"] = export(final, config.output_dir, card)
+        result.update(run.base.family.card_extra(run.base))  # a union's condition -> slot/mode mapping
         (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(result, indent=2, default=str))
     accelerator.end_training()
     return result
@@ -400,8 +412,12 @@ def holdout_count(config: TrainConfig, base) -> int:
     return config.num_validation_rows
 
 
+VALIDATING_FAMILIES = ("sd", "sd3", "flux")
+"""Families whose ControlNet pipeline validation assembles (SDXL's is not wired yet)."""
+
+
 def can_validate(config: TrainConfig, base) -> bool:
-    return base.family.name == "sd" and len(config.condition) == 1
+    return base.family.name in VALIDATING_FAMILIES and len(config.condition) == 1
 
 
 def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch.nn.Module:
@@ -483,17 +499,20 @@ def run_validation(config, base, controlnet, ema, held_out, label: str, seed: in
                    trackers=(), global_step: int | None = None, scorer: ValidationScorer | None = None) -> Path | None:
     """Generate from held-out conditions (or the given images), write a PNG grid, send it to TensorBoard,
     and score the samples' controllability."""
-    from train.validation import generate, grid, validation_inputs
+    from train.validation import generate, generate_in_place, grid, validation_inputs
 
     if not can_validate(config, base):
-        log.warning("validation images are made for single-condition SD 1.x/2.x runs only; skipped")
+        log.warning("validation images are made for single-condition SD 1.x/2.x, SD3 and Flux runs only; skipped")
         return None
     inputs = validation_inputs(held_out, config.condition, config.validation_image, config.validation_prompt,
                                config.resolution)
     if not inputs:
         return None
-    samples = generate(base, validation_model(controlnet, ema, weight_dtype), inputs, config.num_validation_images,
-                       seed)
+    if base.unet is not None:
+        samples = generate(base, validation_model(controlnet, ema, weight_dtype), inputs, config.num_validation_images,
+                           seed)
+    else:  # transformer families: the trained module itself, EMA weights swapped in and back (no copy)
+        samples = generate_in_place(base, controlnet, ema, inputs, config.num_validation_images, seed)
     path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{label}.png")
     if scorer is not None:
         stored = None

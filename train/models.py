@@ -1,7 +1,10 @@
-"""Load the frozen Stable Diffusion base and the trainable ControlNet.
+"""Load the frozen base and the trainable ControlNet; each model family is one adapter object.
 
-Model families differ only in how prompts become conditioning (``FamilyAdapter``): SD 1.x/2.x use
-one CLIP text encoder; SDXL adds a second one, pooled embeddings and size/crop time ids.
+A ``FamilyAdapter`` knows how its family loads, encodes prompts, latents and conditions, builds the
+ControlNet, computes the loss and assembles its validation pipeline; the loop, data, checkpoints,
+EMA and export are shared. ``FAMILIES`` maps the family ``detect_family`` reads from the base folder
+to its adapter: SD 1.x/2.x (one CLIP), SDXL (two CLIPs, pooled embeds, size/crop time ids), and the
+flow-matching transformers SD3/3.5 and Flux.1 (train/transformer_families.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,18 @@ from typing import Any
 
 import torch
 
+from train.config import detect_family
+
+
+@dataclasses.dataclass
+class FamilyOptions:
+    """Run settings the adapters read (set by the loop from the ``TrainConfig``)."""
+
+    conditions: tuple[str, ...] = ()
+    union: bool = False
+    max_sequence_length: int | None = None
+    guidance_scale: float = 3.5
+
 
 @dataclasses.dataclass
 class BaseModels:
@@ -20,23 +35,58 @@ class BaseModels:
     tokenizers: list[Any]
     text_encoders: list[torch.nn.Module]
     vae: torch.nn.Module
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None
+    """The denoiser of the UNet families (None for the transformer families)."""
     scheduler: Any
     family: "FamilyAdapter"
+    transformer: torch.nn.Module | None = None
+    """The denoiser of the transformer families (SD3, Flux)."""
+    options: FamilyOptions = dataclasses.field(default_factory=FamilyOptions)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet if self.unet is not None else self.transformer
 
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the base to ``device`` in ``dtype``; a VAE whose config says ``force_upcast`` (SDXL's
         gives NaNs in fp16) stays fp32: encode in fp32, then cast the latents."""
-        for module in (*self.text_encoders, self.unet):
+        for module in (*self.text_encoders, self.denoiser):
             module.to(device, dtype=dtype)
         upcast = getattr(self.vae.config, "force_upcast", False)
         self.vae.to(device, dtype=torch.float32 if upcast else dtype)
 
 
 class FamilyAdapter:
-    """SD 1.x / 2.x: one CLIP text encoder's last hidden state."""
+    """SD 1.x / 2.x: one CLIP text encoder's last hidden state, epsilon/v loss on a UNet."""
 
     name = "sd"
+    controlnet_class = "ControlNetModel"
+    pipeline_class = "StableDiffusionControlNetPipeline"
+    union_class: str | None = None
+    """The diffusers class of this family's union ControlNet, None when it has none."""
+
+    def __init__(self, resolution: int = 512):
+        self.resolution = resolution
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self, path: str) -> BaseModels:
+        """Tokenizer(s), text encoder(s), VAE, UNet and noise scheduler, all frozen."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False)]
+        encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
+        if self.name == "sdxl":
+            tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        freeze(*encoders, vae, unet)
+        return BaseModels(tokenizers, encoders, vae, unet, scheduler, self)
+
+    # --- encoding --------------------------------------------------------------------------
 
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         """(encoder_hidden_states, added_cond_kwargs for the UNet and ControlNet)."""
@@ -49,14 +99,52 @@ class FamilyAdapter:
         """Added conditioning for a batch whose examples' sizes and crops are known (SDXL only)."""
         return added
 
+    # --- the ControlNet and its loss ---------------------------------------------------------
+
+    def make_controlnet(self, base: BaseModels, conditioning_channels: int, path: str | None,
+                        num_layers: int | None = None, num_single_layers: int | None = None) -> torch.nn.Module:
+        """A ControlNet initialised from the UNet's encoder (zero convolutions), or loaded to continue."""
+        from diffusers import ControlNetModel, ControlNetUnionModel
+
+        union = base.options.union
+        if path:
+            cls = ControlNetUnionModel if union else ControlNetModel
+            controlnet = cls.from_pretrained(path, subfolder=controlnet_subfolder(path))
+            if not union and controlnet.config.conditioning_channels != conditioning_channels:
+                raise ValueError(f"{path} takes {controlnet.config.conditioning_channels} condition channels; "
+                                 f"the chosen conditions have {conditioning_channels}")
+            return controlnet
+        if union:  # one 3-channel condition per slot; the control-type mask says which slots are given
+            return union_from_unet(base.unet, condition_encoder_channels(base))
+        return ControlNetModel.from_unet(base.unet, conditioning_channels=conditioning_channels,
+                                         conditioning_embedding_out_channels=condition_encoder_channels(base))
+
+    def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+             added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Epsilon/v loss at a random timestep (train/step.py); union ControlNets get their slots routed."""
+        from train.step import controlnet_loss, sample_noise
+
+        noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
+        extra = None
+        if base.options.union:
+            condition, extra = union_slots(condition, len(base.options.conditions), generator,
+                                           controlnet_config(controlnet).num_control_type)
+        return controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise, timesteps,
+                               added, extra)
+
+    def card_extra(self, base: BaseModels) -> dict:
+        """What the model card records beyond the shared fields (union slot mapping)."""
+        if not base.options.union:
+            return {}
+        return {"control_type_index": {c: i for i, c in enumerate(base.options.conditions)}}
+
 
 class SDXLAdapter(FamilyAdapter):
     """SDXL: both text encoders' penultimate states concatenated, pooled text embeds, time ids."""
 
     name = "sdxl"
-
-    def __init__(self, resolution: int):
-        self.resolution = resolution
+    pipeline_class = "StableDiffusionXLControlNetPipeline"
+    union_class = "ControlNetUnionModel"
 
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         states, pooled = [], None
@@ -82,40 +170,97 @@ class SDXLAdapter(FamilyAdapter):
         return {**added, "time_ids": time_ids.to(device, added["time_ids"].dtype)}
 
 
-def load_base(path: str, resolution: int) -> BaseModels:
-    """Tokenizer(s), text encoder(s), VAE, UNet and noise scheduler, all frozen."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+def union_from_unet(unet: torch.nn.Module, encoder_channels: tuple[int, ...]) -> torch.nn.Module:
+    """``ControlNetUnionModel.from_unet``, with its condition transformer as wide as the UNet's first block.
 
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    sdxl = unet.config.addition_embed_type == "text_time"
-    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False)]
-    encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
-    if sdxl:
-        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False))
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    for module in (*encoders, vae, unet):
+    diffusers' ``from_unet`` leaves ``num_trans_channel``/``num_proj_channel`` at SDXL's 320, so any other
+    UNet width fails in the forward; the layout is taken from ``from_unet`` on the meta device (nothing
+    allocated), the widths set, and the UNet's encoder weights copied as ``from_unet`` copies them.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetUnionModel
+
+    with init_empty_weights():
+        layout = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=encoder_channels,
+                                                load_weights_from_unet=False)
+    width = unet.config.block_out_channels[0]
+    # without "_use_default_values" (the keys from_unet left at their defaults), or from_config resets them
+    config = {k: v for k, v in layout.config.items() if k != "_use_default_values"}
+    controlnet = ControlNetUnionModel.from_config({**config, "num_trans_channel": width, "num_proj_channel": width})
+    for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_time_proj", "add_embedding"):
+        if getattr(controlnet, name, None) is not None and getattr(unet, name, None) is not None:
+            getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
+    controlnet.down_blocks.load_state_dict(unet.down_blocks.state_dict(), strict=False)
+    controlnet.mid_block.load_state_dict(unet.mid_block.state_dict(), strict=False)
+    return controlnet
+
+
+def union_slots(condition: torch.Tensor, count: int, generator: torch.Generator,
+                num_control_type: int) -> tuple[list[torch.Tensor], dict]:
+    """SDXL union routing: a random non-empty subset of the ``count`` stacked 3-channel conditions.
+
+    ``ControlNetUnionModel`` shares ``control_type_idx`` across the batch, so the subset is drawn per
+    micro-batch (per example at batch size 1): each condition is kept with probability 1/2, and one is
+    drawn uniformly when none was. Returns (the kept conditions, the forward's extra kwargs).
+    """
+    keep = (torch.rand(count, generator=generator) < 0.5).nonzero().flatten().tolist()
+    if not keep:
+        keep = [int(torch.randint(0, count, (1,), generator=generator))]
+    chunks = condition.split(3, dim=1)
+    control_type = torch.zeros(condition.shape[0], num_control_type, device=condition.device)
+    control_type[:, keep] = 1
+    return [chunks[i] for i in keep], {"control_type": control_type, "control_type_idx": keep,
+                                       "conditioning_scale": [1.0] * len(keep)}
+
+
+def latents_from_sample(vae_config: Any, sample: torch.Tensor) -> torch.Tensor:
+    """A VAE latent sample as the denoiser reads it: shifted (SD3/Flux's 16-channel VAEs have a
+    ``shift_factor``; SD's is None), then scaled."""
+    shift = getattr(vae_config, "shift_factor", None)
+    return (sample - shift if shift else sample) * vae_config.scaling_factor
+
+
+def freeze(*modules: torch.nn.Module) -> None:
+    for module in modules:
         module.requires_grad_(False)
         module.eval()
-    family = SDXLAdapter(resolution) if sdxl else FamilyAdapter()
-    return BaseModels(tokenizers, encoders, vae, unet, scheduler, family)
 
 
-def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | None = None) -> torch.nn.Module:
-    """A ControlNet initialised from the UNet's encoder (zero convolutions), or loaded to continue."""
-    from diffusers import ControlNetModel
+def controlnet_config(controlnet: torch.nn.Module):
+    """The config of a ControlNet, through accelerate's wrappers."""
+    return getattr(controlnet, "module", controlnet).config
 
-    if path:
-        controlnet = ControlNetModel.from_pretrained(path, subfolder="controlnet" if os.path.isdir(
-            os.path.join(path, "controlnet")) else None)
-        if controlnet.config.conditioning_channels != conditioning_channels:
-            raise ValueError(f"{path} takes {controlnet.config.conditioning_channels} condition channels; "
-                             f"the chosen conditions have {conditioning_channels}")
-    else:
-        controlnet = ControlNetModel.from_unet(base.unet, conditioning_channels=conditioning_channels,
-                                               conditioning_embedding_out_channels=condition_encoder_channels(base))
+
+def controlnet_subfolder(path: str) -> str | None:
+    return "controlnet" if os.path.isdir(os.path.join(path, "controlnet")) else None
+
+
+def _transformer_family(name: str):
+    def make(resolution: int) -> FamilyAdapter:
+        from train import transformer_families
+
+        return transformer_families.ADAPTERS[name](resolution)
+    return make
+
+
+FAMILIES: dict[str, Any] = {
+    "sd": FamilyAdapter,
+    "sdxl": SDXLAdapter,
+    "sd3": _transformer_family("sd3"),
+    "flux": _transformer_family("flux"),
+}
+"""Family name (``detect_family``) -> adapter factory taking the training resolution."""
+
+
+def load_base(path: str, resolution: int) -> BaseModels:
+    """The frozen base of whichever family ``path`` holds (read from its model_index.json / subfolders)."""
+    return FAMILIES[detect_family(path)](resolution).load(path)
+
+
+def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | None = None,
+                    num_layers: int | None = None, num_single_layers: int | None = None) -> torch.nn.Module:
+    """The family's ControlNet: initialised from the base (zero-initialised outputs), or loaded to continue."""
+    controlnet = base.family.make_controlnet(base, conditioning_channels, path, num_layers, num_single_layers)
     controlnet.train()
     return controlnet
 

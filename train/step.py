@@ -18,17 +18,21 @@ def controlnet_loss(
     scheduler: Any,
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    condition: torch.Tensor,
+    condition: torch.Tensor | list[torch.Tensor],
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    controlnet_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of the ControlNet-steered UNet's prediction (epsilon or v target)."""
+    """Mean squared error of the ControlNet-steered UNet's prediction (epsilon or v target).
+
+    ``controlnet_kwargs``: more arguments for the ControlNet only (a union ControlNet's control-type
+    mask and slot indices, with ``condition`` the list of its slots' images)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
     down, mid = controlnet(
         noisy, timesteps, encoder_hidden_states=encoder_hidden_states, controlnet_cond=condition,
-        return_dict=False, **extra,
+        return_dict=False, **extra, **(controlnet_kwargs or {}),
     )
     dtype = unet.dtype  # residuals come from the fp32 ControlNet; the locked UNet may be fp16
     prediction = unet(

@@ -50,6 +50,32 @@ def generate(base: Any, controlnet: torch.nn.Module, inputs: list[tuple[torch.Te
     return results
 
 
+@torch.no_grad()
+def generate_in_place(base: Any, controlnet: torch.nn.Module, ema: Any, inputs: list[tuple[torch.Tensor, str]],
+                      per_input: int, seed: int, steps: int = 20) -> list[list[Image.Image]]:
+    """Transformer families (SD3, Flux): sample with the trained ControlNet itself, not a copy (a Flux
+    ControlNet is billions of weights): the EMA weights are swapped in and back, and the family's
+    ``sampling`` hooks cast its inputs and residuals between fp32 and the base's dtype."""
+    family, params = base.family, list(controlnet.parameters())
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        with family.sampling(base, controlnet):
+            pipe = family.validation_pipeline(base, controlnet)
+            device = base.transformer.device
+            results = []
+            for cond, prompt in inputs:
+                generator = torch.Generator(device=device).manual_seed(seed)
+                # these pipelines take a tensor condition as is: [-1, 1], as the VAE reads it in training
+                results.append(family.sample(pipe, base, cond.to(device) * 2.0 - 1.0, prompt, per_input, generator,
+                                             steps))
+    finally:
+        if ema is not None:
+            ema.restore(params)
+    return results
+
+
 def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     """Latents -> PIL images in the VAE's own dtype (it stays fp32 when its config says force_upcast)."""
     vae = pipe.vae

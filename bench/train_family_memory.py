@@ -1,0 +1,265 @@
+"""What a ControlNet costs per model family: parameters at the real sizes, implied memory, measured ratios.
+
+    python bench/train_family_memory.py                       # counts for every family + SD3.5-medium-width measurement
+    python bench/train_family_memory.py --measure sd3,flux    # also Flux-width (about 8 GB of RAM more)
+
+1. Parameter counts of the base (denoiser, text encoders, VAE) and of the ControlNet the trainer builds
+   (train/models.py, train/transformer_families.py with their default sizes) for SD 1.5, SDXL,
+   SD3.5-medium, SD3.5-large and Flux.1-dev, from their published configs, on the meta device
+   (``accelerate.init_empty_weights``: nothing is allocated). Implied training memory: the base in bf16
+   (2 bytes/parameter) + the ControlNet in fp32 with its gradients and AdamW's two moments (16
+   bytes/parameter); activations are not counted (they scale with batch and resolution, and
+   ``--gradient_checkpointing`` trades them for time).
+2. Measured on this CPU, for a reduced-depth model at the real width (each kind in its own process):
+   peak RSS growth and time per step of a ControlNet step (base locked, fp32) versus fine-tuning the
+   base alone (all of its parameters trained with AdamW), at 256 px, batch 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import resource
+import subprocess
+import time
+
+import torch
+
+GIB = 2**30
+
+# The fields of each published config that differ from the diffusers / transformers class defaults.
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280))
+SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+              projection_dim=1280, hidden_act="gelu")
+OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+FLOW_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def text_encoders(*configs: tuple[str, dict]) -> int:
+    import transformers
+
+    total = 0
+    for cls, fields in configs:
+        config_cls = transformers.T5Config if cls == "T5EncoderModel" else transformers.CLIPTextConfig
+        model = getattr(transformers, cls)(config_cls(**fields))
+        names = {n for n, _ in model.named_parameters()}
+        tied = {"shared.weight", "encoder.embed_tokens.weight"} <= names  # one tensor in T5, two on the meta device
+        total += count(model) - (model.shared.weight.numel() if tied else 0)
+    return total
+
+
+def family_counts() -> list[dict]:
+    """Base and ControlNet parameters of each family, built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import (AutoencoderKL, ControlNetModel, FluxControlNetModel, FluxTransformer2DModel,
+                           SD3ControlNetModel, SD3Transformer2DModel, UNet2DConditionModel)
+
+    from train.transformer_families import FluxAdapter, SD3Adapter
+    from train.models import union_from_unet
+
+    rows = []
+    with init_empty_weights():
+        sd_vae, flow_vae = count(AutoencoderKL(**SD_VAE)), count(AutoencoderKL(**FLOW_VAE))
+        for name, unet_config, encoders in (
+                ("SD 1.5", SD15_UNET, [("CLIPTextModel", CLIP_L)]),
+                ("SDXL", SDXL_UNET, [("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G)])):
+            unet = UNet2DConditionModel(**unet_config)
+            controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+            rows.append({"family": name, "denoiser": count(unet), "text": text_encoders(*encoders), "vae": sd_vae,
+                         "controlnet": count(controlnet), "layers": "whole encoder"})
+            if name == "SDXL":
+                union = union_from_unet(unet, (16, 32, 96, 256))
+                rows.append({**rows[-1], "family": "SDXL union", "controlnet": count(union),
+                             "layers": "whole encoder + control-type transformer"})
+        sd3_text = text_encoders(("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G),
+                                 ("T5EncoderModel", T5_XXL))
+        for name, config in (("SD3.5-medium", SD35_MEDIUM), ("SD3.5-large", SD35_LARGE)):
+            transformer = SD3Transformer2DModel(**config)
+            layers = min(SD3Adapter.default_layers, config["num_layers"])
+            controlnet = SD3ControlNetModel.from_config({**config, "num_layers": layers,
+                                                         "extra_conditioning_channels": 0})
+            rows.append({"family": name, "denoiser": count(transformer), "text": sd3_text, "vae": flow_vae,
+                         "controlnet": count(controlnet), "layers": f"{layers} of {config['num_layers']} joint"})
+        transformer = FluxTransformer2DModel(**FLUX_DEV)
+        controlnet = FluxControlNetModel.from_config({**FLUX_DEV, "num_layers": FluxAdapter.default_layers,
+                                                      "num_single_layers": FluxAdapter.default_single_layers})
+        rows.append({"family": "Flux.1-dev", "denoiser": count(transformer),
+                     "text": text_encoders(("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)), "vae": flow_vae,
+                     "controlnet": count(controlnet),
+                     "layers": f"{FluxAdapter.default_layers}+{FluxAdapter.default_single_layers} of 19+38"})
+    for row in rows:
+        row["base"] = row["denoiser"] + row["text"] + row["vae"]
+        row["base_bf16_gib"] = 2 * row["base"] / GIB
+        row["controlnet_train_gib"] = 16 * row["controlnet"] / GIB
+        row["total_gib"] = row["base_bf16_gib"] + row["controlnet_train_gib"]
+        row["base_finetune_gib"] = 16 * row["denoiser"] + 2 * (row["text"] + row["vae"])
+        row["base_finetune_gib"] /= GIB
+    return rows
+
+
+# --- measured: reduced depth, real width ---------------------------------------------------------
+
+MEASURED = {
+    "sd3": ({**SD35_MEDIUM, "num_layers": 2, "dual_attention_layers": (0,)}, {"num_layers": 1}),
+    "flux": ({**FLUX_DEV, "num_layers": 1, "num_single_layers": 1}, {"num_layers": 1, "num_single_layers": 0}),
+}
+
+
+def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
+    """Peak RSS growth and seconds per step of ``kind`` (base fine-tune or ControlNet) in this process."""
+    import psutil
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxTransformer2DModel,
+                           SD3ControlNetModel, SD3Transformer2DModel)
+
+    from train.models import BaseModels, FamilyOptions
+    from train.transformer_families import ADAPTERS, TransformerView
+
+    torch.manual_seed(0)
+    start = psutil.Process().memory_info().rss
+    config, sizes = MEASURED[family]
+    adapter = ADAPTERS[family](resolution)
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(**config)
+        hidden, pooled = torch.randn(1, 333, 4096), torch.randn(1, 2048)
+    else:
+        transformer = FluxTransformer2DModel(**config)
+        hidden, pooled = torch.randn(1, 512, 4096), torch.randn(1, 768)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=family == "flux")
+    base = BaseModels([], [], None, None, scheduler, adapter, transformer=transformer, options=FamilyOptions(("c",)))
+    latent = resolution // 8
+    latents = torch.randn(1, 16, latent, latent)
+    if kind == "controlnet":
+        transformer.requires_grad_(False)
+        if family == "sd3":
+            trained = SD3ControlNetModel.from_transformer(TransformerView(transformer, {}),
+                                                          num_extra_conditioning_channels=0, **sizes)
+            control = {"controlnet_cond": torch.randn(1, 16, latent, latent)}
+        else:
+            trained = FluxControlNetModel.from_transformer(
+                TransformerView(transformer, {}), attention_head_dim=128, num_attention_heads=24, **sizes)
+            control = {"controlnet_cond": torch.randn(1, (latent // 2) ** 2, 64)}
+    else:
+        trained, control = transformer, None
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        noise = torch.randn(latents.shape, generator=generator)
+        sigmas = torch.rand(1, generator=generator)
+        noisy = (1 - sigmas) * latents + sigmas * noise
+        added = {"pooled_projections": pooled}
+        if control is None:  # the base alone, trained: the same forward without residuals
+            prediction = plain_prediction(family, transformer, noisy, sigmas, hidden, pooled)
+        else:
+            prediction = adapter.predict(trained, base, noisy, sigmas, hidden, added, control)
+        loss = torch.nn.functional.mse_loss(prediction, adapter.layout(noise - latents))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: optimiser state allocated
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - t0) / steps
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"s_per_step": seconds, "peak_gib": (peak - start) / GIB, "trained_params": count(trained),
+            "base_params": count(transformer)}
+
+
+def plain_prediction(family, transformer, noisy, sigmas, hidden, pooled) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    from train.transformer_families import pack
+
+    if family == "sd3":
+        return transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=hidden,
+                           pooled_projections=pooled, return_dict=False)[0]
+    h = noisy.shape[-1] // 2
+    return transformer(hidden_states=pack(noisy), timestep=sigmas, guidance=torch.full((1,), 3.5),
+                       pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=torch.zeros(hidden.shape[1], 3),
+                       img_ids=FluxPipeline._prepare_latent_image_ids(1, h, h, "cpu", torch.float32),
+                       return_dict=False)[0]
+
+
+def measure(family: str, steps: int, resolution: int) -> dict[str, dict]:
+    out = {}
+    for kind in ("base", "controlnet"):
+        done = subprocess.run([sys.executable, __file__, "--one", f"{family}:{kind}", "--steps", str(steps),
+                               "--resolution", str(resolution)], capture_output=True, text=True, check=True)
+        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--measure", default="sd3", help="families to measure on this CPU: sd3, flux, both or none")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        family, kind = args.one.split(":")
+        print(json.dumps(one_kind(family, kind, args.steps, args.resolution)))
+        return
+
+    print("1. Parameters at the real sizes (meta device) and implied training memory "
+          "(bf16 base + fp32 ControlNet with grads and AdamW, activations not counted)")
+    print(f"{'family':<14}{'denoiser':>10}{'text+vae':>10}{'ControlNet':>12}{'CN/denoiser':>12}"
+          f"{'base bf16':>11}{'CN train':>10}{'total':>9}{'vs fine-tune':>13}  ControlNet depth")
+    for r in family_counts():
+        print(f"{r['family']:<14}{r['denoiser'] / 1e9:>9.2f}B{(r['text'] + r['vae']) / 1e9:>9.2f}B"
+              f"{r['controlnet'] / 1e9:>11.2f}B{r['controlnet'] / r['denoiser']:>12.2f}"
+              f"{r['base_bf16_gib']:>8.1f}GiB{r['controlnet_train_gib']:>7.1f}GiB{r['total_gib']:>6.1f}GiB"
+              f"{r['total_gib'] / r['base_finetune_gib']:>12.2f}x  {r['layers']}")
+    families = {"none": [], "both": ["sd3", "flux"]}.get(args.measure, args.measure.split(","))
+    if not families:
+        return
+    print(f"\n2. Measured on this CPU (fp32, {args.resolution} px, batch 1, {args.steps} steps after a warm-up), "
+          "reduced depth at the real width; base = fine-tuning the base alone")
+    for family in families:
+        m = measure(family, args.steps, args.resolution)
+        b, c = m["base"], m["controlnet"]
+        label = {"sd3": "SD3.5-medium width (2 joint blocks; ControlNet 1)",
+                 "flux": "Flux.1 width (1 double + 1 single; ControlNet 1 double)"}[family]
+        print(f"{label}: base {b['base_params'] / 1e6:.0f}M, ControlNet {c['trained_params'] / 1e6:.0f}M")
+        print(f"  base fine-tune: {b['s_per_step']:.2f} s/step, peak RSS +{b['peak_gib']:.2f} GiB")
+        print(f"  ControlNet:     {c['s_per_step']:.2f} s/step, peak RSS +{c['peak_gib']:.2f} GiB")
+        print(f"  ratio ControlNet/base: time {c['s_per_step'] / b['s_per_step']:.2f}x, "
+              f"memory {c['peak_gib'] / b['peak_gib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""The same trainer on the flow-matching transformer families (SD3/3.5, Flux.1), tiny models from configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+FAMILIES = ("sd3", "flux")
+CONTROLNET = {"sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel"}
+PIPELINE = {"sd3": "StableDiffusion3ControlNetPipeline", "flux": "FluxControlNetPipeline"}
+SIZE = {"sd3": ["--controlnet_num_layers", "1"],
+        "flux": ["--controlnet_num_layers", "1", "--controlnet_num_single_layers", "1"]}
+
+
+def train_args(manifest, base, out, family, *extra, condition="canny") -> list[str]:
+    # --keep_duplicates: the demo's edge cases are near copies by design (see tests/test_train.py)
+    return ["--manifest", str(manifest), "--condition", condition, "--pretrained_model_name_or_path", str(base),
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3",
+            "--seed", "7", "--report_to", "none", "--keep_duplicates",
+            *(["--max_sequence_length", "16"] if family in FAMILIES else []), *SIZE.get(family, []), *extra]
+
+
+def load_family_base(path, family: str, conditions=("canny",), union=False):
+    from train.models import FamilyOptions, load_base
+
+    base = load_base(str(path), 64)
+    assert base.family.name == family
+    base.options = FamilyOptions(tuple(conditions), union, max_sequence_length=16)
+    return base
+
+
+def load_exported(family: str, folder):
+    import diffusers
+
+    return getattr(diffusers, CONTROLNET[family]).from_pretrained(folder)
+
+
+def perturb(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere, so zero-initialised outputs pass signals (for routing checks)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fixture", "extra", "message"), [
+    ("tiny_sd3", ["--controlnet_num_single_layers", "2"], "Flux's single-stream blocks"),
+    ("tiny_sd", ["--controlnet_num_layers", "2"], "copies the UNet's whole encoder"),
+    ("tiny_sd", ["--union"], "name two or more"),
+    ("tiny_sdxl", ["--max_sequence_length", "16"], "has no T5"),
+])
+def test_family_flag_combinations_fail_before_any_model_loads(demo_manifest, tmp_path, capsys, request, fixture,
+                                                              extra, message):
+    from train.train import parse_args
+
+    base = request.getfixturevalue(fixture)
+    with pytest.raises(SystemExit):
+        parse_args(train_args(demo_manifest, base, tmp_path, "", *extra))
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("fixture", "message"), [
+    ("tiny_sd", "no union ControlNet for SD 1.x/2.x"), ("tiny_sd3", "no union ControlNet for SD3/3.5")])
+def test_union_on_a_family_without_one_says_what_to_do(stacked_manifest, tmp_path, capsys, request, fixture, message):
+    from train.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(train_args(stacked_manifest, request.getfixturevalue(fixture), tmp_path, "", "--union",
+                              condition="canny,invert"))
+    assert message in capsys.readouterr().err
+
+
+def test_stacked_conditions_on_a_transformer_family_point_to_union(stacked_manifest, tiny_flux, tmp_path, capsys):
+    from train.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(train_args(stacked_manifest, tiny_flux, tmp_path, "flux", condition="canny,invert"))
+    err = capsys.readouterr().err
+    assert "cannot be stacked" in err and "add --union" in err
+
+
+def test_the_family_is_read_from_the_base_folder(tiny_sd, tiny_sd3, tiny_flux, tiny_sdxl):
+    from train.config import detect_family
+
+    assert [detect_family(str(p)) for p in (tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux)] == ["sd", "sdxl", "sd3", "flux"]
+
+
+def test_flow_matching_loss_pieces():
+    from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
+
+    g = torch.Generator().manual_seed(0)
+    plain, shifted = shifted_sigmas(4000, g, 1.0), shifted_sigmas(4000, torch.Generator().manual_seed(0), 3.0)
+    assert 0 < float(plain.min()) and float(plain.max()) < 1 and abs(float(plain.mean()) - 0.5) < 0.02
+    assert bool((shifted >= plain).all())  # the shift moves every step towards noise
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(noisy_latents(x0, noise, torch.zeros(2)), x0)
+    assert torch.allclose(noisy_latents(x0, noise, torch.ones(2)), noise)
+    assert float(flow_loss(noise - x0, x0, noise)) == 0.0
+    config = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    assert flux_shift(256, config) == pytest.approx(np.exp(0.5))
+    assert flux_shift(4096, config) == pytest.approx(np.exp(1.15))
+
+
+# --- (a) zero start ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_fresh_controlnet_leaves_the_base_prediction_exactly_unchanged(family, request):
+    from diffusers import FluxPipeline
+
+    from train.models import make_controlnet
+    from train.transformer_families import pack
+
+    base = load_family_base(request.getfixturevalue(f"tiny_{family}"), family)
+    controlnet = make_controlnet(base, 3, None, 1, 1 if family == "flux" else None).eval()
+    torch.manual_seed(0)
+    noisy, sigmas = torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.9])
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        control = base.family.control_inputs(base, controlnet, torch.rand(2, 3, 64, 64), g)
+        steered = base.family.predict(controlnet, base, noisy, sigmas, hidden, added, control)
+        if family == "sd3":
+            plain = base.transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=hidden,
+                                     pooled_projections=added["pooled_projections"], return_dict=False)[0]
+        else:
+            ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+            plain = base.transformer(hidden_states=pack(noisy), timestep=sigmas, guidance=torch.full((2,), 3.5),
+                                     pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
+                                     txt_ids=torch.zeros(hidden.shape[1], 3), img_ids=ids, return_dict=False)[0]
+    assert torch.equal(plain, steered)
+    assert plain.abs().sum() > 0
+
+
+# --- (b) training changes only the ControlNet, (c) resume is exact, (d) export loads -------------
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def straight_run(request, demo_manifest, tmp_path_factory):
+    """3 steps (checkpoints at 2 and 3, validation samples at 3), keeping the base the loop trained beside."""
+    from train import loop
+    from train.data import check_conditions
+    from train.models import load_base
+    from train.train import parse_args
+
+    family = request.param
+    base_dir = request.getfixturevalue(f"tiny_{family}")
+    out = tmp_path_factory.mktemp(f"{family}_run") / "run"
+    captured = {}
+
+    def keep(path, resolution):
+        captured["base"] = load_base(path, resolution)
+        return captured["base"]
+
+    args = train_args(demo_manifest, base_dir, out, family, "--max_train_steps", "3", "--checkpointing_steps", "2",
+                      "--validation_steps", "3", "--num_validation_rows", "2", "--num_validation_images", "1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "load_base", keep)
+        config = parse_args(args)
+        result = loop.train(config, check_conditions(config.manifest, config.condition))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    return {"family": family, "base_dir": base_dir, "out": out, "args": args, "base": captured["base"],
+            "result": result}
+
+
+@pytest.mark.slow
+def test_training_changes_the_controlnet_and_never_the_base(straight_run):
+    from train.models import make_controlnet
+
+    family, trained = straight_run["family"], straight_run["base"]
+    fresh = load_family_base(straight_run["base_dir"], family)
+    for name, a, b in [("transformer", trained.transformer, fresh.transformer), ("vae", trained.vae, fresh.vae)] + [
+            (f"text_encoder{i}", a, b) for i, (a, b) in enumerate(zip(trained.text_encoders, fresh.text_encoders))]:
+        fresh_state = b.state_dict()
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, fresh_state[k]), f"{name}.{k} changed"
+    start = make_controlnet(fresh, 3, None, 1, 1 if family == "flux" else None).state_dict()
+    after = load_exported(family, straight_run["out"] / "controlnet").state_dict()
+    changed = [k for k, v in after.items() if not torch.equal(v, start[k])]
+    assert any(k.startswith("controlnet_blocks") for k in changed)  # the zero-initialised outputs left zero
+    assert straight_run["result"]["figures"]["global_step"] == 3
+    assert np.isfinite(straight_run["result"]["figures"]["final_loss"])
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(straight_run, tmp_path):
+    from train.train import main
+
+    straight, resumed = straight_run["out"], tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    args = [a if a != str(straight) else str(resumed) for a in straight_run["args"]]
+    assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    a = load_exported(straight_run["family"], straight / "controlnet").state_dict()
+    b = load_exported(straight_run["family"], resumed / "controlnet").state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_export_loads_in_the_family_pipeline_and_generates(straight_run):
+    import diffusers
+    from PIL import Image
+
+    family, out = straight_run["family"], straight_run["out"]
+    controlnet = load_exported(family, out / "controlnet")
+    pipe = getattr(diffusers, PIPELINE[family]).from_pretrained(straight_run["base_dir"], controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    condition = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    image = pipe(prompt="a red circle", control_image=condition, height=64, width=64, num_inference_steps=2,
+                 max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    card = (out / "README.md").read_text()
+    assert f"{CONTROLNET[family]}.from_pretrained" in card and PIPELINE[family] in card
+    assert (out / "validation" / "step-000003.png").is_file() and (out / "validation" / "step-final.png").is_file()
+
+
+@pytest.mark.slow
+def test_controlnet_model_name_or_path_continues_the_exported_controlnet(straight_run, tmp_path):
+    from train.train import main
+
+    out = tmp_path / "continued"
+    args = [a if a != str(straight_run["out"]) else str(out) for a in straight_run["args"]]
+    args[args.index("--validation_steps") + 1] = "0"
+    args[args.index("--max_train_steps") + 1] = "1"
+    args[args.index("--learning_rate") + 1] = "0"  # a step that changes nothing: the export is the start
+    assert main(args + ["--controlnet_model_name_or_path", str(straight_run["out"])]) == 0
+    start = load_exported(straight_run["family"], straight_run["out"] / "controlnet").state_dict()
+    after = load_exported(straight_run["family"], out / "controlnet").state_dict()
+    assert set(start) == set(after) and all(torch.equal(start[k], after[k]) for k in start)
+    blocks = [k for k in start if k.startswith("controlnet_blocks") and k.endswith("weight")]
+    assert all(start[k].abs().sum() > 0 for k in blocks)  # the trained outputs, not a fresh zero start
+
+
+@pytest.mark.slow
+def test_cached_latents_and_prompts_train_the_same_model_as_encoding_every_step(demo_manifest, tiny_sd3, tmp_path):
+    """--cache_latents on a transformer family: VAE moments and T5/CLIP embeddings cached (shared code)."""
+    from train.train import main
+
+    uncached, cached = tmp_path / "uncached", tmp_path / "cached"
+    common = ["--max_train_steps", "2", "--checkpointing_steps", "10", "--validation_steps", "0", "--center_crop",
+              "--proportion_empty_prompts", "0"]
+    assert main(train_args(demo_manifest, tiny_sd3, uncached, "sd3", *common)) == 0
+    assert main(train_args(demo_manifest, tiny_sd3, cached, "sd3", *common, "--cache_latents")) == 0
+    a = load_exported("sd3", uncached / "controlnet").state_dict()
+    b = load_exported("sd3", cached / "controlnet").state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_base_with_gradient_checkpointing_trains_and_validates(demo_manifest, family, request, tmp_path,
+                                                                     monkeypatch):
+    """The memory flags on a transformer family: locked base in bf16, ControlNet in fp32 with
+    gradient checkpointing, and validation sampling with the trained module (no copy)."""
+    from train import loop
+    from train.train import main
+
+    seen = {}
+    real = loop.make_controlnet
+
+    def keep(*args, **kwargs):
+        seen["controlnet"] = real(*args, **kwargs)
+        return seen["controlnet"]
+
+    monkeypatch.setattr(loop, "make_controlnet", keep)
+    monkeypatch.setattr(loop, "validation_model", lambda *a: pytest.fail("a copy was made for validation"))
+    out = tmp_path / "run"
+    assert main(train_args(demo_manifest, request.getfixturevalue(f"tiny_{family}"), out, family, "--max_train_steps",
+                           "1", "--mixed_precision",
+                           "bf16", "--gradient_checkpointing", "--validation_steps", "1", "--num_validation_rows", "1",
+                           "--num_validation_images", "1", "--checkpointing_steps", "10", "--use_ema")) == 0
+    controlnet = seen["controlnet"]
+    assert controlnet.gradient_checkpointing and next(controlnet.parameters()).dtype == torch.float32
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["figures"]["mixed_precision"] == "bf16" and np.isfinite(summary["figures"]["final_loss"])
+    assert (out / "validation" / "step-final.png").is_file()
+    load_exported(family, out / "controlnet")  # the EMA weights, swapped in for validation and back
+
+
+# --- (e) union ControlNets --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ("sdxl", "flux"))
+def test_union_trains_on_two_conditions_and_exports_the_mapping(stacked_manifest, family, request, tmp_path):
+    import diffusers
+
+    from train.train import main
+
+    out = tmp_path / "union"
+    assert main(train_args(stacked_manifest, request.getfixturevalue(f"tiny_{family}"), out, family, "--union",
+                           "--max_train_steps", "2", "--checkpointing_steps", "10", "--validation_steps", "0",
+                           condition="canny,invert")) == 0
+    if family == "sdxl":
+        controlnet = diffusers.ControlNetUnionModel.from_pretrained(out / "controlnet")
+        assert controlnet.config.num_control_type == 6
+        assert '"canny": 0, "invert": 1' in (out / "README.md").read_text()
+    else:
+        controlnet = diffusers.FluxControlNetModel.from_pretrained(out / "controlnet")
+        assert controlnet.config.num_mode == 2
+        assert '"canny": 0, "invert": 1' in (out / "README.md").read_text()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert np.isfinite(summary["figures"]["final_loss"])
+    key = "control_type_index" if family == "sdxl" else "controlnet_mode"
+    assert summary[key] == {"canny": 0, "invert": 1}
+
+
+def test_flux_union_routes_each_example_to_one_condition_and_its_mode(tiny_flux):
+    """A condition changes an example's residuals only when its mode was drawn for that example, and a
+    mode's embedding changes only the examples given that mode."""
+    from train.models import make_controlnet
+
+    base = load_family_base(tiny_flux, "flux", ("canny", "invert"), union=True)
+    controlnet = make_controlnet(base, 6, None, 1, 1).eval()
+    perturb(controlnet)
+    torch.manual_seed(0)
+    cond = torch.rand(4, 6, 64, 64)
+    noisy, sigmas = torch.randn(4, 16, 8, 8), torch.full((4,), 0.5)
+    hidden, added = base.family.encode_prompts(base, ["a"] * 4, torch.device("cpu"))
+
+    def residuals(condition, seed=3):
+        with torch.no_grad():
+            control = base.family.control_inputs(base, controlnet, condition, torch.Generator().manual_seed(seed))
+            blocks, _ = controlnet(hidden_states=base.family.layout(noisy), timestep=sigmas,
+                                   guidance=torch.full((4,), 3.5), pooled_projections=added["pooled_projections"],
+                                   encoder_hidden_states=hidden, txt_ids=torch.zeros(hidden.shape[1], 3),
+                                   img_ids=torch.zeros(16, 3), return_dict=False, **control)
+        return control["controlnet_mode"][:, 0], blocks[0]
+
+    modes, first = residuals(cond)
+    assert set(modes.tolist()) == {0, 1}, "pick a seed that draws both modes"
+    for slot in (0, 1):
+        changed = cond.clone()
+        changed[:, 3 * slot:3 * slot + 3] = torch.rand(4, 3, 64, 64)
+        _, after = residuals(changed)
+        moved = (after - first).flatten(1).abs().amax(1) > 0
+        assert moved.tolist() == (modes == slot).tolist(), f"slot {slot}"
+    with torch.no_grad():
+        controlnet.controlnet_mode_embedder.weight[1] += 1.0
+    _, after = residuals(cond)
+    moved = (after - first).flatten(1).abs().amax(1) > 0
+    assert moved.tolist() == (modes == 1).tolist()
+
+
+def test_sdxl_union_routes_the_drawn_condition_slots(tiny_sdxl):
+    """The drawn slots are exactly those marked in the control-type mask; a condition's image changes
+    the residuals only when its slot was drawn."""
+    from train.models import FamilyOptions, load_base, make_controlnet, union_slots
+
+    base = load_base(str(tiny_sdxl), 64)
+    base.options = FamilyOptions(("canny", "invert"), True)
+    controlnet = make_controlnet(base, 6).eval()
+    perturb(controlnet)
+    torch.manual_seed(0)
+    cond, latents = torch.rand(2, 6, 64, 64), torch.randn(2, 4, 8, 8)
+    hidden, added = base.family.encode_prompts(base, ["a", "b"], torch.device("cpu"))
+    drawn = {}
+    for seed in range(40):  # seeds that draw {canny}, {invert} and both
+        slots, extra = union_slots(cond, 2, torch.Generator().manual_seed(seed), 6)
+        drawn.setdefault(tuple(extra["control_type_idx"]), seed)
+        assert extra["control_type"][:, :2].tolist() == [[float(i in extra["control_type_idx"]) for i in (0, 1)]] * 2
+    assert set(drawn) == {(0,), (1,), (0, 1)}
+
+    def residual(condition, seed):
+        slots, extra = union_slots(condition, 2, torch.Generator().manual_seed(seed), 6)
+        with torch.no_grad():
+            down, _ = controlnet(latents, torch.tensor([10, 500]), encoder_hidden_states=hidden, controlnet_cond=slots,
+                                 added_cond_kwargs=added, return_dict=False, **extra)
+        return down[0]
+
+    for chosen, seed in drawn.items():
+        for slot in (0, 1):
+            changed = cond.clone()
+            changed[:, 3 * slot:3 * slot + 3] = torch.rand(2, 3, 64, 64)
+            moved = not torch.equal(residual(cond, seed), residual(changed, seed))
+            assert moved == (slot in chosen), (chosen, slot)

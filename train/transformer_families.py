@@ -1,0 +1,347 @@
+"""The flow-matching transformer families: SD3/3.5 (MMDiT) and Flux.1, as ``FamilyAdapter`` objects.
+
+Shared with the UNet families: data, loop, checkpoints, EMA, validation and export. Different here:
+a 16-channel VAE whose latents are shifted then scaled, T5 + CLIP prompts (encoded by the family's
+own diffusers pipeline, assembled from the in-memory modules), a ControlNet that reads the condition
+image through the same VAE (as StableDiffusion3ControlNetPipeline / FluxControlNetPipeline pass it),
+and the flow-matching loss of train/flow.py. Flux also packs 2x2 latent patches into tokens, needs
+image/text position ids and (Flux.1-dev) a guidance input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
+from train.models import BaseModels, FamilyAdapter, controlnet_config, controlnet_subfolder, freeze
+
+
+class FlowAdapter(FamilyAdapter):
+    """What SD3 and Flux share: loading, VAE encoding, the flow-matching loss, validation."""
+
+    denoiser_class: str
+    encode_pipeline_class: str
+    """The diffusers pipeline whose ``encode_prompt`` turns captions into embeddings."""
+    text_encoder_classes: tuple[str, ...]
+    default_layers: int
+
+    def __init__(self, resolution: int = 512):
+        super().__init__(resolution)
+        self._encoder: tuple[int, Any] | None = None
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self, path: str) -> BaseModels:
+        import diffusers
+        import transformers
+
+        denoiser = getattr(diffusers, self.denoiser_class).from_pretrained(path, subfolder="transformer")
+        suffixes = [""] + [f"_{i}" for i in range(2, len(self.text_encoder_classes) + 1)]
+        tokenizers = [transformers.AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}") for s in suffixes]
+        encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=f"text_encoder{s}")
+                    for cls, s in zip(self.text_encoder_classes, suffixes)]
+        vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae")
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        freeze(*encoders, vae, denoiser)
+        return BaseModels(tokenizers, encoders, vae, None, scheduler, self, transformer=denoiser)
+
+    # --- encoding --------------------------------------------------------------------------
+
+    def encoder_pipeline(self, base: BaseModels):
+        """The family's text-to-image pipeline over the base's modules (references, no copies)."""
+        if self._encoder is None or self._encoder[0] != id(base):
+            import diffusers
+
+            self._encoder = (id(base), getattr(diffusers, self.encode_pipeline_class)(**self.pipeline_modules(base)))
+        return self._encoder[1]
+
+    def pipeline_modules(self, base: BaseModels) -> dict[str, Any]:
+        modules = {"transformer": base.transformer, "scheduler": base.scheduler, "vae": base.vae}
+        for i, (tok, enc) in enumerate(zip(base.tokenizers, base.text_encoders)):
+            suffix = "" if i == 0 else f"_{i + 1}"
+            modules[f"tokenizer{suffix}"], modules[f"text_encoder{suffix}"] = tok, enc
+        return modules
+
+    def sequence_kwargs(self, base: BaseModels) -> dict:
+        n = base.options.max_sequence_length
+        return {} if n is None else {"max_sequence_length": n}
+
+    def condition_latents(self, base: BaseModels, controlnet, condition: torch.Tensor,
+                          generator: torch.Generator) -> torch.Tensor:
+        """The [0, 1] condition image through the VAE, shifted and scaled as the family's pipeline does."""
+        pixels = (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype)
+        sample = base.vae.encode(pixels).latent_dist.sample(generator=generator)
+        return (sample - self.condition_shift(base, controlnet)) * base.vae.config.scaling_factor
+
+    def condition_shift(self, base: BaseModels, controlnet) -> float:
+        return base.vae.config.shift_factor
+
+    # --- the ControlNet and its loss ---------------------------------------------------------
+
+    def layers(self, wanted: int | None, default: int, available: int) -> int:
+        return min(wanted if wanted is not None else default, available)
+
+    def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+             added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Velocity MSE at a logit-normal, family-shifted sigma (train/flow.py)."""
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+        sigmas = shifted_sigmas(latents.shape[0], generator, self.shift(base, latents)).to(latents.device)
+        noisy = noisy_latents(latents, noise, sigmas)
+        with torch.no_grad():
+            control = self.control_inputs(base, controlnet, condition, generator)
+        prediction = self.predict(controlnet, base, noisy, sigmas, hidden, added, control)
+        return flow_loss(prediction, self.layout(latents), self.layout(noise))
+
+    def layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the layout the transformer predicts in."""
+        return latents
+
+    # --- validation --------------------------------------------------------------------------
+
+    def validation_pipeline(self, base: BaseModels, controlnet: torch.nn.Module):
+        """The family's ControlNet pipeline over the in-memory modules (no second copy)."""
+        import diffusers
+
+        modules = self.pipeline_modules(base)
+        modules["scheduler"] = type(base.scheduler).from_config(base.scheduler.config)  # its own step state
+        pipe = getattr(diffusers, self.pipeline_class)(**modules, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample(self, pipe, base: BaseModels, condition: torch.Tensor, prompt: str, count: int,
+               generator: torch.Generator, steps: int) -> list:
+        """``count`` PIL images for one condition image (1xCxHxW, in [-1, 1]: these pipelines take a
+        tensor as is, where a PIL image would be normalised) and prompt."""
+        height, width = condition.shape[-2:]
+        latents = pipe(prompt=[prompt] * count, control_image=condition.repeat(count, 1, 1, 1), height=height,
+                       width=width, num_inference_steps=steps, generator=generator, output_type="latent",
+                       **self.sequence_kwargs(base)).images
+        # decoded here, in the VAE's own dtype: the pipelines hand a bf16 base's latents to an fp32 VAE as is
+        latents = self.unpacked(pipe, latents, height, width).to(base.vae.dtype)
+        images = base.vae.decode(latents / base.vae.config.scaling_factor + base.vae.config.shift_factor,
+                                 return_dict=False)[0]
+        return pipe.image_processor.postprocess(images.float(), output_type="pil")
+
+    def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's ``output_type="latent"`` result as (B, C, H, W) VAE latents."""
+        return latents
+
+    @contextlib.contextmanager
+    def sampling(self, base: BaseModels, controlnet: torch.nn.Module):
+        """The trained fp32 ControlNet sampling beside a half-precision base without a copy: its float
+        inputs are cast to its dtype and its residuals to the base's, by hooks removed afterwards (and
+        the images StableDiffusion3ControlNetPipeline encodes in the transformer's dtype reach an fp32
+        VAE, kept so by ``force_upcast``, in the VAE's)."""
+        own, theirs = next(controlnet.parameters()).dtype, base.transformer.dtype
+
+        def to(dtype: torch.dtype):
+            return lambda _, args, kwargs: (cast_floats(args, dtype), cast_floats(kwargs, dtype))
+
+        handles = [controlnet.register_forward_pre_hook(to(own), with_kwargs=True),
+                   controlnet.register_forward_hook(lambda _, __, out: cast_floats(out, theirs)),
+                   base.vae.encoder.register_forward_pre_hook(to(base.vae.dtype), with_kwargs=True)]
+        was_training = controlnet.training
+        controlnet.eval()
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            controlnet.train(was_training)
+
+
+def cast_floats(value, dtype: torch.dtype):
+    """``value`` with every floating-point tensor in it (nested in tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+class SD3Adapter(FlowAdapter):
+    """SD3/3.5: MMDiT transformer, CLIP-L + CLIP-G (pooled, projected) + T5, fixed scheduler shift."""
+
+    name = "sd3"
+    controlnet_class = "SD3ControlNetModel"
+    pipeline_class = "StableDiffusion3ControlNetPipeline"
+    denoiser_class = "SD3Transformer2DModel"
+    encode_pipeline_class = "StableDiffusion3Pipeline"
+    text_encoder_classes = ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel")
+    default_layers = 12  # SD3ControlNetModel.from_transformer's default
+
+    def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
+        """(CLIP-L|G penultimate states padded to T5's width, then T5's, along the sequence; pooled CLIPs)."""
+        hidden, _, pooled, _ = self.encoder_pipeline(base).encode_prompt(
+            prompt=list(captions), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            **self.sequence_kwargs(base))
+        return hidden, {"pooled_projections": pooled}
+
+    def make_controlnet(self, base: BaseModels, conditioning_channels: int, path: str | None,
+                        num_layers: int | None = None, num_single_layers: int | None = None) -> torch.nn.Module:
+        from diffusers import SD3ControlNetModel
+
+        if path:
+            return SD3ControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path))
+        layers = self.layers(num_layers, self.default_layers, base.transformer.config.num_layers)
+        # from_transformer writes num_layers into the config it is given: hand it a copy, not the base's
+        view = TransformerView(base.transformer, {})
+        return SD3ControlNetModel.from_transformer(view, num_layers=layers, num_extra_conditioning_channels=0)
+
+    def condition_shift(self, base: BaseModels, controlnet) -> float:
+        # StableDiffusion3ControlNetPipeline: ControlNets with force_zeros_for_pooled_projection (the
+        # default, InstantX's convention) get unshifted condition latents and zero pooled projections
+        return 0.0 if controlnet_config(controlnet).force_zeros_for_pooled_projection else base.vae.config.shift_factor
+
+    def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
+        return float(base.scheduler.config.shift)  # 3.0 for SD3/3.5
+
+    def control_inputs(self, base: BaseModels, controlnet, condition: torch.Tensor, generator) -> dict:
+        return {"controlnet_cond": self.condition_latents(base, controlnet, condition, generator)}
+
+    def predict(self, controlnet, base: BaseModels, noisy, sigmas, hidden, added, control: dict) -> torch.Tensor:
+        config = controlnet_config(controlnet)
+        pooled = added["pooled_projections"]
+        timestep = sigmas * base.scheduler.config.num_train_timesteps  # the pipeline passes t = 1000 sigma
+        blocks = controlnet(
+            hidden_states=noisy, timestep=timestep,
+            encoder_hidden_states=hidden if config.joint_attention_dim is not None else None,
+            pooled_projections=torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+            return_dict=False, **control,
+        )[0]
+        dtype = base.transformer.dtype  # residuals come from the fp32 ControlNet; the locked base may be bf16
+        return base.transformer(
+            hidden_states=noisy.to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=hidden.to(dtype),
+            pooled_projections=pooled.to(dtype), block_controlnet_hidden_states=[b.to(dtype) for b in blocks],
+            return_dict=False,
+        )[0]
+
+
+class FluxAdapter(FlowAdapter):
+    """Flux.1: double- and single-stream blocks over 2x2-packed latents, CLIP pooled + T5, guidance input."""
+
+    name = "flux"
+    controlnet_class = "FluxControlNetModel"
+    pipeline_class = "FluxControlNetPipeline"
+    union_class = "FluxControlNetModel"
+    denoiser_class = "FluxTransformer2DModel"
+    encode_pipeline_class = "FluxPipeline"
+    text_encoder_classes = ("CLIPTextModel", "T5EncoderModel")
+    default_layers = 4  # FluxControlNetModel.from_transformer's defaults
+    default_single_layers = 10
+
+    def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
+        """(T5 states, CLIP's pooled output); the text position ids are zeros, made in the loss."""
+        hidden, pooled, _ = self.encoder_pipeline(base).encode_prompt(
+            prompt=list(captions), prompt_2=None, device=device, **self.sequence_kwargs(base))
+        return hidden, {"pooled_projections": pooled}
+
+    def make_controlnet(self, base: BaseModels, conditioning_channels: int, path: str | None,
+                        num_layers: int | None = None, num_single_layers: int | None = None) -> torch.nn.Module:
+        from diffusers import FluxControlNetModel
+
+        modes = len(base.options.conditions) if base.options.union else None
+        if path:
+            controlnet = FluxControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path))
+            if controlnet.config.num_mode != modes:
+                raise ValueError(f"{path} has num_mode {controlnet.config.num_mode}; this run needs {modes} "
+                                 "(the number of --condition names with --union, else none)")
+            return controlnet
+        config = base.transformer.config
+        # a union ControlNet (num_mode) is the same model plus a mode embedding prepended to the text tokens
+        extra = {"num_mode": modes} if modes else {}
+        return FluxControlNetModel.from_transformer(
+            TransformerView(base.transformer, extra),
+            num_layers=self.layers(num_layers, self.default_layers, config.num_layers),
+            num_single_layers=self.layers(num_single_layers, self.default_single_layers, config.num_single_layers),
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
+
+    def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
+        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)  # image_seq_len of the packed latents
+        return flux_shift(tokens, base.scheduler.config)
+
+    def layout(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack(latents)
+
+    def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+    def control_inputs(self, base: BaseModels, controlnet, condition: torch.Tensor, generator) -> dict:
+        """The packed condition latents; for a union ControlNet one condition per example and its mode."""
+        out = {}
+        if base.options.union:
+            count = len(base.options.conditions)
+            modes = torch.randint(0, count, (condition.shape[0],), generator=generator)
+            stacked = condition.view(condition.shape[0], count, -1, *condition.shape[-2:])
+            condition = stacked[torch.arange(condition.shape[0]), modes]
+            out["controlnet_mode"] = modes[:, None].to(condition.device)
+        out["controlnet_cond"] = pack(self.condition_latents(base, controlnet, condition, generator))
+        return out
+
+    def predict(self, controlnet, base: BaseModels, noisy, sigmas, hidden, added, control: dict) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        batch, _, height, width = noisy.shape
+        device, dtype = noisy.device, base.transformer.dtype
+        img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+        txt_ids = torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype)
+        packed, pooled = pack(noisy), added["pooled_projections"]
+
+        def guidance(config) -> torch.Tensor | None:
+            return torch.full((batch,), base.options.guidance_scale, device=device) if config.guidance_embeds else None
+
+        blocks, singles = controlnet(
+            hidden_states=packed, timestep=sigmas, guidance=guidance(controlnet_config(controlnet)),
+            pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids,
+            return_dict=False, **control,
+        )
+        return base.transformer(
+            hidden_states=packed.to(dtype), timestep=sigmas.to(dtype), guidance=guidance(base.transformer.config),
+            pooled_projections=pooled.to(dtype), encoder_hidden_states=hidden.to(dtype), txt_ids=txt_ids,
+            img_ids=img_ids, controlnet_block_samples=cast_floats(blocks, dtype),
+            controlnet_single_block_samples=cast_floats(singles, dtype),  # None with no such blocks
+            return_dict=False, controlnet_blocks_repeat=False,
+        )[0]
+
+    def card_extra(self, base: BaseModels) -> dict:
+        if not base.options.union:
+            return {}
+        return {"controlnet_mode": {c: i for i, c in enumerate(base.options.conditions)}}
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): FluxPipeline._pack_latents' 2x2 patches as tokens."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+class TransformerView:
+    """What ``from_transformer`` reads of a transformer: its modules, and a config copy (with ``extra``)
+    that the classmethod may rewrite without touching the base's own config."""
+
+    def __init__(self, transformer: torch.nn.Module, extra: dict):
+        self._transformer = transformer
+        self.config = _AttrDict({**transformer.config, **extra})
+
+    def __getattr__(self, name: str):
+        return getattr(self._transformer, name)
+
+
+class _AttrDict(dict):
+    """A plain dict whose keys read as attributes too (``config.num_layers``), like diffusers' FrozenDict."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+ADAPTERS: dict[str, type[FlowAdapter]] = {"sd3": SD3Adapter, "flux": FluxAdapter}
