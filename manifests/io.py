@@ -164,6 +164,15 @@ def shard_provenance(shard_path: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def _read_shard(shard: str, columns: list[str] | None, fs: pafs.FileSystem) -> pa.Table:
+    """A shard's ``columns`` (all when None), leaving out those it lacks: a shard written before v1.1 has
+    no ``caption_source`` or ``phash``, and a manifest may mix both kinds."""
+    if columns is not None:
+        names = set(pq.read_schema(shard, filesystem=fs).names)
+        columns = [c for c in columns if c in names]
+    return pq.read_table(shard, columns=columns, filesystem=fs)
+
+
 def read(
     path: str,
     columns: Iterable[str] | None = None,
@@ -190,15 +199,20 @@ def read(
     skip_ids = duplicate_ids(path) if skip else None
     extra = ["status", *(["id"] if skip_ids is not None else [])]
     cols = None if columns is None else list(dict.fromkeys([*columns, *extra]))
-    tables = [pq.read_table(s, columns=cols, filesystem=fs) for s in shards]
+    tables = [_read_shard(s, cols, fs) for s in shards]
     if not tables:
         return pd.DataFrame(columns=cols or [])
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables, promote_options="default")  # v1.0 shards: v1.1 columns read as nulls
+    unknown = [c for c in cols or [] if c not in table.column_names]
+    if unknown:  # in no shard at all: a typo, not an older shard
+        raise KeyError(f"{path} has no column {', '.join(map(repr, unknown))}; it has {', '.join(table.column_names)}")
     if status is not None:
         table = table.filter(pc.equal(table["status"], status))
     if skip_ids is not None and len(skip_ids):
         table = table.filter(keep_mask(table["id"], skip_ids))
     frame = table.to_pandas()
+    if "phash" in table.column_names:  # 64-bit hashes: pandas' float64 for a column with nulls would round them
+        frame["phash"] = table["phash"].to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     if columns is not None:
         frame = frame[list(dict.fromkeys(columns))]
     return frame

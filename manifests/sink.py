@@ -186,6 +186,8 @@ class ManifestSink:
             "settings": self.provenance["settings"],
             "settings_fingerprint": self.provenance["settings_fingerprint"],
             "annotators": self.provenance["annotators"],
+            # the validator takes the captioner's name as a known caption_source from here
+            "captioner": self.provenance.get("captioner"),
             "columns": ["image", *[cond_column(n) for n in self.annotator_names]],
             "counts": {"rows": sum(s.rows for s in stats.values()), **{k: counts.get(k, 0) for k in STATUSES}},
             "error_reasons": dict(reasons.most_common()),

@@ -89,6 +89,9 @@ class AnnotateConfig(PrepareSettings):
             raise ValueError("--caption-policy and --caption-prefix need --captioner (e.g. --captioner blip)")
         if self.caption_policy == "prefix" and not self.caption_prefix.strip():
             raise ValueError("--caption-policy prefix needs --caption-prefix TEXT (e.g. \"a canny edge photo,\")")
+        if self.caption_prefix and self.caption_policy != "prefix":  # else it would be dropped without a word
+            raise ValueError(f"--caption-prefix is used by --caption-policy prefix only, not {self.caption_policy}: "
+                             "add --caption-policy prefix (every row captioned after the prefix), or drop it")
         unknown = set(self.annotator_params) - set(self.annotators)
         if unknown:
             raise ValueError(f"parameters given for annotators not in --annotators: {sorted(unknown)}")

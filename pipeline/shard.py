@@ -202,7 +202,8 @@ class ShardWorker:
                 row["caption_source"] = "sidecar"
                 if encoding:
                     not_utf8.append(f"{item.sidecar} ({encoding})")
-            row["caption"] = caption or ""
+            # a blank metadata or list caption ("  ") is none: policy "missing" must caption that row
+            row["caption"] = caption if caption and caption.strip() else ""
             if not row["caption"]:
                 row["caption_source"] = ""
             stage = "decode"
@@ -329,9 +330,19 @@ def caption_all(captioner: Any, inputs: Sequence[Any], batch_size: int) -> list[
         chunk = todo[start:start + batch_size]
         results = isolate(lambda batch, _ids: captioner.forward(batch), [inputs[i] for i in chunk], [None] * len(chunk))
         for i, result in zip(chunk, results):
-            outputs[i] = Failure(STATUS_ERROR, f"caption[{captioner.name}]: {describe(result)}") \
-                if isinstance(result, Exception) else result
+            outputs[i] = caption_outcome(captioner.name, result)
     return outputs
+
+
+def caption_outcome(name: str, result: Any) -> str | Failure:
+    """One image's caption, or its row's failure: an exception, or anything but a str (None, bytes, a
+    number) from a plugin that breaks the protocol, fails that row alone; a None passed on would read
+    as "the policy kept the given caption", and a number would fail the whole shard in ``finish``."""
+    if isinstance(result, Exception):
+        return Failure(STATUS_ERROR, f"caption[{name}]: {describe(result)}")
+    if not isinstance(result, str):
+        return Failure(STATUS_ERROR, f"caption[{name}]: returned {type(result).__name__}, not a str")
+    return result
 
 
 def postprocess_all(annotator: Annotator, outputs: Sequence[Any], images: Sequence[np.ndarray],

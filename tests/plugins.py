@@ -145,3 +145,14 @@ class ColourCaptioner(Captioner):
         if any((m == (255, 0, 255)).all() for m in inputs):
             raise RuntimeError("cannot caption magenta")
         return [f"a picture of colour {m[0]} {m[1]} {m[2]}" for m in inputs]
+
+
+class OffProtocolCaptioner(ColourCaptioner):
+    """Breaks the protocol on some images: None for a red one, a number for a blue one, bytes for a
+    green one; a plain caption otherwise."""
+
+    name = "off_protocol"
+
+    def forward(self, inputs: list) -> list:
+        odd = {(200, 30, 30): None, (30, 30, 200): 42, (30, 200, 30): b"bytes"}
+        return [odd.get(tuple(int(v) for v in m), "a fine caption") for m in inputs]

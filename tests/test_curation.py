@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -47,6 +48,10 @@ def test_an_empty_canvas_and_a_banner_are_filtered_with_their_reasons(tmp_path, 
     assert rows["ok.png"]["status"] == "ok"
     assert rows["canvas.png"]["status"] == "filtered"
     assert rows["canvas.png"]["error"].startswith("canny: empty map (coverage 0.0000 < min_coverage 0.005)")
+    # a hash for ok rows only, read exactly (pandas' float64 for a column with nulls would round 64-bit hashes)
+    (stored,) = [r["phash"] for r in pq.read_table(next((tmp_path / "out").glob("part-*.parquet"))).to_pylist()
+                 if r["source"] == "ok.png"]
+    assert rows["ok.png"]["phash"] == stored and pd.isna(rows["canvas.png"]["phash"])
     assert rows["banner.png"]["status"] == "filtered" and rows["banner.png"]["error"].startswith("max_aspect:")
     assert summary["error_reasons"] == {"canny": 1, "max_aspect": 1}
 
@@ -130,3 +135,47 @@ def test_the_job_lists_exact_and_near_duplicates_in_a_side_table_and_readers_ski
         (ids["b_copy.png"], ids["a_astronaut.png"], True), (ids["c_small.jpg"], ids["a_astronaut.png"], False)}
     assert sorted(manifests.read(str(tmp_path / "out"))["source"]) == ["a_astronaut.png", "d_coffee.png"]
     assert validate(str(tmp_path / "out"), progress=False) == []
+
+
+def test_a_rerun_remakes_the_duplicates_table_for_new_shards_and_for_another_distance(tmp_path, local_ray):
+    from PIL import ImageEnhance
+    from skimage import data
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.fromarray(data.astronaut()).save(root / "a_astronaut.png")
+    Image.fromarray(data.coffee()).save(root / "b_coffee.png")
+    out = tmp_path / "out"
+    assert run(root, out, "--shard-size", "2")["run"]["duplicates"] == {"exact": 0, "near": 0, "max_distance": 4}
+    # a second shard of copies: kept shard 0, new shard 1, and a table that must cover both
+    ImageEnhance.Contrast(Image.open(root / "a_astronaut.png")).enhance(1.3).save(root / "c_contrast.png")  # 2 bits
+    (root / "z_copy.png").write_bytes((root / "a_astronaut.png").read_bytes())
+    summary = run(root, out, "--shard-size", "2")
+    assert (summary["run"]["shards_kept"], summary["run"]["shards_written"]) == (1, 1)
+    assert summary["run"]["duplicates"] == {"exact": 1, "near": 1, "max_distance": 4}
+    assert sorted(manifests.read(str(out))["source"]) == ["a_astronaut.png", "b_coffee.png"]
+    # another distance writes no shard, but the table must follow it
+    summary = run(root, out, "--shard-size", "2", "--near-duplicate-distance", "1")
+    assert summary["run"]["shards_written"] == 0
+    assert summary["run"]["duplicates"] == {"exact": 1, "near": 0, "max_distance": 1}
+    assert sorted(manifests.read(str(out))["source"]) == ["a_astronaut.png", "b_coffee.png", "c_contrast.png"]
+    assert validate(str(out), progress=False) == []
+
+
+COLOUR = "tests.plugins:ColourCaptioner"
+
+
+@pytest.mark.parametrize(("first", "changed"), [
+    ([], ["--min-aspect", "0.5"]), ([], ["-p", "canny.min_coverage=0.01"]), ([], ["--captioner", COLOUR]),
+    (["--captioner", COLOUR], ["--captioner", COLOUR, "--caption-policy", "always"]),
+    (["--captioner", COLOUR], ["--captioner", COLOUR, "-p", f"{COLOUR}.max_new_tokens=5"]),
+])
+def test_a_rerun_with_another_curation_setting_is_refused(tmp_path, local_ray, capsys, first, changed):
+    root = tmp_path / "photos"
+    square(root / "a.png")
+    run(root, tmp_path / "out", *first)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())
+    assert main(["--input", str(root), "--output", str(tmp_path / "out"), "--resolution", "64", "--shard-size", "4",
+                 *changed]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()) == before

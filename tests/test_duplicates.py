@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -260,6 +261,18 @@ def test_shards_without_a_hash_get_exact_duplicates_only(tmp_path):
     write(out, [[row(0, "A", H0), row(1, "B", H0 ^ 1)], [row(2, "A", H0)]], with_phash=False)
     assert dup.write_duplicates(str(out)) == {"exact": 1, "near": 0, "max_distance": D}
     assert dup.read_table(str(out)).to_pylist() == [{"id": "id2", "duplicate_of": "id0", "distance": 0, "exact": True}]
+
+
+def test_a_manifest_mixing_v1_0_and_v1_1_shards_reads_with_nulls_for_the_new_columns(tmp_path):
+    out = tmp_path / "mixed"
+    write(out, [[row(0, "A", H0), row(1, "B", None)], [row(2, "A", H0), row(3, "C", H0 ^ 1)]])
+    old = out / shard_name(0)  # shard 0 as a v1.0 writer left it: neither caption_source nor phash
+    pq.write_table(pq.read_table(old).drop_columns(["caption_source", "phash"]), old)
+    assert dup.write_duplicates(str(out)) == {"exact": 1, "near": 1, "max_distance": D}  # id3 through id2
+    frame = manifests.read(str(out), duplicates="keep")
+    assert frame["id"].tolist() == ["id0", "id1", "id2", "id3"]
+    assert frame["phash"].isna().tolist() == [True, True, False, False] and frame["phash"][3] == H0 ^ 1
+    assert manifests.read(str(out), columns=["id", "phash"])["id"].tolist() == ["id0", "id1"]
 
 
 def test_the_datasets_view_skips_duplicates_too(manifest, tmp_path):
