@@ -97,7 +97,8 @@ class TrainConfig:
     """``circle``: also score validation samples by circle IoU and caption colour accuracy (the fill task)."""
     num_validation_rows: int = 4
     """Manifest rows held out of training to validate on; none are held out when ``validation_image``
-    is given, validation is off, or validation cannot run (SDXL, stacked conditions)."""
+    is given, validation is off, or validation cannot run (conditions stacked without ``union``). A union
+    run samples each held-out row once per condition, that condition alone."""
     report_to: str = "tensorboard"
     """Where to log: tensorboard, wandb, or none."""
     seed: int | None = None

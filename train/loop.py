@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -126,7 +126,7 @@ def set_up(config: TrainConfig) -> Run:
     base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, config.guidance_scale)
     base.place(device, weight_dtype)
     with accelerator.local_main_process_first():  # one process per machine builds the row cache
-        train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config, base),
+        train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config),
                                          config.data_cache_dir, config.keep_duplicates)
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path,
                                  config.controlnet_num_layers, config.controlnet_num_single_layers)
@@ -405,19 +405,53 @@ def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     return WEIGHT_DTYPES[mixed_precision]
 
 
-def holdout_count(config: TrainConfig, base) -> int:
+def holdout_count(config: TrainConfig) -> int:
     """Rows to hold out for validation: none when they would never be used."""
-    if not config.validation_enabled or config.validation_image or not can_validate(config, base):
+    if not config.validation_enabled or config.validation_image or not can_validate(config):
         return 0
     return config.num_validation_rows
 
 
-VALIDATING_FAMILIES = ("sd", "sd3", "flux")
-"""Families whose ControlNet pipeline validation assembles (SDXL's is not wired yet)."""
+def can_validate(config: TrainConfig) -> bool:
+    """Single-condition runs, and union runs (one validation per condition); every family's adapter
+    assembles its pipeline. Conditions stacked without --union have no pipeline that takes them."""
+    return len(config.condition) == 1 or config.union
 
 
-def can_validate(config: TrainConfig, base) -> bool:
-    return base.family.name in VALIDATING_FAMILIES and len(config.condition) == 1
+@dataclasses.dataclass(frozen=True)
+class ValidationView:
+    """One condition a validation samples with: the only one of a single-condition run, or one slot
+    (SDXL control type, Flux mode) of a union run, given alone."""
+
+    condition: str
+    mode: int | None = None
+    """The union slot/mode; None for a single-condition ControlNet."""
+
+    @property
+    def suffix(self) -> str:
+        """Grid file name suffix: a union run writes one grid per condition."""
+        return "" if self.mode is None else f"-{self.condition}"
+
+    def key(self, metric: str) -> str:
+        """A metric's name in metrics.jsonl and trackers: union runs name the condition (``canny/edge_f1``)."""
+        return metric if self.mode is None else f"{self.condition}/{metric}"
+
+
+def validation_views(config: TrainConfig) -> list[ValidationView]:
+    """What each validation samples: every condition of a union run in turn (slot/mode = its position in
+    --condition, as the model card maps them), else the run's one condition."""
+    if config.union:
+        return [ValidationView(name, i) for i, name in enumerate(config.condition)]
+    return [ValidationView(config.condition[0])]
+
+
+def view_inputs(inputs: list, view: ValidationView, given_images: bool) -> list:
+    """The inputs with only ``view``'s condition: its 3 channels of each held-out row's stacked tensor
+    (a given --validation_image is taken as each condition's map in turn)."""
+    if view.mode is None or given_images:
+        return inputs
+    channels = slice(3 * view.mode, 3 * view.mode + 3)
+    return [(cond[:, channels], prompt) for cond, prompt in inputs]
 
 
 def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch.nn.Module:
@@ -425,6 +459,7 @@ def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch
 
     A copy, not the trained module: accelerate's autocast wrapper on the trained module returns fp32
     residuals, which would promote a half-precision UNet's activations (and crash its group norms).
+    Only for small ControlNets (SD 1.x/2.x); the others sample in place (``samples_in_place``).
     """
     clone = type(trained).from_config(trained.config)
     clone.load_state_dict(trained.state_dict())
@@ -433,55 +468,84 @@ def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch
     return clone.to(trained.device, dtype).eval()
 
 
+Sampler = Callable[[list, int, int, "int | None"], list]
+"""(inputs, samples per input, seed, union mode) -> PIL images per input."""
+
+
+def make_sampler(base, controlnet: torch.nn.Module, ema, weight_dtype: torch.dtype) -> Sampler:
+    """How this validation samples: with the trained module itself (EMA swapped in and back) when the family
+    says so, else with one copy in the base's dtype, made once for all conditions."""
+    from train import validation
+
+    if base.family.samples_in_place:
+        return lambda inputs, per_input, seed, mode: validation.generate_in_place(
+            base, controlnet, ema, inputs, per_input, seed, mode=mode)
+    model = validation_model(controlnet, ema, weight_dtype)
+    return lambda inputs, per_input, seed, mode: validation.generate(base, model, inputs, per_input, seed, mode=mode)
+
+
 class ValidationScorer:
     """Controllability of validation samples (train/metrics.py): each sample re-annotated with the
-    condition's own annotator and compared with its condition; logged per validation so the
-    ControlNet's "sudden convergence" shows as a curve (TensorBoard and validation/metrics.jsonl)."""
+    condition's own annotator and compared with its condition; logged per validation (and per condition
+    of a union run) so the ControlNet's "sudden convergence" shows as a curve (TensorBoard and
+    validation/metrics.jsonl). A condition without a metric, or whose annotator cannot load here, is
+    recorded as unscored with the reason (logged once); its grid is still made."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.annotator = None
-        self.unavailable = len(config.condition) != 1
+        self.annotators: dict[str, Any] = {}
+        self.unscored: dict[str, str] = {}
+        """condition -> why its samples are not scored."""
 
     def __call__(self, inputs: list, samples: list, label: str, global_step: int | None, trackers=(),
-                 stored_maps: list | None = None) -> dict | None:
-        """Score ``samples``; against ``stored_maps`` (each held-out row's map at its own resolution)
-        when given, else against the condition tensors the model was given."""
-        import numpy as np
-
+                 stored_maps: list | None = None, view: ValidationView | None = None) -> dict | None:
+        """Score ``samples`` of ``view``'s condition; against ``stored_maps`` (each held-out row's map at its
+        own resolution) when given, else against the condition tensors the model was given."""
         from train import metrics
 
-        condition = self.config.condition[0]
-        if self.unavailable or not metrics.metric_names(condition, self.config.validation_task):
+        view = view or validation_views(self.config)[0]
+        record: dict[str, Any] = {"step": global_step if global_step is not None else label,
+                                  "condition": view.condition}
+        reason = self.unscored_reason(view.condition)
+        if reason is not None:
+            self._write({**record, "unscored": reason})
             return None
-        if self.annotator is None:
+        images, maps, captions = paired(inputs, samples, stored_maps)
+        scores = metrics.metrics_for(view.condition, images, maps, captions, task=self.config.validation_task,
+                                     annotator=self.annotators.get(view.condition))
+        named = {view.key(k): v for k, v in scores.items()}
+        self._write({**record, **named})
+        for tracker in trackers:
+            tracker.log({f"validation/{k}": v for k, v in named.items()}, step=global_step)
+        log.info("validation %s: %s", label, ", ".join(f"{k} {v:.3f}" for k, v in named.items()))
+        return named
+
+    def unscored_reason(self, condition: str) -> str | None:
+        """Why ``condition``'s samples cannot be scored here (None: they can); loads its annotator once."""
+        from train import metrics
+
+        if condition in self.unscored or condition in self.annotators:
+            return self.unscored.get(condition)
+        reason = None
+        if not metrics.metric_names(condition, self.config.validation_task):
+            reason = f"no controllability metric for the {condition} annotator (train/metrics.py)"
+        elif condition in metrics.CONDITION_METRICS:  # task metrics alone read no annotator
             try:
-                self.annotator = metrics.load_annotator(condition, self._params(condition))
+                self.annotators[condition] = metrics.load_annotator(condition, self._params(condition))
             except Exception as exc:  # e.g. no weights here: samples are still made, just not scored
-                log.warning("validation metrics off: cannot load the %s annotator (%s)", condition, exc)
-                self.unavailable = True
-                return None
-        images, maps, captions = [], [], []
-        for i, ((cond, prompt), generated) in enumerate(zip(inputs, samples)):
-            as_map = (cond[0, :3].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            if stored_maps is not None:
-                as_map = metrics.centre_square(stored_maps[i])
-            for image in generated:
-                images.append(image)
-                # one-channel maps (edges, depth, masks) reach the ControlNet as three equal channels
-                grey = bool((as_map == as_map[:, :, :1]).all())
-                maps.append(as_map[:, :, 0] if grey else as_map)
-                captions.append(prompt)
-        scores = metrics.metrics_for(condition, images, maps, captions, task=self.config.validation_task,
-                                     annotator=self.annotator)
-        record = {"step": global_step if global_step is not None else label, **scores}
+                reason = f"cannot load the {condition} annotator ({exc})"
+        else:
+            self.annotators[condition] = None
+        if reason is not None:
+            log.warning("validation metrics off for %s: %s", condition, reason)
+            self.unscored[condition] = reason
+        return reason
+
+    def _write(self, record: dict) -> None:
         path = Path(self.config.output_dir) / "validation" / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for tracker in trackers:
-            tracker.log({f"validation/{k}": v for k, v in scores.items()}, step=global_step)
-        log.info("validation %s: %s", label, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        return scores
 
     def _params(self, condition: str) -> dict:
         """The annotator's parameters recorded in the manifest, so samples are annotated as the data was."""
@@ -495,39 +559,71 @@ class ValidationScorer:
         return {}
 
 
-def run_validation(config, base, controlnet, ema, held_out, label: str, seed: int, weight_dtype: torch.dtype,
-                   trackers=(), global_step: int | None = None, scorer: ValidationScorer | None = None) -> Path | None:
-    """Generate from held-out conditions (or the given images), write a PNG grid, send it to TensorBoard,
-    and score the samples' controllability."""
-    from train.validation import generate, generate_in_place, grid, validation_inputs
+def paired(inputs: list, samples: list, stored_maps: list | None) -> tuple[list, list, list]:
+    """(generated image, its condition map, its prompt) as three lists, one entry per sample."""
+    import numpy as np
 
-    if not can_validate(config, base):
-        log.warning("validation images are made for single-condition SD 1.x/2.x, SD3 and Flux runs only; skipped")
-        return None
+    from train import metrics
+
+    images, maps, captions = [], [], []
+    for i, ((cond, prompt), generated) in enumerate(zip(inputs, samples)):
+        as_map = (cond[0, :3].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        if stored_maps is not None:
+            as_map = metrics.centre_square(stored_maps[i])
+        # one-channel maps (edges, depth, masks) reach the ControlNet as three equal channels
+        grey = bool((as_map == as_map[:, :, :1]).all())
+        for image in generated:
+            images.append(image)
+            maps.append(as_map[:, :, 0] if grey else as_map)
+            captions.append(prompt)
+    return images, maps, captions
+
+
+def run_validation(config, base, controlnet, ema, held_out, label: str, seed: int, weight_dtype: torch.dtype,
+                   trackers=(), global_step: int | None = None, scorer: ValidationScorer | None = None) -> list[Path]:
+    """Generate from held-out conditions (or the given images), for each condition of a union run given
+    alone; write a PNG grid per condition, send it to TensorBoard, and score the samples' controllability."""
+    from train.validation import validation_inputs
+
+    if not can_validate(config):
+        log.warning("validation images need one condition, or --union (one validation per condition); skipped")
+        return []
     inputs = validation_inputs(held_out, config.condition, config.validation_image, config.validation_prompt,
                                config.resolution)
     if not inputs:
-        return None
-    if base.unet is not None:
-        samples = generate(base, validation_model(controlnet, ema, weight_dtype), inputs, config.num_validation_images,
-                           seed)
-    else:  # transformer families: the trained module itself, EMA weights swapped in and back (no copy)
-        samples = generate_in_place(base, controlnet, ema, inputs, config.num_validation_images, seed)
-    path = grid(inputs, samples, Path(config.output_dir) / "validation" / f"step-{label}.png")
+        return []
+    sample = make_sampler(base, controlnet, ema, weight_dtype)
+    return [validate_view(config, view, sample, inputs, held_out, label, seed, trackers, global_step, scorer)
+            for view in validation_views(config)]
+
+
+def validate_view(config, view: ValidationView, sample: Sampler, inputs: list, held_out: list, label: str,
+                  seed: int, trackers, global_step: int | None, scorer: ValidationScorer | None) -> Path:
+    """One condition's samples, grid, scores and TensorBoard image."""
+    from train.validation import grid
+
+    own = view_inputs(inputs, view, bool(config.validation_image))
+    samples = sample(own, config.num_validation_images, seed, view.mode)
+    path = grid(own, samples, Path(config.output_dir) / "validation" / f"step-{label}{view.suffix}.png")
     if scorer is not None:
-        stored = None
-        if not config.validation_image and len(config.condition) == 1:  # inputs are the held-out rows
-            import numpy as np
-
-            from manifests.schema import cond_column
-            from train.data import decode_rgb
-
-            stored = [np.asarray(decode_rgb(row[cond_column(config.condition[0])])) for row in held_out]
-        scorer(inputs, samples, label, global_step, trackers, stored)
+        scorer(own, samples, label, global_step, trackers, stored_maps(config, held_out, view.condition), view)
     for tracker in trackers:
         if tracker.name == "tensorboard":
             import numpy as np
             from PIL import Image
 
-            tracker.writer.add_image("validation", np.asarray(Image.open(path)), global_step, dataformats="HWC")
+            tag = "validation" if view.mode is None else f"validation/{view.condition}"
+            tracker.writer.add_image(tag, np.asarray(Image.open(path)), global_step, dataformats="HWC")
     return path
+
+
+def stored_maps(config, held_out: list, condition: str) -> list | None:
+    """Each held-out row's ``condition`` map at its stored resolution (None with --validation_image)."""
+    if config.validation_image:
+        return None
+    import numpy as np
+
+    from manifests.schema import cond_column
+    from train.data import decode_rgb
+
+    return [np.asarray(decode_rgb(row[cond_column(condition)])) for row in held_out]

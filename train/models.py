@@ -9,6 +9,7 @@ flow-matching transformers SD3/3.5 and Flux.1 (train/transformer_families.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -64,6 +65,9 @@ class FamilyAdapter:
     pipeline_class = "StableDiffusionControlNetPipeline"
     union_class: str | None = None
     """The diffusers class of this family's union ControlNet, None when it has none."""
+    samples_in_place = False
+    """Validation samples with the trained ControlNet itself (EMA weights swapped in and back, ``sampling``
+    casting between dtypes) rather than with a copy in the base's dtype: large ControlNets are not copied."""
 
     def __init__(self, resolution: int = 512):
         self.resolution = resolution
@@ -138,6 +142,59 @@ class FamilyAdapter:
             return {}
         return {"control_type_index": {c: i for i, c in enumerate(base.options.conditions)}}
 
+    # --- validation --------------------------------------------------------------------------
+
+    def validation_pipeline(self, base: BaseModels, controlnet: torch.nn.Module):
+        """The family's ControlNet pipeline over the in-memory modules (no second copy of the base)."""
+        from diffusers import StableDiffusionControlNetPipeline
+
+        pipe = StableDiffusionControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
+            controlnet=controlnet, scheduler=sampling_scheduler(base), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
+        """The pipeline's control arguments for a batch of [0, 1] condition images; ``mode``: the union
+        slot they fill (the only one given), None for a single-condition ControlNet."""
+        return {"image": condition}
+
+    def sample(self, pipe, base: BaseModels, condition: torch.Tensor, prompt: str, count: int,
+               generator: torch.Generator, steps: int, mode: int | None = None) -> list:
+        """``count`` PIL images for one [0, 1] condition image (1xCxHxW) and prompt."""
+        from train.validation import decode
+
+        height, width = condition.shape[-2:]
+        latents = pipe(prompt=[prompt] * count, height=height, width=width, num_inference_steps=steps,
+                       generator=generator, output_type="latent",
+                       **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
+        return decode(pipe, latents)
+
+    @contextlib.contextmanager
+    def sampling(self, base: BaseModels, controlnet: torch.nn.Module):
+        """The trained fp32 ControlNet sampling beside a half-precision base without a copy: its float
+        inputs are cast to its dtype and its residuals to the base's, by hooks removed afterwards (and
+        the images StableDiffusion3ControlNetPipeline encodes in the transformer's dtype reach an fp32
+        VAE, kept so by ``force_upcast``, in the VAE's)."""
+        own, theirs = next(controlnet.parameters()).dtype, base.denoiser.dtype
+
+        def to(dtype: torch.dtype):
+            return lambda _, args, kwargs: (cast_floats(args, dtype), cast_floats(kwargs, dtype))
+
+        handles = [controlnet.register_forward_pre_hook(to(own), with_kwargs=True),
+                   controlnet.register_forward_hook(lambda _, __, out: cast_floats(out, theirs)),
+                   base.vae.encoder.register_forward_pre_hook(to(base.vae.dtype), with_kwargs=True)]
+        was_training = controlnet.training
+        controlnet.eval()
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            controlnet.train(was_training)
+
 
 class SDXLAdapter(FamilyAdapter):
     """SDXL: both text encoders' penultimate states concatenated, pooled text embeds, time ids."""
@@ -145,6 +202,7 @@ class SDXLAdapter(FamilyAdapter):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLControlNetPipeline"
     union_class = "ControlNetUnionModel"
+    samples_in_place = True  # an SDXL ControlNet is about 1.2B weights: validation does not copy it
 
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         states, pooled = [], None
@@ -168,6 +226,24 @@ class SDXLAdapter(FamilyAdapter):
         target = torch.tensor([[r, r]]).repeat(len(batch["original_sizes"]), 1)
         time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=1)
         return {**added, "time_ids": time_ids.to(device, added["time_ids"].dtype)}
+
+    def validation_pipeline(self, base: BaseModels, controlnet: torch.nn.Module):
+        """StableDiffusionXLControlNet(Union)Pipeline over the in-memory modules (no second copy)."""
+        import diffusers
+
+        cls = diffusers.StableDiffusionXLControlNetUnionPipeline if base.options.union else \
+            diffusers.StableDiffusionXLControlNetPipeline
+        pipe = cls(vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
+                   tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet, controlnet=controlnet,
+                   scheduler=sampling_scheduler(base), add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
+        if mode is None:
+            return {"image": condition}
+        # the union pipeline marks only this slot in the control-type mask and routes the image to it
+        return {"control_image": [condition], "control_mode": [mode]}
 
 
 def union_from_unet(unet: torch.nn.Module, encoder_channels: tuple[int, ...]) -> torch.nn.Module:
@@ -211,6 +287,24 @@ def union_slots(condition: torch.Tensor, count: int, generator: torch.Generator,
     control_type[:, keep] = 1
     return [chunks[i] for i in keep], {"control_type": control_type, "control_type_idx": keep,
                                        "conditioning_scale": [1.0] * len(keep)}
+
+
+def sampling_scheduler(base: BaseModels):
+    """UniPC for the UNet families' validation samples (good in 20 steps), with its own step state."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler.from_config(base.scheduler.config)
+
+
+def cast_floats(value, dtype: torch.dtype):
+    """``value`` with every floating-point tensor in it (nested in tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
 
 
 def latents_from_sample(vae_config: Any, sample: torch.Tensor) -> torch.Tensor:

@@ -36,13 +36,16 @@ def plot_curve(curve: list[dict[str, Any]], base: dict[str, float], path: Path) 
     import matplotlib.pyplot as plt
 
     steps = [c for c in curve if isinstance(c["step"], int)]
-    names = [k for k in steps[0] if k != "step"] if steps else []
+    # every metric of every record (a union run's records alternate conditions; unscored ones have none)
+    names = list(dict.fromkeys(k for c in steps for k, v in c.items()
+                               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)))
     if not names:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     for k, name in enumerate(names):
         colour = f"C{k}"
-        ax.plot([c["step"] for c in steps], [c[name] for c in steps], "o-", color=colour, label=name)
+        points = [(c["step"], c[name]) for c in steps if name in c]
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-", color=colour, label=name)
         if name in base:
             ax.axhline(base[name], color=colour, linestyle="--", linewidth=1, label=f"{name}, base alone")
     ax.set_xlabel("training step")

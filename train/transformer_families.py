@@ -10,13 +10,12 @@ image/text position ids and (Flux.1-dev) a guidance input.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
-from train.models import BaseModels, FamilyAdapter, controlnet_config, controlnet_subfolder, freeze
+from train.models import BaseModels, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze
 
 
 class FlowAdapter(FamilyAdapter):
@@ -27,6 +26,7 @@ class FlowAdapter(FamilyAdapter):
     """The diffusers pipeline whose ``encode_prompt`` turns captions into embeddings."""
     text_encoder_classes: tuple[str, ...]
     default_layers: int
+    samples_in_place = True  # a Flux ControlNet is billions of weights: validation does not copy it
 
     def __init__(self, resolution: int = 512):
         super().__init__(resolution)
@@ -111,14 +111,17 @@ class FlowAdapter(FamilyAdapter):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
+        # these pipelines take a tensor condition as is: [-1, 1], as the VAE reads it in training
+        return {"control_image": condition * 2.0 - 1.0}
+
     def sample(self, pipe, base: BaseModels, condition: torch.Tensor, prompt: str, count: int,
-               generator: torch.Generator, steps: int) -> list:
-        """``count`` PIL images for one condition image (1xCxHxW, in [-1, 1]: these pipelines take a
-        tensor as is, where a PIL image would be normalised) and prompt."""
+               generator: torch.Generator, steps: int, mode: int | None = None) -> list:
+        """``count`` PIL images for one [0, 1] condition image (1xCxHxW) and prompt."""
         height, width = condition.shape[-2:]
-        latents = pipe(prompt=[prompt] * count, control_image=condition.repeat(count, 1, 1, 1), height=height,
-                       width=width, num_inference_steps=steps, generator=generator, output_type="latent",
-                       **self.sequence_kwargs(base)).images
+        latents = pipe(prompt=[prompt] * count, height=height, width=width, num_inference_steps=steps,
+                       generator=generator, output_type="latent", **self.sequence_kwargs(base),
+                       **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
         # decoded here, in the VAE's own dtype: the pipelines hand a bf16 base's latents to an fp32 VAE as is
         latents = self.unpacked(pipe, latents, height, width).to(base.vae.dtype)
         images = base.vae.decode(latents / base.vae.config.scaling_factor + base.vae.config.shift_factor,
@@ -128,40 +131,6 @@ class FlowAdapter(FamilyAdapter):
     def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The pipeline's ``output_type="latent"`` result as (B, C, H, W) VAE latents."""
         return latents
-
-    @contextlib.contextmanager
-    def sampling(self, base: BaseModels, controlnet: torch.nn.Module):
-        """The trained fp32 ControlNet sampling beside a half-precision base without a copy: its float
-        inputs are cast to its dtype and its residuals to the base's, by hooks removed afterwards (and
-        the images StableDiffusion3ControlNetPipeline encodes in the transformer's dtype reach an fp32
-        VAE, kept so by ``force_upcast``, in the VAE's)."""
-        own, theirs = next(controlnet.parameters()).dtype, base.transformer.dtype
-
-        def to(dtype: torch.dtype):
-            return lambda _, args, kwargs: (cast_floats(args, dtype), cast_floats(kwargs, dtype))
-
-        handles = [controlnet.register_forward_pre_hook(to(own), with_kwargs=True),
-                   controlnet.register_forward_hook(lambda _, __, out: cast_floats(out, theirs)),
-                   base.vae.encoder.register_forward_pre_hook(to(base.vae.dtype), with_kwargs=True)]
-        was_training = controlnet.training
-        controlnet.eval()
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            controlnet.train(was_training)
-
-
-def cast_floats(value, dtype: torch.dtype):
-    """``value`` with every floating-point tensor in it (nested in tuples, lists, dicts) cast to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(cast_floats(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: cast_floats(v, dtype) for k, v in value.items()}
-    return value
 
 
 class SD3Adapter(FlowAdapter):
@@ -270,6 +239,10 @@ class FluxAdapter(FlowAdapter):
 
     def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+    def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
+        # a union ControlNet reads only this condition, through its mode embedding
+        return {**super().control_kwargs(condition, mode), **({} if mode is None else {"control_mode": mode})}
 
     def control_inputs(self, base: BaseModels, controlnet, condition: torch.Tensor, generator) -> dict:
         """The packed condition latents; for a union ControlNet one condition per example and its mode."""

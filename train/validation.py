@@ -29,50 +29,39 @@ def validation_inputs(rows: Sequence[dict], conditions: Sequence[str], images: S
 
 @torch.no_grad()
 def generate(base: Any, controlnet: torch.nn.Module, inputs: list[tuple[torch.Tensor, str]], per_input: int,
-             seed: int, steps: int = 20) -> list[list[Image.Image]]:
-    """Images for each input, from a pipeline assembled from the in-memory modules (no second copy)."""
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
-
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
-        controlnet=controlnet, scheduler=UniPCMultistepScheduler.from_config(base.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    device = base.unet.device
-    results = []
-    for cond, prompt in inputs:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        height, width = cond.shape[-2:]
-        latents = pipe(prompt=[prompt] * per_input, image=cond.to(device).repeat(per_input, 1, 1, 1), height=height,
-                       width=width, num_inference_steps=steps, generator=generator, output_type="latent").images
-        results.append(decode(pipe, latents))
-    return results
+             seed: int, steps: int = 20, mode: int | None = None) -> list[list[Image.Image]]:
+    """Images for each input, from the family's pipeline assembled from the in-memory modules (no second
+    copy of the base); ``mode``: the union slot/mode of the one condition the inputs give."""
+    return sample_inputs(base, controlnet, inputs, per_input, seed, steps, mode)
 
 
 @torch.no_grad()
 def generate_in_place(base: Any, controlnet: torch.nn.Module, ema: Any, inputs: list[tuple[torch.Tensor, str]],
-                      per_input: int, seed: int, steps: int = 20) -> list[list[Image.Image]]:
-    """Transformer families (SD3, Flux): sample with the trained ControlNet itself, not a copy (a Flux
-    ControlNet is billions of weights): the EMA weights are swapped in and back, and the family's
-    ``sampling`` hooks cast its inputs and residuals between fp32 and the base's dtype."""
-    family, params = base.family, list(controlnet.parameters())
+                      per_input: int, seed: int, steps: int = 20, mode: int | None = None) -> list[list[Image.Image]]:
+    """Families with large ControlNets (SDXL, SD3, Flux): sample with the trained ControlNet itself, not a
+    copy: the EMA weights are swapped in and back, and the family's ``sampling`` hooks cast its inputs and
+    residuals between fp32 and the base's dtype."""
+    params = list(controlnet.parameters())
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
     try:
-        with family.sampling(base, controlnet):
-            pipe = family.validation_pipeline(base, controlnet)
-            device = base.transformer.device
-            results = []
-            for cond, prompt in inputs:
-                generator = torch.Generator(device=device).manual_seed(seed)
-                # these pipelines take a tensor condition as is: [-1, 1], as the VAE reads it in training
-                results.append(family.sample(pipe, base, cond.to(device) * 2.0 - 1.0, prompt, per_input, generator,
-                                             steps))
+        with base.family.sampling(base, controlnet):
+            return sample_inputs(base, controlnet, inputs, per_input, seed, steps, mode)
     finally:
         if ema is not None:
             ema.restore(params)
+
+
+def sample_inputs(base: Any, controlnet: torch.nn.Module, inputs: list[tuple[torch.Tensor, str]], per_input: int,
+                  seed: int, steps: int, mode: int | None) -> list[list[Image.Image]]:
+    """Each input's images, from one pipeline assembled for the whole validation."""
+    pipe = base.family.validation_pipeline(base, controlnet)
+    device = base.denoiser.device
+    results = []
+    for cond, prompt in inputs:
+        generator = torch.Generator(device=device).manual_seed(seed)  # each input from the same noise
+        results.append(base.family.sample(pipe, base, cond.to(device), prompt, per_input, generator, steps, mode))
     return results
 
 

@@ -1,0 +1,71 @@
+"""The flow-matching families' pure pieces against their definitions: sigma sampling and shift,
+VAE latents of images and conditions, Flux's 2x2 packing (tiny modules, no training)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from tests.tiny_flow import tiny_vae
+from train.flow import flux_shift, shifted_sigmas
+from train.models import latents_from_sample
+from train.transformer_families import FluxAdapter, SD3Adapter, pack
+
+FLUX_SCHEDULER = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+
+
+def test_sigmas_are_logit_normal_per_example_then_time_shifted():
+    u = torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(3)))
+    sigmas = shifted_sigmas(64, torch.Generator().manual_seed(3), 3.0)
+    assert torch.allclose(sigmas, 3.0 * u / (1 + 2.0 * u))
+    assert len(set(sigmas.tolist())) == 64  # one sigma per example, not one per batch
+    assert torch.equal(shifted_sigmas(64, torch.Generator().manual_seed(3), 1.0), u)
+
+
+def test_flux_shift_counts_packed_tokens():
+    """Flux's mu is linear in the packed sequence length: 0.5 at 256 tokens, 1.15 at 4096."""
+    assert flux_shift(256, FLUX_SCHEDULER) == pytest.approx(torch.e ** 0.5)
+    assert flux_shift(4096, FLUX_SCHEDULER) == pytest.approx(torch.e ** 1.15)
+    base = types.SimpleNamespace(scheduler=types.SimpleNamespace(config=FLUX_SCHEDULER))
+    latents = torch.zeros(2, 16, 64, 64)  # a 512 px image: 32 x 32 = 1024 tokens of 2x2 patches
+    assert FluxAdapter().shift(base, latents) == pytest.approx(flux_shift(1024, FLUX_SCHEDULER))
+
+
+def test_image_latents_are_shifted_then_scaled():
+    vae = tiny_vae()
+    sample = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = (sample - vae.config.shift_factor) * vae.config.scaling_factor
+    assert torch.allclose(latents_from_sample(vae.config, sample), expected)
+    sd_config = types.SimpleNamespace(shift_factor=None, scaling_factor=0.18215)
+    assert torch.allclose(latents_from_sample(sd_config, sample), sample * 0.18215)
+
+
+@pytest.mark.parametrize("adapter, force_zeros, shifted", [
+    (FluxAdapter, None, True), (SD3Adapter, True, False), (SD3Adapter, False, True)])
+def test_condition_latents_are_the_condition_in_minus_one_to_one_through_the_vae(adapter, force_zeros, shifted):
+    """As the ControlNet pipelines encode ``control_image``: [0, 1] -> [-1, 1], VAE sample, minus the
+    shift (SD3 ControlNets with force_zeros_for_pooled_projection skip it), times the scale."""
+    vae = tiny_vae().eval()
+    base = types.SimpleNamespace(vae=vae)
+    controlnet = types.SimpleNamespace(config=types.SimpleNamespace(force_zeros_for_pooled_projection=force_zeros))
+    condition = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = adapter().condition_latents(base, controlnet, condition, torch.Generator().manual_seed(5))
+        sample = vae.encode(condition * 2 - 1).latent_dist.sample(generator=torch.Generator().manual_seed(5))
+    shift = vae.config.shift_factor if shifted else 0.0
+    assert torch.allclose(got, (sample - shift) * vae.config.scaling_factor)
+
+
+def test_flux_packing_is_2x2_patches_channel_minor_and_unpacks_to_the_latents():
+    from diffusers import FluxPipeline
+
+    b, c, h, w = 2, 16, 6, 8
+    x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(0))
+    # token (i, j) holds the 2x2 patch at rows 2i..2i+1, cols 2j..2j+1, as channel-major (c, dy, dx)
+    expected = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    assert torch.equal(pack(x), expected)
+    assert torch.equal(pack(x)[0, 1], torch.stack([x[0, :, 0, 2], x[0, :, 0, 3], x[0, :, 1, 2], x[0, :, 1, 3]], 1).reshape(-1))
+    vae_scale = 8  # pixels per latent side
+    assert torch.equal(FluxPipeline._unpack_latents(pack(x), h * vae_scale, w * vae_scale, vae_scale), x)
