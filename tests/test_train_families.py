@@ -231,6 +231,10 @@ def test_controlnet_model_name_or_path_continues_the_exported_controlnet(straigh
 
     out = tmp_path / "continued"
     args = [a if a != str(straight_run["out"]) else str(out) for a in straight_run["args"]]
+    sizes = SIZE[straight_run["family"]]
+    start = args.index(sizes[0])
+    assert args[start:start + len(sizes)] == sizes
+    del args[start:start + len(sizes)]  # a loaded ControlNet has its own size (the flags are refused with it)
     args[args.index("--validation_steps") + 1] = "0"
     args[args.index("--max_train_steps") + 1] = "1"
     args[args.index("--learning_rate") + 1] = "0"  # a step that changes nothing: the export is the start
@@ -306,7 +310,10 @@ def test_union_trains_on_two_conditions_and_exports_the_mapping(stacked_manifest
     if family == "sdxl":
         controlnet = diffusers.ControlNetUnionModel.from_pretrained(out / "controlnet")
         assert controlnet.config.num_control_type == 6
-        assert '"canny": 0, "invert": 1' in (out / "README.md").read_text()
+        card = (out / "README.md").read_text()
+        assert '"canny": 0, "invert": 1' in card
+        assert "ControlNetUnionModel.from_pretrained" in card
+        assert "StableDiffusionXLControlNetUnionPipeline.from_pretrained" in card
     else:
         controlnet = diffusers.FluxControlNetModel.from_pretrained(out / "controlnet")
         assert controlnet.config.num_mode == 2
@@ -347,11 +354,14 @@ def test_flux_union_routes_each_example_to_one_condition_and_its_mode(tiny_flux)
         _, after = residuals(changed)
         moved = (after - first).flatten(1).abs().amax(1) > 0
         assert moved.tolist() == (modes == slot).tolist(), f"slot {slot}"
-    with torch.no_grad():
-        controlnet.controlnet_mode_embedder.weight[1] += 1.0
+    with torch.no_grad():  # a non-constant bump (a constant one is what LayerNorm removes)
+        embedding = controlnet.controlnet_mode_embedder.weight
+        embedding[1] += torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(11))
     _, after = residuals(cond)
-    moved = (after - first).flatten(1).abs().amax(1) > 0
-    assert moved.tolist() == (modes == 1).tolist()
+    change = (after - first).flatten(1).abs().amax(1)
+    # a random bump moves mode-1 residuals by ~1e-4 of their size; a constant one only by rounding (~1e-7)
+    assert bool((change[modes == 1] > 1e-5 * first.abs().amax()).all()), change
+    assert bool((change[modes == 0] == 0).all()), change
 
 
 def test_sdxl_union_routes_the_drawn_condition_slots(tiny_sdxl):
@@ -386,3 +396,284 @@ def test_sdxl_union_routes_the_drawn_condition_slots(tiny_sdxl):
             changed[:, 3 * slot:3 * slot + 3] = torch.rand(2, 3, 64, 64)
             moved = not torch.equal(residual(cond, seed), residual(changed, seed))
             assert moved == (slot in chosen), (chosen, slot)
+
+
+# --- set-up checks: sizes, resolutions, guidance, other families' ControlNets, set-up errors ------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_controlnet_num_layers_beyond_the_base_is_capped_with_a_log_line(family, request, caplog):
+    """SD3's last block is context_pre_only (it cannot be copied): the cap is depth - 1; Flux's is its depth."""
+    from train.models import make_controlnet
+
+    base = load_family_base(request.getfixturevalue(f"tiny_{family}"), family)
+    with caplog.at_level("INFO", logger="train"):
+        controlnet = make_controlnet(base, 3, None, 9, 9 if family == "flux" else None)
+    depth = base.transformer.config.num_layers - (1 if family == "sd3" else 0)
+    assert controlnet.config.num_layers == depth
+    assert f"--controlnet_num_layers 9 capped at {depth}" in caplog.text
+    if family == "flux":
+        assert controlnet.config.num_single_layers == base.transformer.config.num_single_layers
+        assert "--controlnet_num_single_layers 9 capped at 1" in caplog.text
+
+
+def write_config(folder, config: dict):
+    """A folder holding only a config.json (the checks read it before any weights load)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(("fixture", "extra", "message"), [
+    ("tiny_sd3", ["--resolution", "72"], "SD3/3.5 needs a multiple of 16"),
+    ("tiny_flux", ["--resolution", "72"], "Flux.1 needs a multiple of 16"),
+    ("tiny_sd3", ["--resolution", "528"], "position embedding reaches 32 patches (512 px)"),
+    ("tiny_sd3", ["--guidance_scale", "2"], "SD3/3.5 has none"),
+    ("tiny_sd", ["--guidance_scale", "2"], "SD 1.x/2.x has none"),
+    ("tiny_flux", ["--guidance_scale", "nan"], "give a finite value"),
+    ("tiny_flux", ["--guidance_scale", "-1"], "give a finite value"),
+    ("tiny_sd", ["--condition", "canny,canny"], "names canny more than once"),
+    ("tiny_sdxl", ["--union", "--condition", "canny,canny"], "names canny more than once"),
+    ("tiny_flux", ["--controlnet_model_name_or_path", "x", "--controlnet_num_layers", "2"],
+     "--controlnet_model_name_or_path loads one with its own size: drop --controlnet_num_layers"),
+])
+def test_flags_a_family_cannot_take_fail_before_any_model_loads(demo_manifest, tmp_path, capsys, request, fixture,
+                                                                 extra, message):
+    from train.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(train_args(demo_manifest, request.getfixturevalue(fixture), tmp_path, "", *extra))
+    assert message in capsys.readouterr().err
+
+
+def test_guidance_scale_is_refused_on_a_flux_base_without_guidance_embeds(demo_manifest, tmp_path, capsys):
+    from train.train import parse_args
+
+    schnell = tmp_path / "schnell"
+    write_config(schnell / "transformer", {"_class_name": "FluxTransformer2DModel", "guidance_embeds": False})
+    assert parse_args(train_args(demo_manifest, schnell, tmp_path, "")).guidance_scale is None
+    with pytest.raises(SystemExit):
+        parse_args(train_args(demo_manifest, schnell, tmp_path, "", "--guidance_scale", "3.5"))
+    assert "no guidance_embeds" in capsys.readouterr().err
+
+
+def test_resolution_and_guidance_are_checked_again_once_a_hub_base_loads(tiny_sd3):
+    """A hub id's family is known only once it loads: set_up checks the loaded transformer's config."""
+    from train.config import SetupError, TrainConfig
+    from train.loop import check_family_flags
+
+    base = load_family_base(tiny_sd3, "sd3")
+    for extra, message in (({"resolution": 528}, "position embedding"), ({"guidance_scale": 2.0}, "has none")):
+        config = TrainConfig(manifest="m", condition=("canny",), pretrained_model_name_or_path="org/sd3", **extra)
+        with pytest.raises(SetupError, match=message):
+            check_family_flags(config, base)
+    check_family_flags(TrainConfig(manifest="m", condition=("canny",), pretrained_model_name_or_path="org/sd3",
+                                   resolution=512), base)
+
+
+@pytest.mark.parametrize(("fixture", "config", "union", "message"), [
+    ("tiny_flux", {"_class_name": "ControlNetModel"}, False,
+     "is a ControlNetModel (SD 1.x/2.x ControlNet); this run's base is Flux.1: pass a FluxControlNetModel folder"),
+    ("tiny_flux", {"_class_name": "SD3ControlNetModel"}, False, "(SD3/3.5 ControlNet); this run's base is Flux.1"),
+    ("tiny_sd", {"_class_name": "FluxControlNetModel"}, False, "this run's base is SD 1.x/2.x: pass a ControlNetModel"),
+    ("tiny_sd", {"_class_name": "ControlNetModel", "addition_embed_type": "text_time"}, False, "(SDXL ControlNet)"),
+    ("tiny_sdxl", {"_class_name": "ControlNetModel", "addition_embed_type": "text_time"}, True,
+     "this --union run's base is SDXL: pass a ControlNetUnionModel folder"),
+    ("tiny_sd3", {"_class_name": "FluxControlNetModel"}, False, "pass a SD3ControlNetModel folder"),
+])
+def test_a_controlnet_of_another_family_is_refused_before_it_loads(stacked_manifest, tmp_path, capsys, request,
+                                                                   fixture, config, union, message):
+    from train.train import parse_args
+
+    folder = write_config(tmp_path / "other" / "controlnet", config).parent  # a run's output folder layout
+    extra = ["--union"] if union else []
+    with pytest.raises(SystemExit):
+        parse_args(train_args(stacked_manifest, request.getfixturevalue(fixture), tmp_path, "", *extra,
+                              "--controlnet_model_name_or_path", str(folder),
+                              condition="canny,invert" if union else "canny"))
+    err = capsys.readouterr().err
+    assert message in err and "or leave --controlnet_model_name_or_path out" in err
+
+
+def test_a_controlnet_of_another_family_is_refused_after_a_hub_base_loads(tiny_flux, tmp_path):
+    from train.config import SetupError
+    from train.models import make_controlnet
+
+    base = load_family_base(tiny_flux, "flux")
+    folder = write_config(tmp_path / "sd", {"_class_name": "ControlNetModel"})
+    with pytest.raises(SetupError, match="is a ControlNetModel"):
+        make_controlnet(base, 3, str(folder))
+
+
+def run_main(args, capsys) -> tuple[int, list[str]]:
+    """main's exit code and its ``error:`` lines on stderr (returning, not raising, means no traceback)."""
+    from train.train import main
+
+    code = main(args)
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_a_base_folder_without_its_transformer_is_one_line_and_exit_2(demo_manifest, tiny_flux, tmp_path, capsys):
+    broken = tmp_path / "flux"
+    shutil.copytree(tiny_flux, broken, ignore=shutil.ignore_patterns("transformer"))
+    code, errors = run_main(train_args(demo_manifest, broken, tmp_path / "out", "flux"), capsys)
+    assert code == 2
+    assert errors == [f"error: {broken}: no transformer/ folder (a Flux/SD3 base needs transformer/, vae/, "
+                      "text_encoder*/, tokenizer*/, scheduler/)"]
+
+
+def test_a_missing_local_base_is_one_line_and_exit_2(demo_manifest, tmp_path, capsys):
+    code, errors = run_main(train_args(demo_manifest, tmp_path / "no" / "base", tmp_path / "out", ""), capsys)
+    assert code == 2 and len(errors) == 1 and "no such folder" in errors[0]
+
+
+def test_a_num_mode_mismatch_is_one_line_and_exit_2(stacked_manifest, tiny_flux, tmp_path, capsys):
+    from train.models import make_controlnet
+
+    plain = make_controlnet(load_family_base(tiny_flux, "flux"), 3, None, 1, 1)  # no num_mode
+    plain.save_pretrained(tmp_path / "plain")
+    code, errors = run_main(train_args(stacked_manifest, tiny_flux, tmp_path / "out", "", "--union",
+                                       "--controlnet_model_name_or_path", str(tmp_path / "plain"),
+                                       condition="canny,invert"), capsys)
+    assert code == 2 and len(errors) == 1 and "has num_mode None; this run needs 2" in errors[0]
+
+
+def test_an_error_inside_a_training_step_is_not_taken_for_a_set_up_problem(demo_manifest, tiny_sd3, tmp_path,
+                                                                            monkeypatch):
+    from train.train import main
+    from train.transformer_families import SD3Adapter
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the loss")
+
+    monkeypatch.setattr(SD3Adapter, "loss", broken)
+    with pytest.raises(ValueError, match="a bug in the loss"):
+        main(train_args(demo_manifest, tiny_sd3, tmp_path / "out", "sd3", "--max_train_steps", "1",
+                        "--validation_steps", "0"))
+
+
+def test_the_sdxl_union_card_names_the_union_pipeline():
+    from train.export import model_card
+    from train.models import FamilyOptions, SDXLAdapter
+
+    adapter = SDXLAdapter()
+    union = type("Base", (), {"options": FamilyOptions(("canny", "invert"), True)})()
+    plain = type("Base", (), {"options": FamilyOptions(("canny",), False)})()
+    assert adapter.card_pipeline_class(union) == "StableDiffusionXLControlNetUnionPipeline"
+    assert adapter.card_pipeline_class(plain) == "StableDiffusionXLControlNetPipeline"
+    card = model_card({"base_model": "b", "manifest": "m", "manifest_fingerprint": "f", "conditions": ["canny"],
+                       "provenance": [], "args": {}, "figures": {}, "controlnet_class": "ControlNetUnionModel",
+                       "pipeline_class": adapter.card_pipeline_class(union)})
+    assert "ControlNetUnionModel.from_pretrained" in card
+    assert "StableDiffusionXLControlNetUnionPipeline.from_pretrained" in card
+
+
+# --- the ControlNet's inputs and outputs reach where they should -----------------------------------
+
+
+def steered_prediction(family: str, base, controlnet, condition: torch.Tensor, seed: int = 3) -> torch.Tensor:
+    """The base's prediction with ``controlnet``'s residuals for ``condition`` (fixed latents and prompts)."""
+    torch.manual_seed(0)
+    noisy, sigmas = torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.7])
+    hidden, added = base.family.encode_prompts(base, ["a red circle", "a"], torch.device("cpu"))
+    with torch.no_grad():
+        control = base.family.control_inputs(base, controlnet, condition, torch.Generator().manual_seed(seed))
+        return base.family.predict(controlnet, base, noisy, sigmas, hidden, added, control)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_controlnet_reads_the_condition(family, request):
+    """With non-zero weights, another condition image gives another prediction (SD3, non-union Flux)."""
+    from train.models import make_controlnet
+
+    base = load_family_base(request.getfixturevalue(f"tiny_{family}"), family)
+    controlnet = make_controlnet(base, 3, None, 1, 1 if family == "flux" else None).eval()
+    perturb(controlnet)
+    g = torch.Generator().manual_seed(1)
+    first, second = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    a, b = steered_prediction(family, base, controlnet, first), steered_prediction(family, base, controlnet, second)
+    assert torch.equal(a, steered_prediction(family, base, controlnet, first))
+    assert (a - b).abs().amax() > 1e-3 * a.abs().amax()
+
+
+def test_flux_single_block_residuals_reach_the_base(tiny_flux):
+    from train.models import make_controlnet
+
+    base = load_family_base(tiny_flux, "flux")
+    controlnet = make_controlnet(base, 3, None, 1, 1).eval()
+    perturb(controlnet)
+    condition = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    before = steered_prediction("flux", base, controlnet, condition)
+    perturb(controlnet.controlnet_single_blocks, seed=5)
+    after = steered_prediction("flux", base, controlnet, condition)
+    assert (after - before).abs().amax() > 1e-3 * before.abs().amax()
+
+
+@pytest.mark.parametrize("force_zeros", (True, False))
+def test_sd3_pooled_projections_are_zeros_for_controlnets_that_force_them(tiny_sd3, force_zeros):
+    """As StableDiffusion3ControlNetPipeline: a ControlNet with force_zeros_for_pooled_projection gets zero
+    pooled projections; the base always gets the real ones."""
+    from train.models import make_controlnet
+
+    base = load_family_base(tiny_sd3, "sd3")
+    controlnet = make_controlnet(base, 3, None, 1).eval()
+    controlnet.register_to_config(force_zeros_for_pooled_projection=force_zeros)
+    seen = {}
+    real_forward = controlnet.forward
+
+    def spy(*args, **kwargs):
+        seen["controlnet"] = kwargs["pooled_projections"].clone()
+        return real_forward(*args, **kwargs)
+
+    def base_spy(module, args, kwargs):
+        seen["base"] = kwargs["pooled_projections"].clone()
+
+    controlnet.forward = spy
+    handle = base.transformer.register_forward_pre_hook(base_spy, with_kwargs=True)
+    try:
+        steered_prediction("sd3", base, controlnet, torch.rand(2, 3, 64, 64))
+    finally:
+        handle.remove()
+    _, added = base.family.encode_prompts(base, ["a red circle", "a"], torch.device("cpu"))
+    assert torch.equal(seen["base"], added["pooled_projections"]) and seen["base"].abs().sum() > 0
+    assert torch.equal(seen["controlnet"], torch.zeros_like(seen["base"]) if force_zeros else seen["base"])
+
+
+def test_with_ema_validation_samples_the_ema_weights_and_restores_the_trained_ones(demo_manifest, tiny_sd3, tmp_path,
+                                                                                  monkeypatch):
+    """Inside each validation the ControlNet's forward runs with the EMA's weights; after it, the trained
+    weights are back (the next steps train those, not the average)."""
+    from diffusers import SD3ControlNetModel
+
+    from train import loop
+    from train.train import main
+
+    checks, inside = [], []
+    real_validation, real_forward = loop.run_validation, SD3ControlNetModel.forward
+
+    def forward(self, *args, **kwargs):
+        if inside and inside[-1] is None:
+            inside[-1] = [p.detach().clone() for p in self.parameters()]
+        return real_forward(self, *args, **kwargs)
+
+    def validation(config, base, controlnet, ema, *args, **kwargs):
+        trained = [p.detach().clone() for p in controlnet.parameters()]
+        shadow = [p.detach().clone() for p in ema.shadow_params] if ema is not None else trained
+        inside.append(None)
+        try:
+            return real_validation(config, base, controlnet, ema, *args, **kwargs)
+        finally:
+            sampled, after = inside.pop(), list(controlnet.parameters())
+            checks.append({"ema": ema is not None, "sampled_ema": all(map(torch.equal, sampled, shadow)),
+                           "restored": all(torch.equal(a, b) for a, b in zip(after, trained)),
+                           "ema_differs": any(not torch.equal(a, b) for a, b in zip(shadow, trained))})
+
+    monkeypatch.setattr(SD3ControlNetModel, "forward", forward)
+    monkeypatch.setattr(loop, "run_validation", validation)
+    # validation at step 2: the EMA's first update copies the weights (decay 0), its second averages them
+    assert main(train_args(demo_manifest, tiny_sd3, tmp_path / "ema", "sd3", "--use_ema", "--max_train_steps", "2",
+                           "--validation_steps", "2", "--num_validation_rows", "1", "--num_validation_images", "1",
+                           "--checkpointing_steps", "10")) == 0
+    assert [c["ema"] for c in checks] == [True, False]  # at step 2 (EMA swapped in), then the final weights
+    assert checks[0] == {"ema": True, "sampled_ema": True, "restored": True, "ema_differs": True}
+    assert checks[1]["sampled_ema"] and checks[1]["restored"]

@@ -69,3 +69,41 @@ def test_flux_packing_is_2x2_patches_channel_minor_and_unpacks_to_the_latents():
     assert torch.equal(pack(x)[0, 1], torch.stack([x[0, :, 0, 2], x[0, :, 0, 3], x[0, :, 1, 2], x[0, :, 1, 3]], 1).reshape(-1))
     vae_scale = 8  # pixels per latent side
     assert torch.equal(FluxPipeline._unpack_latents(pack(x), h * vae_scale, w * vae_scale, vae_scale), x)
+
+
+
+class LatentPipe:
+    """A pipeline stand-in that returns fixed latents for ``output_type="latent"`` (packing left out)."""
+
+    vae_scale_factor = 8
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+        self.image_processor = types.SimpleNamespace(postprocess=lambda images, output_type: list(images))
+
+    def __call__(self, **kwargs):
+        assert kwargs["output_type"] == "latent"
+        return types.SimpleNamespace(images=self.latents)
+
+    def _unpack_latents(self, latents, height, width, scale):
+        return latents
+
+
+@pytest.mark.parametrize("adapter", (SD3Adapter, FluxAdapter))
+def test_validation_decodes_the_pipelines_latents_unscaled_then_unshifted(adapter, monkeypatch):
+    """``output_type="latent"`` gives the denoiser's latents: the VAE decodes ``latents / scale + shift``."""
+    from train.models import FamilyOptions
+
+    vae = tiny_vae().eval()
+    latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def decode(z, return_dict=False):
+        seen["z"] = z.clone()
+        return (torch.zeros(z.shape[0], 3, 32, 32),)
+
+    monkeypatch.setattr(vae, "decode", decode)
+    base = types.SimpleNamespace(vae=vae, options=FamilyOptions())
+    images = adapter().sample(LatentPipe(latents), base, torch.rand(1, 3, 32, 32), "a", 2, torch.Generator(), 2)
+    assert len(images) == 2
+    assert torch.allclose(seen["z"], latents / vae.config.scaling_factor + vae.config.shift_factor)

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import os
 import textwrap
 from typing import Any
@@ -25,8 +26,32 @@ FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/3.5", "flux": "F
 UNION_FAMILIES = ("sdxl", "flux")
 """Families with a union ControlNet in diffusers: ControlNetUnionModel (SDXL), FluxControlNetModel(num_mode)."""
 SDXL_CONTROL_TYPES = 6  # ControlNetUnionModel.from_unet builds num_control_type=6 slots
+FLOW_FAMILIES = ("sd3", "flux")
+VAE_SCALE = 8
+"""Pixels per latent side of the SD3/Flux VAEs."""
+DEFAULT_GUIDANCE = 3.5
+"""Flux.1-dev's distilled guidance during training when ``--guidance_scale`` is not given."""
+BASE_FOLDERS = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+            "tokenizer_3", "scheduler"),
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
+"""The subfolders each family's base loads from."""
+FOLDER_HINT = {
+    "sd": "an SD 1.x/2.x base needs unet/, vae/, text_encoder/, tokenizer/, scheduler/",
+    "sdxl": "an SDXL base needs unet/, vae/, text_encoder*/, tokenizer*/, scheduler/",
+    "sd3": "a Flux/SD3 base needs transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/",
+    "flux": "a Flux/SD3 base needs transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/",
+}
 HANDED_CONDITIONS = ("openpose", "mediapipe_pose", "mediapipe_face")
 """Conditions whose maps tell left from right by colour (OpenPose limb colours, face-mesh eyes)."""
+
+
+class SetupError(ValueError):
+    """A run cannot be set up (base, ControlNet or flags that only loading shows wrong): ``train.py`` prints
+    the message as one line and exits with 2. Raised before the first training step, never inside one."""
 
 
 @dataclasses.dataclass
@@ -49,9 +74,11 @@ class TrainConfig:
     output_dir: str = "runs/controlnet"
     """Where checkpoints, validation grids, logs and the exported ControlNet are written."""
     controlnet_model_name_or_path: str | None = None
-    """Continue from this ControlNet (diffusers folder) instead of initialising one from the UNet."""
+    """Continue from this ControlNet (diffusers folder of the base's family) instead of initialising one from
+    the base; its size is its own (leave ``controlnet_num_layers``/``controlnet_num_single_layers`` out)."""
     resolution: int = 512
-    """Training crop size in pixels; a multiple of 8."""
+    """Training crop size in pixels; a multiple of 8 (SD3/Flux: of 16, and SD3 at most its position
+    embedding's reach, 8 x patch size x pos_embed_max_size)."""
     train_batch_size: int = 4
     """Examples per process per micro-batch."""
     gradient_accumulation_steps: int = 1
@@ -127,11 +154,14 @@ class TrainConfig:
     condition per example); the condition -> index mapping is written to the model card."""
     controlnet_num_layers: int | None = None
     """Transformer blocks in an SD3/Flux ControlNet (copied from the base's first blocks); None: diffusers'
-    default (SD3 12, Flux 4), capped at the base's depth."""
+    default (SD3 12, Flux 4), capped (with a log line) at the base's depth (SD3: depth - 1, its last block
+    being context-only)."""
     controlnet_num_single_layers: int | None = None
-    """Flux only: single-stream blocks in the ControlNet; None: diffusers' default 10, capped at the base's."""
-    guidance_scale: float = 3.5
-    """Flux.1-dev's distilled guidance input during training (bases whose config has ``guidance_embeds``)."""
+    """Flux only: single-stream blocks in the ControlNet; None: diffusers' default 10, capped (with a log
+    line) at the base's."""
+    guidance_scale: float | None = None
+    """Flux.1-dev's distilled guidance input during training; only for bases whose transformer config has
+    ``guidance_embeds`` (refused on others); None: 3.5 on such a base."""
     max_sequence_length: int | None = None
     """T5 tokens per prompt (SD3/Flux); None: the pipeline's default (SD3 256, Flux 512)."""
     cache_latents: bool = False
@@ -142,6 +172,9 @@ class TrainConfig:
         self.condition = tuple(self.condition)
         if not self.condition:
             raise ValueError("--condition: name at least one annotator column, e.g. --condition canny")
+        repeated = sorted({c for c in self.condition if self.condition.count(c) > 1})
+        if repeated:
+            raise ValueError(f"--condition names {', '.join(repeated)} more than once; name each condition once")
         if self.resolution % 8 or self.resolution < 8:
             raise ValueError(f"--resolution {self.resolution} is not divisible by 8; use e.g. 512 or 768")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -173,8 +206,18 @@ class TrainConfig:
         for key in ("controlnet_num_layers", "controlnet_num_single_layers", "max_sequence_length"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1")
-        family = local_family(self.pretrained_model_name_or_path)  # a hub id's is checked once it loads
-        problem = family and family_flag_problem(self, family)
+        if self.controlnet_model_name_or_path:
+            sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers") if getattr(self, k)]
+            if sized:
+                raise ValueError(f"--{sized[0]} sizes a new ControlNet; --controlnet_model_name_or_path loads one "
+                                 f"with its own size: drop --{sized[0]}")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"--guidance_scale {self.guidance_scale}: give a finite value of 0 or more (Flux.1-dev "
+                             "trains at 3.5), or leave it out")
+        path = self.pretrained_model_name_or_path
+        family = local_family(path)  # a hub id's is checked once it loads
+        problem = family and (family_flag_problem(self, family, _base_json(path, "transformer/config.json"))
+                              or controlnet_family_problem(self.controlnet_model_name_or_path, family, self.union))
         if problem:
             raise ValueError(problem)
         handed = [c for c in self.condition if c in HANDED_CONDITIONS]
@@ -190,9 +233,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def family_flag_problem(config: TrainConfig, family: str) -> str | None:
-    """What is wrong with the flags for this model family (a message saying what to do), or None."""
+def family_flag_problem(config: TrainConfig, family: str, transformer: dict | None = None) -> str | None:
+    """What is wrong with the flags for this model family (a message saying what to do), or None;
+    ``transformer``: the base's transformer config (SD3/Flux), for the checks that need it."""
     label = FAMILY_NAMES[family]
+    problem = resolution_problem(config.resolution, family, transformer) or guidance_problem(config, family,
+                                                                                             transformer)
+    if problem:
+        return problem
     if config.union and family not in UNION_FAMILIES:
         return (f"--union: diffusers has no union ControlNet for {label} (only SDXL and Flux.1); drop --union to "
                 + ("stack the conditions as channels" if family in ("sd", "sdxl") else "train one condition"))
@@ -210,6 +258,83 @@ def family_flag_problem(config: TrainConfig, family: str) -> str | None:
                 "conditions cannot be stacked as channels: name one condition"
                 + (", or add --union" if family in UNION_FAMILIES else ""))
     return None
+
+
+def resolution_problem(resolution: int, family: str, transformer: dict | None) -> str | None:
+    """Why ``resolution`` does not fit an SD3/Flux base (None when it does): Flux packs 2x2 latent patches and
+    SD3 patches latents by ``patch_size``, within a position embedding of ``pos_embed_max_size`` patches."""
+    if family not in FLOW_FAMILIES:
+        return None
+    patch = int((transformer or {}).get("patch_size") or 2) if family == "sd3" else 2
+    step = VAE_SCALE * patch
+    if resolution % step:
+        return (f"--resolution {resolution}: {FAMILY_NAMES[family]} needs a multiple of {step} (latents of /8 in "
+                f"{patch}x{patch} patches); use e.g. {max(step, resolution // step * step)}")
+    reach = (transformer or {}).get("pos_embed_max_size") if family == "sd3" else None
+    if reach and resolution // step > reach:
+        return (f"--resolution {resolution}: this SD3 base's position embedding reaches {reach} patches "
+                f"({reach * step} px); use --resolution {reach * step} or less")
+    return None
+
+
+def guidance_problem(config: TrainConfig, family: str, transformer: dict | None) -> str | None:
+    """Why ``--guidance_scale`` does not apply (None when it does, or was not given): only Flux bases with
+    ``guidance_embeds`` (Flux.1-dev) read a guidance input."""
+    if config.guidance_scale is None:
+        return None
+    if family != "flux":
+        return f"--guidance_scale is Flux.1-dev's guidance input; {FAMILY_NAMES[family]} has none: drop it"
+    if transformer is not None and not transformer.get("guidance_embeds"):
+        return ("--guidance_scale: this Flux base has no guidance_embeds (a Flux.1-schnell-like model reads no "
+                "guidance input): drop it")
+    return None
+
+
+CONTROLNET_FAMILIES = {"ControlNetModel": ("sd", "sdxl"), "ControlNetUnionModel": ("sdxl",),
+                       "SD3ControlNetModel": ("sd3",), "FluxControlNetModel": ("flux",)}
+"""ControlNet class (config.json ``_class_name``) -> the families whose bases it steers."""
+
+
+def controlnet_family_problem(path: str | None, family: str, union: bool) -> str | None:
+    """Why the ControlNet folder at ``path`` cannot continue on this base (None when it can, or when its
+    config cannot be read here: a hub id offline is left to the loader). Read before any weights load."""
+    if not path:
+        return None
+    config = controlnet_json(path)
+    if config is None:
+        return None
+    kind = config.get("_class_name", "")
+    own = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    families = (own,) if kind == "ControlNetModel" else CONTROLNET_FAMILIES.get(kind, ())
+    what = ", ".join(FAMILY_NAMES[f] for f in families) or "no family this trainer knows"
+    wanted = {"sd": "ControlNetModel", "sdxl": "ControlNetUnionModel" if union else "ControlNetModel",
+              "sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel"}[family]
+    if family in families and kind == wanted:  # a Flux ControlNet's num_mode is checked when it loads
+        return None
+    return (f"{path} is a {kind or 'ControlNet of unknown class'} ({what} ControlNet); this "
+            f"{'--union ' if union else ''}run's base is {FAMILY_NAMES[family]}: pass a {wanted} folder "
+            "or leave --controlnet_model_name_or_path out")
+
+
+def controlnet_json(path: str) -> dict | None:
+    """The config.json of a ControlNet folder (or of its controlnet/ subfolder), None when not local."""
+    for name in ("config.json", "controlnet/config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                return json.load(f)
+    return None
+
+
+def base_folder_problem(path: str, family: str) -> str | None:
+    """A local base folder's missing subfolders (a message saying what it needs), or None."""
+    if not os.path.isdir(path):
+        return None
+    missing = [d for d in BASE_FOLDERS[family] if not os.path.isdir(os.path.join(path, d))]
+    if not missing:
+        return None
+    folders = "folder" if len(missing) == 1 else "folders"
+    return f"{path}: no {', '.join(d + '/' for d in missing)} {folders} ({FOLDER_HINT[family]})"
 
 
 def local_family(path: str) -> str | None:
@@ -232,7 +357,7 @@ def detect_family(path: str) -> str:
         for prefix, name in (("SD3", "sd3"), ("Flux", "flux")):
             if kind.startswith(prefix):
                 return name
-        raise ValueError(f"{path}: transformer {kind!r} is not a supported family (SD3/3.5 or Flux.1)")
+        raise SetupError(f"{path}: transformer {kind!r} is not a supported family (SD3/3.5 or Flux.1)")
     unet = _base_json(path, "unet/config.json")
     if unet:
         return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
@@ -241,13 +366,16 @@ def detect_family(path: str) -> str:
                          ("StableDiffusion", "sd")):
         if pipeline.startswith(prefix):
             return name
-    raise ValueError(f"{path}: no unet/ or transformer/ config and no known model_index.json pipeline; "
+    if not os.path.isdir(path):
+        raise SetupError(f"{path}: no such folder, and no diffusers base of that hub id could be read; pass a "
+                         "local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1 (or a reachable hub id)")
+    raise SetupError(f"{path}: no unet/ or transformer/ config and no known model_index.json pipeline; "
                      "expected a diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1")
 
 
 def _base_json(path: str, name: str) -> dict | None:
     """A JSON file of the base: read locally, else fetched from the hub (None when absent)."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or looks_local(path):
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             return None
@@ -261,6 +389,12 @@ def _base_json(path: str, name: str) -> dict | None:
             return None
     with open(file) as f:
         return json.load(f)
+
+
+def looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id (``name`` or ``owner/name``): absolute, relative with ``.``/``~``,
+    or with more than one ``/``; such a path that does not exist is never looked up on the hub."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from train import checkpoints
-from train.config import TrainConfig, family_flag_problem
+from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
 from train.data import ManifestDataset, RankSampler, collate, load_rows
 from train.export import export
 from train.models import BaseModels, FamilyOptions, latents_from_sample, load_base, make_controlnet
@@ -120,10 +120,9 @@ def set_up(config: TrainConfig) -> Run:
              weight_dtype)
 
     base = load_base(config.pretrained_model_name_or_path, config.resolution)
-    problem = family_flag_problem(config, base.family.name)  # a hub id's family is known only now
-    if problem:
-        raise ValueError(problem)
-    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, config.guidance_scale)
+    check_family_flags(config, base)
+    guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
+    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance)
     base.place(device, weight_dtype)
     with accelerator.local_main_process_first():  # one process per machine builds the row cache
         train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config),
@@ -139,7 +138,7 @@ def set_up(config: TrainConfig) -> Run:
     sampler = RankSampler(len(dataset), accelerator.process_index, accelerator.num_processes, seed,
                           config.train_batch_size, config.gradient_accumulation_steps)
     if sampler.batches_per_epoch() == 0:
-        raise ValueError(f"{len(dataset)} training rows cannot fill {config.gradient_accumulation_steps} batch(es) "
+        raise SetupError(f"{len(dataset)} training rows cannot fill {config.gradient_accumulation_steps} batch(es) "
                          f"of {config.train_batch_size} on each of {accelerator.num_processes} processes; lower "
                          "--train_batch_size or --gradient_accumulation_steps")
     cache = make_cache(config, accelerator, base, dataset, weight_dtype) if config.cache_latents else None
@@ -158,6 +157,15 @@ def set_up(config: TrainConfig) -> Run:
     if config.resume_from_checkpoint:
         resume(run)
     return run
+
+
+def check_family_flags(config: TrainConfig, base: BaseModels) -> None:
+    """The family checks ``TrainConfig`` makes for a local base, again once the base is loaded (a hub id's
+    family, transformer config and so resolution and guidance limits are known only now)."""
+    transformer = dict(base.transformer.config) if base.transformer is not None else None
+    problem = family_flag_problem(config, base.family.name, transformer)
+    if problem:
+        raise SetupError(problem)
 
 
 def make_accelerator(config: TrainConfig):
@@ -373,7 +381,7 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
                            scorer=run.scorer)
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
-            "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.pipeline_class,
+            "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
             **run.base.family.card_extra(run.base),
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
             "provenance": summary.get("annotators", []), "args": config.to_dict(), "figures": figures,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from train.config import detect_family
+from train.config import FAMILY_NAMES, SetupError, base_folder_problem, detect_family
 
 
 @dataclasses.dataclass
@@ -27,6 +27,7 @@ class FamilyOptions:
     union: bool = False
     max_sequence_length: int | None = None
     guidance_scale: float = 3.5
+    """Flux.1-dev's guidance input (``--guidance_scale``, else ``DEFAULT_GUIDANCE``)."""
 
 
 @dataclasses.dataclass
@@ -115,7 +116,7 @@ class FamilyAdapter:
             cls = ControlNetUnionModel if union else ControlNetModel
             controlnet = cls.from_pretrained(path, subfolder=controlnet_subfolder(path))
             if not union and controlnet.config.conditioning_channels != conditioning_channels:
-                raise ValueError(f"{path} takes {controlnet.config.conditioning_channels} condition channels; "
+                raise SetupError(f"{path} takes {controlnet.config.conditioning_channels} condition channels; "
                                  f"the chosen conditions have {conditioning_channels}")
             return controlnet
         if union:  # one 3-channel condition per slot; the control-type mask says which slots are given
@@ -135,6 +136,10 @@ class FamilyAdapter:
                                            controlnet_config(controlnet).num_control_type)
         return controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise, timesteps,
                                added, extra)
+
+    def card_pipeline_class(self, base: BaseModels) -> str:
+        """The diffusers pipeline the model card tells users to load the ControlNet in."""
+        return self.pipeline_class
 
     def card_extra(self, base: BaseModels) -> dict:
         """What the model card records beyond the shared fields (union slot mapping)."""
@@ -202,7 +207,11 @@ class SDXLAdapter(FamilyAdapter):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLControlNetPipeline"
     union_class = "ControlNetUnionModel"
+    union_pipeline_class = "StableDiffusionXLControlNetUnionPipeline"
     samples_in_place = True  # an SDXL ControlNet is about 1.2B weights: validation does not copy it
+
+    def card_pipeline_class(self, base: BaseModels) -> str:
+        return self.union_pipeline_class if base.options.union else self.pipeline_class
 
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         states, pooled = [], None
@@ -347,14 +356,31 @@ FAMILIES: dict[str, Any] = {
 
 
 def load_base(path: str, resolution: int) -> BaseModels:
-    """The frozen base of whichever family ``path`` holds (read from its model_index.json / subfolders)."""
-    return FAMILIES[detect_family(path)](resolution).load(path)
+    """The frozen base of whichever family ``path`` holds (read from its model_index.json / subfolders);
+    a folder missing a part, or one that does not load, is a ``SetupError`` saying what is wrong."""
+    family = detect_family(path)
+    problem = base_folder_problem(path, family)
+    if problem:
+        raise SetupError(problem)
+    try:
+        return FAMILIES[family](resolution).load(path)
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"{path}: cannot load it as a {FAMILY_NAMES[family]} base: {exc}") from exc
 
 
 def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | None = None,
                     num_layers: int | None = None, num_single_layers: int | None = None) -> torch.nn.Module:
-    """The family's ControlNet: initialised from the base (zero-initialised outputs), or loaded to continue."""
-    controlnet = base.family.make_controlnet(base, conditioning_channels, path, num_layers, num_single_layers)
+    """The family's ControlNet: initialised from the base (zero-initialised outputs), or loaded to continue
+    (a folder of another family, or one that does not load, is a ``SetupError``)."""
+    from train.config import controlnet_family_problem
+
+    problem = controlnet_family_problem(path, base.family.name, base.options.union)
+    if problem:
+        raise SetupError(problem)
+    try:
+        controlnet = base.family.make_controlnet(base, conditioning_channels, path, num_layers, num_single_layers)
+    except OSError as exc:  # from_pretrained: no such folder or hub id, no weights
+        raise SetupError(f"--controlnet_model_name_or_path {path}: cannot load it: {exc}") from exc
     controlnet.train()
     return controlnet
 

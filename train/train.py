@@ -24,7 +24,7 @@ import logging
 import typing
 from typing import Sequence
 
-from train.config import TrainConfig, differences_from_diffusers, field_docs
+from train.config import SetupError, TrainConfig, differences_from_diffusers, field_docs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = train(config, summary)
-    except BadShard as exc:  # a shard broken past its footer is found only when its rows are read
-        print(f"error: {exc}", file=sys.stderr)
+    # SetupError: the base, the ControlNet or a flag only loading shows wrong, before the first step;
+    # BadShard: a shard broken past its footer is found only when its rows are read
+    except (SetupError, BadShard) as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     if "exported" in result:
         print(json.dumps(result, indent=2, default=str))

@@ -10,12 +10,17 @@ image/text position ids and (Flux.1-dev) a guidance input.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
+from train.config import FAMILY_NAMES, SetupError
+
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
 from train.models import BaseModels, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze
+
+log = logging.getLogger("train")
 
 
 class FlowAdapter(FamilyAdapter):
@@ -81,8 +86,15 @@ class FlowAdapter(FamilyAdapter):
 
     # --- the ControlNet and its loss ---------------------------------------------------------
 
-    def layers(self, wanted: int | None, default: int, available: int) -> int:
-        return min(wanted if wanted is not None else default, available)
+    def layers(self, wanted: int | None, default: int, available: int, what: str = "controlnet_num_layers") -> int:
+        """``wanted`` blocks (None: ``default``), capped at the ``available`` ones with a log line saying so."""
+        chosen = wanted if wanted is not None else default
+        if available < 1:
+            raise SetupError(f"--{what}: this {FAMILY_NAMES[self.name]} base has no block a ControlNet can copy")
+        if chosen > available:
+            log.info("--%s %d capped at %d: the most this %s base allows", what, chosen, available,
+                     FAMILY_NAMES[self.name])
+        return min(chosen, available)
 
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -157,7 +169,8 @@ class SD3Adapter(FlowAdapter):
 
         if path:
             return SD3ControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path))
-        layers = self.layers(num_layers, self.default_layers, base.transformer.config.num_layers)
+        # the base's last block is context_pre_only (it outputs no text stream): a ControlNet cannot copy it
+        layers = self.layers(num_layers, self.default_layers, base.transformer.config.num_layers - 1)
         # from_transformer writes num_layers into the config it is given: hand it a copy, not the base's
         view = TransformerView(base.transformer, {})
         return SD3ControlNetModel.from_transformer(view, num_layers=layers, num_extra_conditioning_channels=0)
@@ -218,7 +231,7 @@ class FluxAdapter(FlowAdapter):
         if path:
             controlnet = FluxControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path))
             if controlnet.config.num_mode != modes:
-                raise ValueError(f"{path} has num_mode {controlnet.config.num_mode}; this run needs {modes} "
+                raise SetupError(f"{path} has num_mode {controlnet.config.num_mode}; this run needs {modes} "
                                  "(the number of --condition names with --union, else none)")
             return controlnet
         config = base.transformer.config
@@ -227,7 +240,8 @@ class FluxAdapter(FlowAdapter):
         return FluxControlNetModel.from_transformer(
             TransformerView(base.transformer, extra),
             num_layers=self.layers(num_layers, self.default_layers, config.num_layers),
-            num_single_layers=self.layers(num_single_layers, self.default_single_layers, config.num_single_layers),
+            num_single_layers=self.layers(num_single_layers, self.default_single_layers, config.num_single_layers,
+                                          "controlnet_num_single_layers"),
             attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
 
     def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
