@@ -83,6 +83,7 @@ class LatentPipe:
 
     def __call__(self, **kwargs):
         assert kwargs["output_type"] == "latent"
+        self.kwargs = kwargs
         return types.SimpleNamespace(images=self.latents)
 
     def _unpack_latents(self, latents, height, width, scale):
@@ -103,7 +104,26 @@ def test_validation_decodes_the_pipelines_latents_unscaled_then_unshifted(adapte
         return (torch.zeros(z.shape[0], 3, 32, 32),)
 
     monkeypatch.setattr(vae, "decode", decode)
-    base = types.SimpleNamespace(vae=vae, options=FamilyOptions())
+    base = types.SimpleNamespace(vae=vae, options=FamilyOptions(), transformer=flux_transformer(guidance=True))
     images = adapter().sample(LatentPipe(latents), base, torch.rand(1, 3, 32, 32), "a", 2, torch.Generator(), 2)
     assert len(images) == 2
     assert torch.allclose(seen["z"], latents / vae.config.scaling_factor + vae.config.shift_factor)
+
+
+def flux_transformer(guidance: bool) -> types.SimpleNamespace:
+    return types.SimpleNamespace(config=types.SimpleNamespace(guidance_embeds=guidance))
+
+
+@pytest.mark.parametrize("guidance_embeds", (True, False))
+def test_flux_validation_samples_at_the_guidance_the_run_trains_with(guidance_embeds, monkeypatch):
+    """Flux-dev's distilled guidance is an input: validation uses --guidance_scale, not the pipeline's
+    own default (7.0); a base without guidance embeds gets none."""
+    from train.models import FamilyOptions
+
+    vae = tiny_vae().eval()
+    monkeypatch.setattr(vae, "decode", lambda z, return_dict=False: (torch.zeros(z.shape[0], 3, 32, 32),))
+    base = types.SimpleNamespace(vae=vae, options=FamilyOptions(guidance_scale=2.5),
+                                 transformer=flux_transformer(guidance_embeds))
+    pipe = LatentPipe(torch.zeros(1, 16, 4, 4))
+    FluxAdapter().sample(pipe, base, torch.rand(1, 3, 32, 32), "a", 1, torch.Generator(), 2)
+    assert pipe.kwargs.get("guidance_scale") == (2.5 if guidance_embeds else None)

@@ -133,6 +133,7 @@ class FlowAdapter(FamilyAdapter):
         height, width = condition.shape[-2:]
         latents = pipe(prompt=[prompt] * count, height=height, width=width, num_inference_steps=steps,
                        generator=generator, output_type="latent", **self.sequence_kwargs(base),
+                       **self.guidance_kwargs(base),
                        **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
         # decoded here, in the VAE's own dtype: the pipelines hand a bf16 base's latents to an fp32 VAE as is
         latents = self.unpacked(pipe, latents, height, width).to(base.vae.dtype)
@@ -143,6 +144,10 @@ class FlowAdapter(FamilyAdapter):
     def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The pipeline's ``output_type="latent"`` result as (B, C, H, W) VAE latents."""
         return latents
+
+    def guidance_kwargs(self, base: BaseModels) -> dict:
+        """Sampling arguments for the guidance the base was trained with (none: the pipeline's default)."""
+        return {}
 
 
 class SD3Adapter(FlowAdapter):
@@ -253,6 +258,10 @@ class FluxAdapter(FlowAdapter):
 
     def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+    def guidance_kwargs(self, base: BaseModels) -> dict:
+        # validation samples with the distilled guidance the run trains at (the pipeline's default is 7.0)
+        return {"guidance_scale": base.options.guidance_scale} if base.transformer.config.guidance_embeds else {}
 
     def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
         # a union ControlNet reads only this condition, through its mode embedding
