@@ -310,7 +310,7 @@ def test_keep_duplicates_flag_reaches_the_rows_the_loop_trains_on(manifest, tmp_
     class Stop(Exception):
         pass
 
-    base = SimpleNamespace(place=lambda *a: None, family=SimpleNamespace(name="sd"))
+    base = SimpleNamespace(place=lambda *a: None, family=SimpleNamespace(name="sd"), transformer=None)  # a UNet base
     monkeypatch.setattr(loop, "load_base", lambda *a, **k: base)
     loaded = []
     real = loop.load_rows

@@ -293,45 +293,6 @@ def test_bf16_base_with_gradient_checkpointing_trains_and_validates(demo_manifes
     load_exported(family, out / "controlnet")  # the EMA weights, swapped in for validation and back
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ("sd", "flux"))
-def test_fp8_base_stores_the_locked_weights_in_float8_after_the_controlnet_copied_them(demo_manifest, family, request,
-                                                                                       tmp_path, monkeypatch):
-    """--fp8_base: the locked UNet/transformer's layers hold float8 weights while training, the
-    ControlNet was copied from the full-precision weights, and the run trains and exports."""
-    from train import loop
-    from train.train import main
-
-    seen = {}
-    real_load, real_make = loop.load_base, loop.make_controlnet
-
-    def keep_base(*args, **kwargs):
-        seen["base"] = real_load(*args, **kwargs)
-        return seen["base"]
-
-    def keep_start(*args, **kwargs):
-        controlnet = real_make(*args, **kwargs)
-        seen["start"] = {k: v.clone() for k, v in controlnet.state_dict().items()}
-        return controlnet
-
-    monkeypatch.setattr(loop, "load_base", keep_base)
-    monkeypatch.setattr(loop, "make_controlnet", keep_start)
-    base_dir = request.getfixturevalue(f"tiny_{family}")
-    out = tmp_path / "run"
-    assert main(train_args(demo_manifest, base_dir, out, family, "--max_train_steps", "2", "--fp8_base",
-                           "--validation_steps", "0", "--checkpointing_steps", "10")) == 0
-    dtypes = {p.dtype for p in seen["base"].denoiser.parameters()}
-    assert torch.float8_e4m3fn in dtypes, dtypes
-    assert seen["base"].denoiser.dtype == torch.float32  # layers compute in the base's dtype
-    full = load_family_base(base_dir, family).denoiser.state_dict()
-    copied = [k for k, v in seen["start"].items() if k in full and full[k].shape == v.shape]
-    assert len(copied) > 10
-    assert all(torch.equal(seen["start"][k], full[k]) for k in copied), "the ControlNet copied float8 weights"
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert np.isfinite(summary["figures"]["final_loss"])
-    load_exported(family, out / "controlnet")
-
-
 # --- (e) union ControlNets --------------------------------------------------------------------
 
 

@@ -167,11 +167,6 @@ class TrainConfig:
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""
-    fp8_base: bool = False
-    """Store the locked UNet/transformer's weights in float8 (e4m3), each layer cast up to the base's
-    dtype as it runs (diffusers' layerwise casting): half the memory of bf16 weights (Flux.1's 11.9B:
-    about 11 GiB instead of 22). The ControlNet is copied from the full-precision weights first and
-    trains in fp32; the base's predictions carry float8's rounding."""
 
     def __post_init__(self) -> None:
         self.condition = tuple(self.condition)

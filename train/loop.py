@@ -129,8 +129,6 @@ def set_up(config: TrainConfig) -> Run:
                                          config.data_cache_dir, config.keep_duplicates)
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path,
                                  config.controlnet_num_layers, config.controlnet_num_single_layers)
-    if config.fp8_base:  # after the ControlNet copied the base's full-precision weights
-        store_in_fp8(base.denoiser, weight_dtype)
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     ema = make_ema(accelerator, controlnet) if config.use_ema else None
@@ -168,13 +166,6 @@ def check_family_flags(config: TrainConfig, base: BaseModels) -> None:
     problem = family_flag_problem(config, base.family.name, transformer)
     if problem:
         raise SetupError(problem)
-
-
-def store_in_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Keep the frozen denoiser's weights in float8 and compute each layer in ``compute_dtype``
-    (diffusers skips its norms and embeddings, whose precision matters most)."""
-    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-    log.info("locked %s stored in float8_e4m3fn, computed in %s", type(denoiser).__name__, compute_dtype)
 
 
 def make_accelerator(config: TrainConfig):
