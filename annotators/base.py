@@ -100,14 +100,7 @@ class Annotator(ABC):
 
     def provenance(self) -> dict[str, Any]:
         """What made this annotator's maps: class, package versions, parameters, weight hashes."""
-        cls = type(self)
-        return {
-            "name": self.name,
-            "class": f"{cls.__module__}.{cls.__qualname__}",
-            "versions": self.versions(),
-            "params": self.params.to_dict(),
-            "weights": dict(self.weights),
-        }
+        return plugin_provenance(self)
 
 
 class SplitAnnotator(Annotator):
@@ -166,3 +159,16 @@ def image_seed(seed: int, image_id: str) -> int:
     """A per-image seed from a job seed and the row id, stable across runs and workers."""
     digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def plugin_provenance(plugin: Any) -> dict[str, Any]:
+    """An annotator's or captioner's record in the provenance: name, class, package versions,
+    parameters and weight hashes."""
+    cls = type(plugin)
+    return {
+        "name": plugin.name,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "versions": plugin.versions(),
+        "params": plugin.params.to_dict(),
+        "weights": dict(plugin.weights),
+    }

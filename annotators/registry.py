@@ -33,13 +33,50 @@ class UnknownAnnotatorError(ValueError):
     """Raised for a name no built-in or installed plugin provides."""
 
 
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+def plugin_names(builtin: Mapping[str, str], group: str) -> list[str]:
+    """Every plugin name of a kind: its built-ins and the installed entry points of ``group``."""
+    return sorted({*builtin, *(ep.name for ep in metadata.entry_points(group=group))})
+
+
+def load_plugin(name: str, kind: str, builtin: Mapping[str, str], group: str, base: type,
+                unknown: type[Exception]) -> type:
+    """The class registered as ``name`` (a built-in or an entry point of ``group``), or at import path
+    ``package.module:Class``; ``unknown`` is raised for a name nothing provides, naming ``kind``."""
+    if name in builtin or ":" in name:
+        module, _, attr = builtin.get(name, name).partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise unknown(f"{kind} {name!r} cannot be imported: {exc}") from exc
+    else:
+        plugins = {ep.name: ep for ep in metadata.entry_points(group=group)}
+        if name not in plugins:
+            raise unknown(f"unknown {kind} {name!r}; known: {', '.join(plugin_names(builtin, group))} "
+                          f"(plugins register in the entry-point group {group!r})")
+        cls = plugins[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        article = "an" if base.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"{kind} {name!r} resolves to {cls!r}, not {article} {base.__name__} subclass")
+    return cls
+
+
+def param_values(cls: type, overrides: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """Keyword arguments for ``cls.Params`` from overrides given as strings (``-p NAME.KEY=VALUE``,
+    already split) or typed values (code); an unknown key names the ``kind`` of plugin and its parameters."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+    hints = typing.get_type_hints(cls.Params)
+    values: dict[str, Any] = {}
+    for key, raw in overrides.items():
+        if key not in fields:
+            raise ValueError(f"{kind} {cls.name!r} has no parameter {key!r}; "
+                             f"its parameters: {', '.join(fields) or '(none)'}")
+        values[key] = _coerce(raw, hints[key], f"{cls.name}.{key}")
+    return values
 
 
 def available() -> list[str]:
     """Every annotator name: built-in and installed plugins."""
-    return sorted({*BUILTIN, *_entry_points()})
+    return plugin_names(BUILTIN, ENTRY_POINT_GROUP)
 
 
 def get(name: str) -> type[Annotator]:
@@ -48,38 +85,12 @@ def get(name: str) -> type[Annotator]:
     The import-path form runs an annotator of your own without packaging it (its ``name``
     attribute names the column); on a cluster its module must be importable by the workers.
     """
-    if name in BUILTIN or ":" in name:
-        module, _, attr = BUILTIN.get(name, name).partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UnknownAnnotatorError(f"annotator {name!r} cannot be imported: {exc}") from exc
-    else:
-        plugins = _entry_points()
-        if name not in plugins:
-            raise UnknownAnnotatorError(
-                f"unknown annotator {name!r}; known: {', '.join(available())} "
-                f"(plugins register in the entry-point group {ENTRY_POINT_GROUP!r})"
-            )
-        cls = plugins[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, Annotator)):
-        raise TypeError(f"annotator {name!r} resolves to {cls!r}, not an Annotator subclass")
-    return cls
+    return load_plugin(name, "annotator", BUILTIN, ENTRY_POINT_GROUP, Annotator, UnknownAnnotatorError)
 
 
 def parse_params(cls: type[Annotator], overrides: Mapping[str, Any]) -> AnnotatorParams:
     """Build ``cls.Params`` from overrides given as strings (CLI) or typed values (code)."""
-    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-    hints = typing.get_type_hints(cls.Params)
-    values: dict[str, Any] = {}
-    for key, raw in overrides.items():
-        if key not in fields:
-            raise ValueError(
-                f"annotator {cls.name!r} has no parameter {key!r}; "
-                f"its parameters: {', '.join(fields) or '(none)'}"
-            )
-        values[key] = _coerce(raw, hints[key], f"{cls.name}.{key}")
-    params = cls.Params(**values)
+    params = cls.Params(**param_values(cls, overrides, "annotator"))
     if not 0.0 <= params.min_coverage <= 1.0:
         raise ValueError(f"{cls.name}.min_coverage {params.min_coverage}: a share of pixels, 0..1 (e.g. 0.005)")
     if not 0 <= params.coverage_level < 255:

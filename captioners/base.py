@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from annotators.base import package_version, sha256_file
+from annotators.base import package_version, plugin_provenance, sha256_file
 from annotators.weights import WEIGHTS_ENV, MissingWeightsError, weight_files, weights_source
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -132,16 +132,9 @@ class Captioner(ABC):
 
     def provenance(self) -> dict[str, Any]:
         """What made the captions: name, class, package versions, parameters, weight hashes."""
-        cls = type(self)
         if self.uses_model and not self.weights:
             self.locate_weights()
-        return {
-            "name": self.name,
-            "class": f"{cls.__module__}.{cls.__qualname__}",
-            "versions": self.versions(),
-            "params": self.params.to_dict(),
-            "weights": dict(self.weights),
-        }
+        return plugin_provenance(self)
 
 
 def check_images(images: Sequence[np.ndarray], ids: Sequence[str]) -> None:
