@@ -263,6 +263,76 @@ def test_cached_latents_and_prompts_train_the_same_model_as_encoding_every_step(
 
 
 @pytest.mark.slow
+def test_cached_condition_latents_train_the_same_flux_union_without_encoding_during_steps(stacked_manifest,
+                                                                                            tiny_flux, tmp_path,
+                                                                                            monkeypatch):
+    """--cache_latents caches each condition's VAE distribution too (one per condition of a union run):
+    the same model as encoding every step, and once the cache is built no step runs the VAE encoder or
+    decodes a condition map."""
+    import diffusers
+
+    from train import cache as cache_module, data
+    from train.train import main
+
+    cache_built, late = [False], []
+    encode, decode, init = diffusers.AutoencoderKL.encode, data.decode_rgb, cache_module.EncodedCache.__init__
+
+    def counting_encode(self, *args, **kwargs):
+        if cache_built[0]:
+            late.append("vae.encode")
+        return encode(self, *args, **kwargs)
+
+    def counting_decode(cell):
+        if cache_built[0]:
+            late.append("decode_rgb")
+        return decode(cell)
+
+    def building(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        cache_built[0] = True
+
+    uncached, cached = tmp_path / "uncached", tmp_path / "cached"
+    common = ["--union", "--max_train_steps", "2", "--checkpointing_steps", "10", "--validation_steps", "0",
+              "--center_crop", "--proportion_empty_prompts", "0"]
+    assert main(train_args(stacked_manifest, tiny_flux, uncached, "flux", *common, condition="canny,invert")) == 0
+    monkeypatch.setattr(diffusers.AutoencoderKL, "encode", counting_encode)
+    monkeypatch.setattr(data, "decode_rgb", counting_decode)
+    monkeypatch.setattr(cache_module.EncodedCache, "__init__", building)
+    assert main(train_args(stacked_manifest, tiny_flux, cached, "flux", *common, "--cache_latents",
+                           condition="canny,invert")) == 0
+    assert cache_built[0] and late == []
+    a = load_exported("flux", uncached / "controlnet").state_dict()
+    b = load_exported("flux", cached / "controlnet").state_dict()
+    # the zero-initialised outputs moved: the equality below compares trained models, not two zero starts
+    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("controlnet_blocks") and k.endswith("weight"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_cached_conditions_pick_each_examples_mode_and_sample_like_the_vae(tiny_flux):
+    """A cached condition distribution stands in for the VAE: same draw from the same generator, and a
+    union batch picks each example's condition by its mode."""
+    from train.cache import CachedConditions
+
+    base = load_family_base(tiny_flux, "flux", ("canny", "invert"), union=True)
+    pixels = torch.rand(3, 6, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        moments = base.vae.encode(pixels.view(-1, 3, 64, 64) * 2 - 1).latent_dist.parameters
+    cached = CachedConditions(moments.view(3, 2, *moments.shape[1:]))
+    modes = torch.tensor([1, 0, 1])
+    picked = cached.pick(modes)
+    assert picked.shape[:2] == (3, 1)
+    for i, m in enumerate(modes.tolist()):
+        assert torch.equal(picked.moments[i, 0], moments.view(3, 2, *moments.shape[1:])[i, m])
+    with torch.no_grad():
+        direct = base.vae.encode(pixels.view(3, 2, 3, 64, 64)[torch.arange(3), modes] * 2 - 1).latent_dist
+        expected = direct.sample(generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(picked.sample(torch.Generator().manual_seed(5)), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="pick one per example"):
+        cached.sample(torch.Generator())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_base_with_gradient_checkpointing_trains_and_validates(demo_manifest, family, request, tmp_path,
                                                                      monkeypatch):

@@ -3,6 +3,8 @@
 Valid only with fixed crops (centre crop, no flip), which the config enforces. The VAE's latent
 distribution (mean and log-variance) is cached, not one sample, so each step still draws a fresh
 sample from it, as an uncached run does. Captions dropped to "" use the cached "" embedding.
+Families whose ControlNet reads its condition through the VAE (SD3, Flux: ``encodes_conditions``)
+get each condition's latent distribution cached the same way, so no step runs the VAE encoder.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class EncodedCache:
                 pixels = torch.stack([dataset.image_tensor(i) for i in range(start, min(len(dataset), start + batch_size))])
                 moments.append(base.vae.encode(pixels.to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
             self.moments = torch.cat(moments)
+            self.condition_moments = (self._condition_moments(base, dataset, batch_size, show_progress)
+                                      if base.family.encodes_conditions else None)
             captions = sorted({"", *(c or "" for c in row_captions(dataset.rows))})
             self.prompts: dict[str, tuple[torch.Tensor, dict]] = {}
             for start in range(0, len(captions), batch_size):
@@ -35,6 +39,24 @@ class EncodedCache:
                 hidden, added = base.family.encode_prompts(base, chunk, device)
                 for k, caption in enumerate(chunk):
                     self.prompts[caption] = (hidden[k], {n: v[k] for n, v in added.items()})
+
+    def _condition_moments(self, base: Any, dataset: Any, batch_size: int, show_progress: bool) -> torch.Tensor:
+        """Each row's condition maps through the VAE one by one: [rows, conditions, 2 x latent channels, h, w]."""
+        count, moments = len(dataset.conditions), []
+        for start in tqdm(range(0, len(dataset), batch_size), desc="cache condition latents",
+                          disable=not show_progress):
+            stacked = torch.stack([dataset.condition_tensor(i)
+                                   for i in range(start, min(len(dataset), start + batch_size))])
+            pixels = stacked.view(-1, 3, *stacked.shape[-2:]) * 2.0 - 1.0  # one 3-channel map per condition
+            encoded = base.vae.encode(pixels.to(self.device, base.vae.dtype)).latent_dist.parameters.float().cpu()
+            moments.append(encoded.view(stacked.shape[0], count, *encoded.shape[1:]))
+        return torch.cat(moments)
+
+    def conditions(self, indices: Sequence[int]) -> "CachedConditions | None":
+        """The rows' cached condition distributions (None when this family encodes no condition)."""
+        if self.condition_moments is None:
+            return None
+        return CachedConditions(self.condition_moments[list(indices)])
 
     def latents(self, indices: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """A fresh sample from each row's cached latent distribution, scaled for the UNet.
@@ -51,3 +73,28 @@ class EncodedCache:
         hidden = torch.stack([self.prompts[c][0] for c in captions])
         keys = self.prompts[captions[0]][1].keys()
         return hidden, {k: torch.stack([self.prompts[c][1][k] for c in captions]) for k in keys}
+
+
+class CachedConditions:
+    """A batch's cached condition latent distributions, standing in for its condition pixels: the family
+    samples from them where it would have run the VAE encoder (train/transformer_families.py)."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.moments = moments
+        """[batch, conditions, 2 x latent channels, h, w], on the CPU."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.moments.shape
+
+    def pick(self, modes: torch.Tensor) -> "CachedConditions":
+        """One condition per example (a union run's mode each)."""
+        return CachedConditions(self.moments[torch.arange(self.moments.shape[0]), modes][:, None])
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """A fresh draw from each example's one condition distribution, drawn on the CPU like the latents."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.moments.shape[1] != 1:
+            raise ValueError(f"{self.moments.shape[1]} conditions per example: pick one per example first")
+        return DiagonalGaussianDistribution(self.moments[:, 0]).sample(generator=generator)

@@ -84,6 +84,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.center_crop, self.random_flip, self.p_empty = center_crop, random_flip, proportion_empty_prompts
         self.epoch = 0
         self.decode_images = True  # False when latents are cached: only conditions are decoded
+        self.decode_conditions = True  # False when condition latents are cached too (SD3, Flux)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -94,19 +95,24 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         rng = _rng(self.seed, self.epoch, index)
-        conds = [decode_rgb(row[cond_column(c)]) for c in self.conditions]
-        box = self._crop_box(conds[0].size, rng)  # maps have the image's size, by the manifest contract
+        first = row[cond_column(self.conditions[0])]
+        # maps have the image's size, by the manifest contract; the header alone gives it
+        size = Image.open(io.BytesIO(first["bytes"])).size
+        box = self._crop_box(size, rng)
         flip = self.random_flip and rng.random() < 0.5
         if self.decode_images:
             pixels = self._prepare(decode_rgb(row["image"]), box, flip) * 2.0 - 1.0  # [-1, 1] for the VAE
         else:
             pixels = torch.zeros(0)
-        cond = torch.cat([self._prepare(c, box, flip) for c in conds])  # [0, 1], channels stacked
+        if self.decode_conditions:  # [0, 1], channels stacked
+            cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) for c in self.conditions])
+        else:
+            cond = torch.zeros(0)
         caption = "" if rng.random() < self.p_empty else (row["caption"] or "")
         left, top, w, _ = box
         if flip:  # the crop's top-left as seen in the flipped image
             left = w - left - self.resolution
-        width, height = conds[0].size
+        width, height = size
         original = (row.get("orig_height") or height, row.get("orig_width") or width)  # the raw file's size
         return {"pixel_values": pixels, "conditioning_pixel_values": cond, "caption": caption, "index": index,
                 "original_size": original, "crop_top_left": (top, left)}
@@ -115,6 +121,12 @@ class ManifestDataset(torch.utils.data.Dataset):
         """The target image of a row in [-1, 1] with the fixed crop (for ``--cache_latents``)."""
         image = decode_rgb(self.rows[index]["image"])
         return self._prepare(image, self._crop_box(image.size, _rng(self.seed, 0, index)), False) * 2.0 - 1.0
+
+    def condition_tensor(self, index: int) -> torch.Tensor:
+        """A row's conditions stacked in [0, 1] with the fixed crop (for ``--cache_latents`` of SD3/Flux)."""
+        conds = [decode_rgb(self.rows[index][cond_column(c)]) for c in self.conditions]
+        box = self._crop_box(conds[0].size, _rng(self.seed, 0, index))
+        return torch.cat([self._prepare(c, box, False) for c in conds])
 
     def _crop_box(self, size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
         """A square-side crop of the resolution after scaling the short side to it."""

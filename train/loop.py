@@ -199,6 +199,7 @@ def make_cache(config: TrainConfig, accelerator, base: BaseModels, dataset: Mani
     cache = EncodedCache(base, dataset, accelerator.device, weight_dtype, config.train_batch_size,
                          show_progress=accelerator.is_local_main_process)
     dataset.decode_images = False
+    dataset.decode_conditions = cache.condition_moments is None  # SD3/Flux: the condition latents are cached too
     return cache
 
 
@@ -289,7 +290,7 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
         generator = torch.Generator().manual_seed(
             hash((run.seed, run.global_step, micro, accelerator.process_index)) % 2**63)
         latents, hidden, added = encode_batch(run, batch, generator)
-        condition = batch["conditioning_pixel_values"].to(accelerator.device)
+        condition = batch_conditions(run, batch)
         loss = controlnet_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
         finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(accelerator.device)).min() > 0)
         if finite:
@@ -312,6 +313,12 @@ def controlnet_loss(base: BaseModels, controlnet: torch.nn.Module, latents: torc
     """A batch's loss as its family computes it: epsilon/v on a UNet (train/step.py) or flow matching on a
     transformer (train/flow.py); noise and timesteps come from ``generator``."""
     return base.family.loss(controlnet, base, latents, hidden, added, condition, generator)
+
+
+def batch_conditions(run: Run, batch: dict[str, Any]):
+    """The batch's condition pixels, or their cached latent distributions (``--cache_latents`` on SD3/Flux)."""
+    cached = run.cache.conditions(batch["indices"]) if run.cache is not None else None
+    return cached if cached is not None else batch["conditioning_pixel_values"].to(run.accelerator.device)
 
 
 def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:

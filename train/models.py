@@ -69,6 +69,8 @@ class FamilyAdapter:
     samples_in_place = False
     """Validation samples with the trained ControlNet itself (EMA weights swapped in and back, ``sampling``
     casting between dtypes) rather than with a copy in the base's dtype: large ControlNets are not copied."""
+    encodes_conditions = False
+    """The ControlNet reads its condition through the VAE (SD3, Flux): ``--cache_latents`` caches those too."""
 
     def __init__(self, resolution: int = 512):
         self.resolution = resolution

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from train.cache import CachedConditions
 from train.config import FAMILY_NAMES, SetupError
 
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
@@ -32,6 +33,7 @@ class FlowAdapter(FamilyAdapter):
     text_encoder_classes: tuple[str, ...]
     default_layers: int
     samples_in_place = True  # a Flux ControlNet is billions of weights: validation does not copy it
+    encodes_conditions = True
 
     def __init__(self, resolution: int = 512):
         super().__init__(resolution)
@@ -74,11 +76,15 @@ class FlowAdapter(FamilyAdapter):
         n = base.options.max_sequence_length
         return {} if n is None else {"max_sequence_length": n}
 
-    def condition_latents(self, base: BaseModels, controlnet, condition: torch.Tensor,
+    def condition_latents(self, base: BaseModels, controlnet, condition: "torch.Tensor | CachedConditions",
                           generator: torch.Generator) -> torch.Tensor:
-        """The [0, 1] condition image through the VAE, shifted and scaled as the family's pipeline does."""
-        pixels = (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype)
-        sample = base.vae.encode(pixels).latent_dist.sample(generator=generator)
+        """The [0, 1] condition image through the VAE (or a draw from its cached distribution), shifted
+        and scaled as the family's pipeline does."""
+        if isinstance(condition, CachedConditions):
+            sample = condition.sample(generator).to(base.vae.device, base.vae.dtype)
+        else:
+            pixels = (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype)
+            sample = base.vae.encode(pixels).latent_dist.sample(generator=generator)
         return (sample - self.condition_shift(base, controlnet)) * base.vae.config.scaling_factor
 
     def condition_shift(self, base: BaseModels, controlnet) -> float:
@@ -273,9 +279,12 @@ class FluxAdapter(FlowAdapter):
         if base.options.union:
             count = len(base.options.conditions)
             modes = torch.randint(0, count, (condition.shape[0],), generator=generator)
-            stacked = condition.view(condition.shape[0], count, -1, *condition.shape[-2:])
-            condition = stacked[torch.arange(condition.shape[0]), modes]
-            out["controlnet_mode"] = modes[:, None].to(condition.device)
+            out["controlnet_mode"] = modes[:, None].to(base.transformer.device)
+            if isinstance(condition, CachedConditions):
+                condition = condition.pick(modes)
+            else:
+                stacked = condition.view(condition.shape[0], count, -1, *condition.shape[-2:])
+                condition = stacked[torch.arange(condition.shape[0]), modes]
         out["controlnet_cond"] = pack(self.condition_latents(base, controlnet, condition, generator))
         return out
 
