@@ -58,8 +58,9 @@ MUTATIONS = [
              "cond = torch.cat([self._prepare(c, box, flip) for c in conds])",
              "cond = torch.cat([self._prepare(c, box, False) for c in conds])", ("tests/test_train_data.py",)),
     Mutation("stacked conditions in reverse order", "train/data.py",
-             "conds = [decode_rgb(row[cond_column(c)]) for c in self.conditions]",
-             "conds = [decode_rgb(row[cond_column(c)]) for c in reversed(self.conditions)]",
+             "cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) for c in self.conditions])",
+             "cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) "
+             "for c in reversed(self.conditions)])",
              ("tests/test_train_data.py",)),
     Mutation("annotators see a mirrored image", "pipeline/shard.py",  # ShardWorker.prepare
              "                images.append(image)\n",
@@ -78,6 +79,14 @@ MUTATIONS = [
     Mutation("Flux: sequence length of unpacked latents in the shift", "train/transformer_families.py",
              "tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)",
              "tokens = latents.shape[-2] * latents.shape[-1]", ("tests/test_train_flow_units.py",)),
+    Mutation("cached condition latents: every example gets the first condition", "train/cache.py",
+             "self.moments[torch.arange(self.moments.shape[0]), modes][:, None]", "self.moments[:, :1]",
+             ("tests/test_train_families.py::test_cached_conditions_pick_each_examples_mode_and_sample_like_the_vae",)),
+    Mutation("cached condition latents: maps encoded in [0, 1], not the VAE's [-1, 1]", "train/cache.py",
+             "pixels = stacked.view(-1, 3, *stacked.shape[-2:]) * 2.0 - 1.0",
+             "pixels = stacked.view(-1, 3, *stacked.shape[-2:])",
+             ("tests/test_train_families.py::"
+              "test_cached_condition_latents_train_the_same_flux_union_without_encoding_during_steps",)),
     Mutation("per-row training randomness ignores the row", "train/data.py",
              "rng = _rng(self.seed, self.epoch, index)", "rng = _rng(self.seed, self.epoch, 0)",
              ("tests/test_train_data.py",)),
