@@ -55,8 +55,8 @@ HOSTILE_LOCK_TESTS = tuple(f"{HOSTILE}::{name}" for name in (
 
 MUTATIONS = [
     Mutation("flip image but not its condition", "train/data.py",
-             "cond = torch.cat([self._prepare(c, box, flip) for c in conds])",
-             "cond = torch.cat([self._prepare(c, box, False) for c in conds])", ("tests/test_train_data.py",)),
+             "self._prepare(decode_rgb(row[cond_column(c)]), box, flip)",
+             "self._prepare(decode_rgb(row[cond_column(c)]), box, False)", ("tests/test_train_data.py",)),
     Mutation("stacked conditions in reverse order", "train/data.py",
              "cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) for c in self.conditions])",
              "cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) "
