@@ -179,12 +179,14 @@ class SD3Adapter(FlowAdapter):
         from diffusers import SD3ControlNetModel
 
         if path:
-            return SD3ControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path))
+            loaded = SD3ControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path))
+            return freeze_dead_text_stream(loaded)
         # the base's last block is context_pre_only (it outputs no text stream): a ControlNet cannot copy it
         layers = self.layers(num_layers, self.default_layers, base.transformer.config.num_layers - 1)
         # from_transformer writes num_layers into the config it is given: hand it a copy, not the base's
         view = TransformerView(base.transformer, {})
-        return SD3ControlNetModel.from_transformer(view, num_layers=layers, num_extra_conditioning_channels=0)
+        return freeze_dead_text_stream(
+            SD3ControlNetModel.from_transformer(view, num_layers=layers, num_extra_conditioning_channels=0))
 
     def condition_shift(self, base: BaseModels, controlnet) -> float:
         # StableDiffusion3ControlNetPipeline: ControlNets with force_zeros_for_pooled_projection (the
@@ -244,16 +246,16 @@ class FluxAdapter(FlowAdapter):
             if controlnet.config.num_mode != modes:
                 raise SetupError(f"{path} has num_mode {controlnet.config.num_mode}; this run needs {modes} "
                                  "(the number of --condition names with --union, else none)")
-            return controlnet
+            return freeze_dead_text_stream(controlnet)
         config = base.transformer.config
         # a union ControlNet (num_mode) is the same model plus a mode embedding prepended to the text tokens
         extra = {"num_mode": modes} if modes else {}
-        return FluxControlNetModel.from_transformer(
+        return freeze_dead_text_stream(FluxControlNetModel.from_transformer(
             TransformerView(base.transformer, extra),
             num_layers=self.layers(num_layers, self.default_layers, config.num_layers),
             num_single_layers=self.layers(num_single_layers, self.default_single_layers, config.num_single_layers,
                                           "controlnet_num_single_layers"),
-            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads))
 
     def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)  # image_seq_len of the packed latents
@@ -317,6 +319,25 @@ class FluxAdapter(FlowAdapter):
         if not base.options.union:
             return {}
         return {"controlnet_mode": {c: i for i, c in enumerate(base.options.conditions)}}
+
+
+def freeze_dead_text_stream(controlnet: torch.nn.Module) -> torch.nn.Module:
+    """Freeze the last joint block's text-stream output layers when nothing reads the text tokens after it.
+
+    SD3's ControlNet emits residuals of the image tokens only, so its last block's ``attn.to_add_out`` and
+    ``ff_context`` reach no output; the same holds for a Flux ControlNet without single-stream blocks (e.g.
+    a loaded one with ``num_single_layers`` 0). They never get a gradient, so they never trained anyway
+    (AdamW skips them); but DDP waits for a gradient of every trainable parameter and fails at the second
+    step ("Expected to have finished reduction in the prior iteration"). Frozen, DDP does not wait for them.
+    """
+    blocks = getattr(controlnet, "transformer_blocks", None)
+    if not blocks or len(getattr(controlnet, "single_transformer_blocks", None) or ()) > 0:
+        return controlnet
+    last = blocks[-1]
+    for module in (getattr(getattr(last, "attn", None), "to_add_out", None), getattr(last, "ff_context", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    return controlnet
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
