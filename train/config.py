@@ -49,6 +49,22 @@ HANDED_CONDITIONS = ("openpose", "mediapipe_pose", "mediapipe_face")
 """Conditions whose maps tell left from right by colour (OpenPose limb colours, face-mesh eyes)."""
 
 
+def validation_image_problem(images: tuple[str, ...], conditions: tuple[str, ...], union: bool) -> str | None:
+    """Conditions stacked as channels need one map per condition for each sample: each ``--validation_image``
+    is then a comma-separated list of files in ``--condition`` order (``canny.png,depth.png``); a single
+    condition or a union run takes one file per sample (a union run uses it as each condition's map)."""
+    if not images or union or len(conditions) < 2:
+        return None
+    for entry in images:
+        files = [f for f in entry.split(",") if f.strip()]
+        if len(files) != len(conditions):
+            example = ",".join(f"{c}.png" for c in conditions)
+            return (f"--validation_image {entry}: the run stacks {len(conditions)} conditions ({','.join(conditions)}) "
+                    f"as channels, so each sample needs one map per condition, comma-separated in --condition "
+                    f"order (e.g. --validation_image {example}); got {len(files)}")
+    return None
+
+
 class SetupError(ValueError):
     """A run cannot be set up (base, ControlNet or flags that only loading shows wrong): ``train.py`` prints
     the message as one line and exits with 2. Raised before the first training step, never inside one."""
@@ -124,8 +140,9 @@ class TrainConfig:
     """``circle``: also score validation samples by circle IoU and caption colour accuracy (the fill task)."""
     num_validation_rows: int = 4
     """Manifest rows held out of training to validate on; none are held out when ``validation_image``
-    is given, validation is off, or validation cannot run (conditions stacked without ``union``). A union
-    run samples each held-out row once per condition, that condition alone."""
+    is given or validation is off. A union run samples each held-out row once per condition, that
+    condition alone; conditions stacked without ``union`` are sampled once from all the row's maps and
+    scored against each (``validation_image``: one comma-separated file per condition, in order)."""
     report_to: str = "tensorboard"
     """Where to log: tensorboard, wandb, or none."""
     seed: int | None = None
@@ -198,6 +215,9 @@ class TrainConfig:
             raise ValueError("--validation_prompt: give one prompt, or one per --validation_image")
         if self.validation_prompt and not self.validation_image:
             raise ValueError("--validation_prompt needs --validation_image (or leave both out to use held-out rows)")
+        problem = validation_image_problem(self.validation_image, self.condition, self.union)
+        if problem:
+            raise ValueError(problem)
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise ValueError("--cache_latents needs fixed crops: add --center_crop and leave --random_flip out")
         if self.union and len(self.condition) < 2:

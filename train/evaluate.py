@@ -11,6 +11,12 @@ them) and compares with the condition (train/metrics.py). Writes ``metrics.json`
 (condition | with ControlNet | base alone, one row per sample) to ``--output_dir``. Generation runs
 in fp32, on the CPU by default, and is deterministic for a seed. Bad flags or missing folders fail
 here with exit code 2, before any model loads.
+
+A ControlNet trained on conditions stacked as channels (``train.py --condition canny,depth``) is
+evaluated with the same ``--condition canny,depth`` (training order): each sample is generated once
+from the row's maps stacked, then scored against each condition with that condition's metrics, named
+``canny/edge_f1``, ``depth/depth_rmse`` as the trainer's validations name them; a condition without a
+metric is listed under ``unscored``; the grid shows every map, then the two samples.
 """
 
 from __future__ import annotations
@@ -64,13 +70,24 @@ class EvalConfig:
     """Evaluate on rows the manifest lists as duplicates too (pass what the trainer was given, so
     the rows evaluated are the ones it held out)."""
 
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """``condition`` split at commas: several for a ControlNet trained on stacked conditions."""
+        return tuple(c.strip() for c in self.condition.split(",") if c.strip())
+
+    @property
+    def stacked(self) -> bool:
+        return len(self.conditions) > 1
+
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--controlnet", required=True, help="ControlNet folder (train.py's --output_dir, or its controlnet/)")
     p.add_argument("--pretrained_model_name_or_path", required=True, help="the base it was trained on (diffusers folder)")
     p.add_argument("--manifest", required=True, help="manifest folder with the condition column")
-    p.add_argument("--condition", required=True, help="annotator name, e.g. canny, depth, mediapipe_pose")
+    p.add_argument("--condition", required=True,
+                   help="annotator name, e.g. canny, depth, mediapipe_pose; for a ControlNet trained on stacked "
+                        "conditions, all of them comma-separated in training order (canny,depth)")
     p.add_argument("--num_samples", type=int, default=8, help="rows to evaluate: the first N ok rows by id")
     p.add_argument("--output_dir", default=None, help="where metrics.json and grid.png go (default: <controlnet>/eval)")
     p.add_argument("--task", default=None, choices=sorted(metrics.TASK_METRICS), help="add a task's metrics")
@@ -90,6 +107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
         p.error("--num_inference_steps must be at least 1")
     if a.resolution is not None and (a.resolution < 8 or a.resolution % 8):
         p.error("--resolution must be a positive multiple of 8 (the VAE works on multiples of 8)")
+    names = [c.strip() for c in a.condition.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        p.error(f"--condition {a.condition}: name each condition once, comma-separated (e.g. canny,depth)")
     return EvalConfig(
         controlnet=a.controlnet, pretrained_model_name_or_path=a.pretrained_model_name_or_path,
         manifest=a.manifest, condition=a.condition, num_samples=a.num_samples,
@@ -143,21 +163,27 @@ def check(config: EvalConfig) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--manifest: {exc}") from exc
     columns = summary.get("columns", [])
-    if cond_column(config.condition) not in columns:
-        have = ", ".join(c.removeprefix("cond_") for c in columns if c.startswith("cond_")) or "none"
-        raise UsageError(f"--condition {config.condition}: the manifest has no column "
-                         f"{cond_column(config.condition)}; its conditions: {have}")
-    try:
-        registry.get(config.condition)
-    except (registry.UnknownAnnotatorError, TypeError) as exc:
-        raise UsageError(f"--condition {config.condition}: {exc}") from exc
-    if not metrics.metric_names(config.condition, config.task):
-        raise UsageError(f"no controllability metric knows the condition {config.condition!r}; metrics exist "
+    for condition in config.conditions:
+        if cond_column(condition) not in columns:
+            have = ", ".join(c.removeprefix("cond_") for c in columns if c.startswith("cond_")) or "none"
+            raise UsageError(f"--condition {condition}: the manifest has no column "
+                             f"{cond_column(condition)}; its conditions: {have}")
+        if config.stacked and condition not in metrics.CONDITION_METRICS:
+            continue  # a stacked map nothing re-annotates (e.g. a plugin's) needs only its column
+        try:
+            registry.get(condition)
+        except (registry.UnknownAnnotatorError, TypeError) as exc:
+            raise UsageError(f"--condition {condition}: {exc}") from exc
+    if not any(metrics.metric_names(c, config.task) for c in config.conditions):
+        which = f"the condition {config.condition!r}" if not config.stacked else f"any of {config.condition!r}"
+        raise UsageError(f"no controllability metric knows {which}; metrics exist "
                          f"for {', '.join(metrics.CONDITION_METRICS)} and --task {', '.join(metrics.TASK_METRICS)}")
     channels = json.loads((Path(folder) / "config.json").read_text()).get("conditioning_channels", 3)
-    if channels != 3:
-        raise UsageError(f"{folder} takes {channels} condition channels (stacked conditions); "
-                         "evaluate scores one 3-channel condition at a time")
+    if channels != 3 * len(config.conditions):
+        trained = f" ({channels // 3} conditions stacked as channels)" if channels % 3 == 0 and channels > 3 else ""
+        raise UsageError(f"{folder} takes {channels} condition channels{trained}; --condition {config.condition} "
+                         f"gives {3 * len(config.conditions)}: name every condition it was trained on, "
+                         "comma-separated in training order (e.g. --condition canny,depth)")
     if summary.get("counts", {}).get("ok", 0) < 1:
         raise UsageError(f"--manifest {config.manifest} has no ok rows")
     return summary
@@ -165,13 +191,15 @@ def check(config: EvalConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- the work
 
-def load_rows(manifest: str, condition: str, count: int, keep_duplicates: bool = False) -> list[dict[str, Any]]:
+def load_rows(manifest: str, condition: str | Sequence[str], count: int,
+              keep_duplicates: bool = False) -> list[dict[str, Any]]:
     """The first ``count`` ok rows by id (the trainer's held-out rows), with id, caption, image and
-    the condition column; duplicates left out unless ``keep_duplicates``, as the trainer does."""
+    the condition column(s); duplicates left out unless ``keep_duplicates``, as the trainer does."""
     import manifests
     from manifests.schema import cond_column
 
-    frame = manifests.read(manifest, columns=["id", "caption", "image", cond_column(condition)], status="ok",
+    names = [condition] if isinstance(condition, str) else list(condition)
+    frame = manifests.read(manifest, columns=["id", "caption", "image", *map(cond_column, names)], status="ok",
                            duplicates="keep" if keep_duplicates else "skip")
     return frame.sort_values("id", kind="stable").head(count).to_dict("records")
 
@@ -221,10 +249,29 @@ def generate(pipe: Any, prompt: str, seed: int, size: tuple[int, int], config: E
     import torch
 
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: identical on any device
-    extra = {} if condition is None else {"image": Image.fromarray(condition)}
+    extra = {} if condition is None else {"image": control_image(condition)}
     out = pipe(prompt=prompt, height=size[0], width=size[1], num_inference_steps=config.num_inference_steps,
                guidance_scale=config.guidance_scale, generator=generator, output_type="np", **extra)
     return (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+
+
+def control_image(condition: np.ndarray) -> Any:
+    """The pipeline's ``image``: a PIL image for one 3-channel map; stacked maps (3k channels, never the
+    VAE's 4 latent channels) as a 1x3kxHxW tensor in [0, 1], which the pipeline's control image processor
+    passes on unchanged (it does not normalise control images)."""
+    import torch
+
+    if condition.shape[2] == 3:
+        return Image.fromarray(condition)
+    return torch.from_numpy(np.ascontiguousarray(condition)).permute(2, 0, 1)[None].float() / 255
+
+
+def stack_maps(maps: Sequence[np.ndarray], nearest: Sequence[bool]) -> np.ndarray:
+    """One row's maps stacked as channels, in order, each at the first map's size (they normally share it)."""
+    height, width = maps[0].shape[:2]
+    same = [m if m.shape[:2] == (height, width) else np.asarray(Image.fromarray(m).resize(
+        (width, height), Image.Resampling.NEAREST if n else Image.Resampling.BICUBIC)) for m, n in zip(maps, nearest)]
+    return np.concatenate(same, axis=2)
 
 
 def grid(rows: Sequence[Sequence[np.ndarray]], path: Path, labels: Sequence[str], min_tile: int = 128) -> Path:
@@ -255,39 +302,57 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
     from manifests.schema import cond_column
 
     started = time.perf_counter()
-    annotator_overrides = annotator_params(summary, config.condition)
-    try:  # a missing weight file fails here, before the diffusion models load
-        annotator = metrics.load_annotator(config.condition, annotator_overrides, config.weights_dir) \
-            if config.condition in metrics.CONDITION_METRICS else None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"annotator {config.condition}: {exc}") from exc
-    rows = load_rows(config.manifest, config.condition, config.num_samples, config.keep_duplicates)
-    nearest = config.condition in LABEL_MAPS
-    conditions = [prepare_condition(r[cond_column(config.condition)], config.resolution, nearest) for r in rows]
+    conditions = config.conditions
+    overrides = {c: annotator_params(summary, c) for c in conditions}
+    scored = [c for c in conditions if metrics.metric_names(c, config.task)]
+    unscored = {c: f"no controllability metric for the {c} annotator (train/metrics.py)"
+                for c in conditions if c not in scored}
+    annotators: dict[str, Any] = {}
+    for c in scored:
+        try:  # a missing weight file fails here, before the diffusion models load
+            annotators[c] = metrics.load_annotator(c, overrides[c], config.weights_dir) \
+                if c in metrics.CONDITION_METRICS else None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"annotator {c}: {exc}") from exc
+    rows = load_rows(config.manifest, conditions, config.num_samples, config.keep_duplicates)
+    nearest = {c: c in LABEL_MAPS for c in conditions}
+    maps = {c: [prepare_condition(r[cond_column(c)], config.resolution, nearest[c]) for r in rows]
+            for c in conditions}
     # Scored against the stored map (the region the sample covers, at its own resolution), not the
     # resized copy the model was given: a thin edge map shrunk fades and would cap every score.
-    score_maps = [metrics.centre_square(prepare_condition(r[cond_column(config.condition)], None, nearest))
-                  if config.resolution is not None else c for r, c in zip(rows, conditions)]
+    score_maps = {c: [metrics.centre_square(prepare_condition(r[cond_column(c)], None, nearest[c]))
+                      if config.resolution is not None else m for r, m in zip(rows, maps[c])] for c in scored}
+    given = [stack_maps([maps[c][i] for c in conditions], [nearest[c] for c in conditions])
+             for i in range(len(rows))]
     captions = [r["caption"] or "" for r in rows]
     ids = [r["id"] for r in rows]
     pipe, alone = load_pipelines(config)
     controlled, base = [], []
-    for i, (cond, caption) in enumerate(zip(conditions, captions)):
+    for i, (cond, caption) in enumerate(zip(given, captions)):
         controlled.append(generate(pipe, caption, config.seed + i, cond.shape[:2], config, cond))
         base.append(generate(alone, caption, config.seed + i, cond.shape[:2], config))
-    score = {name: metrics.score_images(config.condition, images, score_maps, captions, task=config.task,
-                                        annotator=annotator, ids=ids)
-             for name, images in (("controlnet", controlled), ("base", base))}
+
+    def score_all(images: list[np.ndarray]) -> dict[str, list[float]]:
+        """Each scored condition's metrics, named ``condition/metric`` for a stacked ControlNet."""
+        out: dict[str, list[float]] = {}
+        for c in scored:
+            for name, values in metrics.score_images(c, images, score_maps[c], captions, task=config.task,
+                                                     annotator=annotators[c], ids=ids).items():
+                out[f"{c}/{name}" if config.stacked else name] = values
+        return out
+
+    score = {name: score_all(images) for name, images in (("controlnet", controlled), ("base", base))}
     out = Path(config.output_dir)
-    grid_path = grid([[c, a, b] for c, a, b in zip(conditions, controlled, base)], out / "grid.png",
-                     ["condition", "with ControlNet", "base alone"])
+    tiles = [[*(maps[c][i] for c in conditions), a, b] for i, (a, b) in enumerate(zip(controlled, base))]
+    grid_path = grid(tiles, out / "grid.png",
+                     [*(conditions if config.stacked else ["condition"]), "with ControlNet", "base alone"])
     result = {
         "condition": config.condition,
         "task": config.task,
         "num_samples": len(rows),
         "controlnet": metrics.summarise(score["controlnet"]),
         "base": metrics.summarise(score["base"]),
-        "lower_is_better": sorted(metrics.LOWER_IS_BETTER & set(score["base"])),
+        "lower_is_better": sorted(k for k in score["base"] if k.rsplit("/", 1)[-1] in metrics.LOWER_IS_BETTER),
         "samples": [{"id": id_, "caption": caption,
                      "controlnet": {k: v[i] for k, v in score["controlnet"].items()},
                      "base": {k: v[i] for k, v in score["base"].items()}}
@@ -295,13 +360,15 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "settings": {"seed": config.seed, "num_inference_steps": config.num_inference_steps,
                      "resolution": config.resolution, "guidance_scale": config.guidance_scale,
                      "scheduler": type(pipe.scheduler).__name__, "device": config.device, "dtype": "float32",
-                     "annotator_params": annotator_overrides},
+                     "annotator_params": overrides if config.stacked else overrides[conditions[0]]},
         "controlnet_path": config.controlnet,
         "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
         "manifest": config.manifest,
         "grid": grid_path.name,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if config.stacked:
+        result.update(conditions=list(conditions), unscored=unscored)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -319,8 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f", task {config.task}" if config.task else ""))
     print(f"  {'metric':<{width}}  controlnet      base")
     for name in result["base"]:
-        arrow = " (lower is better)" if name in metrics.LOWER_IS_BETTER else ""
+        arrow = " (lower is better)" if name in result["lower_is_better"] else ""
         print(f"  {name:<{width}}  {result['controlnet'][name]:10.4f}  {result['base'][name]:8.4f}{arrow}")
+    for condition, reason in result.get("unscored", {}).items():
+        print(f"  {condition}: unscored, {reason}")
     print(f"wrote {Path(config.output_dir) / 'metrics.json'} and {Path(config.output_dir) / result['grid']}")
     return 0
 

@@ -428,45 +428,67 @@ def holdout_count(config: TrainConfig) -> int:
 
 
 def can_validate(config: TrainConfig) -> bool:
-    """Single-condition runs, and union runs (one validation per condition); every family's adapter
-    assembles its pipeline. Conditions stacked without --union have no pipeline that takes them."""
-    return len(config.condition) == 1 or config.union
+    """Every run the config accepts: single-condition runs, union runs (one validation per condition) and
+    conditions stacked as channels (SD 1.x/2.x, SDXL: the pipeline is given the whole 3k-channel tensor;
+    each condition scored on its own; SD3 and Flux, which cannot stack, are refused by the config); every
+    family's adapter assembles its pipeline."""
+    return bool(config.condition)
 
 
 @dataclasses.dataclass(frozen=True)
 class ValidationView:
-    """One condition a validation samples with: the only one of a single-condition run, or one slot
-    (SDXL control type, Flux mode) of a union run, given alone."""
+    """One condition a validation scores: the only one of a single-condition run; one slot (SDXL control
+    type, Flux mode) of a union run, sampled alone; or one of the maps stacked as channels, whose samples
+    (made once, from the whole stack) it scores against its own 3 channels."""
 
     condition: str
     mode: int | None = None
-    """The union slot/mode; None for a single-condition ControlNet."""
+    """The union slot/mode the pipeline is given alone; None: the pipeline is given the whole input."""
+    slot: int | None = None
+    """Where its 3 channels sit in the stacked condition tensor (union and stacked runs); None: a single
+    condition, all the input."""
 
     @property
     def suffix(self) -> str:
-        """Grid file name suffix: a union run writes one grid per condition."""
+        """Grid file name suffix: a union run writes one grid per condition, a stacked run one for all."""
         return "" if self.mode is None else f"-{self.condition}"
 
     def key(self, metric: str) -> str:
-        """A metric's name in metrics.jsonl and trackers: union runs name the condition (``canny/edge_f1``)."""
-        return metric if self.mode is None else f"{self.condition}/{metric}"
+        """A metric's name in metrics.jsonl and trackers: runs of several conditions name the condition
+        (``canny/edge_f1``)."""
+        return metric if self.slot is None else f"{self.condition}/{metric}"
 
 
 def validation_views(config: TrainConfig) -> list[ValidationView]:
-    """What each validation samples: every condition of a union run in turn (slot/mode = its position in
-    --condition, as the model card maps them), else the run's one condition."""
+    """What each validation scores: every condition of a union run in turn (slot/mode = its position in
+    --condition, as the model card maps them), every condition of a stacked run (its channels' position),
+    else the run's one condition."""
     if config.union:
-        return [ValidationView(name, i) for i, name in enumerate(config.condition)]
+        return [ValidationView(name, i, i) for i, name in enumerate(config.condition)]
+    if len(config.condition) > 1:
+        return [ValidationView(name, None, i) for i, name in enumerate(config.condition)]
     return [ValidationView(config.condition[0])]
 
 
+def validation_groups(config: TrainConfig) -> list[list[ValidationView]]:
+    """Views that share one set of samples: a stacked run samples once, from the whole stack, for all its
+    conditions; each union condition is sampled alone; a single condition is its own group."""
+    views = validation_views(config)
+    return [views] if not config.union and len(views) > 1 else [[view] for view in views]
+
+
 def view_inputs(inputs: list, view: ValidationView, given_images: bool) -> list:
-    """The inputs with only ``view``'s condition: its 3 channels of each held-out row's stacked tensor
-    (a given --validation_image is taken as each condition's map in turn)."""
-    if view.mode is None or given_images:
+    """The inputs with only ``view``'s condition: its 3 channels of each stacked tensor (a --validation_image
+    given to a union run is one 3-channel map, taken as each condition's map in turn)."""
+    if view.slot is None or (given_images and view.mode is not None):
         return inputs
-    channels = slice(3 * view.mode, 3 * view.mode + 3)
+    channels = slice(3 * view.slot, 3 * view.slot + 3)
     return [(cond[:, channels], prompt) for cond, prompt in inputs]
+
+
+def sampled_inputs(inputs: list, view: ValidationView, given_images: bool) -> list:
+    """What the pipeline is given for ``view``'s group: a union slot's own channels, else the whole input."""
+    return inputs if view.mode is None else view_inputs(inputs, view, given_images)
 
 
 def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch.nn.Module:
@@ -502,7 +524,7 @@ def make_sampler(base, controlnet: torch.nn.Module, ema, weight_dtype: torch.dty
 class ValidationScorer:
     """Controllability of validation samples (train/metrics.py): each sample re-annotated with the
     condition's own annotator and compared with its condition; logged per validation (and per condition
-    of a union run) so the ControlNet's "sudden convergence" shows as a curve (TensorBoard and
+    of a union or stacked run) so the ControlNet's "sudden convergence" shows as a curve (TensorBoard and
     validation/metrics.jsonl). A condition without a metric, or whose annotator cannot load here, is
     recorded as unscored with the reason (logged once); its grid is still made."""
 
@@ -596,38 +618,43 @@ def paired(inputs: list, samples: list, stored_maps: list | None) -> tuple[list,
 
 def run_validation(config, base, controlnet, ema, held_out, label: str, seed: int, weight_dtype: torch.dtype,
                    trackers=(), global_step: int | None = None, scorer: ValidationScorer | None = None) -> list[Path]:
-    """Generate from held-out conditions (or the given images), for each condition of a union run given
-    alone; write a PNG grid per condition, send it to TensorBoard, and score the samples' controllability."""
+    """Generate from held-out conditions (or the given images): once from the whole input (a single
+    condition, or every map of a stacked run), or for each condition of a union run given alone; write a
+    PNG grid per sampling, send it to TensorBoard, and score the samples' controllability per condition."""
     from train.validation import validation_inputs
 
     if not can_validate(config):
-        log.warning("validation images need one condition, or --union (one validation per condition); skipped")
+        log.warning("validation cannot run for conditions %s; skipped", ",".join(config.condition))
         return []
     inputs = validation_inputs(held_out, config.condition, config.validation_image, config.validation_prompt,
-                               config.resolution)
+                               config.resolution, stacked=len(config.condition) > 1 and not config.union)
     if not inputs:
         return []
     sample = make_sampler(base, controlnet, ema, weight_dtype)
-    return [validate_view(config, view, sample, inputs, held_out, label, seed, trackers, global_step, scorer)
-            for view in validation_views(config)]
+    return [validate_views(config, views, sample, inputs, held_out, label, seed, trackers, global_step, scorer)
+            for views in validation_groups(config)]
 
 
-def validate_view(config, view: ValidationView, sample: Sampler, inputs: list, held_out: list, label: str,
-                  seed: int, trackers, global_step: int | None, scorer: ValidationScorer | None) -> Path:
-    """One condition's samples, grid, scores and TensorBoard image."""
+def validate_views(config, views: list[ValidationView], sample: Sampler, inputs: list, held_out: list, label: str,
+                   seed: int, trackers, global_step: int | None, scorer: ValidationScorer | None) -> Path:
+    """One sampling's samples (made once), grid and TensorBoard image; each of ``views`` scores them
+    against its own condition."""
     from train.validation import grid
 
-    own = view_inputs(inputs, view, bool(config.validation_image))
-    samples = sample(own, config.num_validation_images, seed, view.mode)
-    path = grid(own, samples, Path(config.output_dir) / "validation" / f"step-{label}{view.suffix}.png")
+    given_images, first = bool(config.validation_image), views[0]
+    given = sampled_inputs(inputs, first, given_images)
+    samples = sample(given, config.num_validation_images, seed, first.mode)
+    path = grid(given, samples, Path(config.output_dir) / "validation" / f"step-{label}{first.suffix}.png")
     if scorer is not None:
-        scorer(own, samples, label, global_step, trackers, stored_maps(config, held_out, view.condition), view)
+        for view in views:
+            scorer(view_inputs(inputs, view, given_images), samples, label, global_step, trackers,
+                   stored_maps(config, held_out, view.condition), view)
     for tracker in trackers:
         if tracker.name == "tensorboard":
             import numpy as np
             from PIL import Image
 
-            tag = "validation" if view.mode is None else f"validation/{view.condition}"
+            tag = "validation" if first.mode is None else f"validation/{first.condition}"
             tracker.writer.add_image(tag, np.asarray(Image.open(path)), global_step, dataformats="HWC")
     return path
 

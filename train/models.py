@@ -165,7 +165,10 @@ class FamilyAdapter:
 
     def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
         """The pipeline's control arguments for a batch of [0, 1] condition images; ``mode``: the union
-        slot they fill (the only one given), None for a single-condition ControlNet."""
+        slot they fill (the only one given), None for a single-condition ControlNet. Conditions stacked as
+        channels come as one Nx(3k)xHxW tensor: the pipeline's control image processor passes a tensor on
+        as it is (no normalisation; resized only to another size, and 3k is never the 4 channels it would
+        take for latents), so the ControlNet sees exactly the trained channel layout."""
         return {"image": condition}
 
     def sample(self, pipe, base: BaseModels, condition: torch.Tensor, prompt: str, count: int,

@@ -11,16 +11,20 @@ from PIL import Image
 
 
 def validation_inputs(rows: Sequence[dict], conditions: Sequence[str], images: Sequence[str],
-                      prompts: Sequence[str], resolution: int) -> list[tuple[torch.Tensor, str]]:
-    """(condition tensor 1xCxHxW in [0, 1], prompt) pairs: given files, else held-out rows."""
+                      prompts: Sequence[str], resolution: int, stacked: bool = False) -> list[tuple[torch.Tensor, str]]:
+    """(condition tensor 1xCxHxW in [0, 1], prompt) pairs: given files, else held-out rows (every condition,
+    3 channels each, in order). ``stacked``: each given entry is a comma-separated file per condition, stacked
+    as channels as in training (see ``config.validation_image_problem``)."""
     from train.data import ManifestDataset
 
     if images:
         prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
         out = []
-        for path, prompt in zip(images, prompts):
-            im = Image.open(path).convert("RGB").resize((resolution, resolution))
-            out.append((torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)[None], prompt))
+        for entry, prompt in zip(images, prompts):
+            files = [f.strip() for f in entry.split(",") if f.strip()] if stacked else [entry]
+            maps = [np.asarray(Image.open(f).convert("RGB").resize((resolution, resolution)), np.float32) / 255
+                    for f in files]
+            out.append((torch.from_numpy(np.concatenate(maps, axis=2)).permute(2, 0, 1)[None], prompt))
         return out
     dataset = ManifestDataset(list(rows), conditions, resolution, seed=0, center_crop=True, random_flip=False,
                               proportion_empty_prompts=0.0)
@@ -73,11 +77,13 @@ def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def grid(inputs: list[tuple[torch.Tensor, str]], samples: list[list[Image.Image]], path: Path) -> Path:
-    """PNG grid: each row is condition (first 3 channels) | generated images."""
+    """PNG grid: each row is its condition (every 3-channel map of a stacked input, in order) | generated
+    images."""
     rows = []
     for (cond, _), images in zip(inputs, samples):
-        c = (cond[0, :3].permute(1, 2, 0).cpu().numpy() * 255).clip(0, 255).astype(np.uint8)
-        tiles = [Image.fromarray(c)] + [im.resize((c.shape[1], c.shape[0])) for im in images]
+        c = (cond[0].permute(1, 2, 0).float().cpu().numpy() * 255).clip(0, 255).astype(np.uint8)
+        maps = [Image.fromarray(np.ascontiguousarray(c[:, :, i:i + 3])) for i in range(0, c.shape[2] - 2, 3)]
+        tiles = maps + [im.resize((c.shape[1], c.shape[0])) for im in images]
         row = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height))
         x = 0
         for t in tiles:

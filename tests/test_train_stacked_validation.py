@@ -1,0 +1,306 @@
+"""Validation and evaluation of ControlNets trained on conditions stacked as channels (``--condition
+canny,invert`` without ``--union``): samples made once per validation from the whole 6-channel stack, a
+grid showing every map, and the samples scored against each condition on its own."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_train_families import train_args
+
+VALIDATE_EVERY_STEP = ["--max_train_steps", "1", "--validation_steps", "1", "--num_validation_rows", "1",
+                       "--num_validation_images", "1", "--checkpointing_steps", "10"]
+PIPELINE = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+
+
+# --- without models ------------------------------------------------------------------------------
+
+
+def config_for(manifest, base, *extra, condition="canny,invert"):
+    from train.train import parse_args
+
+    return parse_args(train_args(manifest, base, "out", "sd", *extra, condition=condition))
+
+
+def test_stacked_runs_validate_and_hold_rows_out(stacked_manifest, tiny_sd, tiny_sdxl):
+    from train.loop import can_validate, holdout_count, validation_groups, validation_views
+
+    config = config_for(stacked_manifest, tiny_sd, "--num_validation_rows", "3")
+    assert can_validate(config) and holdout_count(config) == 3
+    views = validation_views(config)
+    assert [(v.condition, v.mode, v.slot) for v in views] == [("canny", None, 0), ("invert", None, 1)]
+    assert [v.key("edge_f1") for v in views] == ["canny/edge_f1", "invert/edge_f1"]
+    assert {v.suffix for v in views} == {""}  # one grid for the whole stack
+    assert validation_groups(config) == [views]  # sampled once for both conditions
+    union = config_for(stacked_manifest, tiny_sdxl, "--union")
+    assert validation_groups(union) == [[v] for v in validation_views(union)]
+
+
+def test_view_inputs_give_each_condition_its_own_channels():
+    from train.loop import ValidationView, sampled_inputs, view_inputs
+
+    stack = torch.arange(6.0).view(1, 6, 1, 1).expand(1, 6, 4, 4)
+    inputs = [(stack, "a prompt")]
+    for slot in (0, 1):
+        (own, prompt), = view_inputs(inputs, ValidationView("c", None, slot), False)
+        assert prompt == "a prompt" and torch.equal(own, stack[:, 3 * slot:3 * slot + 3])
+        assert sampled_inputs(inputs, ValidationView("c", None, slot), False) is inputs  # the whole stack
+
+
+def test_grid_shows_every_stacked_map(tmp_path):
+    from train.validation import grid
+
+    canny, invert = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 200, np.uint8)
+    stack = torch.from_numpy(np.concatenate([canny, invert], axis=2)).permute(2, 0, 1)[None].float() / 255
+    sample = Image.new("RGB", (8, 8), (10, 20, 30))
+    sheet = np.asarray(Image.open(grid([(stack, "p")] * 2, [[sample, sample]] * 2, tmp_path / "g.png")))
+    assert sheet.shape == (16, 4 * 8, 3)  # two rows of canny | invert | 2 samples
+    assert (sheet[:, :8] == 0).all() and (sheet[:, 8:16] == 200).all() and (sheet[:, 16:] == (10, 20, 30)).all()
+
+
+def test_validation_image_takes_one_map_per_condition(stacked_manifest, tiny_sd, tiny_sdxl, tmp_path, capsys):
+    """A stacked run's --validation_image entries are comma-separated maps in --condition order; one file
+    alone is refused when the flags are read (before any model loads), saying what to give."""
+    from train.loop import holdout_count
+    from train.validation import validation_inputs
+
+    prompt = ("--validation_prompt", "x")
+    with pytest.raises(SystemExit):
+        config_for(stacked_manifest, tiny_sd, "--validation_image", "a.png", *prompt)
+    assert "one map per condition" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config_for(stacked_manifest, tiny_sd, "--validation_image", "a.png,b.png,c.png", *prompt)
+    err = capsys.readouterr().err
+    assert "--validation_image canny.png,invert.png" in err and "got 3" in err
+    config = config_for(stacked_manifest, tiny_sd, "--validation_image", "a.png,b.png", *prompt)
+    assert holdout_count(config) == 0
+    # a single-condition or union run still takes one file per sample
+    assert holdout_count(config_for(stacked_manifest, tiny_sd, "--validation_image", "a.png", *prompt,
+                                        condition="canny")) == 0
+    assert holdout_count(config_for(stacked_manifest, tiny_sdxl, "--union", "--validation_image", "a.png", *prompt)) == 0
+
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "b.png")
+    (cond, prompt), = validation_inputs((), ("canny", "invert"), (f"{tmp_path / 'a.png'},{tmp_path / 'b.png'}",),
+                                        ("x",), 8, stacked=True)
+    assert prompt == "x" and cond.shape == (1, 6, 8, 8)
+    assert cond[0, :, 0, 0].tolist() == [1, 0, 0, 0, 0, 1]
+
+
+# --- training runs -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stacked_spy(monkeypatch):
+    """Records each validation pipeline call's control image and the condition the ControlNet's forward
+    received inside it; and the (train, held-out) rows the loop loaded."""
+    import diffusers
+
+    from train import loop
+
+    seen: dict = {"calls": [], "rows": []}
+    real_load_rows = loop.load_rows
+
+    def load_rows(*args, **kwargs):
+        rows = real_load_rows(*args, **kwargs)
+        seen["rows"].append(rows)
+        return rows
+
+    monkeypatch.setattr(loop, "load_rows", load_rows)
+    real_forward = diffusers.ControlNetModel.forward
+
+    def forward(self, *args, **kwargs):
+        calls = seen["calls"]
+        if calls and "done" not in calls[-1]:
+            calls[-1]["forwards"].append(tuple(kwargs["controlnet_cond"].shape))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.ControlNetModel, "forward", forward)
+
+    def spy_on(family: str) -> dict:
+        pipeline = getattr(diffusers, PIPELINE[family])
+        real_call = pipeline.__call__
+
+        def call(self, *args, **kwargs):
+            seen["calls"].append({"image": kwargs["image"].detach().cpu().float().clone(), "forwards": []})
+            try:
+                return real_call(self, *args, **kwargs)
+            finally:
+                seen["calls"][-1]["done"] = True
+
+        monkeypatch.setattr(pipeline, "__call__", call)
+        return seen
+
+    return spy_on
+
+
+def check_stacked_validation(out, seen: dict) -> None:
+    """Grids of [canny | invert | sample], canny scored under ``canny/``, invert unscored; one pipeline call
+    per held-out row and validation, given the row's whole stack, which the ControlNet saw every step."""
+    from train.validation import validation_inputs
+
+    (train_rows, held), = seen["rows"]
+    assert len(held) == 1 and held[0]["id"] not in {r["id"] for r in train_rows}  # held out of training
+    stacked = validation_inputs(held, ("canny", "invert"), (), (), 64)[0][0]
+    assert stacked.shape == (1, 6, 64, 64)
+
+    grids = sorted(p.name for p in (out / "validation").glob("*.png"))
+    assert grids == ["step-000001.png", "step-final.png"]
+    for name in grids:
+        sheet = np.asarray(Image.open(out / "validation" / name).convert("RGB"))
+        assert sheet.shape == (64, 3 * 64, 3)  # canny | invert | one sample
+        for slot in (0, 1):
+            tile = sheet[:, 64 * slot:64 * (slot + 1)].astype(np.float32) / 255
+            expected = stacked[0, 3 * slot:3 * slot + 3].permute(1, 2, 0).numpy()
+            assert np.abs(tile - expected).max() <= 1 / 255 + 1e-6, (name, slot)
+
+    records = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["condition"]) for r in records] == [(1, "canny"), (1, "invert"), ("final", "canny"),
+                                                             ("final", "invert")]
+    for r in records[0::2]:
+        assert set(r) == {"step", "condition", "canny/edge_f1"} and 0.0 <= r["canny/edge_f1"] <= 1.0
+    for r in records[1::2]:
+        assert set(r) == {"step", "condition", "unscored"} and "no controllability metric" in r["unscored"]
+
+    # generated once per validation (2 validations x 1 held-out row), from the whole stack
+    assert len(seen["calls"]) == 2
+    for call in seen["calls"]:
+        assert call["image"].shape[1] == 6
+        assert torch.allclose(call["image"][:1], stacked, atol=1e-6)
+        assert call["forwards"] and all(shape[1] == 6 for shape in call["forwards"])
+
+
+@pytest.mark.slow
+def test_stacked_sd_run_validates_once_and_scores_each_condition(stacked_manifest, tiny_sd, tmp_path, stacked_spy):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.train import main
+
+    seen = stacked_spy("sd")
+    out = tmp_path / "stacked"
+    assert main(train_args(stacked_manifest, tiny_sd, out, "sd", *VALIDATE_EVERY_STEP, "--report_to", "tensorboard",
+                           condition="canny,invert")) == 0
+    check_stacked_validation(out, seen)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("validation/canny/edge_f1")] == [1]
+    assert "validation" in events.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_stacked_sdxl_run_validates_once_and_scores_each_condition(stacked_manifest, tiny_sdxl, tmp_path,
+                                                                  stacked_spy):
+    from train.train import main
+
+    seen = stacked_spy("sdxl")
+    out = tmp_path / "stacked_xl"
+    assert main(train_args(stacked_manifest, tiny_sdxl, out, "sdxl", *VALIDATE_EVERY_STEP, "--use_ema",
+                           condition="canny,invert")) == 0
+    check_stacked_validation(out, seen)
+
+
+@pytest.mark.slow
+def test_stacked_run_with_validation_images(stacked_manifest, tiny_sd, tmp_path, stacked_spy):
+    """Each --validation_image entry gives the maps of one sample, stacked in --condition order; no rows
+    are held out, and the grid shows the given maps."""
+    from train.train import main
+
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "white.png")
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(tmp_path / "black.png")
+    seen = stacked_spy("sd")
+    out = tmp_path / "given"
+    assert main(train_args(stacked_manifest, tiny_sd, out, "sd", "--max_train_steps", "1", "--validation_steps", "5",
+                           "--num_validation_images", "1", "--validation_prompt", "a scene", "--validation_image",
+                           f"{tmp_path / 'white.png'},{tmp_path / 'black.png'}", condition="canny,invert")) == 0
+    (train_rows, held), = seen["rows"]
+    assert len(held) == 0
+    (call,) = seen["calls"]  # the final validation only
+    assert call["image"].shape[1] == 6
+    assert call["image"][0, :3].eq(1).all() and call["image"][0, 3:].eq(0).all()
+    sheet = np.asarray(Image.open(out / "validation" / "step-final.png").convert("RGB"))
+    assert sheet.shape == (64, 3 * 64, 3) and (sheet[:, :64] == 255).all() and (sheet[:, 64:128] == 0).all()
+    records = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["condition"]) for r in records] == [("final", "canny"), ("final", "invert")]
+    assert "canny/edge_f1" in records[0]
+
+
+def test_stacked_validation_image_of_one_file_is_refused(stacked_manifest, tiny_sd, tmp_path, capsys):
+    from train.train import main
+
+    with pytest.raises(SystemExit) as exit_:  # argparse's error: usage, the message, exit 2
+        main(train_args(stacked_manifest, tiny_sd, tmp_path / "x", "sd", "--validation_image", "a.png",
+                        "--validation_prompt", "x", condition="canny,invert"))
+    assert exit_.value.code == 2 and not (tmp_path / "x").exists()
+    assert "one map per condition" in capsys.readouterr().err
+
+
+# --- train/evaluate.py ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stacked_controlnet(tiny_sd, tmp_path_factory):
+    """A 6-channel ControlNet (canny, invert) with randomised zero convolutions, as train.py exports it."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("stacked_controlnet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=6)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            block.weight.normal_(0, 0.5)
+    controlnet.save_pretrained(root / "controlnet")
+    return root
+
+
+def evaluate_argv(controlnet, sd, manifest, out, condition="canny,invert", *extra):
+    return ["--controlnet", str(controlnet), "--pretrained_model_name_or_path", str(sd), "--manifest", str(manifest),
+            "--condition", condition, "--output_dir", str(out), "--num_inference_steps", "2", "--num_samples", "2",
+            "--keep_duplicates", *extra]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_stacked_controlnet_per_condition(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path,
+                                                            monkeypatch):
+    import diffusers
+
+    from train import evaluate
+
+    given = []
+    real_forward = diffusers.ControlNetModel.forward
+
+    def forward(self, *args, **kwargs):
+        given.append(tuple(kwargs["controlnet_cond"].shape))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.ControlNetModel, "forward", forward)
+    out = tmp_path / "eval"
+    assert evaluate.main(evaluate_argv(stacked_controlnet, tiny_sd, stacked_manifest, out)) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["condition"] == "canny,invert" and result["conditions"] == ["canny", "invert"]
+    assert set(result["controlnet"]) == set(result["base"]) == {"canny/edge_f1"}
+    assert "no controllability metric" in result["unscored"]["invert"]
+    assert all(set(s["controlnet"]) == {"canny/edge_f1"} for s in result["samples"]) and len(result["samples"]) == 2
+    assert given and all(shape[1] == 6 for shape in given)
+    first = evaluate.load_rows(str(stacked_manifest), ["canny"], 1, keep_duplicates=True)[0]["cond_canny"]
+    height, width = evaluate.prepare_condition(first, None, False).shape[:2]
+    sheet = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    # canny | invert | with ControlNet | base alone, each scaled to 128 px high
+    assert sheet.shape == (16 + 2 * 128, 4 * round(width * 128 / height), 3)
+
+
+def test_evaluate_refuses_a_stacked_controlnet_given_one_condition(stacked_controlnet, tiny_sd, stacked_manifest,
+                                                                   tmp_path, capsys):
+    from train import evaluate
+
+    assert evaluate.main(evaluate_argv(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path / "e", "canny")) == 2
+    err = capsys.readouterr().err
+    assert "6 condition channels (2 conditions stacked as channels)" in err and "training order" in err
+    assert evaluate.main(evaluate_argv(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path / "e", "invert")) == 2
+    with pytest.raises(SystemExit):
+        evaluate.main(evaluate_argv(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path / "e", "canny,canny"))
