@@ -9,7 +9,9 @@
    (``accelerate.init_empty_weights``: nothing is allocated). Implied training memory: the base in bf16
    (2 bytes/parameter) + the ControlNet in fp32 with its gradients and AdamW's two moments (16
    bytes/parameter); activations are not counted (they scale with batch and resolution, and
-   ``--gradient_checkpointing`` trades them for time).
+   ``--gradient_checkpointing`` trades them for time). ``--fp8_base`` columns: the denoiser's and text
+   encoders' Linear/Conv2d weights at 1 byte each plus a float32 scale per output channel
+   (train/float8_base.py), everything else of the base still bf16.
 2. Measured on this CPU, for a reduced-depth model at the real width (each kind in its own process):
    peak RSS growth and time per step of a ControlNet step (base locked, fp32) versus fine-tuning the
    base alone (all of its parameters trained with AdamW), at 256 px, batch 1.
@@ -67,7 +69,20 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def text_encoders(*configs: tuple[str, dict]) -> int:
+FP8_SAVED: dict[str, int] = {}
+"""Bytes ``--fp8_base`` saves on each model counted by ``fp8_saving`` (keyed by the caller's label)."""
+
+
+def fp8_saving(module: torch.nn.Module) -> int:
+    """Bytes saved by storing ``module``'s convertible layers in float8 instead of bf16: 1 byte per weight,
+    less a float32 scale per output channel."""
+    from train.float8_base import convertible
+
+    layers = [m for m in module.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and convertible(m)]
+    return sum(m.weight.numel() - 4 * m.weight.shape[0] for m in layers)
+
+
+def text_encoders(*configs: tuple[str, dict], label: str = "") -> int:
     import transformers
 
     total = 0
@@ -77,6 +92,7 @@ def text_encoders(*configs: tuple[str, dict]) -> int:
         names = {n for n, _ in model.named_parameters()}
         tied = {"shared.weight", "encoder.embed_tokens.weight"} <= names  # one tensor in T5, two on the meta device
         total += count(model) - (model.shared.weight.numel() if tied else 0)
+        FP8_SAVED[label] = FP8_SAVED.get(label, 0) + fp8_saving(model)
     return total
 
 
@@ -97,33 +113,38 @@ def family_counts() -> list[dict]:
                 ("SDXL", SDXL_UNET, [("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G)])):
             unet = UNet2DConditionModel(**unet_config)
             controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
-            rows.append({"family": name, "denoiser": count(unet), "text": text_encoders(*encoders), "vae": sd_vae,
-                         "controlnet": count(controlnet), "layers": "whole encoder"})
+            rows.append({"family": name, "denoiser": count(unet), "text": text_encoders(*encoders, label=name),
+                         "vae": sd_vae, "controlnet": count(controlnet), "layers": "whole encoder",
+                         "fp8_saved": fp8_saving(unet) + FP8_SAVED[name]})
             if name == "SDXL":
                 union = union_from_unet(unet, (16, 32, 96, 256))
                 rows.append({**rows[-1], "family": "SDXL union", "controlnet": count(union),
                              "layers": "whole encoder + control-type transformer"})
         sd3_text = text_encoders(("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G),
-                                 ("T5EncoderModel", T5_XXL))
+                                 ("T5EncoderModel", T5_XXL), label="sd3")
         for name, config in (("SD3.5-medium", SD35_MEDIUM), ("SD3.5-large", SD35_LARGE)):
             transformer = SD3Transformer2DModel(**config)
             layers = min(SD3Adapter.default_layers, config["num_layers"])
             controlnet = SD3ControlNetModel.from_config({**config, "num_layers": layers,
                                                          "extra_conditioning_channels": 0})
             rows.append({"family": name, "denoiser": count(transformer), "text": sd3_text, "vae": flow_vae,
-                         "controlnet": count(controlnet), "layers": f"{layers} of {config['num_layers']} joint"})
+                         "controlnet": count(controlnet), "layers": f"{layers} of {config['num_layers']} joint",
+                         "fp8_saved": fp8_saving(transformer) + FP8_SAVED["sd3"]})
         transformer = FluxTransformer2DModel(**FLUX_DEV)
         controlnet = FluxControlNetModel.from_config({**FLUX_DEV, "num_layers": FluxAdapter.default_layers,
                                                       "num_single_layers": FluxAdapter.default_single_layers})
         rows.append({"family": "Flux.1-dev", "denoiser": count(transformer),
-                     "text": text_encoders(("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)), "vae": flow_vae,
-                     "controlnet": count(controlnet),
-                     "layers": f"{FluxAdapter.default_layers}+{FluxAdapter.default_single_layers} of 19+38"})
+                     "text": text_encoders(("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL), label="flux"),
+                     "vae": flow_vae, "controlnet": count(controlnet),
+                     "layers": f"{FluxAdapter.default_layers}+{FluxAdapter.default_single_layers} of 19+38",
+                     "fp8_saved": fp8_saving(transformer) + FP8_SAVED["flux"]})
     for row in rows:
         row["base"] = row["denoiser"] + row["text"] + row["vae"]
         row["base_bf16_gib"] = 2 * row["base"] / GIB
         row["controlnet_train_gib"] = 16 * row["controlnet"] / GIB
         row["total_gib"] = row["base_bf16_gib"] + row["controlnet_train_gib"]
+        row["base_fp8_gib"] = row["base_bf16_gib"] - row["fp8_saved"] / GIB  # --fp8_base
+        row["total_fp8_gib"] = row["base_fp8_gib"] + row["controlnet_train_gib"]
         row["base_finetune_gib"] = 16 * row["denoiser"] + 2 * (row["text"] + row["vae"])
         row["base_finetune_gib"] /= GIB
     return rows
@@ -238,12 +259,14 @@ def main() -> None:
     print("1. Parameters at the real sizes (meta device) and implied training memory "
           "(bf16 base + fp32 ControlNet with grads and AdamW, activations not counted)")
     print(f"{'family':<14}{'denoiser':>10}{'text+vae':>10}{'ControlNet':>12}{'CN/denoiser':>12}"
-          f"{'base bf16':>11}{'CN train':>10}{'total':>9}{'vs fine-tune':>13}  ControlNet depth")
+          f"{'base bf16':>11}{'CN train':>10}{'total':>9}{'vs fine-tune':>13}{'base fp8':>10}{'total fp8':>11}"
+          "  ControlNet depth")
     for r in family_counts():
         print(f"{r['family']:<14}{r['denoiser'] / 1e9:>9.2f}B{(r['text'] + r['vae']) / 1e9:>9.2f}B"
               f"{r['controlnet'] / 1e9:>11.2f}B{r['controlnet'] / r['denoiser']:>12.2f}"
               f"{r['base_bf16_gib']:>8.1f}GiB{r['controlnet_train_gib']:>7.1f}GiB{r['total_gib']:>6.1f}GiB"
-              f"{r['total_gib'] / r['base_finetune_gib']:>12.2f}x  {r['layers']}")
+              f"{r['total_gib'] / r['base_finetune_gib']:>12.2f}x"
+              f"{r['base_fp8_gib']:>7.1f}GiB{r['total_fp8_gib']:>8.1f}GiB  {r['layers']}")
     families = {"none": [], "both": ["sd3", "flux"]}.get(args.measure, args.measure.split(","))
     if not families:
         return

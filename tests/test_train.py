@@ -203,7 +203,9 @@ def test_two_stacked_conditions_train_and_export(stacked_manifest, tiny_sd, tmp_
 
     seen = capture_conditions(monkeypatch)
     out = tmp_path / "stacked"
-    args = train_args(stacked_manifest, tiny_sd, out, "--max_train_steps", "2", "--checkpointing_steps", "10")
+    # validation off: its sampling calls the ControlNet too (stacked validation: test_train_stacked_validation.py)
+    args = train_args(stacked_manifest, tiny_sd, out, "--max_train_steps", "2", "--checkpointing_steps", "10",
+                      "--validation_steps", "0")
     args[args.index("canny")] = "canny,invert"
     assert main(args) == 0
     assert load_controlnet(out / "controlnet").config.conditioning_channels == 6

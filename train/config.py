@@ -184,6 +184,11 @@ class TrainConfig:
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""
+    fp8_base: bool = False
+    """Store the locked base's Linear/Conv2d weights (denoiser and text encoders; not the VAE) in float8 with a
+    scale per output channel, upcast to the base's dtype layer by layer in the forward and again in the
+    backward (train/float8_base.py): about half the memory of those weights in bf16, a quarter of fp32. Lossy
+    (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
 
     def __post_init__(self) -> None:
         self.condition = tuple(self.condition)
@@ -220,6 +225,10 @@ class TrainConfig:
             raise ValueError(problem)
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise ValueError("--cache_latents needs fixed crops: add --center_crop and leave --random_flip out")
+        if self.fp8_base:
+            problem = fp8_problem()
+            if problem:
+                raise ValueError(problem)
         if self.union and len(self.condition) < 2:
             raise ValueError("--union trains one ControlNet for several conditions: name two or more, e.g. "
                              "--condition canny,depth (or drop --union)")
@@ -251,6 +260,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def fp8_problem() -> str | None:
+    """Why ``--fp8_base`` cannot work with this PyTorch (None when it can)."""
+    import torch
+
+    if getattr(torch, "float8_e4m3fn", None) is None:
+        return (f"--fp8_base stores the base in float8, which this PyTorch ({torch.__version__}) lacks: upgrade "
+                "torch to 2.1 or newer, or drop --fp8_base")
+    return None
 
 
 def family_flag_problem(config: TrainConfig, family: str, transformer: dict | None = None) -> str | None:

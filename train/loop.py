@@ -129,6 +129,10 @@ def set_up(config: TrainConfig) -> Run:
                                          config.data_cache_dir, config.keep_duplicates)
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path,
                                  config.controlnet_num_layers, config.controlnet_num_single_layers)
+    if config.fp8_base:  # only now: the ControlNet has copied the base's full-precision weights
+        from train.float8_base import store_base_in_float8
+
+        log.info("fp8 base: %s", store_base_in_float8(base, weight_dtype).line())
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     ema = make_ema(accelerator, controlnet) if config.use_ema else None
@@ -377,6 +381,10 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     """Copy the EMA weights in, validate exactly what ships, export with a model card."""
     config, accelerator = run.config, run.accelerator
     figures["mixed_precision"] = accelerator.mixed_precision
+    if config.fp8_base:
+        from train.float8_base import base_float8_report
+
+        figures["fp8_base"] = base_float8_report(run.base).line()
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"figures": figures}
     if accelerator.is_main_process:
