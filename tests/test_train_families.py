@@ -747,3 +747,68 @@ def test_with_ema_validation_samples_the_ema_weights_and_restores_the_trained_on
     assert [c["ema"] for c in checks] == [True, False]  # at step 2 (EMA swapped in), then the final weights
     assert checks[0] == {"ema": True, "sampled_ema": True, "restored": True, "ema_differs": True}
     assert checks[1]["sampled_ema"] and checks[1]["restored"]
+
+
+@pytest.mark.slow
+def test_cached_conditions_reach_each_example_exactly_as_encoded_ones(stacked_manifest, tiny_flux, tmp_path,
+                                                                      monkeypatch):
+    """What the ControlNet is given, step by step, not only the weights after two AdamW steps (which move
+    every weight by about the learning rate whatever the gradient's size): a cached union run with a batch
+    size that divides no epoch, gradient accumulation and dropped captions hands each example the same
+    condition latents and mode as an uncached one."""
+    from train.train import main
+    from train.transformer_families import FluxAdapter
+
+    seen, real = [], FluxAdapter.control_inputs
+
+    def recording(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        seen.append({k: v.detach().float().clone() for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(FluxAdapter, "control_inputs", recording)
+    common = ["--union", "--max_train_steps", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps",
+              "10", "--validation_steps", "0", "--center_crop", "--proportion_empty_prompts", "0.5"]
+    runs = []
+    for extra in ([], ["--cache_latents"]):
+        args = train_args(stacked_manifest, tiny_flux, tmp_path / f"run{len(runs)}", "flux", *common, *extra,
+                          condition="canny,invert")
+        args[args.index("--train_batch_size") + 1] = "3"
+        seen.clear()
+        assert main(args) == 0
+        runs.append(list(seen))
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
+    uncached, cached = runs
+    assert len(uncached) == len(cached) == 4  # 2 steps x 2 micro-batches
+    for a, b in zip(uncached, cached):
+        assert a["controlnet_cond"].shape[0] == 3 and set(a) == set(b)
+        assert torch.equal(a["controlnet_mode"], b["controlnet_mode"])
+        assert torch.allclose(a["controlnet_cond"], b["controlnet_cond"], atol=1e-5)
+
+
+def test_the_condition_cache_encodes_no_more_maps_at_once_than_a_training_step(stacked_manifest, tiny_flux,
+                                                                              monkeypatch):
+    """A union run's cache holds every condition of a row, but builds it batch_size maps per VAE call (a
+    training step encodes batch_size images, then batch_size conditions): no larger peak at 1024 px."""
+    import diffusers
+
+    from train.cache import EncodedCache
+    from train.data import ManifestDataset, load_rows
+
+    base = load_family_base(tiny_flux, "flux", ("canny", "invert"), union=True)
+    rows, _ = load_rows(str(stacked_manifest), ("canny", "invert"), 0, keep_duplicates=True)
+    dataset = ManifestDataset(rows, ("canny", "invert"), 64, 0, center_crop=True)
+    sizes, encode = [], diffusers.AutoencoderKL.encode
+
+    def counting(self, x, *args, **kwargs):
+        sizes.append(x.shape[0])
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "encode", counting)
+    cache = EncodedCache(base, dataset, torch.device("cpu"), torch.float32, 3, show_progress=False)
+    assert max(sizes) == 3 and cache.condition_moments.shape[:2] == (len(dataset), 2)
+    with torch.no_grad():
+        one = base.vae.encode(dataset.condition_tensor(1)[3:][None] * 2 - 1).latent_dist.parameters[0]
+    assert torch.allclose(cache.condition_moments[1, 1], one, atol=1e-5)  # row 1's second condition, in place

@@ -143,3 +143,42 @@ def test_flux_with_ema_and_gradient_checkpointing_under_ddp(demo_manifest, tiny_
     assert len(params) == len(ema["shadow_params"])
     for param, shadow in zip(params, ema["shadow_params"]):
         assert torch.allclose(param, shadow, atol=1e-7)  # the export holds the EMA weights
+
+
+@pytest.mark.parametrize(("family", "blocks", "wanted", "expected"), [
+    ("sd3", {"num_layers": 4}, (3, None), (2, None)), ("sd3", {"num_layers": 6}, (5, None), (3, None)),
+    ("flux", {"num_layers": 1, "num_single_layers": 4}, (1, 3), (1, 2)),
+    ("flux", {"num_layers": 5, "num_single_layers": 1}, (4, 1), (3, 1))])
+@pytest.mark.parametrize("loaded", [False, True])
+def test_controlnet_blocks_whose_residuals_the_base_never_adds_are_capped(family, blocks, wanted, expected, loaded,
+                                                                          request, caplog, tmp_path):
+    """The base adds ControlNet residual int(i / (blocks / count)) (SD3) or i // ceil(blocks / count) (Flux)
+    after its block i: past half its blocks some residuals are never added, get no gradient (DDP fails at
+    the second step) and steer nothing; a new ControlNet is capped at the most the base reads, with a log line."""
+    from train.models import make_controlnet
+
+    base = load_family_base(request.getfixturevalue(f"tiny_{family}"), family)
+    base.transformer = type(base.transformer).from_config({**base.transformer.config, **blocks}).requires_grad_(False)
+    with caplog.at_level("INFO", logger="train"):
+        controlnet = make_controlnet(base, 3, None, *wanted)
+    assert (controlnet.config.num_layers, getattr(controlnet.config, "num_single_layers", None)) == expected
+    assert "adds no residual" in caplog.text
+    if loaded:  # a user's ControlNet of that shape, from a folder: the same parameters frozen
+        controlnet.save_pretrained(tmp_path / "controlnet")
+        controlnet = make_controlnet(base, 3, str(tmp_path / "controlnet"))
+    with torch.no_grad():  # open the zero-initialised outputs, so every used residual passes a gradient back
+        for name, p in controlnet.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks")):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    loss = base.family.loss(controlnet, base, torch.randn(2, 16, 8, 8), hidden, added, torch.rand(2, 3, 64, 64),
+                            torch.Generator().manual_seed(0))
+    loss.backward()
+    assert not [n for n, p in controlnet.named_parameters() if p.requires_grad and p.grad is None]
+    frozen = {n for n, p in controlnet.named_parameters() if not p.requires_grad}
+    if family == "sd3":  # the last block's text stream only: an earlier block's feeds the next block
+        last = f"transformer_blocks.{expected[0] - 1}."
+        assert {n.split(".")[2] for n in frozen} == {"attn", "ff_context"}
+        assert all(n.startswith((last + "attn.to_add_out.", last + "ff_context.")) for n in frozen)
+    else:  # single blocks read every joint block's text stream
+        assert not frozen

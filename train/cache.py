@@ -48,7 +48,9 @@ class EncodedCache:
             stacked = torch.stack([dataset.condition_tensor(i)
                                    for i in range(start, min(len(dataset), start + batch_size))])
             pixels = stacked.view(-1, 3, *stacked.shape[-2:]) * 2.0 - 1.0  # one 3-channel map per condition
-            encoded = base.vae.encode(pixels.to(self.device, base.vae.dtype)).latent_dist.parameters.float().cpu()
+            # at most batch_size maps per VAE call, as a training step encodes: not batch_size x conditions
+            encoded = torch.cat([base.vae.encode(chunk.to(self.device, base.vae.dtype)).latent_dist.parameters
+                                 .float().cpu() for chunk in pixels.split(batch_size)])
             moments.append(encoded.view(stacked.shape[0], count, *encoded.shape[1:]))
         return torch.cat(moments)
 

@@ -11,7 +11,8 @@ image/text position ids and (Flux.1-dev) a guidance input.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from typing import Any, Callable
 
 import torch
 
@@ -92,15 +93,25 @@ class FlowAdapter(FamilyAdapter):
 
     # --- the ControlNet and its loss ---------------------------------------------------------
 
-    def layers(self, wanted: int | None, default: int, available: int, what: str = "controlnet_num_layers") -> int:
-        """``wanted`` blocks (None: ``default``), capped at the ``available`` ones with a log line saying so."""
+    def layers(self, wanted: int | None, default: int, available: int, what: str = "controlnet_num_layers",
+               reads: "Callable[[int], set[int]] | None" = None) -> int:
+        """``wanted`` blocks (None: ``default``), capped at the ``available`` ones with a log line saying so,
+        and at the most whose residuals the base all reads (``reads``: count -> residual indices the base adds):
+        a residual it never adds gets no gradient (DDP then fails at the second step) and steers nothing."""
         chosen = wanted if wanted is not None else default
         if available < 1:
             raise SetupError(f"--{what}: this {FAMILY_NAMES[self.name]} base has no block a ControlNet can copy")
         if chosen > available:
             log.info("--%s %d capped at %d: the most this %s base allows", what, chosen, available,
                      FAMILY_NAMES[self.name])
-        return min(chosen, available)
+        count = min(chosen, available)
+        read = count
+        while reads is not None and read > 1 and reads(read) != set(range(read)):
+            read -= 1
+        if read < count:
+            log.info("--%s %d capped at %d: this %s base adds no residual of a ControlNet block past that", what,
+                     count, read, FAMILY_NAMES[self.name])
+        return read
 
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -182,7 +193,11 @@ class SD3Adapter(FlowAdapter):
             loaded = SD3ControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path))
             return freeze_dead_text_stream(loaded)
         # the base's last block is context_pre_only (it outputs no text stream): a ControlNet cannot copy it
-        layers = self.layers(num_layers, self.default_layers, base.transformer.config.num_layers - 1)
+        # SD3Transformer2DModel adds residual int(i / (blocks / count)) after each block i but its last
+        blocks = base.transformer.config.num_layers
+        readers = [i for i, b in enumerate(base.transformer.transformer_blocks) if b.context_pre_only is False]
+        layers = self.layers(num_layers, self.default_layers, blocks - 1,
+                             reads=lambda count: {int(i / (blocks / count)) for i in readers})
         # from_transformer writes num_layers into the config it is given: hand it a copy, not the base's
         view = TransformerView(base.transformer, {})
         return freeze_dead_text_stream(
@@ -252,9 +267,10 @@ class FluxAdapter(FlowAdapter):
         extra = {"num_mode": modes} if modes else {}
         return freeze_dead_text_stream(FluxControlNetModel.from_transformer(
             TransformerView(base.transformer, extra),
-            num_layers=self.layers(num_layers, self.default_layers, config.num_layers),
+            num_layers=self.layers(num_layers, self.default_layers, config.num_layers,
+                                   reads=flux_reads(config.num_layers)),
             num_single_layers=self.layers(num_single_layers, self.default_single_layers, config.num_single_layers,
-                                          "controlnet_num_single_layers"),
+                                          "controlnet_num_single_layers", reads=flux_reads(config.num_single_layers)),
             attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads))
 
     def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
@@ -319,6 +335,11 @@ class FluxAdapter(FlowAdapter):
         if not base.options.union:
             return {}
         return {"controlnet_mode": {c: i for i, c in enumerate(base.options.conditions)}}
+
+
+def flux_reads(blocks: int) -> Callable[[int], set[int]]:
+    """FluxTransformer2DModel adds residual ``i // ceil(blocks / count)`` after each of its ``blocks`` blocks."""
+    return lambda count: {i // math.ceil(blocks / count) for i in range(blocks)}
 
 
 def freeze_dead_text_stream(controlnet: torch.nn.Module) -> torch.nn.Module:
