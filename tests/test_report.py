@@ -38,3 +38,31 @@ def test_report_without_an_evaluation_says_what_to_run(tmp_path, capsys):
 
     assert main([str(tmp_path)]) == 2
     assert "run train/evaluate.py first" in capsys.readouterr().err
+
+
+def test_report_of_a_stacked_run_names_each_condition(tmp_path):
+    """A stacked ControlNet's evaluation and validations name metrics per condition (canny/edge_f1); the
+    curve and table use those names, and a condition without a metric is said to be unscored."""
+    from train.report import main
+
+    run = tmp_path / "run"
+    (run / "validation").mkdir(parents=True)
+    (run / "eval").mkdir()
+    Image.new("RGB", (96, 32)).save(run / "eval" / "grid.png")
+    (run / "eval" / "metrics.json").write_text(json.dumps({
+        "controlnet": {"canny/edge_f1": 0.7, "depth/depth_rmse": 0.1},
+        "base": {"canny/edge_f1": 0.5, "depth/depth_rmse": 0.2},
+        "num_samples": 2, "condition": "canny,depth,invert", "task": None, "lower_is_better": ["depth/depth_rmse"],
+        "grid": "grid.png", "conditions": ["canny", "depth", "invert"],
+        "unscored": {"invert": "no controllability metric for the invert annotator (train/metrics.py)"},
+    }))
+    curve = [r for s in (100, 200) for r in ({"step": s, "condition": "canny", "canny/edge_f1": s / 400},
+                                             {"step": s, "condition": "depth", "depth/depth_rmse": 20 / s},
+                                             {"step": s, "condition": "invert", "unscored": "no metric"})]
+    (run / "validation" / "metrics.jsonl").write_text("\n".join(json.dumps(c) for c in curve))
+    assert main([str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "| canny/edge_f1 | 0.700 | 0.500 | ControlNet |" in report
+    assert "| depth/depth_rmse | 0.100 | 0.200 | ControlNet |" in report
+    assert "`invert`: unscored, no controllability metric" in report
+    assert (run / "metrics_curve.png").is_file()

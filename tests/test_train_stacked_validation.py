@@ -50,6 +50,9 @@ def test_view_inputs_give_each_condition_its_own_channels():
         (own, prompt), = view_inputs(inputs, ValidationView("c", None, slot), False)
         assert prompt == "a prompt" and torch.equal(own, stack[:, 3 * slot:3 * slot + 3])
         assert sampled_inputs(inputs, ValidationView("c", None, slot), False) is inputs  # the whole stack
+        # given --validation_image maps are stacked too: each condition is scored on its own channels
+        (own, _), = view_inputs(inputs, ValidationView("c", None, slot), True)
+        assert torch.equal(own, stack[:, 3 * slot:3 * slot + 3])
 
 
 def test_grid_shows_every_stacked_map(tmp_path):
@@ -186,6 +189,8 @@ def test_stacked_sd_run_validates_once_and_scores_each_condition(stacked_manifes
     assert main(train_args(stacked_manifest, tiny_sd, out, "sd", *VALIDATE_EVERY_STEP, "--report_to", "tensorboard",
                            condition="canny,invert")) == 0
     check_stacked_validation(out, seen)
+    # the channel order, recorded for train/evaluate.py to check
+    assert json.loads((out / "train_summary.json").read_text())["conditions"] == ["canny", "invert"]
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
     events.Reload()
     assert [e.step for e in events.Scalars("validation/canny/edge_f1")] == [1]
@@ -227,6 +232,25 @@ def test_stacked_run_with_validation_images(stacked_manifest, tiny_sd, tmp_path,
     records = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["condition"]) for r in records] == [("final", "canny"), ("final", "invert")]
     assert "canny/edge_f1" in records[0]
+
+
+def test_missing_validation_image_is_refused_before_training(stacked_manifest, tiny_sd, tmp_path, capsys):
+    """A map missing from a comma list is named when the run starts (exit 2, nothing written), not by a
+    traceback at the first validation; a single-condition entry is one path, commas and all."""
+    from train.train import main, missing_validation_images, parse_args
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    args = train_args(stacked_manifest, tiny_sd, tmp_path / "x", "sd", "--validation_prompt", "x",
+                      "--validation_image", f"{tmp_path / 'a.png'},{tmp_path / 'gone.png'}", condition="canny,invert")
+    assert main(args) == 2 and not (tmp_path / "x").exists()
+    assert f"no such file: {tmp_path / 'gone.png'}" in capsys.readouterr().err
+    Image.new("RGB", (64, 64)).save(tmp_path / "my,file.png")
+    single = parse_args(train_args(stacked_manifest, tiny_sd, "out", "sd", "--validation_prompt", "x",
+                                   "--validation_image", str(tmp_path / "my,file.png"), condition="canny"))
+    assert missing_validation_images(single) == []
+    assert missing_validation_images(parse_args(train_args(
+        stacked_manifest, tiny_sd, "out", "sd", "--validation_prompt", "x", "--validation_image",
+        str(tmp_path / "a.png"), condition="canny"))) == []
 
 
 def test_stacked_validation_image_of_one_file_is_refused(stacked_manifest, tiny_sd, tmp_path, capsys):
@@ -292,6 +316,18 @@ def test_evaluate_scores_a_stacked_controlnet_per_condition(stacked_controlnet, 
     sheet = np.asarray(Image.open(out / "grid.png").convert("RGB"))
     # canny | invert | with ControlNet | base alone, each scaled to 128 px high
     assert sheet.shape == (16 + 2 * 128, 4 * round(width * 128 / height), 3)
+    # the maps are stacked in --condition order
+    canny, invert = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 9, np.uint8)
+    assert evaluate.stack_maps([canny, invert], [False, False])[0, 0].tolist() == [0, 0, 0, 9, 9, 9]
+    # named the other way round (an untracked ControlNet, so allowed), canny is still scored against its own
+    # maps: the base alone draws the same images either way, so its score cannot change
+    # (at --resolution, which scores against the stored maps rather than the ones the model was given)
+    bases = []
+    for order in ("canny,invert", "invert,canny"):
+        assert evaluate.main(evaluate_argv(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path / order, order,
+                                           "--resolution", "32")) == 0
+        bases.append(json.loads((tmp_path / order / "metrics.json").read_text())["base"])
+    assert bases[0] == bases[1] and set(bases[0]) == {"canny/edge_f1"}
 
 
 def test_evaluate_refuses_a_stacked_controlnet_given_one_condition(stacked_controlnet, tiny_sd, stacked_manifest,
@@ -304,3 +340,69 @@ def test_evaluate_refuses_a_stacked_controlnet_given_one_condition(stacked_contr
     assert evaluate.main(evaluate_argv(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path / "e", "invert")) == 2
     with pytest.raises(SystemExit):
         evaluate.main(evaluate_argv(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path / "e", "canny,canny"))
+
+
+def test_evaluate_refuses_conditions_in_another_order_than_trained(stacked_controlnet, tiny_sd, stacked_manifest,
+                                                                  tmp_path, capsys):
+    """Both orders give 6 channels; train_summary.json (written next to controlnet/) tells which is right."""
+    import shutil
+
+    from train import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(stacked_controlnet, run)
+    (run / "train_summary.json").write_text(json.dumps({"figures": {}, "conditions": ["canny", "invert"]}))
+    for controlnet in (run, run / "controlnet"):
+        assert evaluate.main(evaluate_argv(controlnet, tiny_sd, stacked_manifest, tmp_path / "e", "invert,canny")) == 2
+        err = capsys.readouterr().err
+        assert "trained on --condition canny,invert" in err and "same order" in err
+    assert not (tmp_path / "e").exists()
+    assert evaluate.check(evaluate.parse_args(evaluate_argv(run, tiny_sd, stacked_manifest, tmp_path / "e")))
+
+
+def test_evaluate_refuses_a_union_controlnet(stacked_controlnet, tiny_sd, stacked_manifest, tmp_path, capsys):
+    """A union ControlNet takes 3 channels too: it must not be loaded as a plain ControlNetModel and scored."""
+    import shutil
+
+    from train import evaluate
+
+    run = tmp_path / "union"
+    shutil.copytree(stacked_controlnet, run)
+    config = json.loads((run / "controlnet" / "config.json").read_text())
+    (run / "controlnet" / "config.json").write_text(json.dumps(
+        {**config, "_class_name": "ControlNetUnionModel", "conditioning_channels": 3}))
+    for condition in ("canny", "canny,invert"):
+        assert evaluate.main(evaluate_argv(run, tiny_sd, stacked_manifest, tmp_path / "e", condition)) == 2
+        assert "ControlNetUnionModel" in capsys.readouterr().err
+
+
+def test_each_stacked_condition_is_scored_against_its_own_maps(tmp_path):
+    """validate_views samples once and hands each view its own channels and its own stored maps (with the
+    scored condition second, so taking the first condition's would show)."""
+    import io
+
+    from train.config import TrainConfig
+    from train.loop import validate_views, validation_groups
+
+    def png(value: int) -> dict:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (value,) * 3).save(buffer, "PNG")
+        return {"bytes": buffer.getvalue()}
+
+    config = TrainConfig(manifest="m", condition=("invert", "canny"), pretrained_model_name_or_path="sd",
+                         output_dir=str(tmp_path), num_validation_images=1)
+    held_out = [{"cond_invert": png(10), "cond_canny": png(200)}]
+    stack = torch.cat([torch.full((1, 3, 8, 8), 0.25), torch.full((1, 3, 8, 8), 0.75)], dim=1)
+    calls, scored = [], []
+
+    def sample(inputs, per_input, seed, mode):
+        calls.append(inputs[0][0].shape)
+        return [[Image.new("RGB", (8, 8))] for _ in inputs]
+
+    def scorer(inputs, samples, label, step, trackers, maps, view):
+        scored.append((view.condition, float(inputs[0][0].mean()), int(maps[0][0, 0, 0])))
+
+    (views,) = validation_groups(config)
+    validate_views(config, views, sample, [(stack, "p")], held_out, "000001", 0, (), 1, scorer)
+    assert calls == [(1, 6, 8, 8)]
+    assert scored == [("invert", 0.25, 10), ("canny", 0.75, 200)]

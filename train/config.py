@@ -49,6 +49,12 @@ HANDED_CONDITIONS = ("openpose", "mediapipe_pose", "mediapipe_face")
 """Conditions whose maps tell left from right by colour (OpenPose limb colours, face-mesh eyes)."""
 
 
+def validation_image_files(entry: str, stacked: bool) -> list[str]:
+    """The files one ``--validation_image`` value names: a comma-separated file per condition for conditions
+    stacked as channels, else one path (commas and all)."""
+    return [f.strip() for f in entry.split(",") if f.strip()] if stacked else [entry]
+
+
 def validation_image_problem(images: tuple[str, ...], conditions: tuple[str, ...], union: bool) -> str | None:
     """Conditions stacked as channels need one map per condition for each sample: each ``--validation_image``
     is then a comma-separated list of files in ``--condition`` order (``canny.png,depth.png``); a single
@@ -56,7 +62,7 @@ def validation_image_problem(images: tuple[str, ...], conditions: tuple[str, ...
     if not images or union or len(conditions) < 2:
         return None
     for entry in images:
-        files = [f for f in entry.split(",") if f.strip()]
+        files = validation_image_files(entry, stacked=True)
         if len(files) != len(conditions):
             example = ",".join(f"{c}.png" for c in conditions)
             return (f"--validation_image {entry}: the run stacks {len(conditions)} conditions ({','.join(conditions)}) "

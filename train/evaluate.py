@@ -150,6 +150,19 @@ def annotator_params(summary: dict[str, Any], condition: str) -> dict[str, Any]:
     return {}
 
 
+def trained_conditions(folder: str) -> list[str] | None:
+    """The conditions, in channel order, that train.py recorded in ``train_summary.json`` next to the
+    ControlNet folder (None: no record, e.g. a ControlNet from elsewhere or an older run)."""
+    for candidate in (Path(folder) / "train_summary.json", Path(folder).parent / "train_summary.json"):
+        if candidate.is_file():
+            try:
+                conditions = json.loads(candidate.read_text()).get("conditions")
+            except (OSError, ValueError):
+                return None
+            return list(conditions) if isinstance(conditions, list) else None
+    return None
+
+
 def check(config: EvalConfig) -> dict[str, Any]:
     """Every check that needs no model; returns the manifest's summary."""
     import manifests
@@ -178,7 +191,17 @@ def check(config: EvalConfig) -> dict[str, Any]:
         which = f"the condition {config.condition!r}" if not config.stacked else f"any of {config.condition!r}"
         raise UsageError(f"no controllability metric knows {which}; metrics exist "
                          f"for {', '.join(metrics.CONDITION_METRICS)} and --task {', '.join(metrics.TASK_METRICS)}")
-    channels = json.loads((Path(folder) / "config.json").read_text()).get("conditioning_channels", 3)
+    controlnet_config = json.loads((Path(folder) / "config.json").read_text())
+    kind = controlnet_config.get("_class_name", "ControlNetModel")
+    if kind != "ControlNetModel":
+        raise UsageError(f"{folder} holds a {kind}; evaluate takes ControlNetModel ControlNets (SD 1.x/2.x, SDXL, "
+                         "one condition or conditions stacked as channels), not union or SD3/Flux ones")
+    recorded = trained_conditions(folder)
+    if recorded is not None and (config.stacked or len(recorded) > 1) and recorded != list(config.conditions):
+        raise UsageError(f"{folder} was trained on --condition {','.join(recorded)} (train_summary.json); "
+                         f"--condition {config.condition} would give it its maps in other channels: name the "
+                         "same conditions in the same order")
+    channels = controlnet_config.get("conditioning_channels", 3)
     if channels != 3 * len(config.conditions):
         trained = f" ({channels // 3} conditions stacked as channels)" if channels % 3 == 0 and channels > 3 else ""
         raise UsageError(f"{folder} takes {channels} condition channels{trained}; --condition {config.condition} "

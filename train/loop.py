@@ -402,6 +402,7 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
             "provenance": summary.get("annotators", []), "args": config.to_dict(), "figures": figures,
         }
         result["exported"] = export(final, config.output_dir, card)
+        result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
         result.update(run.base.family.card_extra(run.base))  # a union's condition -> slot/mode mapping
         (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(result, indent=2, default=str))
     accelerator.end_training()

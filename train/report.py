@@ -85,6 +85,8 @@ def write_report(run: Path, evaluation: Path) -> Path:
         "",
         *rows,
         "",
+        *[f"`{condition}`: unscored, {reason}" for condition, reason in metrics.get("unscored", {}).items()],
+        *([""] if metrics.get("unscored") else []),
         f"![condition | with ControlNet | base alone]({relative(grid, run)})",
         "",
     ]

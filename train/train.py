@@ -24,7 +24,7 @@ import logging
 import typing
 from typing import Sequence
 
-from train.config import SetupError, TrainConfig, differences_from_diffusers, field_docs
+from train.config import SetupError, TrainConfig, differences_from_diffusers, field_docs, validation_image_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +74,16 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return config
 
 
+def missing_validation_images(config: TrainConfig) -> list[str]:
+    """The ``--validation_image`` files that do not exist (each entry of a stacked run is a comma-separated
+    file per condition; otherwise an entry is one path, commas and all)."""
+    if not config.validation_enabled:
+        return []
+    stacked = len(config.condition) > 1 and not config.union
+    files = [f for entry in config.validation_image for f in validation_image_files(entry, stacked)]
+    return [f for f in files if not Path(f).is_file()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
@@ -83,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = check_conditions(config.manifest, config.condition)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    missing = missing_validation_images(config)
+    if missing:  # found now, not at the first validation hours into training
+        print(f"error: --validation_image: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     for line in differences_from_diffusers(config):
         logging.getLogger("train").info("differs from diffusers: %s", line)

@@ -15,13 +15,14 @@ def validation_inputs(rows: Sequence[dict], conditions: Sequence[str], images: S
     """(condition tensor 1xCxHxW in [0, 1], prompt) pairs: given files, else held-out rows (every condition,
     3 channels each, in order). ``stacked``: each given entry is a comma-separated file per condition, stacked
     as channels as in training (see ``config.validation_image_problem``)."""
+    from train.config import validation_image_files
     from train.data import ManifestDataset
 
     if images:
         prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
         out = []
         for entry, prompt in zip(images, prompts):
-            files = [f.strip() for f in entry.split(",") if f.strip()] if stacked else [entry]
+            files = validation_image_files(entry, stacked)
             maps = [np.asarray(Image.open(f).convert("RGB").resize((resolution, resolution)), np.float32) / 255
                     for f in files]
             out.append((torch.from_numpy(np.concatenate(maps, axis=2)).permute(2, 0, 1)[None], prompt))
