@@ -2,6 +2,7 @@
 
     python bench/train_family_memory.py                       # counts for every family + SD3.5-medium-width measurement
     python bench/train_family_memory.py --measure sd3,flux    # also Flux-width (about 8 GB of RAM more)
+    python bench/train_family_memory.py --measure none --fp8 flux   # ControlNet step, base bf16 vs --fp8_base
 
 1. Parameter counts of the base (denoiser, text encoders, VAE) and of the ControlNet the trainer builds
    (train/models.py, train/transformer_families.py with their default sizes) for SD 1.5, SDXL,
@@ -15,6 +16,11 @@
 2. Measured on this CPU, for a reduced-depth model at the real width (each kind in its own process):
    peak RSS growth and time per step of a ControlNet step (base locked, fp32) versus fine-tuning the
    base alone (all of its parameters trained with AdamW), at 256 px, batch 1.
+3. ``--fp8``: the same ControlNet step (ControlNet fp32 with AdamW, under bf16 autocast as accelerate's bf16 runs
+   it) with the locked base in bf16 versus stored as ``--fp8_base`` stores it (``store_in_float8`` after the
+   ControlNet copied it), each in its own process: peak RSS growth from before the models were built, with the
+   peak reset once they are in place (building the base in fp32 and converting it are load-time transients),
+   and time per step. The denoiser only: the text encoders, converted too by ``--fp8_base``, are left out.
 """
 
 from __future__ import annotations
@@ -158,8 +164,36 @@ MEASURED = {
 }
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux ``clear_refs`` 5) to its current RSS, after freeing what can be."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss() -> int:
+    """Bytes: the peak RSS since the last ``reset_peak_rss`` (``VmHWM``), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
-    """Peak RSS growth and seconds per step of ``kind`` (base fine-tune or ControlNet) in this process."""
+    """Peak RSS growth and seconds per step of ``kind`` (base fine-tune, ControlNet, or ``controlnet_bf16`` /
+    ``controlnet_fp8``: the ControlNet step with the base stored in bf16 / float8) in this process."""
+    import contextlib
+
     import psutil
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxTransformer2DModel,
                            SD3ControlNetModel, SD3Transformer2DModel)
@@ -181,7 +215,7 @@ def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
     base = BaseModels([], [], None, None, scheduler, adapter, transformer=transformer, options=FamilyOptions(("c",)))
     latent = resolution // 8
     latents = torch.randn(1, 16, latent, latent)
-    if kind == "controlnet":
+    if kind.startswith("controlnet"):
         transformer.requires_grad_(False)
         if family == "sd3":
             trained = SD3ControlNetModel.from_transformer(TransformerView(transformer, {}),
@@ -193,6 +227,17 @@ def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
             control = {"controlnet_cond": torch.randn(1, (latent // 2) ** 2, 64)}
     else:
         trained, control = transformer, None
+    stored = None
+    if kind in ("controlnet_bf16", "controlnet_fp8"):  # as train/loop.py: after the ControlNet copied the base
+        transformer.to(torch.bfloat16)
+        if kind == "controlnet_fp8":
+            from train.float8_base import store_in_float8
+
+            stored = store_in_float8(transformer, torch.bfloat16).to_dict()
+        pooled, hidden = pooled.to(torch.bfloat16), hidden.to(torch.bfloat16)
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731 (accelerate's bf16)
+    else:
+        autocast = contextlib.nullcontext
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5)
     generator = torch.Generator().manual_seed(0)
 
@@ -201,23 +246,32 @@ def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
         sigmas = torch.rand(1, generator=generator)
         noisy = (1 - sigmas) * latents + sigmas * noise
         added = {"pooled_projections": pooled}
-        if control is None:  # the base alone, trained: the same forward without residuals
-            prediction = plain_prediction(family, transformer, noisy, sigmas, hidden, pooled)
-        else:
-            prediction = adapter.predict(trained, base, noisy, sigmas, hidden, added, control)
-        loss = torch.nn.functional.mse_loss(prediction, adapter.layout(noise - latents))
+        with autocast():
+            if control is None:  # the base alone, trained: the same forward without residuals
+                prediction = plain_prediction(family, transformer, noisy, sigmas, hidden, pooled)
+            else:
+                prediction = adapter.predict(trained, base, noisy, sigmas, hidden, added, control)
+            loss = torch.nn.functional.mse_loss(prediction.float(), adapter.layout(noise - latents))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    reset = stored is not None or kind == "controlnet_bf16"
+    if reset:
+        reset = reset_peak_rss()
     step()  # warm-up: optimiser state allocated
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - t0) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"s_per_step": seconds, "peak_gib": (peak - start) / GIB, "trained_params": count(trained),
-            "base_params": count(transformer)}
+    peak = peak_rss() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = {"s_per_step": seconds, "peak_gib": (peak - start) / GIB, "trained_params": count(trained),
+           "base_params": count(transformer)}
+    if kind in ("controlnet_bf16", "controlnet_fp8"):
+        from train.float8_base import stored_bytes
+
+        out.update(base_gib=stored_bytes(transformer) / GIB, peak_reset=reset, fp8=stored)
+    return out
 
 
 def plain_prediction(family, transformer, noisy, sigmas, hidden, pooled) -> torch.Tensor:
@@ -235,9 +289,9 @@ def plain_prediction(family, transformer, noisy, sigmas, hidden, pooled) -> torc
                        return_dict=False)[0]
 
 
-def measure(family: str, steps: int, resolution: int) -> dict[str, dict]:
+def measure(family: str, steps: int, resolution: int, kinds=("base", "controlnet")) -> dict[str, dict]:
     out = {}
-    for kind in ("base", "controlnet"):
+    for kind in kinds:
         done = subprocess.run([sys.executable, __file__, "--one", f"{family}:{kind}", "--steps", str(steps),
                                "--resolution", str(resolution)], capture_output=True, text=True, check=True)
         out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -247,6 +301,8 @@ def measure(family: str, steps: int, resolution: int) -> dict[str, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--measure", default="sd3", help="families to measure on this CPU: sd3, flux, both or none")
+    p.add_argument("--fp8", default="none", help="families whose ControlNet step is measured with the base in bf16 "
+                   "and in float8 (--fp8_base): sd3, flux, both or none")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -268,15 +324,40 @@ def main() -> None:
               f"{r['total_gib'] / r['base_finetune_gib']:>12.2f}x"
               f"{r['base_fp8_gib']:>7.1f}GiB{r['total_fp8_gib']:>8.1f}GiB  {r['layers']}")
     families = {"none": [], "both": ["sd3", "flux"]}.get(args.measure, args.measure.split(","))
-    if not families:
-        return
+    if families:
+        measure_families(families, args)
+    fp8_families = {"none": [], "both": ["sd3", "flux"]}.get(args.fp8, args.fp8.split(","))
+    if fp8_families:
+        measure_fp8(fp8_families, args)
+
+
+LABELS = {"sd3": "SD3.5-medium width (2 joint blocks; ControlNet 1)",
+          "flux": "Flux.1 width (1 double + 1 single; ControlNet 1 double)"}
+
+
+def measure_fp8(families: list[str], args) -> None:
+    print(f"\n3. Measured on this CPU: the ControlNet step (fp32 + AdamW, bf16 autocast, {args.resolution} px, batch 1, "
+          f"{args.steps} steps after a warm-up) with the locked denoiser stored in bf16 vs in float8 (--fp8_base)")
+    for family in families:
+        m = measure(family, args.steps, args.resolution, ("controlnet_bf16", "controlnet_fp8"))
+        b, f = m["controlnet_bf16"], m["controlnet_fp8"]
+        print(f"{LABELS[family]}: base {b['base_params'] / 1e6:.0f}M, ControlNet {b['trained_params'] / 1e6:.0f}M; "
+              f"fp8: {f['fp8']['layers']} layers, {f['fp8']['bytes_before'] / GIB:.2f} -> "
+              f"{f['fp8']['bytes_after'] / GIB:.2f} GiB")
+        for name, r in (("base bf16", b), ("base fp8 ", f)):
+            print(f"  {name}: stored {r['base_gib']:.2f} GiB, {r['s_per_step']:.2f} s/step, "
+                  f"peak RSS +{r['peak_gib']:.2f} GiB{'' if r['peak_reset'] else ' (peak not reset: load included)'}")
+        print(f"  ratio fp8/bf16: stored base {f['base_gib'] / b['base_gib']:.2f}x, time {f['s_per_step'] / b['s_per_step']:.2f}x, "
+              f"peak RSS growth {f['peak_gib'] / b['peak_gib']:.2f}x (saved {b['peak_gib'] - f['peak_gib']:.2f} GiB)")
+
+
+def measure_families(families: list[str], args) -> None:
     print(f"\n2. Measured on this CPU (fp32, {args.resolution} px, batch 1, {args.steps} steps after a warm-up), "
           "reduced depth at the real width; base = fine-tuning the base alone")
     for family in families:
         m = measure(family, args.steps, args.resolution)
         b, c = m["base"], m["controlnet"]
-        label = {"sd3": "SD3.5-medium width (2 joint blocks; ControlNet 1)",
-                 "flux": "Flux.1 width (1 double + 1 single; ControlNet 1 double)"}[family]
+        label = LABELS[family]
         print(f"{label}: base {b['base_params'] / 1e6:.0f}M, ControlNet {c['trained_params'] / 1e6:.0f}M")
         print(f"  base fine-tune: {b['s_per_step']:.2f} s/step, peak RSS +{b['peak_gib']:.2f} GiB")
         print(f"  ControlNet:     {c['s_per_step']:.2f} s/step, peak RSS +{c['peak_gib']:.2f} GiB")

@@ -363,3 +363,169 @@ def test_a_device_without_float8_is_a_set_up_error(tiny_sd, monkeypatch):
     with pytest.raises(SetupError, match="--fp8_base: mps cannot hold float8 tensors; drop --fp8_base"):
         store_base_in_float8(base, torch.float32)
     assert float8_report(base.denoiser).layers == 0  # nothing was converted
+
+
+# --- attacks: fp16 compute, what is left and shared, copies, resume toggled, union/EMA/cache, DDP ------------
+
+
+def test_fp16_dequantisation_keeps_small_channels_that_an_fp16_base_keeps():
+    """The scale is amax/448: below 2^-14 it is an fp16 subnormal and below 2^-25 it rounds to zero, so a product
+    taken in fp16 blurs or zeroes whole channels of small weights that an fp16 base holds (as subnormals)."""
+    torch.manual_seed(0)
+    weight = torch.randn(5, 64) * torch.tensor([1.0, 1e-2, 1e-3, 1e-4, 1e-5]).view(-1, 1)
+    stored, scale = quantise(weight)
+    as_fp32 = dequantise(stored, scale, torch.float32)
+    as_fp16 = dequantise(stored, scale, torch.float16)
+    assert as_fp16.dtype == torch.float16
+    # in fp16, the float8 round trip (first rounded in fp32) plus fp16's own rounding of that value, no more
+    torch.testing.assert_close(as_fp16, as_fp32.half(), rtol=0, atol=0)
+    assert (as_fp16.float().abs().amax(1) > 0).all()
+
+
+@pytest.mark.parametrize(("family", "union"), [("sd", False), ("sdxl", False), ("sdxl", True), ("sd3", False),
+                                               ("flux", False), ("flux", True)])
+def test_every_layer_of_every_family_is_converted_and_the_controlnet_shares_none_of_them(family, union, request):
+    """No Linear/Conv2d (or a subclass of one, or nn.MultiheadAttention's packed weights) stays in full precision
+    in the denoiser or text encoders, and the ControlNet, built from the base before, holds none of its tensors."""
+    from train.float8_base import _Float8Layer
+    from train.models import make_controlnet
+
+    conditions = ("canny", "invert") if union else ("canny",)
+    base = load_family_base(request.getfixturevalue(f"tiny_{family}"), family, conditions, union)
+    controlnet = make_controlnet(base, 3, None, *({"sd3": (1,), "flux": (1, 1)}.get(family, ())))
+    names = [n for n, _ in controlnet.named_parameters()]
+    report = store_base_in_float8(base, torch.float32)
+    parts = (base.denoiser, *base.text_encoders)
+    left = [n for part in parts for n, m in part.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.MultiheadAttention))]
+    assert report.layers > 0 and report.skipped == 0 and left == []
+    assert not any(isinstance(m, _Float8Layer) for m in controlnet.modules())
+    assert [n for n, _ in controlnet.named_parameters()] == names
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in controlnet.parameters()) or family == "sd3"
+    held = {id(t) for part in parts for t in (*part.parameters(), *part.buffers())}
+    assert not [n for n, p in controlnet.named_parameters() if id(p) in held]
+
+
+def test_deepcopy_state_dict_and_load_state_dict_keep_float8():
+    import copy
+
+    model = nn.Sequential(layers()["linear"], layers()["conv_strided"])
+    store_in_float8(model, torch.bfloat16)
+    x = inputs("linear", torch.bfloat16)
+    twin = copy.deepcopy(model)
+    assert twin[0].weight_float8 is not model[0].weight_float8 and torch.equal(twin[0](x), model[0](x))
+    other = nn.Sequential(nn.Linear(48, 40), nn.Conv2d(8, 12, (3, 5), stride=2, padding=(1, 2), dilation=(2, 1),
+                                                       groups=4))
+    store_in_float8(other, torch.bfloat16)
+    other.load_state_dict(model.state_dict())
+    for a, b in zip(model, other):
+        assert b.weight_float8.dtype == F8 and b.weight_scale.dtype == torch.float32
+        assert torch.equal(a.weight_float8.view(torch.uint8), b.weight_float8.view(torch.uint8))
+        assert torch.equal(a.weight_scale, b.weight_scale) and torch.equal(a.weight, b.weight)
+    with pytest.raises(RuntimeError, match="weight"):  # a full-precision state dict is refused, never quantised silently
+        other.load_state_dict(nn.Sequential(nn.Linear(48, 40), nn.Conv2d(8, 12, 3)).state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,second", [((), ("--fp8_base",)), (("--fp8_base",), ())],
+                         ids=["bf16-then-fp8", "fp8-then-bf16"])
+def test_resume_with_fp8_base_toggled_continues_from_the_checkpoint(first, second, demo_manifest, tiny_sd, tmp_path):
+    """A checkpoint holds the ControlNet, optimiser, schedule and RNG, never the base (reloaded and converted on each
+    start), so --fp8_base may change between runs like --mixed_precision: the resumed run starts at the saved step."""
+    from train.train import main
+
+    out = tmp_path / "run"
+    common = ["--checkpointing_steps", "1", "--validation_steps", "0", "--mixed_precision", "bf16"]
+    assert main(train_args(demo_manifest, tiny_sd, out, "sd", "--max_train_steps", "1", *common, *first)) == 0
+    checkpoint = out / "checkpoint-1"
+    assert checkpoint.is_dir()
+    saved = [p.name for p in checkpoint.rglob("*") if p.is_file()]
+    assert not any("unet" in n or "text_encoder" in n for n in saved), saved  # no base in it
+    assert main(train_args(demo_manifest, tiny_sd, out, "sd", "--max_train_steps", "2", *common, *second,
+                           "--resume_from_checkpoint", "latest")) == 0
+    figures = json.loads((out / "train_summary.json").read_text())["figures"]
+    assert figures["global_step"] == 2 and np.isfinite(figures["final_loss"])
+    assert ("fp8_base" in figures) == bool(second)
+
+
+MATRIX = [("sdxl", ["--union", "--use_ema", "--gradient_checkpointing"]), ("sd3", ["--cache_latents", "--center_crop"]),
+          ("flux", ["--union", "--cache_latents", "--center_crop", "--use_ema"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,extra", MATRIX, ids=[m[0] + "".join(m[1]) for m in MATRIX])
+def test_fp8_base_with_union_ema_checkpointing_and_cached_latents(family, extra, demo_manifest, stacked_manifest,
+                                                                   request, tmp_path):
+    """bf16 runs with validation; --cache_latents encodes the cache with the float8 text encoders (as an uncached
+    run encodes each step)."""
+    from train.train import main
+
+    union = "--union" in extra
+    out = tmp_path / "run"
+    assert main(train_args(stacked_manifest if union else demo_manifest, request.getfixturevalue(f"tiny_{family}"),
+                           out, family, "--max_train_steps", "2", "--checkpointing_steps", "10", "--validation_steps",
+                           "2", "--num_validation_rows", "1", "--num_validation_images", "1", "--mixed_precision",
+                           "bf16", "--fp8_base", *extra, condition="canny,invert" if union else "canny")) == 0
+    figures = json.loads((out / "train_summary.json").read_text())["figures"]
+    assert np.isfinite(figures["final_loss"]) and "layers" in figures["fp8_base"]
+    assert list((out / "validation").glob("step-final*.png"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_sync_with_an_fp8_base(stacked_manifest, tiny_flux, tmp_path):
+    from tests.test_train_families_ddp import assert_ranks_in_sync, ddp_args, summary_of
+    from tests.test_train import launch
+
+    out = tmp_path / "ddp"
+    launch(ddp_args(stacked_manifest, tiny_flux, out, "flux", "--union", "--fp8_base", "--max_train_steps", "2",
+                    "--checkpointing_steps", "10", "--train_batch_size", "1", condition="canny,invert"), processes=2)
+    assert_ranks_in_sync(out)
+    figures = summary_of(out)["figures"]
+    assert figures["global_step"] == 2 and np.isfinite(figures["final_loss"]) and "layers" in figures["fp8_base"]
+
+
+# --- what mutation testing found untested ---------------------------------------------------------------
+
+
+def test_an_all_zero_channel_stays_zero_and_finite():
+    weight = torch.randn(4, 16)
+    weight[1] = 0
+    stored, scale = quantise(weight)
+    assert torch.isfinite(scale).all() and scale[1].item() > 0
+    back = dequantise(stored, scale, torch.float32)
+    assert torch.equal(back[1], torch.zeros(16)) and torch.isfinite(back).all()
+    layer = converted(nn.Linear(16, 4), torch.float32)
+    layer.weight_float8.copy_(stored)
+    layer.weight_scale.copy_(scale)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["linear", "conv_strided"])
+def test_the_weight_property_reads_the_dequantised_weight(kind, dtype):
+    """What code outside the forward reads (T5's ``wo.weight``, fusing): the scaled values, not the raw float8."""
+    original = layers()[kind]
+    layer = converted(original, dtype)
+    assert torch.equal(layer.weight, dequantise(layer.weight_float8, layer.weight_scale, dtype))
+    assert layer.weight.dtype == dtype and layer.weight.shape == original.weight.shape
+    torch.testing.assert_close(layer.weight.float(), original.weight.float(), rtol=2**-4, atol=1e-3)
+
+
+def test_an_unbatched_conv_input_computes_like_the_batched_one():
+    layer = converted(layers()["conv_strided"], torch.float32)
+    x = inputs("conv", torch.float32)[0].detach().requires_grad_(True)
+    out = layer(x)
+    assert out.shape == reference(layer, x[None].detach())[0].shape
+    torch.testing.assert_close(out, layer(x[None].detach())[0])
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_a_device_move_moves_the_float8_storage():
+    """Device moves reach the popped buffers (``meta`` stands in for a GPU here)."""
+    layer = converted(layers()["conv"], torch.bfloat16)
+    nn.Sequential(layer).to("meta")
+    assert {t.device.type for t in (layer.weight_float8, layer.weight_scale, layer.bias)} == {"meta"}
+    assert layer.weight_float8.dtype == F8 and layer.weight_scale.dtype == torch.float32

@@ -97,7 +97,11 @@ def quantise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantise(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in ``dtype``: float8 values are exact in bf16/fp16/fp32, so the only rounding is the product."""
+    """The weight in ``dtype``: float8 values are exact in bf16/fp16/fp32, so the only rounding is the product.
+    fp16 takes the product in fp32: a scale (amax/448) below 2^-14 would be an fp16 subnormal, below 2^-25 zero,
+    blurring or zeroing whole channels of small weights that an fp16 base keeps."""
+    if dtype == torch.float16:
+        return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
     return weight.to(dtype) * scale.to(dtype)
 
 
