@@ -142,34 +142,39 @@ def test_a_fresh_controlnet_leaves_the_base_prediction_exactly_unchanged(family,
 # --- (b) training changes only the ControlNet, (c) resume is exact, (d) export loads -------------
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def straight_run(request, demo_manifest, tmp_path_factory):
-    """3 steps (checkpoints at 2 and 3, validation samples at 3), keeping the base the loop trained beside."""
+def train_keeping_base(family: str, base_dir, out, args: list[str]) -> dict:
+    """Train in process with ``args``, keeping the base the loop trained beside (for checks after the run)."""
+    from accelerate.state import AcceleratorState
+
     from train import loop
     from train.data import check_conditions
     from train.models import load_base
     from train.train import parse_args
 
-    family = request.param
-    base_dir = request.getfixturevalue(f"tiny_{family}")
-    out = tmp_path_factory.mktemp(f"{family}_run") / "run"
     captured = {}
 
     def keep(path, resolution):
         captured["base"] = load_base(path, resolution)
         return captured["base"]
 
-    args = train_args(demo_manifest, base_dir, out, family, "--max_train_steps", "3", "--checkpointing_steps", "2",
-                      "--validation_steps", "3", "--num_validation_rows", "2", "--num_validation_images", "1")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "load_base", keep)
         config = parse_args(args)
         result = loop.train(config, check_conditions(config.manifest, config.condition))
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(True)
     return {"family": family, "base_dir": base_dir, "out": out, "args": args, "base": captured["base"],
             "result": result}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def straight_run(request, demo_manifest, tmp_path_factory):
+    """3 steps (checkpoints at 2 and 3, validation samples at 3), keeping the base the loop trained beside."""
+    family = request.param
+    base_dir = request.getfixturevalue(f"tiny_{family}")
+    out = tmp_path_factory.mktemp(f"{family}_run") / "run"
+    args = train_args(demo_manifest, base_dir, out, family, "--max_train_steps", "3", "--checkpointing_steps", "2",
+                      "--validation_steps", "3", "--num_validation_rows", "2", "--num_validation_images", "1")
+    return train_keeping_base(family, base_dir, out, args)
 
 
 @pytest.mark.slow

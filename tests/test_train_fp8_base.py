@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.test_train_families import load_exported, load_family_base, perturb, train_args
+from tests.test_train_families import load_exported, load_family_base, perturb, train_args, train_keeping_base
 from train.float8_base import (Float8Conv2d, Float8Linear, base_float8_report, dequantise, float8_report, quantise,
                                store_base_in_float8, store_in_float8, stored_bytes)
 
@@ -258,33 +258,14 @@ PRECISION = {"sd": "no", "sd3": "no", "flux": "bf16"}
 @pytest.fixture(scope="module", params=["sd", "sd3", "flux"])
 def fp8_run(request, demo_manifest, tmp_path_factory):
     """2 steps with --fp8_base (checkpoint at 1, validation samples at 2 and on the export), keeping the base."""
-    from accelerate.state import AcceleratorState
-
-    from train import loop
-    from train.data import check_conditions
-    from train.models import load_base
-    from train.train import parse_args
-
     family = request.param
     base_dir = request.getfixturevalue(f"tiny_{family}")
     out = tmp_path_factory.mktemp(f"fp8_{family}") / "run"
-    captured = {}
-
-    def keep(path, resolution):
-        captured["base"] = load_base(path, resolution)
-        return captured["base"]
-
     extra = ["--gradient_checkpointing"] if family == "flux" else []
     args = train_args(demo_manifest, base_dir, out, family, "--max_train_steps", "2", "--checkpointing_steps", "1",
                       "--validation_steps", "2", "--num_validation_rows", "1", "--num_validation_images", "1",
                       "--mixed_precision", PRECISION[family], "--fp8_base", *extra)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_base", keep)
-        config = parse_args(args)
-        result = loop.train(config, check_conditions(config.manifest, config.condition))
-    AcceleratorState._reset_state(True)
-    return {"family": family, "base_dir": base_dir, "out": out, "args": args, "base": captured["base"],
-            "result": result}
+    return train_keeping_base(family, base_dir, out, args)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from tests.test_train_families import train_args
+from tests.test_train_union_validation import assert_canny_scored_and_invert_unscored
 
 VALIDATE_EVERY_STEP = ["--max_train_steps", "1", "--validation_steps", "1", "--num_validation_rows", "1",
                        "--num_validation_images", "1", "--checkpointing_steps", "10"]
@@ -162,13 +163,7 @@ def check_stacked_validation(out, seen: dict) -> None:
             expected = stacked[0, 3 * slot:3 * slot + 3].permute(1, 2, 0).numpy()
             assert np.abs(tile - expected).max() <= 1 / 255 + 1e-6, (name, slot)
 
-    records = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["condition"]) for r in records] == [(1, "canny"), (1, "invert"), ("final", "canny"),
-                                                             ("final", "invert")]
-    for r in records[0::2]:
-        assert set(r) == {"step", "condition", "canny/edge_f1"} and 0.0 <= r["canny/edge_f1"] <= 1.0
-    for r in records[1::2]:
-        assert set(r) == {"step", "condition", "unscored"} and "no controllability metric" in r["unscored"]
+    assert_canny_scored_and_invert_unscored(out)
 
     # generated once per validation (2 validations x 1 held-out row), from the whole stack
     assert len(seen["calls"]) == 2

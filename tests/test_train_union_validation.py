@@ -16,6 +16,18 @@ VALIDATE_EVERY_STEP = ["--max_train_steps", "1", "--validation_steps", "1", "--n
                        "--num_validation_images", "1", "--checkpointing_steps", "10"]
 
 
+def assert_canny_scored_and_invert_unscored(out) -> None:
+    """metrics.jsonl of a canny,invert run validated at step 1 and at the end: one record per condition, canny
+    scored under its own key, invert (no metric) named unscored with the reason."""
+    records = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["condition"]) for r in records] == [(1, "canny"), (1, "invert"), ("final", "canny"),
+                                                             ("final", "invert")]
+    for r in records[0::2]:
+        assert set(r) == {"step", "condition", "canny/edge_f1"} and 0.0 <= r["canny/edge_f1"] <= 1.0
+    for r in records[1::2]:
+        assert set(r) == {"step", "condition", "unscored"} and "no controllability metric" in r["unscored"]
+
+
 def test_sdxl_validates_in_place_and_writes_its_grid_and_scores(demo_manifest, tiny_sdxl, tmp_path, monkeypatch):
     """SDXL single-condition: StableDiffusionXLControlNetPipeline over the in-memory modules, with the
     trained fp32 ControlNet itself (no copy, EMA weights swapped in) beside a bf16 base, scored by Canny
@@ -94,13 +106,7 @@ def test_union_validates_each_condition_alone(stacked_manifest, family, request,
     grids = sorted(p.name for p in (out / "validation").glob("*.png"))
     assert grids == ["step-000001-canny.png", "step-000001-invert.png", "step-final-canny.png",
                      "step-final-invert.png"]
-    records = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["condition"]) for r in records] == [(1, "canny"), (1, "invert"), ("final", "canny"),
-                                                             ("final", "invert")]
-    for r in records[0::2]:
-        assert set(r) == {"step", "condition", "canny/edge_f1"} and 0.0 <= r["canny/edge_f1"] <= 1.0
-    for r in records[1::2]:
-        assert set(r) == {"step", "condition", "unscored"} and "no controllability metric" in r["unscored"]
+    assert_canny_scored_and_invert_unscored(out)
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
     events.Reload()
     assert [e.step for e in events.Scalars("validation/canny/edge_f1")] == [1]
