@@ -87,6 +87,12 @@ MUTATIONS = [
              "pixels = stacked.view(-1, 3, *stacked.shape[-2:])",
              ("tests/test_train_families.py::"
               "test_cached_condition_latents_train_the_same_flux_union_without_encoding_during_steps",)),
+    Mutation("fp8 base: the Linear backward forgets the per-channel scale", "train/float8_base.py",
+             "grad_x = grad.matmul(dequantise(weight, scale, grad.dtype)).to(ctx.x_dtype)",
+             "grad_x = grad.matmul(weight.to(grad.dtype)).to(ctx.x_dtype)", ("tests/test_train_fp8_base.py",)),
+    Mutation("fp8 base: a dtype cast of the model casts the float8 storage", "train/float8_base.py",
+             "stored = {name: self._buffers.pop(name) for name in STORED}", "stored = {}",
+             ("tests/test_train_fp8_base.py",)),
     Mutation("per-row training randomness ignores the row", "train/data.py",
              "rng = _rng(self.seed, self.epoch, index)", "rng = _rng(self.seed, self.epoch, 0)",
              ("tests/test_train_data.py",)),
