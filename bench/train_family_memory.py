@@ -15,7 +15,8 @@
    (train/float8_base.py), everything else of the base still bf16.
 2. Measured on this CPU, for a reduced-depth model at the real width (each kind in its own process):
    peak RSS growth and time per step of a ControlNet step (base locked, fp32) versus fine-tuning the
-   base alone (all of its parameters trained with AdamW), at 256 px, batch 1.
+   base alone (all of its parameters trained with AdamW), at 256 px, batch 1. The peak is reset once the
+   models are built (as in 3), so it is the steps' own.
 3. ``--fp8``: the same ControlNet step (ControlNet fp32 with AdamW, under bf16 autocast as accelerate's bf16 runs
    it) with the locked base in bf16 versus stored as ``--fp8_base`` stores it (``store_in_float8`` after the
    ControlNet copied it), each in its own process: peak RSS growth from before the models were built, with the
@@ -256,9 +257,8 @@ def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    reset = stored is not None or kind == "controlnet_bf16"
-    if reset:
-        reset = reset_peak_rss()
+    # every kind: the step's own peak, not building the fp32 model (which set the whole-process peak before)
+    reset = reset_peak_rss()
     step()  # warm-up: optimiser state allocated
     t0 = time.perf_counter()
     for _ in range(steps):
