@@ -196,20 +196,26 @@ def test_training_changes_the_controlnet_and_never_the_base(straight_run):
     assert np.isfinite(straight_run["result"]["figures"]["final_loss"])
 
 
-@pytest.mark.slow
-def test_resume_matches_an_uninterrupted_run(straight_run, tmp_path):
+def assert_resume_from_checkpoint_is_exact(run: dict, checkpoint: str, tmp_path) -> None:
+    """Resume ``run`` (a ``train_keeping_base`` result) from its ``checkpoint`` folder in a new output dir: the
+    exported ControlNet equals the uninterrupted run's exactly."""
     from train.train import main
 
-    straight, resumed = straight_run["out"], tmp_path / "resumed"
+    straight, resumed = run["out"], tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    args = [a if a != str(straight) else str(resumed) for a in straight_run["args"]]
+    shutil.copytree(straight / checkpoint, resumed / checkpoint)
+    args = [a if a != str(straight) else str(resumed) for a in run["args"]]
     assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
-    a = load_exported(straight_run["family"], straight / "controlnet").state_dict()
-    b = load_exported(straight_run["family"], resumed / "controlnet").state_dict()
+    a = load_exported(run["family"], straight / "controlnet").state_dict()
+    b = load_exported(run["family"], resumed / "controlnet").state_dict()
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(straight_run, tmp_path):
+    assert_resume_from_checkpoint_is_exact(straight_run, "checkpoint-2", tmp_path)
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.test_train_families import load_exported, load_family_base, perturb, train_args, train_keeping_base
+from tests.test_train_families import (assert_resume_from_checkpoint_is_exact, load_exported, load_family_base, perturb,
+                                       train_args, train_keeping_base)
 from train.float8_base import (Float8Conv2d, Float8Linear, base_float8_report, dequantise, float8_report, quantise,
                                store_base_in_float8, store_in_float8, stored_bytes)
 
@@ -304,20 +305,7 @@ def test_fp8_training_runs_changes_the_controlnet_and_leaves_the_float8_base_bit
 @pytest.mark.slow
 def test_fp8_resume_matches_the_uninterrupted_run(fp8_run, tmp_path):
     """The base is loaded and stored in float8 again on resume: the same steps give the same ControlNet."""
-    import shutil
-
-    from train.train import main
-
-    straight, resumed = fp8_run["out"], tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
-    args = [a if a != str(straight) else str(resumed) for a in fp8_run["args"]]
-    assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
-    a = load_exported(fp8_run["family"], straight / "controlnet").state_dict()
-    b = load_exported(fp8_run["family"], resumed / "controlnet").state_dict()
-    assert set(a) == set(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_resume_from_checkpoint_is_exact(fp8_run, "checkpoint-1", tmp_path)
 
 
 # --- flags -------------------------------------------------------------------------------------------

@@ -431,17 +431,9 @@ def weight_dtype_of(mixed_precision: str) -> torch.dtype:
 
 def holdout_count(config: TrainConfig) -> int:
     """Rows to hold out for validation: none when they would never be used."""
-    if not config.validation_enabled or config.validation_image or not can_validate(config):
+    if not config.validation_enabled or config.validation_image:
         return 0
     return config.num_validation_rows
-
-
-def can_validate(config: TrainConfig) -> bool:
-    """Every run the config accepts: single-condition runs, union runs (one validation per condition) and
-    conditions stacked as channels (SD 1.x/2.x, SDXL: the pipeline is given the whole 3k-channel tensor;
-    each condition scored on its own; SD3 and Flux, which cannot stack, are refused by the config); every
-    family's adapter assembles its pipeline."""
-    return bool(config.condition)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -632,9 +624,6 @@ def run_validation(config, base, controlnet, ema, held_out, label: str, seed: in
     PNG grid per sampling, send it to TensorBoard, and score the samples' controllability per condition."""
     from train.validation import validation_inputs
 
-    if not can_validate(config):
-        log.warning("validation cannot run for conditions %s; skipped", ",".join(config.condition))
-        return []
     inputs = validation_inputs(held_out, config.condition, config.validation_image, config.validation_prompt,
                                config.resolution, stacked=len(config.condition) > 1 and not config.union)
     if not inputs:
