@@ -22,7 +22,7 @@ import textwrap
 import typing
 from typing import Any, Callable, Iterable
 
-NONFINITE_HINT = "give a finite number (nan and infinity are refused)"
+NONFINITE_HINT = "give a finite value (nan and infinity are refused)"
 
 
 def finite_float(text: str) -> float:
