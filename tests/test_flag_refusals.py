@@ -141,3 +141,28 @@ def test_annotate_output_inside_a_file_fails_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--output" in error[0]
     assert blocker.read_text() == "x"
+
+
+def annotator_float_params() -> list[tuple[str, str]]:
+    import typing
+
+    from annotators import registry
+
+    found = []
+    for name in registry.available():
+        for key, hint in typing.get_type_hints(registry.get(name).Params).items():
+            if hint is float or float in typing.get_args(hint):
+                found.append((name, key))
+    return found
+
+
+@pytest.mark.parametrize(("name", "key"), annotator_float_params())
+def test_every_float_annotator_parameter_refuses_non_finite_numbers(name, key, capsys):
+    """-p NAME.KEY=nan is a float on the command line too: refused in one line before any work."""
+    entry, base = CLIS["annotate"]
+    for text in ("nan", "inf"):
+        with pytest.raises(SystemExit) as exc:
+            entry([*base, "--annotators", name, "-p", f"{name}.{key}={text}"])
+        assert exc.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{name}.{key}" in error and "finite" in error, error
