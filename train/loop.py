@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from manifests.io import strict_json
 from train import checkpoints
 from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
 from train.data import ManifestDataset, RankSampler, collate, load_rows
@@ -404,7 +405,7 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
         result["exported"] = export(final, config.output_dir, card)
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
         result.update(run.base.family.card_extra(run.base))  # a union's condition -> slot/mode mapping
-        (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(result, indent=2, default=str))
+        (Path(config.output_dir) / "train_summary.json").write_text(strict_json(result, indent=2, default=str))
     accelerator.end_training()
     return result
 

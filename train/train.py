@@ -17,56 +17,33 @@ if __package__ in (None, ""):  # run by path (accelerate launch train/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
-import typing
 from typing import Sequence
 
-from train.config import SetupError, TrainConfig, differences_from_diffusers, field_docs, validation_image_files
+from manifests.flags import DefaultsHelpFormatter, add_dataclass_flags, parsed_fields
+from train.config import SetupError, TrainConfig, differences_from_diffusers, validation_image_files
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per ``TrainConfig`` field, its help text the field's docstring (defined once)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs = field_docs(TrainConfig)
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        flag, kind = f"--{field.name}", hints[field.name]
-        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        default = None if required else (field.default if field.default is not dataclasses.MISSING
-                                         else field.default_factory())
-        extra: dict = {"help": docs[field.name]}
-        if kind is bool:
-            extra["action"] = argparse.BooleanOptionalAction if default else "store_true"
-        elif typing.get_origin(kind) is tuple:
-            if "separator" in field.metadata:  # one value, e.g. --condition canny,depth
-                extra["type"] = _splitter(field.metadata["separator"])
-            else:
-                extra.update(nargs="*", type=str)
-        else:
-            extra["type"] = next(a for a in typing.get_args(kind) or (kind,) if a is not type(None))
-        p.add_argument(flag, required=required, default=default, **extra)
+                                formatter_class=DefaultsHelpFormatter)
+    add_dataclass_flags(p, TrainConfig)
     p.add_argument("--no_random_flip", action="store_true", help="no flips: the default; kept for old command lines")
     return p
-
-
-def _splitter(separator: str):
-    def split(value: str) -> tuple[str, ...]:
-        return tuple(v.strip() for v in value.split(separator) if v.strip())
-    return split
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Flags -> a checked ``TrainConfig``; a bad flag exits with a message saying what to do."""
     p = build_parser()
-    args = vars(p.parse_args(argv))
-    if args.pop("no_random_flip"):
-        args["random_flip"] = False
+    args = p.parse_args(argv)
+    values = parsed_fields(args, TrainConfig)
+    if args.no_random_flip:
+        values["random_flip"] = False
     try:
-        config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+        config = TrainConfig(**values)
     except ValueError as exc:
         p.error(str(exc))
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
