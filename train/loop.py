@@ -404,11 +404,13 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
             "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
             **run.base.family.card_extra(run.base),
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
-            "provenance": summary.get("annotators", []), "args": {**config.to_dict(), "num_train_epochs": figures["epochs"]}, "figures": figures,
+            "provenance": summary.get("annotators", []), "figures": figures,
+            "args": {**config.to_dict(), "num_train_epochs": figures["epochs"]},
         }
         card["example_prompt"] = example_row(run)["caption"] or ""
         result["exported"] = export(final, config.output_dir, card, example_condition(run))
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
+        result["args"] = config.to_dict()  # what the report (and evaluate.py) read the run's settings from
         result.update(run.base.family.card_extra(run.base))  # a union's condition -> slot/mode mapping
         (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(result, indent=2, default=str))
     accelerator.end_training()
