@@ -88,8 +88,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     if "exported" in result:
-        print(json.dumps(result, indent=2, default=str))
+        print("\n".join(short_summary(result, config.output_dir)))
     return 0
+
+
+def final_validation_scores(output_dir: Path) -> dict[str, float]:
+    """The scores of the validation on the exported weights (``step: "final"`` in validation/metrics.jsonl)."""
+    path = output_dir / "validation" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return {k: v for r in records if r.get("step") == "final" for k, v in r.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def short_summary(result: dict, output_dir: str) -> list[str]:
+    """A few lines for the terminal; the full figures (every rank's rows, ...) stay in train_summary.json."""
+    figures = result.get("figures", {})
+    loss = figures.get("final_loss")
+    seconds = figures.get("train_seconds")
+    lines = [f"trained {figures.get('global_step', '?')} steps"
+             + (f" ({figures['epochs']:g} epochs over {figures['train_rows']} rows)" if "epochs" in figures else "")
+             + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")
+             + (f", final loss {loss:.4f}" if isinstance(loss, (int, float)) else "")]
+    scores = final_validation_scores(Path(output_dir))
+    if scores:
+        lines.append("final validation: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    exported = result["exported"]
+    lines.append(f"ControlNet: {exported['diffusers']} (single file {exported['single_file']}, card {exported['card']})")
+    lines.append(f"all figures: {Path(output_dir) / 'train_summary.json'}")
+    return lines
 
 
 if __name__ == "__main__":
