@@ -278,8 +278,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         choices of ``index``; UnreadableRow when that row's image or a map does not decode."""
         row = self.rows[position]
         rng = _rng(self.seed, self.epoch, index)
-        # maps have the image's size, by the manifest contract; the header alone gives it
-        size = header_size(row, cond_column(self.conditions[0]))
+        # maps have the image's size, by the manifest contract; the image's header alone gives it
+        size = header_size(row, "image")
         box = self._crop_box(size, rng)
         flip = self.random_flip and rng.random() < 0.5
         if self.decode_images:
@@ -316,7 +316,7 @@ class ManifestDataset(torch.utils.data.Dataset):
                 continue
             row = self.rows[position]
             try:
-                size = header_size(row, cond_column(self.conditions[0]))
+                size = header_size(row, "image")
                 for column in ("image", *map(cond_column, self.conditions)):
                     decode_cell(row, column, size)
             except UnreadableRow as exc:
