@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from train import checkpoints
 from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
-from train.data import (ManifestDataset, RankSampler, SkippedRows, caption_char_limit, collate, drop_unreadable,
-                        load_rows)
+from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, caption_char_limit, collate,
+                        drop_unreadable, load_rows)
 from train.export import export
 from train.models import BaseModels, FamilyOptions, latents_from_sample, load_base, make_controlnet
 
@@ -274,7 +274,7 @@ def run_steps(run: Run) -> dict[str, Any]:
         run.dataset.set_epoch(epoch)
         run.sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
         for batch in run.loader:
-            run.skipped.add(batch["skipped_rows"], batch["unusable"])  # stops the run past the allowed share
+            count_skipped(run, batch, bar)
             step_finite = micro_step(run, batch, micro, step_finite, meter) and step_finite
             micro += 1
             if not accelerator.sync_gradients:
@@ -298,6 +298,16 @@ def run_steps(run: Run) -> dict[str, Any]:
             "skipped_steps": meter.skipped_total, "skipped_rows": len(skipped_rows), "unreadable_rows": skipped_rows,
             "samples_per_s": round(meter.samples / elapsed, 3) if elapsed else None,
             "ranks": rank_report(accelerator, run.controlnet, meter.seen_rows)}
+
+
+def count_skipped(run: Run, batch: dict[str, Any], bar: tqdm) -> None:
+    """Count the rows the batch's examples stood in for; past the allowed share, stop (the bar closed first,
+    so the one-line error starts its own line)."""
+    try:
+        run.skipped.add(batch["skipped_rows"], batch["unusable"])
+    except TooManyUnreadableRows:
+        bar.close()
+        raise
 
 
 def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, meter: Meter) -> bool:
