@@ -55,11 +55,11 @@ HOSTILE_LOCK_TESTS = tuple(f"{HOSTILE}::{name}" for name in (
 
 MUTATIONS = [
     Mutation("flip image but not its condition", "train/data.py",
-             "self._prepare(decode_rgb(row[cond_column(c)]), box, flip)",
-             "self._prepare(decode_rgb(row[cond_column(c)]), box, False)", ("tests/test_train_data.py",)),
+             "self._prepare(decode_cell(row, cond_column(c), size), box, flip)",
+             "self._prepare(decode_cell(row, cond_column(c), size), box, False)", ("tests/test_train_data.py",)),
     Mutation("stacked conditions in reverse order", "train/data.py",
-             "cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) for c in self.conditions])",
-             "cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) "
+             "cond = torch.cat([self._prepare(decode_cell(row, cond_column(c), size), box, flip) for c in self.conditions])",
+             "cond = torch.cat([self._prepare(decode_cell(row, cond_column(c), size), box, flip) "
              "for c in reversed(self.conditions)])",
              ("tests/test_train_data.py",)),
     Mutation("annotators see a mirrored image", "pipeline/shard.py",  # ShardWorker.prepare

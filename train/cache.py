@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from train.data import row_captions
 from train.models import latents_from_sample
 
 
@@ -32,7 +31,7 @@ class EncodedCache:
             self.moments = torch.cat(moments)
             self.condition_moments = (self._condition_moments(base, dataset, batch_size, show_progress)
                                       if base.family.encodes_conditions else None)
-            captions = sorted({"", *(c or "" for c in row_captions(dataset.rows))})
+            captions = sorted({"", *dataset.captions()})  # cut as examples cut them
             self.prompts: dict[str, tuple[torch.Tensor, dict]] = {}
             for start in range(0, len(captions), batch_size):
                 chunk = captions[start:start + batch_size]

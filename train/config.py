@@ -160,6 +160,10 @@ class TrainConfig:
     data_cache_dir: str | None = None
     """Folder of the memory-mapped row cache built once per manifest; default ``$CONTROLFORGE_CACHE``,
     else ``~/.cache/controlforge``."""
+    max_bad_rows_fraction: float = 0.01
+    """Rows whose image or condition map does not decode are skipped (each logged, all listed in
+    train_summary.json, a nearby row used in their place); more than this share of the training rows stops the
+    run naming them (0: stop at the first)."""
     random_flip: bool = False
     """Flip image and condition together half of the time. Off by default, as in diffusers and the
     original ControlNet: pose and face maps colour left and right differently, so a flip would teach
@@ -216,6 +220,9 @@ class TrainConfig:
             raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError("--proportion_empty_prompts must be within 0..1")
+        if not 0.0 <= self.max_bad_rows_fraction <= 1.0:
+            raise ValueError(f"--max_bad_rows_fraction {self.max_bad_rows_fraction}: give a share within 0..1 "
+                             "(0.01 skips up to 1% of rows that do not decode)")
         for key in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                     "num_train_epochs", "max_nonfinite_steps"):
             if getattr(self, key) < 1:

@@ -6,6 +6,7 @@ resumed run sees exactly the batches an uninterrupted one would, and ranks split
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from typing import Any, Iterator, Sequence
@@ -39,8 +40,8 @@ def check_conditions(manifest: str, conditions: Sequence[str], cache_dir: str | 
 
 
 def training_columns(conditions: Sequence[str]) -> list[str]:
-    """The manifest columns training reads."""
-    return ["id", "caption", "image", "orig_width", "orig_height", *[cond_column(c) for c in conditions]]
+    """The manifest columns training reads (``source`` only to name a row that does not decode)."""
+    return ["id", "source", "caption", "image", "orig_width", "orig_height", *[cond_column(c) for c in conditions]]
 
 
 def load_rows(manifest: str, conditions: Sequence[str], holdout: int,
@@ -67,8 +68,154 @@ def row_captions(rows: Sequence[dict]) -> list[str | None]:
     return captions() if captions is not None else [row["caption"] for row in rows]
 
 
+# --- captions: cut before tokenizing ------------------------------------------------------------
+
+CHARS_PER_TOKEN = 64
+"""A generous bound on the characters one token of any family's tokenizer (CLIP BPE, T5 SentencePiece) spans:
+a caption cut at (tokens the tokenizer keeps) x this still holds every character the tokenizer would use,
+while a caption that is really a 50 MB log file is never tokenized whole (tokenizers truncate only after
+tokenizing everything)."""
+PROMPT_TOKENS = 512
+"""The longest prompt any family reads (Flux's T5), and the token count assumed for a tokenizer that declares
+no ``model_max_length`` (transformers then reports a huge placeholder)."""
+
+
+def caption_char_limit(tokenizers: Sequence[Any], max_sequence_length: int | None = None) -> int:
+    """Characters of a caption worth tokenizing for these tokenizers: the most tokens any of them keeps
+    (or ``max_sequence_length``, T5's prompt length) times ``CHARS_PER_TOKEN``."""
+    lengths = [t.model_max_length if 0 < getattr(t, "model_max_length", 0) <= 100_000 else PROMPT_TOKENS
+               for t in tokenizers]
+    return max([*lengths, max_sequence_length or 0] or [PROMPT_TOKENS]) * CHARS_PER_TOKEN
+
+
+def cap_caption(caption: str | None, limit: int) -> str:
+    """The caption ("" for none) cut to ``limit`` characters."""
+    return (caption or "")[:limit]
+
+
+# --- rows that do not decode ------------------------------------------------------------------
+
+HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+"""Pillow modes of more than 8 bits a channel: converting them to RGB clips their values, so a map stored
+that way (e.g. 16-bit depth) would train as a wrong picture."""
+MAX_SUBSTITUTES = 16
+"""Rows after an unreadable one tried in its place before its example is given up (and training stops)."""
+LOGGED_SKIPS = 10
+"""Unreadable rows logged one by one; the rest are counted (every one is in train_summary.json)."""
+
+
+class UnreadableRow(ValueError):
+    """A row whose image or a condition map cannot be used; ``record`` is {id, source, column, reason}."""
+
+    def __init__(self, record: dict[str, str]):
+        super().__init__(f"row {record['id']} ({record['source']}): {record['column']} {record['reason']}")
+        self.record = record
+
+
+class TooManyUnreadableRows(RuntimeError):
+    """More rows failed to decode than ``--max_bad_rows_fraction`` allows (the message is one line)."""
+
+
 def decode_rgb(cell: dict) -> Image.Image:
-    return Image.open(io.BytesIO(cell["bytes"])).convert("RGB")
+    """An image cell as RGB; ValueError for a mode of more than 8 bits (see ``HIGH_BIT_MODES``)."""
+    im = Image.open(io.BytesIO(cell["bytes"]))
+    if im.mode in HIGH_BIT_MODES:
+        raise ValueError(f"is a {im.mode} image ({'float' if im.mode == 'F' else '16/32-bit'}); "
+                         "training needs 8-bit maps and images")
+    return im.convert("RGB")
+
+
+def _reason(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"does not decode ({type(exc).__name__}: {first})" if first else f"does not decode ({type(exc).__name__})"
+
+
+def _unreadable(row: dict, column: str, reason: str) -> UnreadableRow:
+    return UnreadableRow({"id": str(row.get("id")), "source": str(row.get("source")), "column": column,
+                          "reason": reason})
+
+
+def _cell_bytes(row: dict, column: str) -> bytes:
+    cell = row.get(column)
+    if not cell or not cell.get("bytes"):
+        raise _unreadable(row, column, "has no bytes")
+    return cell["bytes"]
+
+
+def decode_cell(row: dict, column: str, size: tuple[int, int] | None = None) -> Image.Image:
+    """``row[column]`` decoded to RGB (``decode_rgb``), of ``size`` when given; UnreadableRow naming the row,
+    the column and what is wrong otherwise (missing, truncated or garbage bytes, another size, a wrong mode)."""
+    _cell_bytes(row, column)
+    try:
+        im = decode_rgb(row[column])
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        high_bit = isinstance(exc, ValueError) and "training needs 8-bit" in str(exc)
+        raise _unreadable(row, column, str(exc) if high_bit else _reason(exc)) from exc
+    if size is not None and im.size != size:
+        raise _unreadable(row, column, f"is {im.width}x{im.height} where the row's maps are {size[0]}x{size[1]} "
+                                       "(every map must have its image's size)")
+    return im
+
+
+def header_size(row: dict, column: str) -> tuple[int, int]:
+    """The size ``row[column]``'s header declares (no pixels decoded); UnreadableRow when it has none."""
+    data = _cell_bytes(row, column)
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception as exc:
+        raise _unreadable(row, column, _reason(exc)) from exc
+
+
+def drop_unreadable(rows: Sequence[dict], conditions: Sequence[str]) -> tuple[list[dict], list[dict[str, str]]]:
+    """(rows whose image and maps all decode, a record for each other one): for the few held-out rows, checked
+    whole once so validation never meets a broken one."""
+    good, bad = [], []
+    for row in rows:
+        try:
+            size = header_size(row, "image")
+            for column in ("image", *map(cond_column, conditions)):
+                decode_cell(row, column, size)
+        except UnreadableRow as exc:
+            bad.append(exc.record)
+            continue
+        good.append(row)
+    return good, bad
+
+
+@dataclasses.dataclass
+class SkippedRows:
+    """The training process's tally of rows that did not decode (reported by dataset examples, from any
+    DataLoader worker): each logged once, all recorded in train_summary.json; more than ``max_fraction`` of
+    ``total`` rows, or an example no nearby row could stand in for, stops the run in one line."""
+
+    manifest: str
+    total: int
+    max_fraction: float
+    records: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, records: Sequence[dict[str, str]], unusable: bool = False) -> None:
+        for record in records:
+            if record["id"] in self.records:
+                continue
+            self.records[record["id"]] = record
+            if len(self.records) <= LOGGED_SKIPS:
+                log.warning("skipping row %s (%s): %s %s; a nearby row is used in its place (python -m manifests "
+                            "validate %s lists every such row)", record["id"], record["source"], record["column"],
+                            record["reason"], self.manifest)
+        if unusable or len(self.records) > self.max_fraction * self.total:
+            raise TooManyUnreadableRows(self.message(unusable))
+
+    def message(self, unusable: bool) -> str:
+        first = next(iter(self.records.values()))
+        why = (f"{MAX_SUBSTITUTES + 1} rows in a row do not decode" if unusable else
+               f"{len(self.records)} of {self.total} rows do not decode, more than --max_bad_rows_fraction "
+               f"{self.max_fraction:g} allows")
+        return (f"{why} (first: row {first['id']} ({first['source']}): {first['column']} {first['reason']}): run "
+                f"`python -m manifests validate {self.manifest}` to list them, then re-annotate those files or fix "
+                "the manifest, or raise --max_bad_rows_fraction to train without them")
+
+    def summary(self) -> list[dict[str, str]]:
+        return list(self.records.values())
 
 
 def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -76,15 +223,26 @@ def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 class ManifestDataset(torch.utils.data.Dataset):
-    """Decoded, augmented training examples; call ``set_epoch`` before each epoch."""
+    """Decoded, augmented training examples; call ``set_epoch`` before each epoch.
+
+    A row whose image or a condition map does not decode is never a crash: the next rows (in id order) are
+    tried in its place, and the example lists the skipped rows under ``skipped_rows`` so the training process
+    counts them (``SkippedRows``), whichever DataLoader worker met them. An example no row near it could
+    stand in for is marked ``unusable``."""
 
     def __init__(self, rows: list[dict], conditions: Sequence[str], resolution: int, seed: int,
-                 center_crop: bool = False, random_flip: bool = False, proportion_empty_prompts: float = 0.5):
+                 center_crop: bool = False, random_flip: bool = False, proportion_empty_prompts: float = 0.5,
+                 max_caption_chars: int = PROMPT_TOKENS * CHARS_PER_TOKEN):
         self.rows, self.conditions, self.resolution, self.seed = rows, list(conditions), resolution, seed
         self.center_crop, self.random_flip, self.p_empty = center_crop, random_flip, proportion_empty_prompts
+        self.max_caption_chars = max_caption_chars
+        """Captions are cut to this many characters (``caption_char_limit`` of the base's tokenizers)."""
         self.epoch = 0
         self.decode_images = True  # False when latents are cached: only conditions are decoded
         self.decode_conditions = True  # False when condition latents are cached too (SD3, Flux)
+        self.known_bad: dict[int, dict[str, str]] = {}
+        """Row positions found unreadable (by the ``--cache_latents`` pass before workers start, or earlier in
+        this process): skipped without decoding them again."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -92,23 +250,47 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def captions(self) -> list[str]:
+        """Every row's caption as examples give it (cut to ``max_caption_chars``), without reading image bytes."""
+        return [cap_caption(c, self.max_caption_chars) for c in row_captions(self.rows)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
+        skipped: list[dict[str, str]] = []
+        for position in self._candidates(index):
+            if position in self.known_bad:
+                skipped.append(self.known_bad[position])
+                continue
+            try:
+                example = self._example(position, index)
+            except UnreadableRow as exc:
+                self.known_bad[position] = exc.record
+                skipped.append(exc.record)
+                continue
+            return {**example, "skipped_rows": skipped, "unusable": False}
+        return self._placeholder(index, skipped)
+
+    def _candidates(self, index: int) -> list[int]:
+        """Row positions tried for example ``index``: its own row, then the next ones (wrapping)."""
+        return [(index + k) % len(self.rows) for k in range(min(len(self.rows), MAX_SUBSTITUTES + 1))]
+
+    def _example(self, position: int, index: int) -> dict[str, Any]:
+        """Example ``index`` made from the row at ``position`` (its own, or one standing in), with the random
+        choices of ``index``; UnreadableRow when that row's image or a map does not decode."""
+        row = self.rows[position]
         rng = _rng(self.seed, self.epoch, index)
-        first = row[cond_column(self.conditions[0])]
-        # maps have the image's size, by the manifest contract; the header alone gives it
-        size = Image.open(io.BytesIO(first["bytes"])).size
+        # maps have the image's size, by the manifest contract; the image's header alone gives it
+        size = header_size(row, "image")
         box = self._crop_box(size, rng)
         flip = self.random_flip and rng.random() < 0.5
         if self.decode_images:
-            pixels = self._prepare(decode_rgb(row["image"]), box, flip) * 2.0 - 1.0  # [-1, 1] for the VAE
+            pixels = self._prepare(decode_cell(row, "image", size), box, flip) * 2.0 - 1.0  # [-1, 1] for the VAE
         else:
             pixels = torch.zeros(0)
         if self.decode_conditions:  # [0, 1], channels stacked
-            cond = torch.cat([self._prepare(decode_rgb(row[cond_column(c)]), box, flip) for c in self.conditions])
+            cond = torch.cat([self._prepare(decode_cell(row, cond_column(c), size), box, flip) for c in self.conditions])
         else:
             cond = torch.zeros(0)
-        caption = "" if rng.random() < self.p_empty else (row["caption"] or "")
+        caption = "" if rng.random() < self.p_empty else cap_caption(row["caption"], self.max_caption_chars)
         left, top, w, _ = box
         if flip:  # the crop's top-left as seen in the flipped image
             left = w - left - self.resolution
@@ -117,14 +299,43 @@ class ManifestDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "conditioning_pixel_values": cond, "caption": caption, "index": index,
                 "original_size": original, "crop_top_left": (top, left)}
 
+    def _placeholder(self, index: int, skipped: list[dict[str, str]]) -> dict[str, Any]:
+        """A blank example of the right shapes, marked unusable: the training process stops on it."""
+        side = self.resolution
+        pixels = torch.zeros(3, side, side) if self.decode_images else torch.zeros(0)
+        cond = torch.zeros(3 * len(self.conditions), side, side) if self.decode_conditions else torch.zeros(0)
+        return {"pixel_values": pixels, "conditioning_pixel_values": cond, "caption": "", "index": index,
+                "original_size": (side, side), "crop_top_left": (0, 0), "skipped_rows": skipped, "unusable": True}
+
+    def readable_position(self, index: int) -> int:
+        """The position of the row example ``index`` is made from: its own, or the first readable one after
+        it (every image and map decoded, for ``--cache_latents``, which caches it under ``index``);
+        TooManyUnreadableRows when none near it is."""
+        for position in self._candidates(index):
+            if position in self.known_bad:
+                continue
+            row = self.rows[position]
+            try:
+                size = header_size(row, "image")
+                for column in ("image", *map(cond_column, self.conditions)):
+                    decode_cell(row, column, size)
+            except UnreadableRow as exc:
+                self.known_bad[position] = exc.record
+                continue
+            return position
+        raise TooManyUnreadableRows(f"no readable row among the {MAX_SUBSTITUTES + 1} from row "
+                                    f"{self.rows[index].get('id')}: run `python -m manifests validate` on the "
+                                    "manifest and re-annotate")
+
     def image_tensor(self, index: int) -> torch.Tensor:
         """The target image of a row in [-1, 1] with the fixed crop (for ``--cache_latents``)."""
-        image = decode_rgb(self.rows[index]["image"])
+        image = decode_rgb(self.rows[self.readable_position(index)]["image"])
         return self._prepare(image, self._crop_box(image.size, _rng(self.seed, 0, index)), False) * 2.0 - 1.0
 
     def condition_tensor(self, index: int) -> torch.Tensor:
         """A row's conditions stacked in [0, 1] with the fixed crop (for ``--cache_latents`` of SD3/Flux)."""
-        conds = [decode_rgb(self.rows[index][cond_column(c)]) for c in self.conditions]
+        row = self.rows[self.readable_position(index)]
+        conds = [decode_rgb(row[cond_column(c)]) for c in self.conditions]
         box = self._crop_box(conds[0].size, _rng(self.seed, 0, index))
         return torch.cat([self._prepare(c, box, False) for c in conds])
 
@@ -157,6 +368,9 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         # SDXL's size conditioning: (height, width) of each raw image, (top, left) of each crop
         "original_sizes": torch.tensor([e["original_size"] for e in examples]),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples]),
+        # rows that did not decode (and were stood in for), for the training process's count
+        "skipped_rows": [r for e in examples for r in e.get("skipped_rows", ())],
+        "unusable": any(e.get("unusable", False) for e in examples),
     }
 
 

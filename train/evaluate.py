@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Measure how well a ControlNet obeys its condition, against the base model alone.
 
-    python train/evaluate.py --controlnet runs/canny --pretrained_model_name_or_path <sd folder> \\
-        --manifest data/manifests/photos --condition canny --num_samples 16 [--task circle]
+    python train/evaluate.py --controlnet runs/canny          # everything else: what the run trained with
 
-Takes the first N ok rows of the manifest by id (the rows the trainer holds out), generates each
+Base, manifest, condition, resolution, duplicates policy, validation task and the held-out rows default to
+what train.py recorded in the run's ``train_summary.json``; a flag given overrides its default, with a
+warning when it differs from the run's (and when rows the run trained on are scored). An existing
+evaluation in ``--output_dir`` is never replaced without ``--overwrite``.
+
+Takes the run's held-out rows (else the first N ok rows of the manifest by id), generates each
 caption twice with the same seed (with the ControlNet on the row's condition, and with the base
 alone), re-annotates both with the condition's annotator (its parameters as the manifest recorded
 them) and compares with the condition (train/metrics.py). Writes ``metrics.json`` and ``grid.png``
@@ -55,10 +59,11 @@ class UsageError(Exception):
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     controlnet: str
-    pretrained_model_name_or_path: str
-    manifest: str
-    condition: str
-    num_samples: int
+    pretrained_model_name_or_path: str | None
+    manifest: str | None
+    condition: str | None
+    num_samples: int | None
+    """Rows to evaluate, the first N ok rows by id; None: the run's held-out rows (else 8)."""
     output_dir: str
     task: str | None = None
     seed: int = 0
@@ -67,9 +72,13 @@ class EvalConfig:
     guidance_scale: float = 7.5
     weights_dir: str | None = None
     device: str = "cpu"
-    keep_duplicates: bool = False
-    """Evaluate on rows the manifest lists as duplicates too (pass what the trainer was given, so
-    the rows evaluated are the ones it held out)."""
+    keep_duplicates: bool | None = None
+    """Evaluate on rows the manifest lists as duplicates too; None: as the run was trained (False without a
+    record), so the rows evaluated are the ones it held out."""
+    overwrite: bool = False
+    """Replace an evaluation already in ``output_dir`` (refused otherwise)."""
+    held_out_ids: tuple[str, ...] | None = None
+    """The run's held-out rows (train_summary.json); None: no record."""
 
     @property
     def conditions(self) -> tuple[str, ...]:
@@ -84,33 +93,42 @@ class EvalConfig:
 def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--controlnet", required=True, help="ControlNet folder (train.py's --output_dir, or its controlnet/)")
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="the base it was trained on (diffusers folder)")
-    p.add_argument("--manifest", required=True, help="manifest folder with the condition column")
-    p.add_argument("--condition", required=True,
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="the base it was trained on (diffusers folder); default: the run's (train_summary.json)")
+    p.add_argument("--manifest", default=None,
+                   help="manifest folder with the condition column; default: the run's (train_summary.json)")
+    p.add_argument("--condition", default=None,
                    help="annotator name, e.g. canny, depth, mediapipe_pose; for a ControlNet trained on stacked "
-                        "conditions, all of them comma-separated in training order (canny,depth)")
-    p.add_argument("--num_samples", type=int, default=8, help="rows to evaluate: the first N ok rows by id")
+                        "conditions, all of them comma-separated in training order (canny,depth); default: the run's")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="rows to evaluate: the first N ok rows by id; default: the run's held-out rows (else 8)")
     p.add_argument("--output_dir", default=None, help="where metrics.json and grid.png go (default: <controlnet>/eval)")
-    p.add_argument("--task", default=None, choices=sorted(metrics.TASK_METRICS), help="add a task's metrics")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an evaluation already in --output_dir (without it, an existing one is kept and "
+                        "the run stops)")
+    p.add_argument("--task", default=None, choices=sorted(metrics.TASK_METRICS),
+                   help="add a task's metrics; default: the run's --validation_task")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, for both pipelines")
     p.add_argument("--num_inference_steps", type=int, default=20,
                    help="denoising steps per sample, for both pipelines (default: 20; more: slower, finer)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="square side to generate at (short side scaled, centre crop); default: each map's own size")
+                   help="square side to generate at (short side scaled, centre crop); default: the run's "
+                        "--resolution, else each map's own size")
     p.add_argument("--guidance_scale", type=finite_float, default=7.5,
                    help="classifier-free guidance scale, for both pipelines (default: 7.5; 1 turns it off)")
     p.add_argument("--weights_dir", default=None, help="annotator weights (default: CONTROLFORGE_WEIGHTS)")
     p.add_argument("--device", default="cpu", help="torch device for generation (cpu keeps results reproducible)")
-    p.add_argument("--keep_duplicates", action="store_true",
-                   help="include rows listed as duplicates (as the trainer's --keep_duplicates does)")
+    p.add_argument("--keep_duplicates", action=argparse.BooleanOptionalAction, default=None,
+                   help="include rows listed as duplicates (as the trainer's --keep_duplicates does); default: "
+                        "as the run was trained")
     a = p.parse_args(argv)
-    if a.num_samples < 1:
+    if a.num_samples is not None and a.num_samples < 1:
         p.error("--num_samples must be at least 1")
     if a.num_inference_steps < 1:
         p.error("--num_inference_steps must be at least 1")
     if a.resolution is not None and (a.resolution < 8 or a.resolution % 8):
         p.error("--resolution must be a positive multiple of 8 (the VAE works on multiples of 8)")
-    names = [c.strip() for c in a.condition.split(",")]
+    names = [c.strip() for c in (a.condition or "given").split(",")]
     if not all(names) or len(set(names)) != len(names):
         p.error(f"--condition {a.condition}: name each condition once, comma-separated (e.g. canny,depth)")
     return EvalConfig(
@@ -118,7 +136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
         manifest=a.manifest, condition=a.condition, num_samples=a.num_samples,
         output_dir=a.output_dir or str(Path(a.controlnet) / "eval"), task=a.task, seed=a.seed,
         num_inference_steps=a.num_inference_steps, resolution=a.resolution, guidance_scale=a.guidance_scale,
-        weights_dir=a.weights_dir, device=a.device, keep_duplicates=a.keep_duplicates,
+        weights_dir=a.weights_dir, device=a.device, keep_duplicates=a.keep_duplicates, overwrite=a.overwrite,
     )
 
 
@@ -153,17 +171,81 @@ def annotator_params(summary: dict[str, Any], condition: str) -> dict[str, Any]:
     return {}
 
 
-def trained_conditions(folder: str) -> list[str] | None:
-    """The conditions, in channel order, that train.py recorded in ``train_summary.json`` next to the
-    ControlNet folder (None: no record, e.g. a ControlNet from elsewhere or an older run)."""
+def train_summary(folder: str) -> dict[str, Any]:
+    """``train_summary.json`` of the run whose ControlNet is in ``folder`` (its own folder or the one above);
+    {} when there is none or it does not read (a ControlNet from elsewhere)."""
     for candidate in (Path(folder) / "train_summary.json", Path(folder).parent / "train_summary.json"):
         if candidate.is_file():
             try:
-                conditions = json.loads(candidate.read_text()).get("conditions")
+                summary = json.loads(candidate.read_text())
             except (OSError, ValueError):
-                return None
-            return list(conditions) if isinstance(conditions, list) else None
-    return None
+                return {}
+            return summary if isinstance(summary, dict) else {}
+    return {}
+
+
+def trained_conditions(folder: str) -> list[str] | None:
+    """The conditions, in channel order, that train.py recorded in ``train_summary.json`` next to the
+    ControlNet folder (None: no record, e.g. a ControlNet from elsewhere or an older run)."""
+    conditions = train_summary(folder).get("conditions")
+    return list(conditions) if isinstance(conditions, list) else None
+
+
+RUN_DEFAULTS = ("pretrained_model_name_or_path", "manifest", "condition", "resolution", "keep_duplicates", "task")
+"""EvalConfig fields that default to the run's (train_summary.json's ``run`` record)."""
+NEEDED = ("pretrained_model_name_or_path", "manifest", "condition")
+
+
+def run_settings(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's value of each of ``RUN_DEFAULTS`` (absent ones left out; older runs recorded only the
+    conditions), and its held-out ids under ``held_out_ids``."""
+    run = summary.get("run") if isinstance(summary.get("run"), dict) else {}
+    conditions = run.get("conditions") or summary.get("conditions")
+    found = {k: run[k] for k in RUN_DEFAULTS if k in run}
+    if isinstance(conditions, list) and conditions:
+        found["condition"] = ",".join(conditions)
+    if isinstance(run.get("held_out_ids"), list):
+        found["held_out_ids"] = tuple(run["held_out_ids"])
+    return found
+
+
+def same_setting(name: str, given: Any, recorded: Any) -> bool:
+    """Whether a flag's value is the run's (paths compared as the folders they name)."""
+    if name in ("pretrained_model_name_or_path", "manifest") and os.path.exists(given) and os.path.exists(recorded):
+        return os.path.samefile(given, recorded)
+    return given == recorded
+
+
+def with_run_defaults(config: EvalConfig) -> tuple[EvalConfig, list[str]]:
+    """``config`` with every setting not given taken from the run's train_summary.json, and a warning for
+    each given one that differs from the run's; UsageError when base, manifest or condition is neither given
+    nor recorded."""
+    folder = controlnet_folder(config.controlnet)
+    recorded = run_settings(train_summary(folder))
+    changes: dict[str, Any] = {"held_out_ids": recorded.get("held_out_ids")}
+    warnings = []
+    for name in RUN_DEFAULTS:
+        given = getattr(config, name)
+        if given is None:
+            changes[name] = recorded.get(name)
+        elif name in recorded and recorded[name] is not None and not same_setting(name, given, recorded[name]):
+            warnings.append(f"--{name} {given} differs from the run's {recorded[name]} (train_summary.json): the "
+                            "figures will not compare with the run's validation")
+    missing = [name for name in NEEDED if changes.get(name, getattr(config, name)) is None]
+    if missing:
+        raise UsageError(f"{folder} has no train_summary.json recording {', '.join(missing)} (a ControlNet from "
+                         f"elsewhere, or an older run): pass {' '.join('--' + m for m in missing)}")
+    if changes.get("keep_duplicates", config.keep_duplicates) is None:
+        changes["keep_duplicates"] = False
+    return dataclasses.replace(config, **changes), warnings
+
+
+def trained_rows(config: EvalConfig, ids: Sequence[str]) -> list[str]:
+    """The ``ids`` evaluated that the run trained on (not among its held-out rows); [] without a record."""
+    if config.held_out_ids is None:
+        return []
+    held_out = set(config.held_out_ids)
+    return [i for i in ids if i not in held_out]
 
 
 def check(config: EvalConfig) -> dict[str, Any]:
@@ -173,6 +255,10 @@ def check(config: EvalConfig) -> dict[str, Any]:
     from manifests.schema import cond_column
 
     folder = controlnet_folder(config.controlnet)
+    existing = [name for name in ("metrics.json", "grid.png") if (Path(config.output_dir) / name).exists()]
+    if existing and not config.overwrite:
+        raise UsageError(f"{config.output_dir} already holds an evaluation ({', '.join(existing)}); it is kept: "
+                         "pass --overwrite to replace it, or --output_dir for another folder")
     check_base(config.pretrained_model_name_or_path)
     try:
         summary = manifests.read_manifest_json(config.manifest)
@@ -217,17 +303,26 @@ def check(config: EvalConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- the work
 
-def load_rows(manifest: str, condition: str | Sequence[str], count: int,
-              keep_duplicates: bool = False) -> list[dict[str, Any]]:
-    """The first ``count`` ok rows by id (the trainer's held-out rows), with id, caption, image and
-    the condition column(s); duplicates left out unless ``keep_duplicates``, as the trainer does."""
+def load_rows(manifest: str, condition: str | Sequence[str], count: int | None,
+              keep_duplicates: bool = False, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The rows ``ids`` names (the run's held-out rows) when ``count`` is None, else the first ``count`` ok rows
+    by id (the trainer's held-out rows when the run held that many out), with id, caption, image and the
+    condition column(s); duplicates left out unless ``keep_duplicates``, as the trainer does."""
     import manifests
     from manifests.schema import cond_column
 
     names = [condition] if isinstance(condition, str) else list(condition)
+    by_id = count is None and ids is not None
     frame = manifests.read(manifest, columns=["id", "caption", "image", *map(cond_column, names)], status="ok",
-                           duplicates="keep" if keep_duplicates else "skip")
-    return frame.sort_values("id", kind="stable").head(count).to_dict("records")
+                           duplicates="keep" if keep_duplicates or by_id else "skip")
+    frame = frame.sort_values("id", kind="stable")
+    if by_id:
+        return frame[frame["id"].isin(set(ids))].to_dict("records")
+    return frame.head(count if count is not None else DEFAULT_SAMPLES).to_dict("records")
+
+
+DEFAULT_SAMPLES = 8
+"""Rows evaluated when neither --num_samples nor the run's held-out rows say how many."""
 
 
 def prepare_condition(cell: dict[str, Any], resolution: int | None, nearest: bool) -> np.ndarray:
@@ -340,7 +435,15 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
                 if c in metrics.CONDITION_METRICS else None
         except (OSError, ValueError) as exc:
             raise UsageError(f"annotator {c}: {exc}") from exc
-    rows = load_rows(config.manifest, conditions, config.num_samples, config.keep_duplicates)
+    rows = load_rows(config.manifest, conditions, config.num_samples if config.held_out_ids else
+                     config.num_samples or DEFAULT_SAMPLES, config.keep_duplicates, config.held_out_ids)
+    if not rows:
+        raise UsageError(f"--manifest {config.manifest}: none of the rows to evaluate is there (the run's held-out "
+                         "rows are gone?); pass --num_samples to take the first N ok rows by id")
+    trained = trained_rows(config, [r["id"] for r in rows])
+    if trained:
+        print(f"warning: {len(trained)} of the {len(rows)} rows evaluated were trained on by the run (not held "
+              "out): their scores are not held-out scores", file=sys.stderr)
     nearest = {c: c in LABEL_MAPS for c in conditions}
     maps = {c: [prepare_condition(r[cond_column(c)], config.resolution, nearest[c]) for r in rows]
             for c in conditions}
@@ -354,7 +457,10 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
     ids = [r["id"] for r in rows]
     pipe, alone = load_pipelines(config)
     controlled, base = [], []
-    for i, (cond, caption) in enumerate(zip(given, captions)):
+    from tqdm import tqdm
+
+    progress = tqdm(list(zip(given, captions)), desc="evaluate", unit="sample", file=sys.stderr)
+    for i, (cond, caption) in enumerate(progress):
         controlled.append(generate(pipe, caption, config.seed + i, cond.shape[:2], config, cond))
         base.append(generate(alone, caption, config.seed + i, cond.shape[:2], config))
 
@@ -383,8 +489,10 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
                      "controlnet": {k: v[i] for k, v in score["controlnet"].items()},
                      "base": {k: v[i] for k, v in score["base"].items()}}
                     for i, (id_, caption) in enumerate(zip(ids, captions))],
+        "rows_trained_on": len(trained) if config.held_out_ids is not None else None,
         "settings": {"seed": config.seed, "num_inference_steps": config.num_inference_steps,
-                     "resolution": config.resolution, "guidance_scale": config.guidance_scale,
+                     "resolution": config.resolution, "keep_duplicates": config.keep_duplicates,
+                     "guidance_scale": config.guidance_scale,
                      "scheduler": type(pipe.scheduler).__name__, "device": config.device, "dtype": "float32",
                      "annotator_params": overrides if config.stacked else overrides[conditions[0]]},
         "controlnet_path": config.controlnet,
@@ -402,6 +510,9 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
+        config, warnings = with_run_defaults(config)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         summary = check(config)
         result = evaluate(config, summary)
     except UsageError as exc:

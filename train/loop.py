@@ -24,7 +24,8 @@ from tqdm import tqdm
 from manifests.io import strict_json
 from train import checkpoints
 from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
-from train.data import ManifestDataset, RankSampler, collate, load_rows
+from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, caption_char_limit, collate,
+                        drop_unreadable, load_rows)
 from train.export import export
 from train.models import BaseModels, FamilyOptions, latents_from_sample, load_base, make_controlnet
 
@@ -65,6 +66,8 @@ class Run:
     steps_per_epoch: int
     max_steps: int
     epochs: int
+    skipped: SkippedRows | None = None
+    """Rows that did not decode, counted as examples report them (this process's share)."""
     global_step: int = 0
     """Optimiser steps done (counting those before a resume)."""
 
@@ -138,8 +141,14 @@ def set_up(config: TrainConfig) -> Run:
         controlnet.enable_gradient_checkpointing()
     ema = make_ema(accelerator, controlnet) if config.use_ema else None
 
+    # rows that do not decode: skipped and counted (held-out ones now, training ones as examples meet them)
+    skipped = SkippedRows(config.manifest, max(1, len(train_rows) // accelerator.num_processes),
+                          config.max_bad_rows_fraction)
+    held_out, unreadable_held_out = drop_unreadable(held_out, config.condition)
+    skipped.add(unreadable_held_out)
     dataset = ManifestDataset(train_rows, config.condition, config.resolution, seed, config.center_crop,
-                              config.random_flip, config.proportion_empty_prompts)
+                              config.random_flip, config.proportion_empty_prompts,
+                              max_caption_chars=caption_char_limit(base.tokenizers, config.max_sequence_length))
     sampler = RankSampler(len(dataset), accelerator.process_index, accelerator.num_processes, seed,
                           config.train_batch_size, config.gradient_accumulation_steps)
     if sampler.batches_per_epoch() == 0:
@@ -158,7 +167,8 @@ def set_up(config: TrainConfig) -> Run:
         accelerator.init_trackers("controlnet", config={k: str(v) for k, v in config.to_dict().items()})
     scorer = ValidationScorer(config) if config.validation_enabled and accelerator.is_main_process else None
     run = Run(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, dataset, sampler, loader, cache,
-              held_out, scorer, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
+              held_out, scorer, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch),
+              skipped)
     if config.resume_from_checkpoint:
         resume(run)
     return run
@@ -265,6 +275,7 @@ def run_steps(run: Run) -> dict[str, Any]:
         run.dataset.set_epoch(epoch)
         run.sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
         for batch in run.loader:
+            count_skipped(run, batch, bar)
             step_finite = micro_step(run, batch, micro, step_finite, meter) and step_finite
             micro += 1
             if not accelerator.sync_gradients:
@@ -280,11 +291,25 @@ def run_steps(run: Run) -> dict[str, Any]:
             break
     bar.close()
     elapsed = time.perf_counter() - meter.start - meter.paused
+    skipped_rows = skipped_row_report(run)
+    if skipped_rows:
+        log.warning("skipped %d rows whose image or condition map does not decode (listed in train_summary.json)",
+                    len(skipped_rows))
     return {"global_step": run.global_step, "final_loss": meter.last_loss, "lr": run.lr_scheduler.get_last_lr()[0],
-            "skipped_steps": meter.skipped_total,
+            "skipped_steps": meter.skipped_total, "skipped_rows": len(skipped_rows), "unreadable_rows": skipped_rows,
             "samples_per_s": round(meter.samples / elapsed, 3) if elapsed else None,
             "train_seconds": round(time.perf_counter() - meter.start, 1),  # wall time, validations included
             "ranks": rank_report(accelerator, run.controlnet, meter.seen_rows)}
+
+
+def count_skipped(run: Run, batch: dict[str, Any], bar: tqdm) -> None:
+    """Count the rows the batch's examples stood in for; past the allowed share, stop (the bar closed first,
+    so the one-line error starts its own line)."""
+    try:
+        run.skipped.add(batch["skipped_rows"], batch["unusable"])
+    except TooManyUnreadableRows:
+        bar.close()
+        raise
 
 
 def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, meter: Meter) -> bool:
@@ -392,7 +417,8 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
 
         figures["fp8_base"] = base_float8_report(run.base).line()
     accelerator.wait_for_everyone()
-    result: dict[str, Any] = {"figures": figures}
+    unreadable = figures.pop("unreadable_rows", [])
+    result: dict[str, Any] = {"figures": figures, "unreadable_rows": unreadable}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(run.controlnet)
         if run.ema is not None:
@@ -411,7 +437,8 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
         card["example_prompt"] = example_row(run)["caption"] or ""
         result["exported"] = export(final, config.output_dir, card, example_condition(run))
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
-        result["args"] = config.to_dict()  # what the report (and evaluate.py) read the run's settings from
+        result["args"] = config.to_dict()  # what the report reads the run's settings from
+        result["run"] = run_record(config, run.held_out)  # what evaluate.py defaults to
         result.update(run.base.family.card_extra(run.base))  # a union's condition -> slot/mode mapping
         (Path(config.output_dir) / "train_summary.json").write_text(strict_json(result, indent=2, default=str))
     accelerator.end_training()
@@ -431,8 +458,30 @@ def example_condition(run: Run) -> Any:
     return decode_rgb(example_row(run)[cond_column(run.config.condition[0])])
 
 
+def run_record(config: TrainConfig, held_out: list[dict]) -> dict[str, Any]:
+    """How the run read its data, for ``train/evaluate.py`` to default to: base, manifest (local paths made
+    absolute, so it works from any folder), conditions, resolution, duplicates policy, validation task and
+    the ids of the held-out rows (never trained on)."""
+    def located(path: str) -> str:
+        return str(Path(path).resolve()) if Path(path).exists() else path  # a hub id or URI stays as given
+
+    return {"pretrained_model_name_or_path": located(config.pretrained_model_name_or_path),
+            "manifest": located(config.manifest), "conditions": list(config.condition), "union": config.union,
+            "resolution": config.resolution, "keep_duplicates": config.keep_duplicates,
+            "task": config.validation_task, "seed": config.seed,
+            "held_out_ids": [row["id"] for row in held_out]}
+
+
 def manifest_fingerprint(summary: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(summary.get("shards", []), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def skipped_row_report(run: Run) -> list[dict[str, str]]:
+    """Every rank's rows that did not decode, once each: {id, source, column, reason}."""
+    from accelerate.utils import gather_object
+
+    merged = {r["id"]: r for r in gather_object(run.skipped.summary())}
+    return [merged[k] for k in sorted(merged)]
 
 
 def rank_report(accelerator, controlnet, seen_rows: list[int]) -> list[dict[str, Any]]:

@@ -78,13 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in differences_from_diffusers(config):
         logging.getLogger("train").info("differs from diffusers: %s", line)
     from train.loop import train
+    from train.data import TooManyUnreadableRows
     from train.row_cache import BadShard
 
     try:
         result = train(config, summary)
     # SetupError: the base, the ControlNet or a flag only loading shows wrong, before the first step;
-    # BadShard: a shard broken past its footer is found only when its rows are read
-    except (SetupError, BadShard) as exc:
+    # BadShard: a shard broken past its footer is found only when its rows are read;
+    # TooManyUnreadableRows: more rows than --max_bad_rows_fraction allows do not decode
+    except (SetupError, BadShard, TooManyUnreadableRows) as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     if "exported" in result:
