@@ -17,7 +17,7 @@ from pipeline.annotate import run
 from pipeline.config import AnnotateConfig
 from pipeline.samples import write_circles
 from tests.conftest import ROOT
-from train import evaluate
+from train import evaluate, grids
 
 pytestmark = pytest.mark.slow  # generates with a ControlNet and the base alone
 
@@ -59,11 +59,11 @@ def argv(controlnet: Path, sd: Path, manifest: Path, out: Path, *extra: str) -> 
 
 
 def grid_columns(path: Path, rows: int, tile: int = TILE) -> list[list[np.ndarray]]:
-    """The grid's tiles as [row][column] arrays (below the 16 px header)."""
+    """The grid's tiles as [sample][tile] arrays (condition, with ControlNet, base alone)."""
     sheet = np.asarray(Image.open(path).convert("RGB"))
-    assert sheet.shape == (16 + rows * tile, 3 * tile, 3)
-    return [[sheet[16 + r * tile:16 + (r + 1) * tile, c * tile:(c + 1) * tile] for c in range(3)]
-            for r in range(rows)]
+    where = grids.layout(rows, 3, tile, columns=4)
+    assert sheet.shape == (where.size[1], where.size[0], 3)
+    return [[sheet[y:y + tile, x:x + tile] for x, y in (where.origin(r, c) for c in range(3))] for r in range(rows)]
 
 
 def test_writes_metrics_and_grid(controlnets, tiny_sd, circle_manifest, tmp_path):

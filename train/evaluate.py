@@ -41,10 +41,11 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from manifests.flags import finite_float
 from train import metrics
+from train.grids import contact_sheet
 
 # Colour-coded maps (a colour is a class or a keypoint): resized with nearest neighbour, so the
 # ControlNet and the metric see the same exact colours. Other maps resize bicubic, as in training.
@@ -395,29 +396,6 @@ def stack_maps(maps: Sequence[np.ndarray], nearest: Sequence[bool]) -> np.ndarra
     return np.concatenate(same, axis=2)
 
 
-def grid(rows: Sequence[Sequence[np.ndarray]], path: Path, labels: Sequence[str], min_tile: int = 128) -> Path:
-    """PNG contact sheet: one row per sample, tiles scaled (nearest) to at least ``min_tile`` high."""
-    height = max(min_tile, max(t.shape[0] for row in rows for t in row))
-    tiles = [[Image.fromarray(t).resize((round(t.shape[1] * height / t.shape[0]), height), Image.Resampling.NEAREST)
-              for t in row] for row in rows]
-    header = 16
-    width = max(sum(t.width for t in row) for row in tiles)
-    sheet = Image.new("RGB", (width, header + height * len(tiles)), "white")
-    draw = ImageDraw.Draw(sheet)
-    x = 0
-    for label, tile in zip(labels, tiles[0]):
-        draw.text((x + 4, 2), label, fill="black")
-        x += tile.width
-    for r, row in enumerate(tiles):
-        x = 0
-        for tile in row:
-            sheet.paste(tile, (x, header + r * height))
-            x += tile.width
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
-
-
 def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Generate, re-annotate, score; write metrics.json and grid.png; return what metrics.json holds."""
     from manifests.schema import cond_column
@@ -476,8 +454,8 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
     score = {name: score_all(images) for name, images in (("controlnet", controlled), ("base", base))}
     out = Path(config.output_dir)
     tiles = [[*(maps[c][i] for c in conditions), a, b] for i, (a, b) in enumerate(zip(controlled, base))]
-    grid_path = grid(tiles, out / "grid.png",
-                     [*(conditions if config.stacked else ["condition"]), "with ControlNet", "base alone"])
+    grid_path = contact_sheet(tiles, captions, [*(conditions if config.stacked else ["condition"]),
+                                                "with ControlNet", "base alone"], out / "grid.png")
     result = {
         "condition": config.condition,
         "task": config.task,
