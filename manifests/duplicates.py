@@ -506,11 +506,17 @@ def _digest_keys(fixed: pa.FixedSizeBinaryArray) -> np.ndarray:
 
 
 def _string_keys(values: pa.Array) -> np.ndarray:
-    """A deterministic 64-bit key per non-null string (equal strings, equal keys), for partitioning."""
-    try:
-        return _digest_keys(values.cast(pa.binary(64))) if len(values) else np.zeros(0, np.uint64)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # not all 64 characters
-        return np.array([zlib.crc32(v.encode("utf-8", "surrogatepass")) for v in values.to_pylist()], np.uint64)
+    """A deterministic 64-bit key per non-null string, the same in every task (equal strings, equal
+    keys), for partitioning: 64-byte values (sha256 hex digests) by their words, any other by CRC-32."""
+    keys = np.zeros(len(values), np.uint64)
+    digest = pc.equal(pc.binary_length(values), 64).to_numpy(zero_copy_only=False)
+    if digest.any():
+        keys[digest] = _digest_keys(values.filter(pa.array(digest)).cast(pa.binary(64)))
+    others = np.flatnonzero(~digest)
+    if others.size:
+        keys[others] = [zlib.crc32(v.encode("utf-8", "surrogatepass"))
+                        for v in values.take(pa.array(others)).to_pylist()]
+    return keys
 
 
 def _shard_rows(root: str, names: list[str], first: int, ok_only: bool) -> pa.Table:

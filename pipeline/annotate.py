@@ -49,6 +49,10 @@ log = logging.getLogger("annotate")
 DRIVER_FILES = (output_lock.LOCK_NAME, output_lock.LOCK_NAME + ".takeover", PLAN_DIR)
 
 
+#: Rows each task of the duplicates pass reads (its shards' id, status, sha256 and hash: tens of MB).
+DUPLICATE_ROWS_PER_TASK = 250_000
+
+
 class ResumeConflict(RuntimeError):
     """The output folder holds shards written with other settings."""
 
@@ -294,7 +298,8 @@ def find_duplicates(config: AnnotateConfig, source: str) -> dict[str, Any]:
     """Duplicates across the whole manifest (kept shards included), as a side table made by Ray tasks
     (pipeline/dispatch.py); shards stay as written. Call only when ``duplicates_up_to_date`` is None."""
     return duplicates.write_duplicates(config.output, config.near_duplicate_distance, computed_from=source,
-                                       run_tasks=dispatch.run_tasks)
+                                       run_tasks=dispatch.run_tasks,
+                                       shards_per_task=max(1, DUPLICATE_ROWS_PER_TASK // config.shard_size))
 
 
 def duplicates_up_to_date(config: AnnotateConfig, source: str) -> dict[str, Any] | None:
