@@ -29,6 +29,10 @@ are sorted by that band's value and only neighbours within a run of equal values
 XOR and popcount each, vectorised). The search is exact: it finds what an all-pairs loop finds. Its
 cost is the number of same-band pairs, about ``n**2 / 2**(64 / (max_distance + 1))`` per band for
 uniform hashes, which is why large distances do not scale (see ``DEFAULT_MAX_DISTANCE``).
+
+At collection scale (``write_duplicates``) the same pass runs in stages of small independent tasks over
+scratch files (``DistributedPass``), which the annotator runs as Ray tasks: no process holds every row's
+hash, and the table is identical to ``find_duplicates`` over all rows (the in-memory reference).
 """
 
 from __future__ import annotations
