@@ -450,7 +450,11 @@ class DistributedPass:
     max_distance: int | None
     shards_per_task: int
     partitions: int | None = None
+    """Partitions of the sha256/hash shuffle and buckets per band (default: one per group of shards)."""
     work: str = ""
+    """Scratch folder (default: a fresh one under ``_duplicates/``, removed by ``write_duplicates``)."""
+    groups: list[tuple[int, list[str]]] = dataclasses.field(init=False)
+    """(first shard's position, shard names) of each task's group of shards."""
 
     def __post_init__(self) -> None:
         self.groups = [(k, self.names[k:k + self.shards_per_task])
