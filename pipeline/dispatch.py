@@ -210,8 +210,10 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple], window: int | None = N
 
     if not calls:
         return []
-    task = ray.remote(num_cpus=1, max_retries=2)(fn)
-    window = window or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    total = float(ray.cluster_resources().get("CPU", 1))
+    # Half a CPU on a one-CPU Ray, as the shard tasks ask (share_cpus), so a task always fits.
+    task = ray.remote(num_cpus=1.0 if total >= 2 else total / 2, max_retries=2)(fn)
+    window = window or 2 * max(1, int(total))
     results: list[Any] = [None] * len(calls)
     pending: dict[Any, int] = {}
     queue = collections.deque(enumerate(calls))
