@@ -12,11 +12,14 @@ subprocess so its peak RSS is its own. Phases:
 - ``plan``: a first run over an empty output: stream, fingerprint, write every plan file.
 - ``resume``: the same run once every shard is done (a shard file and a stats file per shard, as a
   finished job leaves them): one listing of the output plus the stats reads, and no shard footer.
+- ``noop``: the whole rerun, ``annotate.run`` end to end, on that complete manifest (with the duplicates
+  table a finished job leaves): it must decide "nothing to do" without starting Ray or redoing the
+  duplicates pass, and write the summary. Its time is what a user waits for.
 - ``baseline``: the old driver's shape in the same run: the whole listing materialised as
   ``InputItem``s plus one dict spec (lists of ids/sources/sidecars/captions) per shard.
 
-Targets (issue 11): driver peak RSS flat in the collection size and under 512 MB at 1M and 10M
-entries; resume planning under 10 s at 1M with no shard footer read.
+Targets (issues 11, 19): driver peak RSS flat in the collection size and under 512 MB at 1M and 10M
+entries; resume planning, and a whole no-op rerun, under 10 s at 1M with no shard footer read and no Ray.
 """
 
 from __future__ import annotations
@@ -65,7 +68,15 @@ def phase(name: str, listing: str, root: str, output: str, shard_size: int) -> d
     import pyarrow.parquet  # noqa: F401  (plan files)
     rss_before = _peak_rss_mb()
     start = time.perf_counter()
-    if name == "baseline":
+    ray_started = False
+    if name == "noop":
+        summary = annotate.run(config)
+        ray = sys.modules.get("ray")
+        ray_started = ray is not None and ray.is_initialized()
+        shards, todo, kept = len(summary["shards"]), summary["run"]["shards_written"], summary["run"]["shards_kept"]
+        rows = summary["counts"]["rows"]
+        plan_s = summary["run"]["plan_s"]
+    elif name == "baseline":
         items = list(iter_input_list(listing, root, ListingStats()))
         specs = [{"shard": k, "ids": [i.id for i in items[s:s + shard_size]],
                   "sources": [i.source for i in items[s:s + shard_size]],
@@ -85,14 +96,29 @@ def phase(name: str, listing: str, root: str, output: str, shard_size: int) -> d
             from manifests.sink import ShardStats
             from manifests.schema import shard_name
             fs, base = mio.resolve(output)
+            stats = {}
             for spec in plan.todo:
                 open(os.path.join(base, shard_name(spec.index)), "wb").close()
-                job.sink._write_stats(fs, base, ShardStats(spec.index, spec.fingerprint, spec.rows,
-                                                           {"ok": spec.rows}, {}))
+                stats[spec.index] = ShardStats(spec.index, spec.fingerprint, spec.rows, {"ok": spec.rows}, {})
+                job.sink._write_stats(fs, base, stats[spec.index])
+            write_duplicates_table(output, annotate.shards_digest(stats), config.near_duplicate_distance)
     seconds = time.perf_counter() - start
     return {"phase": name, "entries": rows, "shards": shards, "todo": todo, "kept": kept,
             "seconds": round(seconds, 2), "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "rss_after_imports_mb": round(rss_before, 1), "footer_reads": len(footer_reads)}
+            "rss_after_imports_mb": round(rss_before, 1), "footer_reads": len(footer_reads),
+            "ray_started": ray_started, **({"plan_s": plan_s} if name == "noop" else {})}
+
+
+def write_duplicates_table(output: str, computed_from: str, max_distance: int) -> None:
+    """The duplicates table a finished job leaves (none found), made from these shards' stats."""
+    import pyarrow.parquet as pq
+
+    from manifests import duplicates
+
+    meta = {"exact": 0, "near": 0, "max_distance": max_distance, "computed_from": computed_from}
+    os.makedirs(os.path.join(output, duplicates.DUPLICATES_DIR), exist_ok=True)
+    pq.write_table(duplicates.SCHEMA.empty_table().replace_schema_metadata(
+        {duplicates.METADATA_KEY: json.dumps(meta)}), os.path.join(output, duplicates.DUPLICATES_FILE))
 
 
 def _peak_rss_mb() -> float:
@@ -132,13 +158,15 @@ def main() -> int:
             make_listing(listing, entries)
             print(f"\n{entries:,} entries: listing written in {time.perf_counter() - start:.1f} s "
                   f"({listing.stat().st_size / 1e6:.0f} MB)")
-            phases = ["plan", "resume"] + ([] if args.skip_baseline else ["baseline"])
+            phases = ["plan", "resume", "noop"] + ([] if args.skip_baseline else ["baseline"])
             for name in phases:
                 result = run_phase(name, listing, root, output, args.shard_size)
                 results.append(result)
                 print(f"  {name:9s} {result['seconds']:7.2f} s  peak RSS {result['peak_rss_mb']:7.1f} MB "
                       f"(imports {result['rss_after_imports_mb']:.0f} MB)  shards {result['shards']:,} "
-                      f"(todo {result['todo']:,}, kept {result['kept']:,})  footer reads {result['footer_reads']}")
+                      f"(todo {result['todo']:,}, kept {result['kept']:,})  footer reads {result['footer_reads']}"
+                      + (f"  listing and planning {result['plan_s']:.2f} s, Ray started: {result['ray_started']}"
+                         if name == "noop" else ""))
             by = {r["phase"]: r for r in results if r["entries"] == entries}
             if "baseline" in by:
                 base, plan = by["baseline"], by["plan"]
@@ -155,12 +183,17 @@ def main() -> int:
         line = f"  {r['phase']:7s} at {r['entries']:,}: peak RSS {r['peak_rss_mb']:.0f} MB < {RSS_TARGET_MB} MB " \
                f"{'met' if rss_ok else 'NOT met'}"
         ok &= rss_ok
-        if r["phase"] == "resume":
+        if r["phase"] in ("resume", "noop"):
             fast = r["seconds"] < RESUME_TARGET_S or r["entries"] > 1_000_000
-            line += (f"; resume {r['seconds']:.1f} s" + (f" < {RESUME_TARGET_S:.0f} s {'met' if fast else 'NOT met'}"
-                                                         if r["entries"] <= 1_000_000 else "")
+            line += (f"; {r['phase']} {r['seconds']:.1f} s"
+                     + (f" < {RESUME_TARGET_S:.0f} s {'met' if fast else 'NOT met'}" if r["entries"] <= 1_000_000 else "")
+                     + (f" ({r['seconds'] * 1_000_000 / r['entries']:.1f} s per million)"
+                        if r["entries"] != 1_000_000 else "")
                      + f"; footer reads {r['footer_reads']} ({'met' if r['footer_reads'] == 0 else 'NOT met'})")
             ok &= fast and r["footer_reads"] == 0 and r["todo"] == 0
+            if r["phase"] == "noop":
+                line += f"; Ray started: {r['ray_started']} ({'NOT met' if r['ray_started'] else 'met'})"
+                ok &= not r["ray_started"]
         print(line)
     return 0 if ok else 1
 

@@ -29,18 +29,26 @@ are sorted by that band's value and only neighbours within a run of equal values
 XOR and popcount each, vectorised). The search is exact: it finds what an all-pairs loop finds. Its
 cost is the number of same-band pairs, about ``n**2 / 2**(64 / (max_distance + 1))`` per band for
 uniform hashes, which is why large distances do not scale (see ``DEFAULT_MAX_DISTANCE``).
+
+At collection scale (``write_duplicates``) the same pass runs in stages of small independent tasks over
+scratch files (``DistributedPass``), which the annotator runs as Ray tasks: no process holds every row's
+hash, and the table is identical to ``find_duplicates`` over all rows (the in-memory reference).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import uuid
-from typing import Any, Sequence
+import zlib
+from pathlib import PurePosixPath
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from manifests.io import delete_quietly, join, list_shards, resolve
@@ -157,40 +165,43 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
     Exact (no pair missed, none too far), by band buckets; a pair found in several bands appears
     several times. Memory: a few arrays of ``len(hashes)`` plus the pairs found."""
     hashes = np.asarray(hashes, dtype=np.uint64)
+    found = [hit for shift, width in _bands(max_distance) for hit in _band_pairs(hashes, shift, width, max_distance)]
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([i for i, _ in found]).astype(np.int64),
+            np.concatenate([j for _, j in found]).astype(np.int64))
+
+
+def _band_pairs(hashes: np.ndarray, shift: int, width: int, max_distance: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Index pairs of ``hashes`` within ``max_distance`` bits that share the band ``(shift, width)``,
+    in chunks (one per comparison distance ``k`` below)."""
     n = len(hashes)
-    found_i: list[np.ndarray] = []
-    found_j: list[np.ndarray] = []
     if n < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return
     index = np.int32 if n < 2**31 else np.int64  # half the memory traffic where it fits
-    for shift, width in _bands(max_distance):
-        key = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        order = np.argsort(key, kind="stable").astype(index)
-        key = key[order]
-        h = hashes[order]
-        # Runs of equal keys: compare each element with the one k places on, for k = 1, 2, ... while
-        # that one is still in its run. ``active`` (with its hash and its run's end, carried along so
-        # that only the partner is gathered) shrinks to the elements of the longer runs.
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        del key
-        ends = np.r_[starts[1:], n].astype(index)
-        run_end = np.repeat(ends, np.diff(np.r_[starts, n]))
-        active = np.flatnonzero(run_end - np.arange(n, dtype=index) > 1).astype(index)
-        active_hash, active_end = h[active], run_end[active]
-        del run_end
-        k = 1
-        while active.size:
-            partner = active + k
-            hit = _popcount(active_hash ^ h[partner]) <= max_distance
-            if hit.any():
-                found_i.append(order[active[hit]])
-                found_j.append(order[partner[hit]])
-            k += 1
-            more = partner + 1 < active_end
-            active, active_hash, active_end = active[more], active_hash[more], active_end[more]
-    if not found_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(found_i).astype(np.int64), np.concatenate(found_j).astype(np.int64)
+    key = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+    order = np.argsort(key, kind="stable").astype(index)
+    key = key[order]
+    h = hashes[order]
+    # Runs of equal keys: compare each element with the one k places on, for k = 1, 2, ... while
+    # that one is still in its run. ``active`` (with its hash and its run's end, carried along so
+    # that only the partner is gathered) shrinks to the elements of the longer runs.
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    del key
+    ends = np.r_[starts[1:], n].astype(index)
+    run_end = np.repeat(ends, np.diff(np.r_[starts, n]))
+    active = np.flatnonzero(run_end - np.arange(n, dtype=index) > 1).astype(index)
+    active_hash, active_end = h[active], run_end[active]
+    del run_end
+    k = 1
+    while active.size:
+        partner = active + k
+        hit = _popcount(active_hash ^ h[partner]) <= max_distance
+        if hit.any():
+            yield order[active[hit]], order[partner[hit]]
+        k += 1
+        more = partner + 1 < active_end
+        active, active_hash, active_end = active[more], active_hash[more], active_end[more]
 
 
 def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -257,8 +268,7 @@ def _codes(values: Any, n: int) -> np.ndarray:
             fixed = chunk.cast(pa.binary(64))
             m = len(fixed)
             if m and fixed.null_count < m:
-                words = np.frombuffer(fixed.buffers()[1], np.uint64, count=(fixed.offset + m) * 8)
-                keys[pos:pos + m] = (words[fixed.offset * 8:].reshape(m, 8) * _MIX).sum(1, dtype=np.uint64)
+                keys[pos:pos + m] = _digest_keys(fixed)
                 valid[pos:pos + m] = fixed.is_valid().to_numpy(zero_copy_only=False)
             pos += m
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
@@ -357,47 +367,334 @@ def counts(table: pa.Table) -> dict[str, int]:
     return {"exact": exact, "near": table.num_rows - exact}
 
 
-def write_duplicates(manifest_path: str, max_distance: int | None = DEFAULT_MAX_DISTANCE) -> dict[str, Any]:
+#: Runs ``fn(*args)`` for each ``args`` of a list, possibly in parallel elsewhere, and returns the results
+#: in order: ``pipeline.dispatch.run_tasks`` runs them as Ray tasks; the default runs them here, one by one.
+RunTasks = Callable[[Callable[..., Any], list[tuple]], list[Any]]
+
+#: Shards read by one task of the pass (the annotator passes about 250,000 rows' worth).
+SHARDS_PER_TASK = 256
+
+
+def run_here(fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
+    """``RunTasks`` in this process, one call after the other."""
+    return [fn(*args) for args in calls]
+
+
+def write_duplicates(manifest_path: str, max_distance: int | None = DEFAULT_MAX_DISTANCE,
+                     computed_from: str | None = None, run_tasks: RunTasks = run_here,
+                     shards_per_task: int = SHARDS_PER_TASK, partitions: int | None = None) -> dict[str, Any]:
     """Find the duplicates among the ok rows of the manifest's shards and write ``DUPLICATES_FILE``
     (atomically: a temp file moved into place); returns ``{"exact": n, "near": m, "max_distance": d}``.
 
-    Reads only ``id``, ``status``, ``source_sha256`` and ``phash`` of each shard; shards without ``phash``
-    (written before it existed) take part through ``source_sha256`` only. Needs no ``_manifest.json``
-    (the pass runs after the shards, before the summary is written). Rows that are not ok never count:
-    a failed copy must not be what a good one is a duplicate of. ``max_distance`` None finds exact
-    duplicates only (``near`` is then 0)."""
+    The same table as ``find_duplicates`` over all ok rows in manifest order, made in stages of small
+    tasks that ``run_tasks`` runs (Ray tasks in the annotator), so the caller never holds every row's
+    hash: each task reads or writes a slice through scratch files under ``_duplicates/``
+    (``DistributedPass``). Reads only ``id``, ``status``, ``source_sha256`` and ``phash`` of each shard;
+    shards without ``phash`` (written before it existed) take part through ``source_sha256`` only. Needs
+    no ``_manifest.json``. Rows that are not ok never count: a failed copy must not be what a good one
+    is a duplicate of. ``max_distance`` None finds exact duplicates only (``near`` is then 0).
+    ``computed_from`` (what the caller made the table from, e.g. a digest of the shards' stats) is kept
+    in the table's metadata, so a rerun can tell whether the table is still current."""
     check_max_distance(max_distance)
-    fs, base = resolve(manifest_path)
-    parts = []
-    for shard in list_shards(manifest_path):
-        names = set(pq.read_schema(shard, filesystem=fs).names)
-        table = pq.read_table(shard, columns=[c for c in COLUMNS if c in names], filesystem=fs)
-        table = table.filter(pc.equal(table["status"], STATUS_OK))
-        parts.append(pa.table({
-            "id": table["id"],
-            "source_sha256": table["source_sha256"] if "source_sha256" in names
-            else pa.nulls(table.num_rows, pa.string()),
-            "phash": table["phash"].cast(pa.int64()) if "phash" in names else pa.nulls(table.num_rows, pa.int64()),
-        }))
-    rows = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string()),
-                                                          "source_sha256": pa.array([], pa.string()),
-                                                          "phash": pa.array([], pa.int64())})
-    found = find_duplicates(rows["id"], rows["source_sha256"], rows["phash"], max_distance)
-    summary = {**counts(found), "max_distance": max_distance}
-    metadata = {**summary, "ok_rows": rows.num_rows,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    found = found.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    fs.create_dir(join(base, DUPLICATES_DIR), recursive=True)
-    final = join(base, DUPLICATES_FILE)
-    tmp = join(base, DUPLICATES_DIR, f".tmp-{uuid.uuid4().hex}-duplicates.parquet")
+    names = [PurePosixPath(p).name for p in list_shards(manifest_path)]
+    work = DistributedPass(_uri(manifest_path), names, max_distance, max(1, shards_per_task), partitions)
+    fs, base = resolve(work.root)
     try:
-        with fs.open_output_stream(tmp) as stream:
-            pq.write_table(found, stream, compression="zstd")
-        fs.move(tmp, final)
+        ok_rows, found = work.run(run_tasks)
+        summary = {**found, "max_distance": max_distance}
+        metadata = {**summary, "ok_rows": ok_rows, "computed_from": computed_from,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        run_tasks(_concat_parts, [(work.work, len(work.groups), join(work.root, DUPLICATES_FILE),
+                                   json.dumps(metadata, sort_keys=True))])
+    finally:
+        try:
+            fs.delete_dir(resolve(work.work)[1])
+        except (FileNotFoundError, OSError):
+            pass
+    return summary
+
+
+def _uri(path: str) -> str:
+    """An absolute path or URI that resolves the same in any process (tasks run in other folders)."""
+    return path.rstrip("/") if "://" in path else resolve(path)[1]
+
+
+@dataclasses.dataclass
+class DistributedPass:
+    """The duplicates pass in stages of independent tasks; nothing but file names passes through the caller.
+
+    Positions: row ``r`` of the ``k``-th shard (in ``list_shards`` order) is ``k << 32 | r``, so sorting
+    positions is manifest order, and the first of a group is its smallest position.
+
+    1. ``_scatter`` (a task per group of shards): each ok row's (position, sha256) to a partition by
+       sha256, (position, phash) to a partition by phash.
+    2. ``_reduce`` (a task per partition): equal sha256s and equal hashes meet in one partition; each
+       row points to the first of its equals (edges). Each distinct hash, once, with its first row, goes
+       on to a bucket of each band (by the band's value).
+    3. ``_near`` (a task per band and bucket): the band search over that bucket's distinct hashes; its
+       pairs are reduced to a spanning forest as they come, so a bucket of near-identical hashes yields
+       fewer edges than hashes, never all its pairs.
+    4. ``_union`` (one task): union-find over the edges only (rows in no edge are in no group); each
+       member and its group's first row, filed under the first row's group of shards.
+    5. ``_lookup`` (a task per group): the kept rows' id, sha256 and hash, filed under the member's group.
+    6. ``_explain`` (a task per group): each member's table row (exact, distance), in manifest order.
+    7. ``_concat_parts`` (one task): the groups' parts, in order, into ``DUPLICATES_FILE``.
+
+    Equal hashes are collapsed before the band search (steps 2-3), so copies of one picture cost one
+    hash there, however many there are. Exact: the same edges as ``find_duplicates`` up to connectivity
+    (a forest has the components of the pairs it replaces), and the same kept row and fields.
+    """
+
+    root: str
+    names: list[str]
+    max_distance: int | None
+    shards_per_task: int
+    partitions: int | None = None
+    """Partitions of the sha256/hash shuffle and buckets per band (default: one per group of shards)."""
+    work: str = ""
+    """Scratch folder (default: a fresh one under ``_duplicates/``, removed by ``write_duplicates``)."""
+    groups: list[tuple[int, list[str]]] = dataclasses.field(init=False)
+    """(first shard's position, shard names) of each task's group of shards."""
+
+    def __post_init__(self) -> None:
+        self.groups = [(k, self.names[k:k + self.shards_per_task])
+                       for k in range(0, len(self.names), self.shards_per_task)]
+        if self.partitions is None:  # a reduce task about as big as a scatter task
+            self.partitions = max(1, len(self.groups))
+        self.work = self.work or join(self.root, DUPLICATES_DIR, f".tmp-work-{uuid.uuid4().hex}")
+
+    def run(self, run_tasks: RunTasks) -> tuple[int, dict[str, int]]:
+        """Stages 1-6; returns (ok rows, ``{"exact": n, "near": m}``)."""
+        w, parts, d, starts = self.work, self.partitions, self.max_distance, [k for k, _ in self.groups]
+        ok_rows = run_tasks(_scatter, [(self.root, names, k, g, w, parts) for g, (k, names) in enumerate(self.groups)])
+        run_tasks(_reduce, [(w, p, parts, d) for p in range(parts)])
+        if d:
+            run_tasks(_near, [(w, b, q, d) for b in range(d + 1) for q in range(parts)])
+        run_tasks(_union, [(w, starts)])
+        run_tasks(_lookup, [(self.root, names, k, g, w, starts) for g, (k, names) in enumerate(self.groups)])
+        found = run_tasks(_explain, [(self.root, names, k, g, w) for g, (k, names) in enumerate(self.groups)])
+        return sum(ok_rows), {key: sum(f[key] for f in found) for key in ("exact", "near")}
+
+
+# Scratch tables of the pass (one schema per kind of file).
+_SHA = pa.schema([("pos", pa.int64()), ("sha", pa.string())])
+_HASH = pa.schema([("pos", pa.int64()), ("phash", pa.int64())])
+_EDGES = pa.schema([("left", pa.int64()), ("right", pa.int64())])
+_ROOTS = pa.schema([("member", pa.int64()), ("root", pa.int64()), ("root_id", pa.string()),
+                    ("root_sha", pa.string()), ("root_phash", pa.int64())])
+
+
+def _write(path: str, table: pa.Table) -> None:
+    """One scratch file (overwritten when a retried task writes it again)."""
+    fs, local = resolve(path)
+    fs.create_dir(local.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(local) as stream:
+        pq.write_table(table, stream)
+
+
+def _read_all(folder: str, schema: pa.Schema) -> pa.Table:
+    """Every scratch file in ``folder`` as one table (empty when there is none)."""
+    fs, local = resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(local, allow_not_found=True))
+    tables = [pq.read_table(i.path, filesystem=fs, schema=schema) for i in sorted(infos, key=lambda i: i.path)
+              if i.type == pafs.FileType.File]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _bucket(keys: np.ndarray, parts: int) -> np.ndarray:
+    """A partition in ``range(parts)`` per uint64 key (multiply-shift: similar keys spread out)."""
+    return ((keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)) % np.uint64(parts)
+
+
+def _digest_keys(fixed: pa.FixedSizeBinaryArray) -> np.ndarray:
+    """A 64-bit key per 64-byte value (sha256 hex digest): its 8 words mixed; null slots give garbage."""
+    m = len(fixed)
+    words = np.frombuffer(fixed.buffers()[1], np.uint64, count=(fixed.offset + m) * 8)
+    return (words[fixed.offset * 8:].reshape(m, 8) * _MIX).sum(1, dtype=np.uint64)
+
+
+def _string_keys(values: pa.Array) -> np.ndarray:
+    """A deterministic 64-bit key per non-null string, the same in every task (equal strings, equal
+    keys), for partitioning: 64-byte values (sha256 hex digests) by their words, any other by CRC-32."""
+    keys = np.zeros(len(values), np.uint64)
+    digest = pc.equal(pc.binary_length(values), 64).to_numpy(zero_copy_only=False)
+    if digest.any():
+        keys[digest] = _digest_keys(values.filter(pa.array(digest)).cast(pa.binary(64)))
+    others = np.flatnonzero(~digest)
+    if others.size:
+        keys[others] = [zlib.crc32(v.encode("utf-8", "surrogatepass"))
+                        for v in values.take(pa.array(others)).to_pylist()]
+    return keys
+
+
+def _shard_rows(root: str, names: list[str], first: int, ok_only: bool) -> pa.Table:
+    """(pos, id, sha, phash) of the rows of a group of shards, in manifest order (ok rows only, or all)."""
+    parts = []
+    for k, name in enumerate(names):
+        fs, path = resolve(join(root, name))
+        columns = set(pq.read_schema(path, filesystem=fs).names)
+        table = pq.read_table(path, columns=[c for c in COLUMNS if c in columns], filesystem=fs)
+        pos = ((first + k) << 32) + np.arange(table.num_rows, dtype=np.int64)
+        part = pa.table({
+            "pos": pos, "id": table["id"].cast(pa.string()),
+            "sha": table["source_sha256"].cast(pa.string()) if "source_sha256" in columns
+            else pa.nulls(table.num_rows, pa.string()),
+            "phash": table["phash"].cast(pa.int64()) if "phash" in columns else pa.nulls(table.num_rows, pa.int64()),
+        })
+        parts.append(part.filter(pc.equal(table["status"], STATUS_OK)) if ok_only else part)
+    return pa.concat_tables(parts).combine_chunks() if parts else pa.table({
+        "pos": pa.array([], pa.int64()), "id": pa.array([], pa.string()), "sha": pa.array([], pa.string()),
+        "phash": pa.array([], pa.int64())})
+
+
+def _scatter(root: str, names: list[str], first: int, group: int, work: str, parts: int) -> int:
+    """Stage 1: the group's ok rows, (pos, sha) by sha256 partition and (pos, phash) by hash partition."""
+    rows = _shard_rows(root, names, first, ok_only=True)
+    for column, schema, keys in (("sha", _SHA, _string_keys), ("phash", _HASH, lambda a: a.to_numpy().view(np.uint64))):
+        valid = rows.filter(rows[column].is_valid())
+        bucket = _bucket(keys(valid[column].combine_chunks()), parts)
+        for p in np.unique(bucket).tolist():
+            _write(join(work, column, str(p), f"{group}.parquet"),
+                   valid.select(["pos", column]).filter(pa.array(bucket == p)).cast(schema))
+    return rows.num_rows
+
+
+def _edges(left: np.ndarray, right: np.ndarray) -> pa.Table:
+    return pa.table({"left": pa.array(left, pa.int64()), "right": pa.array(right, pa.int64())}, schema=_EDGES)
+
+
+def _reduce(work: str, part: int, parts: int, max_distance: int | None) -> None:
+    """Stage 2: edges from each row to the first row with its sha256 and to the first with its hash; the
+    distinct hashes (with their first row) to each band's buckets."""
+    sha = _read_all(join(work, "sha", str(part)), _SHA).sort_by("pos")
+    pos = sha["pos"].to_numpy()
+    codes = _codes(sha["sha"], sha.num_rows)
+    later, first = _first_of_equal(codes, codes >= 0)
+    _write(join(work, "edges", f"sha-{part}.parquet"), _edges(pos[later], pos[first]))
+    if max_distance is None:
+        return
+    hashed = _read_all(join(work, "phash", str(part)), _HASH).sort_by("pos")
+    pos, hashes = hashed["pos"].to_numpy(), hashed["phash"].to_numpy().view(np.uint64)
+    distinct, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    representative = pos[first]
+    same = pos != representative[inverse]
+    _write(join(work, "edges", f"phash-{part}.parquet"), _edges(pos[same], representative[inverse][same]))
+    for band, (shift, width) in enumerate(_bands(max_distance) if max_distance else []):
+        bucket = _bucket((distinct >> np.uint64(shift)) & np.uint64((1 << width) - 1), parts)
+        for q in np.unique(bucket).tolist():
+            keep = bucket == q
+            _write(join(work, f"band-{band}", str(q), f"{part}.parquet"),
+                   pa.table({"pos": representative[keep], "phash": distinct[keep].view(np.int64)}, schema=_HASH))
+
+
+def _near(work: str, band: int, bucket: int, max_distance: int) -> None:
+    """Stage 3: near pairs among one band bucket's distinct hashes, as a spanning forest (fewer edges than
+    hashes): pairs are folded into it whenever they outnumber the hashes, so memory stays linear."""
+    table = _read_all(join(work, f"band-{band}", str(bucket)), _HASH)
+    pos, hashes = table["pos"].to_numpy(), table["phash"].to_numpy().view(np.uint64)
+    shift, width = _bands(max_distance)[band]
+    left: list[np.ndarray] = []
+    right: list[np.ndarray] = []
+    held = 0
+    for i, j in _band_pairs(hashes, shift, width, max_distance):
+        left.append(i)
+        right.append(j)
+        held += len(i)
+        if held > 2 * len(hashes):
+            left, right = _forest(len(hashes), left, right)
+            held = len(left[0])
+    if left:
+        left, right = _forest(len(hashes), left, right)
+        _write(join(work, "edges", f"near-{band}-{bucket}.parquet"), _edges(pos[left[0]], pos[right[0]]))
+
+
+def _forest(n: int, left: list[np.ndarray], right: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Edges with the same components as ``left``-``right`` over ``n`` nodes: each node to its component's first."""
+    root = _components(n, np.concatenate(left), np.concatenate(right))
+    members = np.flatnonzero(root != np.arange(n))
+    return [members], [root[members]]
+
+
+def _group_of(positions: np.ndarray, starts: list[int]) -> np.ndarray:
+    """The group (of shards starting at ``starts``) of each position."""
+    return np.searchsorted(np.asarray(starts, np.int64), positions >> 32, side="right") - 1
+
+
+def _union(work: str, starts: list[int]) -> None:
+    """Stage 4: connected components of the edges; each member row with its group's first row (the
+    smallest position), filed under the group of shards holding that first row."""
+    edges = _read_all(join(work, "edges"), _EDGES)
+    left, right = edges["left"].to_numpy(), edges["right"].to_numpy()
+    del edges
+    nodes = np.unique(np.concatenate([left, right]))
+    root = _components(len(nodes), np.searchsorted(nodes, left), np.searchsorted(nodes, right))
+    del left, right
+    members = np.flatnonzero(root != np.arange(len(nodes)))
+    member, first = nodes[members], nodes[root[members]]
+    where = _group_of(first, starts)
+    for g in np.unique(where).tolist():
+        keep = where == g
+        _write(join(work, "members", str(g), "all.parquet"), _edges(member[keep], first[keep]))
+
+
+def _lookup(root: str, names: list[str], first: int, group: int, work: str, starts: list[int]) -> None:
+    """Stage 5: the id, sha256 and hash of the kept rows in this group, filed under their members' groups."""
+    pairs = _read_all(join(work, "members", str(group)), _EDGES)
+    if not pairs.num_rows:
+        return
+    rows = _shard_rows(root, names, first, ok_only=False)
+    at = pa.array(np.searchsorted(rows["pos"].to_numpy(), pairs["right"].to_numpy()))
+    found = pa.table({"member": pairs["left"], "root": pairs["right"], "root_id": rows["id"].take(at),
+                      "root_sha": rows["sha"].take(at), "root_phash": rows["phash"].take(at)}, schema=_ROOTS)
+    where = _group_of(pairs["left"].to_numpy(), starts)
+    for g in np.unique(where).tolist():
+        _write(join(work, "roots", str(g), f"{group}.parquet"), found.filter(pa.array(where == g)))
+
+
+def _explain(root: str, names: list[str], first: int, group: int, work: str) -> dict[str, int]:
+    """Stage 6: the table rows of this group's members, in manifest order, as ``find_duplicates`` gives them."""
+    found = _read_all(join(work, "roots", str(group)), _ROOTS).sort_by("member")
+    if found.num_rows:
+        rows = _shard_rows(root, names, first, ok_only=False)
+        at = pa.array(np.searchsorted(rows["pos"].to_numpy(), found["member"].to_numpy()))
+        sha, phash = rows["sha"].take(at), rows["phash"].take(at)
+        exact = _numpy(pc.fill_null(pc.equal(sha, found["root_sha"]), False))
+        both = _numpy(phash.is_valid()) & _numpy(found["root_phash"].is_valid())
+        distance = _popcount(_numpy(phash.fill_null(0)).view(np.uint64)
+                             ^ _numpy(found["root_phash"].fill_null(0)).view(np.uint64)).astype(np.int32)
+        table = pa.table({
+            "id": rows["id"].take(at), "duplicate_of": found["root_id"],
+            "distance": pa.array(np.where(exact, 0, distance), pa.int32(), mask=~(exact | both)),
+            "exact": pa.array(exact, pa.bool_()),
+        }, schema=SCHEMA)
+    else:
+        table = SCHEMA.empty_table()
+    _write(join(work, "parts", f"{group}.parquet"), table)
+    return counts(table)
+
+
+def _numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return values.to_numpy(zero_copy_only=False) if isinstance(values, pa.Array) else values.to_numpy()
+
+
+def _concat_parts(work: str, groups: int, final: str, metadata: str) -> None:
+    """Stage 7: the parts in group order into the side table (a temp file moved into place)."""
+    fs, local = resolve(final)
+    folder = local.rsplit("/", 1)[0]
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-duplicates.parquet"
+    schema = SCHEMA.with_metadata({METADATA_KEY: metadata})
+    try:
+        with fs.open_output_stream(tmp) as stream, pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+            for g in range(groups):
+                writer.write_table(pq.read_table(resolve(join(work, "parts", f"{g}.parquet"))[1],
+                                                 filesystem=fs).cast(schema))
+            if not groups:
+                writer.write_table(schema.empty_table())
+        fs.move(tmp, local)
     except BaseException:
         delete_quietly(fs, tmp)
         raise
-    return summary
 
 
 def read_table(manifest_path: str) -> pa.Table | None:

@@ -35,7 +35,7 @@ from manifests import duplicates
 from manifests.flags import DefaultsHelpFormatter, add_dataclass_flags, parsed_fields
 from manifests.io import resolve
 from manifests.schema import SCHEMA_VERSION, shard_name
-from manifests.sink import ExistingShards, ManifestSink
+from manifests.sink import ExistingShards, ManifestSink, ShardStats
 from pipeline import dispatch, output_lock, ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
 from pipeline.decode import PrepareSettings
@@ -48,6 +48,10 @@ log = logging.getLogger("annotate")
 
 #: What the driver (not the sink) keeps in the output: the lock, its takeover file, the plan folders.
 DRIVER_FILES = (output_lock.LOCK_NAME, output_lock.LOCK_NAME + ".takeover", PLAN_DIR)
+
+
+#: Rows each task of the duplicates pass reads (its shards' id, status, sha256 and hash: tens of MB).
+DUPLICATE_ROWS_PER_TASK = 250_000
 
 
 class ResumeConflict(RuntimeError):
@@ -216,18 +220,20 @@ def check_no_rows_dropped(config: AnnotateConfig, existing: ExistingShards, plan
     )
 
 
-def annotate_shards(job: ShardJob, todo: list, config: AnnotateConfig) -> tuple[float, list[str], list[str]]:
+def annotate_shards(job: ShardJob, todo: list, config: AnnotateConfig
+                    ) -> tuple[float, list[str], list[str], dict[int, ShardStats]]:
     """Annotate the shards on Ray with a progress bar (the stages and retries: pipeline/dispatch.py).
 
     A shard that still fails after ``--max-shard-retries`` resubmissions is reported and left
     unwritten; the same command again redoes it. Returns (seconds, failed-shard messages,
-    sidecars that were not UTF-8).
+    sidecars that were not UTF-8, the written shards' stats by index).
     """
     uses_model = job.captioner is not None or any(registry.get(n).uses_model for n, _ in job.annotators)
     pool = (dispatch.pool_size(config.concurrency, config.gpus_per_worker, config.cpus_per_worker)
             if uses_model else None)
     failures: list[str] = []
     not_utf8: list[str] = []
+    written: dict[int, ShardStats] = {}
     start = time.perf_counter()
     with tqdm(total=sum(s.rows for s in todo), unit="img", desc="annotate", file=sys.stderr) as bar:
         for result in dispatch.run_job(job, todo, uses_model, pool, config.max_shard_retries):
@@ -236,19 +242,34 @@ def annotate_shards(job: ShardJob, todo: list, config: AnnotateConfig) -> tuple[
                                 f"times): {result.error}")
                 continue
             not_utf8.extend(result.stat.captions_not_utf8)
+            written[result.spec.index] = result.stat
             bar.update(result.stat.rows)
             bar.set_postfix(error=result.stat.counts.get("error", 0), filtered=result.stat.counts.get("filtered", 0),
                             refresh=False)
-    return time.perf_counter() - start, failures, sorted(not_utf8)
+    return time.perf_counter() - start, failures, sorted(not_utf8), written
 
 
-def find_duplicates(config: AnnotateConfig, wrote: bool) -> dict[str, Any]:
-    """Duplicates across the whole manifest (kept shards included), as a side table; shards stay as
-    written. A rerun that wrote nothing keeps the table when it was made with the same distance."""
+def shards_digest(stats: dict[int, ShardStats]) -> str:
+    """What a duplicates table is computed from: every shard's index, fingerprint, rows, counts and
+    write time (from the stats files), so a shard that was redone or changed gives another digest."""
+    return fingerprint([[i, s.fingerprint, s.rows, s.counts, s.seconds] for i, s in sorted(stats.items())])
+
+
+def find_duplicates(config: AnnotateConfig, source: str) -> dict[str, Any]:
+    """Duplicates across the whole manifest (kept shards included), as a side table made by Ray tasks
+    (pipeline/dispatch.py); shards stay as written. Call only when ``duplicates_up_to_date`` is None."""
+    return duplicates.write_duplicates(config.output, config.near_duplicate_distance, computed_from=source,
+                                       run_tasks=dispatch.run_tasks,
+                                       shards_per_task=max(1, DUPLICATE_ROWS_PER_TASK // config.shard_size))
+
+
+def duplicates_up_to_date(config: AnnotateConfig, source: str) -> dict[str, Any] | None:
+    """The counts of the existing duplicates table when it was made from these shards (``source``)
+    with this distance, else None (the pass must run)."""
     made = duplicates.read_summary(config.output)
-    if not wrote and made and made.get("max_distance") == config.near_duplicate_distance:
+    if made and made.get("max_distance") == config.near_duplicate_distance and made.get("computed_from") == source:
         return {k: made[k] for k in ("exact", "near", "max_distance")}
-    return duplicates.write_duplicates(config.output, config.near_duplicate_distance)
+    return None
 
 
 def run(config: AnnotateConfig) -> dict[str, Any]:
@@ -260,23 +281,30 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     settings_fp = job.sink.provenance["settings_fingerprint"]
     check_writable(config.output)
     with output_lock.acquire(config.output) as lock:  # one run per output, before any change
+        planning = time.perf_counter()
         existing = job.sink.existing(also_ours=DRIVER_FILES)
         check_output(config, existing, settings_fp)
         remove_plans(config.output)  # plan folders of killed runs (this run holds the lock)
+        # Ray starts only when there is work for it (shards to annotate, or a duplicates pass to
+        # redo): a rerun of a complete manifest decides "nothing to do" from the listing and the
+        # stats files alone.
+        ray_info: dict[str, Any] = {"mode": "not started", "address": None}
         try:
             is_done = (lambda index, fp: False) if config.overwrite else existing.done
             plan = plan_shards(items, config.shard_size, settings_fp, is_done, run_plan_dir(config.output))
+            plan_s = time.perf_counter() - planning
+            log.info("listing and planning took %.1f s: %d images in %d shards (%d done before)",
+                     plan_s, plan.rows, plan.shards, len(plan.kept))
             if listing.skipped_links:
                 log.warning("skipped %d symlinked folders already listed through another path (loops or repeats): "
                             "%s", len(listing.skipped_links), ", ".join(listing.skipped_links[:5]))
             check_no_rows_dropped(config, existing, plan)
             # Every check passed: from here on the output changes.
             job.sink.on_write_start(existing, config.overwrite, writes=bool(plan.todo))
-            ray_info = ray_runtime.connect(config.address, config.num_cpus)
-            log.info("%d images in %d shards (%d done before)", plan.rows, plan.shards, len(plan.kept))
-            work_s, not_utf8 = 0.0, []
+            work_s, not_utf8, written = 0.0, [], {}
             if plan.todo:
-                work_s, failures, not_utf8 = annotate_shards(job, plan.todo, config)
+                ray_info = ray_runtime.connect(config.address, config.num_cpus)
+                work_s, failures, not_utf8, written = annotate_shards(job, plan.todo, config)
                 if failures:
                     error = ShardFailures(
                         f"{len(failures)} of {len(plan.todo)} shards failed (the others are written; run the "
@@ -288,13 +316,24 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
         done_rows = sum(s.rows for s in plan.todo)
         run_info = {
             "ray": ray_info, "shards_written": len(plan.todo), "shards_kept": len(plan.kept),
-            "wall_s": round(time.perf_counter() - started, 3), "annotate_s": round(work_s, 3),
+            "wall_s": None, "plan_s": round(plan_s, 3), "annotate_s": round(work_s, 3),
             "images_per_s": round(done_rows / work_s, 2) if work_s else None,
             "captions_not_utf8": not_utf8,
         }
         input_info = {"uri": config.input, "list": config.input_list, "images": plan.rows,
                       "ignored_files": listing.ignored, "skipped_links": listing.skipped_links}
-        run_info["duplicates"] = find_duplicates(config, bool(plan.todo))
+        source = shards_digest({**{i: existing.stats[i] for i in plan.kept}, **written})
+        found = duplicates_up_to_date(config, source)
+        if found is None:
+            if ray_info["mode"] == "not started":
+                ray_info = run_info["ray"] = ray_runtime.connect(config.address, config.num_cpus)
+            duplicates_start = time.perf_counter()
+            found = find_duplicates(config, source)
+            run_info["duplicates_s"] = round(time.perf_counter() - duplicates_start, 3)
+        else:
+            log.info("duplicates: kept the table made from these shards (no shard changed)")
+        run_info["duplicates"] = found
+        run_info["wall_s"] = round(time.perf_counter() - started, 3)
         summary = job.sink.summary(input_info, run_info)
         lock.check()  # a run that lost its lock never declares the manifest complete
         job.sink.on_write_complete(summary)
@@ -317,7 +356,8 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
               "another path)")
     speed = run_info["images_per_s"]
     print(f"  shards: {run_info['shards_written']} written, {run_info['shards_kept']} kept from an earlier run; "
-          f"{speed if speed is not None else '-'} images/s; wall {run_info['wall_s']} s")
+          f"{speed if speed is not None else '-'} images/s; listing and planning {run_info.get('plan_s', '-')} s; "
+          f"wall {run_info['wall_s']} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

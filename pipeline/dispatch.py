@@ -199,3 +199,28 @@ def run_staged(stages: Stages, actors: int, todo: list[ShardSpec], window: int,
         else:
             in_flight -= 1
             yield ShardResult(flight.spec, value, attempts=flight.attempt)
+
+
+def run_tasks(fn: Callable[..., Any], calls: list[tuple], window: int | None = None) -> list[Any]:
+    """``fn(*args)`` for each of ``calls`` as Ray tasks (one CPU each, at most ``window`` in flight,
+    default twice the cluster's CPUs); the results in order. A task whose worker died is retried by
+    Ray (the duplicates pass's tasks overwrite their own files, so a retry is safe); one that raised
+    fails the call with its error."""
+    import ray
+
+    if not calls:
+        return []
+    total = float(ray.cluster_resources().get("CPU", 1))
+    # Half a CPU on a one-CPU Ray, as the shard tasks ask (share_cpus), so a task always fits.
+    task = ray.remote(num_cpus=1.0 if total >= 2 else total / 2, max_retries=2)(fn)
+    window = window or 2 * max(1, int(total))
+    results: list[Any] = [None] * len(calls)
+    pending: dict[Any, int] = {}
+    queue = collections.deque(enumerate(calls))
+    while queue or pending:
+        while queue and len(pending) < window:
+            index, args = queue.popleft()
+            pending[task.remote(*args)] = index
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(ref)] = ray.get(ref)
+    return results

@@ -78,15 +78,13 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
 
 
 def is_running() -> bool:
-    """True when this process is already connected to Ray."""
-    import ray
-
-    return ray.is_initialized()
+    """True when this process is already connected to Ray (never imports Ray: a run with nothing
+    to do must not pay for it)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def shutdown() -> None:
     """Stop Ray if this process started or joined it."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+    if is_running():
+        sys.modules["ray"].shutdown()
