@@ -154,8 +154,14 @@ class ManifestSink:
                  and i.type == pafs.FileType.File]
         for path in stale:
             delete_quietly(fs, path)
-        if stale:
-            log.info("removed %d temp files left by an interrupted run", len(stale))
+        # A duplicates pass killed mid-way leaves its scratch folder; one run at a time holds the output
+        # (the output lock), so no other pass is using it.
+        scratch = [i.path for i in _list(fs, join(base, DUPLICATES_DIR))
+                   if i.base_name.startswith(".tmp-work-") and i.type == pafs.FileType.Directory]
+        for path in scratch:
+            fs.delete_dir(path)
+        if stale or scratch:
+            log.info("removed %d temp files and %d scratch folders left by an interrupted run", len(stale), len(scratch))
         if overwrite:
             for index, path in existing.paths.items():
                 fs.delete_file(path)

@@ -59,3 +59,17 @@ def test_another_distance_or_a_table_of_other_shards_redoes_the_pass(manifest_co
     assert "duplicates_s" in annotate.run(config)["run"]
     assert dup.read_summary(str(manifest_copy))["computed_from"] is not None
     assert "duplicates_s" not in annotate.run(config)["run"]
+
+
+def test_a_duplicates_pass_killed_mid_way_leaves_nothing_after_the_rerun(manifest_copy, demo_collection, local_ray):
+    """A run killed inside the duplicates pass leaves the pass's scratch folder and no table; the same
+    command again makes the table and removes the scratch."""
+    scratch = manifest_copy / dup.DUPLICATES_DIR / ".tmp-work-killed"
+    (scratch / "scatter").mkdir(parents=True)
+    (scratch / "scatter" / "part-0.parquet").write_bytes(b"half written")
+    (manifest_copy / dup.DUPLICATES_FILE).unlink()
+    (manifest_copy / MANIFEST_JSON).unlink()
+    annotate.run(AnnotateConfig(input=str(demo_collection), output=str(manifest_copy), shard_size=8))
+    assert not scratch.exists()
+    assert dup.read_table(str(manifest_copy)) is not None
+    assert sorted(p.name for p in (manifest_copy / dup.DUPLICATES_DIR).iterdir()) == ["duplicates.parquet"]
