@@ -113,7 +113,7 @@ def s3_manifest(s3_server, s3_input) -> str:
 
 
 @pytest.fixture
-def manifest_copy(s3_server, s3_manifest) -> str:
+def s3_manifest_copy(s3_server, s3_manifest) -> str:
     """A copy of the S3 manifest that a test may change (plain s3:// URI: endpoint from the environment)."""
     out = f"s3://{new_bucket()}/manifest"
     copy_prefix(s3_manifest, out)
@@ -168,29 +168,29 @@ def test_every_listed_object_becomes_a_row(s3_manifest):
     assert not any(key.startswith("_plan/") for key in listing(s3_manifest))  # plan files are scratch
 
 
-def test_rerun_with_nothing_to_do_keeps_every_shard(s3_input, manifest_copy):
-    before = listing(manifest_copy)
-    assert main(args(s3_input, manifest_copy)) == 0
-    run = summary_run(manifest_copy)
+def test_rerun_with_nothing_to_do_keeps_every_shard(s3_input, s3_manifest_copy):
+    before = listing(s3_manifest_copy)
+    assert main(args(s3_input, s3_manifest_copy)) == 0
+    run = summary_run(s3_manifest_copy)
     assert (run["shards_written"], run["shards_kept"]) == (0, 3)
-    after = listing(manifest_copy)
+    after = listing(s3_manifest_copy)
     assert {k: v for k, v in after.items() if k != "_manifest.json"} == \
         {k: v for k, v in before.items() if k != "_manifest.json"}
 
 
-def test_rerun_after_deleting_a_shard_redoes_only_it(s3_input, manifest_copy):
-    fs, base = resolve(manifest_copy)
+def test_rerun_after_deleting_a_shard_redoes_only_it(s3_input, s3_manifest_copy):
+    fs, base = resolve(s3_manifest_copy)
     fs.delete_file(join(base, shard_name(1)))
-    assert main(args(s3_input, manifest_copy)) == 0
-    run = summary_run(manifest_copy)
+    assert main(args(s3_input, s3_manifest_copy)) == 0
+    run = summary_run(s3_manifest_copy)
     assert (run["shards_written"], run["shards_kept"]) == (1, 2)
-    assert len(manifests.read(manifest_copy, columns=["id"], status=None, duplicates="keep")) == len(IMAGES) + 1
+    assert len(manifests.read(s3_manifest_copy, columns=["id"], status=None, duplicates="keep")) == len(IMAGES) + 1
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["resume", "overwrite"])
-def test_a_missing_or_cut_short_stats_file_falls_back_to_the_shard(s3_input, manifest_copy, overwrite):
+def test_a_missing_or_cut_short_stats_file_falls_back_to_the_shard(s3_input, s3_manifest_copy, overwrite):
     """The fallback reads the shard through the bucket's filesystem (it once opened it as a local file)."""
-    fs, base = resolve(manifest_copy)
+    fs, base = resolve(s3_manifest_copy)
     stats = join(base, "_stats", "part-000000.json")
     cut = join(base, "_stats", "part-000001.json")
     fs.delete_file(stats)
@@ -198,26 +198,26 @@ def test_a_missing_or_cut_short_stats_file_falls_back_to_the_shard(s3_input, man
         whole = f.read()
     with fs.open_output_stream(cut) as f:
         f.write(whole[: len(whole) // 2])
-    assert main(args(s3_input, manifest_copy, *(["--overwrite"] if overwrite else []))) == 0
-    run = summary_run(manifest_copy)
+    assert main(args(s3_input, s3_manifest_copy, *(["--overwrite"] if overwrite else []))) == 0
+    run = summary_run(s3_manifest_copy)
     assert (run["shards_written"], run["shards_kept"]) == ((3, 0) if overwrite else (0, 3))
-    assert json.loads(listing(manifest_copy)["_stats/part-000001.json"])["rows"] == SHARD_SIZE  # written again
-    assert manifests.read_manifest_json(manifest_copy)["counts"]["rows"] == len(IMAGES) + 1
+    assert json.loads(listing(s3_manifest_copy)["_stats/part-000001.json"])["rows"] == SHARD_SIZE  # written again
+    assert manifests.read_manifest_json(s3_manifest_copy)["counts"]["rows"] == len(IMAGES) + 1
 
 
-def test_an_unreadable_shard_is_refused_and_overwrite_starts_over(s3_input, manifest_copy, capsys):
-    fs, base = resolve(manifest_copy)
+def test_an_unreadable_shard_is_refused_and_overwrite_starts_over(s3_input, s3_manifest_copy, capsys):
+    fs, base = resolve(s3_manifest_copy)
     fs.delete_file(join(base, "_stats", "part-000002.json"))
     with fs.open_output_stream(join(base, shard_name(2))) as f:
         f.write(b"PAR1 cut short")
-    before = listing(manifest_copy)
-    assert main(args(s3_input, manifest_copy)) == 2
+    before = listing(s3_manifest_copy)
+    assert main(args(s3_input, s3_manifest_copy)) == 2
     err = capsys.readouterr().err
     assert "part-000002.parquet" in err and "--overwrite" in err and "Traceback" not in err
-    assert listing(manifest_copy) == before  # refused: nothing changed
-    assert main(args(s3_input, manifest_copy, "--overwrite")) == 0
-    assert summary_run(manifest_copy)["shards_written"] == 3
-    assert manifests.read_manifest_json(manifest_copy)["counts"]["rows"] == len(IMAGES) + 1
+    assert listing(s3_manifest_copy) == before  # refused: nothing changed
+    assert main(args(s3_input, s3_manifest_copy, "--overwrite")) == 0
+    assert summary_run(s3_manifest_copy)["shards_written"] == 3
+    assert manifests.read_manifest_json(s3_manifest_copy)["counts"]["rows"] == len(IMAGES) + 1
 
 
 # ---------------------------------------------------------------------------------------------- use
@@ -226,6 +226,13 @@ def test_validate_cli_on_an_s3_manifest(s3_manifest):
     done = subprocess.run([sys.executable, "-m", "manifests", "validate", s3_manifest], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"{s3_manifest}: valid"
+
+
+def test_inspect_an_s3_manifest(s3_manifest):
+    from manifests.inspect import inspect
+
+    assert str(len(IMAGES) + 1) in inspect(s3_manifest)
 
 
 def test_read_with_manifests_and_with_pandas(s3_manifest):
@@ -248,4 +255,5 @@ def test_train_a_few_steps_from_an_s3_manifest(s3_manifest, tiny_sd, tmp_path):
                        str(tiny_sd), "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
                        "--max_train_steps", "2", "--checkpointing_steps", "10", "--validation_steps", "1000",
                        "--report_to", "none", "--keep_duplicates", "--seed", "7"]) == 0
-    assert (out / "controlnet" / "config.json").exists() or any(out.rglob("diffusion_pytorch_model.safetensors"))
+    assert json.loads((out / "train_summary.json").read_text())["figures"]["global_step"] == 2
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
