@@ -33,12 +33,14 @@ IMAGES = {
     "sp ace.jpg": "",
     "pct%41.jpg": "",  # a literal '%41': decoding it as a URI would look for pctA.jpg
     "ünï/ç.png": "",
+    "q?h#+.jpg": "",  # URI syntax in a key: it is never parsed as a URI
     "dir/c.jpg": "",  # under a folder marker object "dir/"
     "odd/e.jpg": "",
 }
 DOUBLE_SLASH = "odd//double.jpg"
 OTHER_KEYS = {"a.txt": b"a caption from a txt sidecar", "b.json": b'{"caption": "a caption from a json sidecar"}',
-              "notes.md": b"not an image", "dir/": b"", "empty/": b""}
+              "notes.md": b"not an image", "dir/": b"", "empty/": b"",
+              "marker.jpg/": b""}  # a folder marker named like an image is a folder, not a row
 SHARD_SIZE = 3
 
 
