@@ -231,10 +231,14 @@ def test_validate_cli_on_an_s3_manifest(s3_manifest):
     assert done.stdout.strip().splitlines()[-1] == f"{s3_manifest}: valid"
 
 
-def test_inspect_an_s3_manifest(s3_manifest):
+def test_inspect_and_preview_an_s3_manifest(s3_manifest, tmp_path):
+    from PIL import Image
+
     from manifests.inspect import inspect
+    from manifests.preview import preview
 
     assert str(len(IMAGES) + 1) in inspect(s3_manifest)
+    Image.open(preview(s3_manifest, str(tmp_path / "grid.png"), 4, 64, "ok")).verify()
 
 
 def test_read_with_manifests_and_with_pandas(s3_manifest):
