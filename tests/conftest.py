@@ -184,15 +184,3 @@ def s3_server(tmp_path_factory) -> str:
             server.wait(timeout=30)
             log.close()
 
-
-@pytest.fixture
-def s3_bucket(s3_server) -> str:
-    """A new empty bucket on the local S3 server, as ``s3://<name>``."""
-    import uuid
-
-    import pyarrow.fs as pafs
-
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")  # from_uri reads AWS_ENDPOINT_URL
-    fs.create_dir(name)
-    return f"s3://{name}"
