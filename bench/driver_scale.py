@@ -58,7 +58,7 @@ def phase(name: str, listing: str, root: str, output: str, shard_size: int) -> d
 
     footer_reads = []
     real_provenance = mio.shard_provenance
-    mio.shard_provenance = lambda p: footer_reads.append(p) or real_provenance(p)
+    mio.shard_provenance = lambda p, fs=None: footer_reads.append(p) or real_provenance(p, fs)
     import manifests.sink as sink_module
     sink_module.shard_provenance = mio.shard_provenance
     # Every phase builds the job first (imports annotators, pyarrow, ...), so "imports" is the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import urllib.parse
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -32,17 +33,36 @@ ROW_GROUP_BYTES = 32 * 1024 * 1024
 
 
 def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
-    """A filesystem and path for a local path or any URI pyarrow (or fsspec) can open."""
-    if "://" not in uri_or_path:
+    """A filesystem and path for a local path or any URI pyarrow (or fsspec) can open.
+
+    A URI's query configures its filesystem (``s3://bucket/out?endpoint_override=http://host:9000``);
+    one pyarrow does not accept is refused here with a ``ValueError`` naming it.
+    """
+    if not is_uri(uri_or_path):
         local = pafs.LocalFileSystem()
         return local, _abspath(uri_or_path)
     try:
         return pafs.FileSystem.from_uri(uri_or_path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        import fsspec  # only needed for schemes pyarrow does not know
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        # pyarrow knows the scheme but not a query parameter: refuse, as fsspec could take it for part of the path
+        if "query" in str(exc).lower():
+            raise ValueError(f"{uri_or_path}: {exc}; pyarrow takes the parameters listed at "
+                             "https://arrow.apache.org/docs/python/filesystems.html (for s3://: endpoint_override, "
+                             "region, scheme, access_key, secret_key, ...)") from exc
+        return _fsspec(uri_or_path)
 
-        fs, path = fsspec.core.url_to_fs(uri_or_path)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A scheme pyarrow does not know, through fsspec."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` is a URI (``scheme://...``) rather than a local path."""
+    return "://" in path
 
 
 def _abspath(path: str) -> str:
@@ -50,8 +70,16 @@ def _abspath(path: str) -> str:
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path parts with '/', as every pyarrow filesystem expects."""
-    return "/".join([base.rstrip("/"), *parts])
+    """Join path parts with '/', as every pyarrow filesystem expects.
+
+    ``base`` may be a filesystem path or a URI: a URI's query (``?endpoint_override=...``) and fragment
+    stay at its end, after the joined path. Parts are plain names and are not re-encoded.
+    """
+    if not is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    split = urllib.parse.urlsplit(base)
+    path = "/".join([split.path.rstrip("/"), *parts])
+    return urllib.parse.urlunsplit(split._replace(path=path))
 
 
 def _row_group_rows(table: pa.Table) -> int:
@@ -172,9 +200,13 @@ def _shard_order(name: str) -> tuple[int, str]:
     return (-1 if index is None else index, name)
 
 
-def shard_provenance(shard_path: str) -> dict[str, Any] | None:
-    """The job provenance stored in a shard's key-value metadata, if any."""
-    fs, path = resolve(shard_path)
+def shard_provenance(shard_path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any] | None:
+    """The job provenance stored in a shard's key-value metadata, if any.
+
+    ``shard_path`` is a local path or URI, or, with ``filesystem``, a path within that filesystem (what
+    ``list_shards`` and listings return: on an object store a bucket-relative path, not a local one).
+    """
+    fs, path = (filesystem, shard_path) if filesystem is not None else resolve(shard_path)
     with fs.open_input_file(path) as f:
         metadata = pq.read_schema(f).metadata or {}
     raw = metadata.get(PROVENANCE_KEY)

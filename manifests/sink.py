@@ -22,6 +22,7 @@ import logging
 from pathlib import PurePosixPath
 from typing import Any, Iterable, Sequence
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -89,6 +90,9 @@ class ExistingShards:
     """Names of files this project did not write (never deleted)."""
     digits: int
     """Digits of the shard names already there (new shards use the same, so names keep sorting)."""
+    unreadable: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Shard index -> why its file does not read as a shard (no stats file, and its footer is cut short
+    or not Parquet): never kept; only ``--overwrite`` replaces it."""
 
     def done(self, index: int, fingerprint: str) -> bool:
         """True when shard ``index`` is complete and was written from the same plan."""
@@ -119,6 +123,7 @@ class ManifestSink:
         ours = {MANIFEST_JSON, STATS_DIR, DUPLICATES_DIR, *also_ours}
         paths: dict[int, str] = {}
         foreign: list[str] = []
+        unreadable: dict[int, str] = {}
         widths = set()
         for info in infos:
             index = shard_index(info.base_name) if info.type == pafs.FileType.File else None
@@ -129,16 +134,16 @@ class ManifestSink:
                 foreign.append(info.base_name)
         stats = self._read_stats(fs, base, paths)
         unstated = [i for i in paths if i not in stats]
-        for index, provenance in zip(unstated, _parallel(lambda i: shard_provenance(paths[i]), unstated)):
-            if provenance is None:  # a Parquet file named like a shard that this project did not write
+        for index, footer in zip(unstated, _parallel(lambda i: _read_footer(fs, paths[i]), unstated)):
+            if isinstance(footer, str):  # cut short or overwritten: not a shard a rerun can keep
+                unreadable[index] = footer
+            elif footer[0] is None:  # a Parquet file named like a shard that this project did not write
                 foreign.append(PurePosixPath(paths[index]).name)
-                continue
-            with fs.open_input_file(paths[index]) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-            stats[index] = ShardStats(index, provenance.get("fingerprint", ""), rows, {}, {})
+            else:
+                stats[index] = ShardStats(index, footer[0].get("fingerprint", ""), footer[1], {}, {})
         # One width for the whole folder; several only if someone mixed manifests (then keep the widest).
         self.digits = max(widths) if widths else self.digits
-        return ExistingShards(paths, stats, sorted(foreign), self.digits)
+        return ExistingShards(paths, stats, sorted(foreign), self.digits, unreadable)
 
     def on_write_start(self, existing: ExistingShards, overwrite: bool, writes: bool = True) -> None:
         """Make the output ready for this run's shards (call only once every refusal check passed):
@@ -257,10 +262,20 @@ class ManifestSink:
         """Stats of a shard written without a stats file, read from its status and error columns."""
         table = pq.read_table(path, columns=["status", "error"], filesystem=fs)
         rows = table.to_pylist()
-        provenance = shard_provenance(path) or {}
+        provenance = shard_provenance(path, fs) or {}
         stats = ShardStats.from_rows(index, provenance.get("fingerprint", ""), rows)
         self._write_stats(fs, base, stats)
         return stats
+
+
+def _read_footer(fs: pafs.FileSystem, path: str) -> tuple[dict[str, Any] | None, int] | str:
+    """(provenance or None, rows) from a shard's footer, or why it cannot be read (one line)."""
+    try:
+        provenance = shard_provenance(path, fs)
+        with fs.open_input_file(path) as f:
+            return provenance, pq.ParquetFile(f).metadata.num_rows
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _list(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:

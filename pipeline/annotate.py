@@ -197,6 +197,12 @@ def check_output(config: AnnotateConfig, existing: ExistingShards, settings_fp: 
                                                    if len(existing.foreign) > 5 else "")
         raise ResumeConflict(f"{config.output} holds files this project did not write ({shown}); nothing was "
                              "changed: choose an empty or new --output")
+    if existing.unreadable and not config.overwrite:
+        index, why = min(existing.unreadable.items())
+        more = f" (and {len(existing.unreadable) - 1} more)" if len(existing.unreadable) > 1 else ""
+        raise ResumeConflict(
+            f"{config.output}: shard {shard_name(index, existing.digits)}{more} has no stats file and does not read "
+            f"as a shard ({why}); nothing was changed: delete it (a rerun redoes only it), or pass --overwrite")
     other = sorted(shard_name(i, existing.digits) for i, s in existing.stats.items()
                    if not s.fingerprint.startswith(settings_fp))
     if other and not config.overwrite:

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.io import join, resolve
+from manifests.io import is_uri, join, resolve
 from pipeline.reader import InputItem
 
 #: Folder under the output holding each run's plan files (removed when the run ends).
@@ -84,7 +84,7 @@ def plan_shards(items: Iterable[InputItem], shard_size: int, settings_fingerprin
 
 def run_plan_dir(output: str) -> str:
     """A fresh plan folder for this run under the output (absolute: workers run in other folders)."""
-    root = output.rstrip("/") if "://" in output else resolve(output)[1]
+    root = output if is_uri(output) else resolve(output)[1]  # a URI keeps its query (endpoint_override=...)
     return join(root, PLAN_DIR, uuid.uuid4().hex)
 
 

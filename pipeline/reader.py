@@ -234,13 +234,14 @@ class _LocalTree:
         self.open.discard(token)
 
     def stat(self, rel: str, info: Any) -> tuple[int, int, str | None]:
-        """(size, mtime_ns, why it is not a regular file or None), following links."""
+        """(size, mtime_ns, why it cannot be read or None), following links."""
         try:
             stat = os.stat(os.path.join(self.base, rel))
         except OSError as exc:  # a broken link: listed, so an image among them becomes an error row
-            return -1, -1, f"a broken link: {exc.strerror or exc}"
-        kind = None if S_ISREG(stat.st_mode) else _KINDS.get(S_IFMT(stat.st_mode), "not a file")
-        return stat.st_size, stat.st_mtime_ns, kind
+            return -1, -1, f"not a regular file (a broken link: {exc.strerror or exc})"
+        if S_ISREG(stat.st_mode):
+            return stat.st_size, stat.st_mtime_ns, None
+        return stat.st_size, stat.st_mtime_ns, f"not a regular file ({_KINDS.get(S_IFMT(stat.st_mode), 'not a file')})"
 
     def read(self, rel: str) -> bytes:
         """A listed file's bytes, through ``open``, which takes names that are not UTF-8."""
@@ -248,8 +249,20 @@ class _LocalTree:
             return f.read()
 
 
+#: Why an object under an empty path segment (``a//b.jpg``) becomes an error row instead of being read.
+EMPTY_SEGMENT = ("object key has an empty path segment ('//'), which pyarrow's filesystems cannot open; "
+                 "copy it to a key without '//' to annotate it")
+
+
 class _StoreTree:
-    """Prefixes of any pyarrow filesystem (an object store: no links; sizes come with the listing)."""
+    """Prefixes of any pyarrow filesystem (an object store: no links; sizes come with the listing).
+
+    Object keys are not folder paths: ``odd//double.jpg`` has an empty segment, which pyarrow lists
+    (as a folder entry named like the folder itself) but can neither list on its own nor open. Such
+    keys are found with one recursive listing of the folder above and become items with a problem,
+    so each is an error row naming it, never a silent drop. Folder markers (``dir/``, empty objects
+    whose key ends in '/') are folders, not files.
+    """
 
     def __init__(self, fs: pafs.FileSystem, base: str) -> None:
         self.fs = fs
@@ -265,12 +278,26 @@ class _StoreTree:
             return None
         found = []
         for info in infos:
-            if info.type == pafs.FileType.Directory:
+            if info.path.rstrip("/") == path.rstrip("/"):  # the prefix "<folder>//": keys with an empty segment
+                found.extend(self._under_empty_segment(path))
+            elif info.type == pafs.FileType.Directory:
                 found.append((info.base_name + "/", _DIR, None))
             elif info.type == pafs.FileType.File:
-                found.append((info.base_name, _FILE, (info.size or 0, info.mtime_ns or 0)))
+                found.append((info.base_name, _FILE, (info.size or 0, info.mtime_ns or 0, None)))
         found.sort(key=_sort_key, reverse=True)
         return found
+
+    def _under_empty_segment(self, path: str) -> list[tuple]:
+        """Every object whose key continues ``path`` with '//', as a file entry named by the rest of its
+        key ('/double.jpg'), so it sorts where its full key does and its source is the key as listed."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except OSError as exc:
+            log.warning("cannot list the keys with an empty segment under %s: %s", path, exc)
+            return []
+        prefix = path.rstrip("/") + "//"
+        return [(info.path[len(prefix) - 1:], _FILE, (info.size or 0, info.mtime_ns or 0, EMPTY_SEGMENT))
+                for info in infos if info.type == pafs.FileType.File and info.path.startswith(prefix)]
 
     def enter(self, rel: str, info: Any) -> bool:
         return True
@@ -279,7 +306,7 @@ class _StoreTree:
         pass
 
     def stat(self, rel: str, info: Any) -> tuple[int, int, str | None]:
-        return info[0], info[1], None
+        return info
 
     def read(self, rel: str) -> bytes:
         with self.fs.open_input_stream(join(self.base, rel)) as f:
@@ -373,7 +400,7 @@ def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[Inpu
         if shown != source:
             problem = NOT_UTF8
         elif unusable is not None:
-            problem = f"not a regular file ({unusable})"
+            problem = unusable
         stats.images += 1
         yield InputItem(row_id(source), shown, sidecar[0] if sidecar else None, caption, stamp, problem,
                         "metadata" if caption is not None else None)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -129,3 +134,53 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from tests.tiny_sd import write_tiny_sdxl
 
     return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> str:
+    """A local S3-compatible server (moto's server mode) on 127.0.0.1 and a free port; returns its endpoint.
+
+    For the rest of the session this process's environment points at it (``AWS_ENDPOINT_URL``, dummy
+    keys, ``AWS_REGION``/``AWS_DEFAULT_REGION``; no ~/.aws files, no instance metadata), and so do the
+    processes it starts. Local Ray workers inherit the environment Ray was started with, so Ray is
+    (re)started here with it, on 2 CPUs like ``local_ray`` (whose later users find it running).
+    """
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        pytest.fail("moto[server] is not installed: pip install -e '.[dev]'")
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"moto's S3 server did not start on {endpoint} (log: {log.name})")
+            time.sleep(0.2)
+    empty = str(tmp_path_factory.mktemp("aws") / "none")
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_CONFIG_FILE": empty, "AWS_SHARED_CREDENTIALS_FILE": empty}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        ray_runtime.shutdown()  # a Ray started earlier has workers without the variables above
+        ray_runtime.connect(None, num_cpus=2)
+        try:
+            yield endpoint
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            log.close()
+

@@ -44,6 +44,7 @@ class Mutation:
 
 HOSTILE = "tests/test_annotate_hostile_inputs.py"
 STAGES = "tests/test_annotate_stages.py"
+S3 = "tests/test_s3.py"
 HOSTILE_LOCK_TESTS = tuple(f"{HOSTILE}::{name}" for name in (
     "test_a_second_run_on_a_locked_output_is_refused_naming_the_first",
     "test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_message",
@@ -264,9 +265,23 @@ MUTATIONS = [
     # stops the run; the refusal test's message names it.
     Mutation("stages: a shard-named file without stats or provenance not refused as foreign",
              "manifests/sink.py",  # ManifestSink.existing
-             "                foreign.append(PurePosixPath(paths[index]).name)\n                continue\n",
-             "                continue\n",
+             "                foreign.append(PurePosixPath(paths[index]).name)\n",
+             "                pass\n",
              ("tests/test_annotate_refusals.py::test_files_of_others_in_the_output_are_refused_untouched",)),
+    Mutation("s3: a URI's query lost when a path is joined to it (the plan files of an endpoint_override output)",
+             "manifests/io.py",  # join
+             "    return urllib.parse.urlunsplit(split._replace(path=path))\n",
+             "    return \"/\".join([base.rstrip(\"/\"), *parts])\n", (S3,)),
+    Mutation("s3: the stats fallback opens a bucket's shard as a local file", "manifests/sink.py",  # _stats_from_shard
+             "        provenance = shard_provenance(path, fs) or {}\n",
+             "        provenance = shard_provenance(path) or {}\n", (S3,)),
+    Mutation("s3: keys with an empty segment ('a//b.jpg') silently dropped", "pipeline/reader.py",  # _StoreTree.entries
+             "                found.extend(self._under_empty_segment(path))\n", "                pass\n",
+             (f"{S3}::test_every_listed_object_becomes_a_row",)),
+    Mutation("s3: a shard that does not read crashes every rerun, --overwrite too, instead of a refusal naming it",
+             "manifests/sink.py",  # ManifestSink.existing
+             "                unreadable[index] = footer\n", "                raise OSError(footer)\n",
+             (f"{S3}::test_an_unreadable_shard_is_refused_and_overwrite_starts_over",)),
 ]
 
 
