@@ -98,18 +98,23 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
-def write_json(fs: pafs.FileSystem, folder: str, name: str, payload: Any) -> str:
-    """Write ``folder/name`` as JSON atomically (a temp file moved into place)."""
+def write_bytes(fs: pafs.FileSystem, folder: str, name: str, data: bytes) -> str:
+    """Write ``folder/name`` atomically (a temp file moved into place)."""
     final = join(folder, name)
     tmp = join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
     try:
         with fs.open_output_stream(tmp) as stream:
-            stream.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+            stream.write(data)
         fs.move(tmp, final)
     except BaseException:
         delete_quietly(fs, tmp)
         raise
     return final
+
+
+def write_json(fs: pafs.FileSystem, folder: str, name: str, payload: Any) -> str:
+    """Write ``folder/name`` as JSON atomically (a temp file moved into place)."""
+    return write_bytes(fs, folder, name, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
 def write_manifest_json(out_dir: str, summary: dict[str, Any]) -> str:
