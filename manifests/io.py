@@ -19,6 +19,7 @@ from manifests.schema import (
     IMAGE_STRUCT,
     KNOWN_SCHEMA_VERSIONS,
     MANIFEST_JSON,
+    PANDAS_INT_DTYPES,
     PROVENANCE_KEY,
     STATUSES,
     is_shard_name,
@@ -178,6 +179,16 @@ def _read_shard(shard: str, columns: list[str] | None, fs: pafs.FileSystem) -> p
     return pq.read_table(shard, columns=columns, filesystem=fs)
 
 
+def _nullable_ints(arrow_type: pa.DataType) -> "pd.api.extensions.ExtensionDtype | None":
+    """pandas' nullable integer for the integer columns (``width`` of an error row is null: numpy's int would
+    become float64, and 64-bit ``phash`` values would round); None leaves other types to pyarrow. Shards carry
+    the same in their pandas metadata (``schema.PANDAS_INT_DTYPES``); this covers shards written before."""
+    import pandas as pd
+
+    name = PANDAS_INT_DTYPES.get(arrow_type)
+    return pd.api.types.pandas_dtype(name) if name else None
+
+
 def read(
     path: str,
     columns: Iterable[str] | None = None,
@@ -189,7 +200,8 @@ def read(
     ``status`` keeps only rows with that status (``None`` keeps all); ``columns`` limits what is
     read, which matters because image columns dominate the size. ``duplicates``: ``"skip"`` (the
     default; or False) leaves out the rows ``_duplicates/duplicates.parquet`` lists as exact or near duplicates
-    of an earlier row, ``"keep"`` (or True) keeps them; a manifest without that table has none.
+    of an earlier row, ``"keep"`` (or True) keeps them; a manifest without that table has none. Integer
+    columns read as pandas' nullable ``Int32``/``Int64`` (``<NA>`` where an error row has no size).
     """
     import pandas as pd
 
@@ -215,9 +227,7 @@ def read(
         table = table.filter(pc.equal(table["status"], status))
     if skip_ids is not None and len(skip_ids):
         table = table.filter(keep_mask(table["id"], skip_ids))
-    frame = table.to_pandas()
-    if "phash" in table.column_names:  # 64-bit hashes: pandas' float64 for a column with nulls would round them
-        frame["phash"] = table["phash"].to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    frame = table.to_pandas(types_mapper=_nullable_ints)
     if columns is not None:
         frame = frame[list(dict.fromkeys(columns))]
     return frame
