@@ -13,10 +13,15 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing the project and its dependencies into $(VENV) (first time: several minutes)"
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	@echo "installing the project and its dependencies into $(VENV) (first time: several minutes; full log $(VENV)/pip-install.log)"
+	@# one numbered line per package pip resolves, then what it installs; errors in full; the rest to the log
+	@$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]' 2>&1 | tee $(VENV)/pip-install.log \
+		| awk '/^Collecting /{n++; printf "  [%3d] %s\n", n, $$0; fflush(); next} \
+		       /^Installing collected/{print "  installing them (a minute or two)"; fflush(); next} \
+		       /^Successfully installed/{printf "  installed %d packages\n", NF - 2; next} \
+		       /^(ERROR|error)/{print; fflush()}' || true
 	@$(PY) -c "import annotators, manifests, pipeline, ray, mediapipe, controlnet_aux" 2>/dev/null \
-		|| { echo "install failed: see the pip output above"; exit 1; }
+		|| { echo "install failed: see the pip output above and $(VENV)/pip-install.log"; exit 1; }
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import typing
 from importlib import metadata
 from typing import Any, Mapping
@@ -107,14 +108,15 @@ def _coerce(raw: Any, hint: Any, label: str) -> Any:
         if raw.lower() in ("none", "null"):
             return None
         hint = next(a for a in args if a is not type(None))
+    if hint not in (bool, int, float, str):
+        return raw
     try:
-        if hint is bool:
-            return _parse_bool(raw)
-        if hint in (int, float, str):
-            return hint(raw)
+        value = _parse_bool(raw) if hint is bool else hint(raw)
     except ValueError as exc:
         raise ValueError(f"{label}: cannot read {raw!r} as {hint.__name__}") from exc
-    return raw
+    if hint is float and not math.isfinite(value):  # nan passes every range check and reaches provenance JSON
+        raise ValueError(f"{label} {raw}: give a finite value (nan and infinity are refused)")
+    return value
 
 
 def _parse_bool(raw: str) -> bool:

@@ -14,14 +14,16 @@ from manifests.validate import validate
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m manifests", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("inspect", help="rows, status counts, error reasons, sizes, annotators").add_argument("path")
+    sub.add_parser("inspect", help="rows, status counts, error reasons, sizes, annotators").add_argument(
+        "path", help="manifest folder or URI")
     v = sub.add_parser("validate", help="check every invariant; exit 1 listing offending ids")
-    v.add_argument("path")
+    v.add_argument("path", help="manifest folder or URI")
     v.add_argument("--no-decode", action="store_true", help="read image headers only (faster)")
     g = sub.add_parser("preview", help="PNG contact sheet: image | each condition, caption below")
-    g.add_argument("path")
+    g.add_argument("path", help="manifest folder or URI")
     g.add_argument("--out", required=True, help="PNG file to write")
-    g.add_argument("--rows", type=int, default=8, help="how many rows to show, from the first (default: 8)")
+    g.add_argument("--rows", type=int, default=8,
+                   help="how many manifest rows to show (the first N with --status), one per line (default: 8)")
     g.add_argument("--tile", type=int, default=256, help="tile size in pixels")
     g.add_argument("--status", default="ok", choices=["ok", "error", "filtered", "all"],
                    help="rows with this status (default: ok); all: every row, failed ones as a tile with their reason")

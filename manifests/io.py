@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -99,6 +100,22 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
+def strict_json(payload: Any, **kwargs: Any) -> str:
+    """JSON that strict parsers accept: nan and +-inf (which ``json.dumps`` writes as ``NaN``/``Infinity``,
+    outside the JSON standard) become ``null``, and ``allow_nan=False`` guarantees none is left."""
+    return json.dumps(_finite_or_none(payload), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def write_bytes(fs: pafs.FileSystem, folder: str, name: str, data: bytes) -> str:
     """Write ``folder/name`` atomically (a temp file moved into place)."""
     final = join(folder, name)
@@ -115,7 +132,7 @@ def write_bytes(fs: pafs.FileSystem, folder: str, name: str, data: bytes) -> str
 
 def write_json(fs: pafs.FileSystem, folder: str, name: str, payload: Any) -> str:
     """Write ``folder/name`` as JSON atomically (a temp file moved into place)."""
-    return write_bytes(fs, folder, name, json.dumps(payload, indent=2, sort_keys=True).encode())
+    return write_bytes(fs, folder, name, strict_json(payload, indent=2, sort_keys=True).encode())
 
 
 def write_manifest_json(out_dir: str, summary: dict[str, Any]) -> str:

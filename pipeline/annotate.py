@@ -32,12 +32,13 @@ from tqdm import tqdm
 from annotators import registry
 from captioners import registry as caption_registry
 from manifests import duplicates
-from manifests.duplicates import DEFAULT_MAX_DISTANCE
+from manifests.flags import DefaultsHelpFormatter, add_dataclass_flags, parsed_fields
 from manifests.io import resolve
 from manifests.schema import SCHEMA_VERSION, shard_name
 from manifests.sink import ExistingShards, ManifestSink
 from pipeline import dispatch, output_lock, ray_runtime
 from pipeline.config import AnnotateConfig, fingerprint
+from pipeline.decode import PrepareSettings
 from pipeline.plan import PLAN_DIR, Plan, plan_shards, remove_plans, run_plan_dir
 from pipeline.reader import IMAGE_EXTENSIONS, InputItem, ListingStats, iter_input_list, iter_inputs
 from pipeline.shard import ShardJob
@@ -57,75 +58,35 @@ class ShardFailures(RuntimeError):
     """Some shards' tasks failed; the manifest is left without ``_manifest.json``."""
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per ``AnnotateConfig`` field (help: its docstring; default: its default), plus ``-p``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    prepare = [f.name for f in dataclasses.fields(PrepareSettings)]
+    job = [f.name for f in dataclasses.fields(AnnotateConfig) if f.name not in prepare]
+    actions = add_dataclass_flags(p, AnnotateConfig, dashes=True, names=job)
+    actions["annotators"].help = actions["annotators"].help.rstrip(".") + f"; known: {', '.join(registry.available())}"
+    # -p fills two fields (annotator and captioner parameters), so it is the one flag written here
+    p.add_argument("--param", "-p", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="annotator or captioner parameter, e.g. -p canny.low=50 (repeatable)")
+    add_dataclass_flags(p.add_argument_group("image preparation"), AnnotateConfig, dashes=True, names=prepare)
+    return p
+
+
 def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
     """Flags -> a checked ``AnnotateConfig``; a bad flag exits with a message saying what to do."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", default=None,
-                   help="folder or URI of the raw images (recursive); with --input-list, the root of its relative entries")
-    p.add_argument("--input-list", default=None, metavar="FILE",
-                   help="Parquet, CSV or text file of image paths or URIs (one per row, optional caption column), "
-                        "instead of listing --input")
-    p.add_argument("--output", required=True, help="folder or URI to write the manifest to")
-    p.add_argument("--annotators", default="canny",
-                   help=f"comma-separated names; known: {', '.join(registry.available())}")
-    p.add_argument("--param", "-p", action="append", default=[], metavar="NAME.KEY=VALUE",
-                   help="annotator parameter, e.g. -p canny.low=50 (repeatable)")
-    p.add_argument("--captioner", default=None,
-                   help="caption rows with a model: blip, florence2, vlm (or package.module:Class); -p NAME.KEY=VALUE "
-                        "sets its parameters, e.g. -p vlm.prompt=\"Describe the image in one sentence.\"")
-    p.add_argument("--caption-policy", default="missing", choices=("missing", "always", "prefix"),
-                   help="missing: caption rows without a given caption; always: every row; prefix: every row, "
-                        "after --caption-prefix")
-    p.add_argument("--caption-prefix", default="", help="text put before every generated caption (a trigger phrase)")
-    p.add_argument("--resolution", type=int, default=512, help="shortest side in pixels, multiple of 8")
-    p.add_argument("--center-crop", action="store_true", help="crop to resolution x resolution")
-    p.add_argument("--min-side", type=int, default=0, help="mark smaller images as filtered (0: upscale all)")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="reject images above this many pixels")
-    p.add_argument("--max-aspect", type=float, default=4.0,
-                   help="mark images longer than this ratio of long to short side as filtered")
-    p.add_argument("--min-aspect", type=float, default=None,
-                   help="mark images whose width / height is below this as filtered (e.g. 1: landscape and square only)")
-    p.add_argument("--image-format", default="jpeg", help="jpeg or png for the prepared image")
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--shard-size", type=int, default=256, help="files per shard (the unit of resume)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per annotator call")
-    p.add_argument("--limit", type=int, default=None, help="only the first N files of the sorted input")
-    p.add_argument("--overwrite", action="store_true", help="redo every shard")
-    p.add_argument("--weights-dir", default=None,
-                   help="folder laid out like lllyasviel/Annotators (or a hub id); default: $CONTROLFORGE_WEIGHTS")
-    p.add_argument("--require-detection", action="store_true",
-                   help="pose/face/person annotators mark images where they find nothing as filtered")
-    p.add_argument("--concurrency", type=int, default=None, help="model-annotator workers (default: per GPU or CPU)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per model worker (default: 1 if any, else 0)")
-    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker")
-    p.add_argument("--near-duplicate-distance", type=int, default=DEFAULT_MAX_DISTANCE,
-                   help="perceptual-hash bits (of 64) within which images are near duplicates; 0: identical only")
-    p.add_argument("--max-shard-retries", type=int, default=2,
-                   help="resubmit a shard whose task or actor failed this many times before reporting it")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default: all)")
+    p = build_parser()
     args = p.parse_args(argv)
     try:
-        names = tuple(n.strip() for n in args.annotators.split(",") if n.strip())
-        for name in names:
+        values = parsed_fields(args, AnnotateConfig)
+        for name in values["annotators"]:
             registry.get(name)
         params = _parse_params(args.param)
-        captioner_params = params.pop(args.captioner, {}) if args.captioner else {}
-        if args.captioner:
-            caption_registry.parse_params(caption_registry.get(args.captioner), captioner_params)
-        config = AnnotateConfig(
-            input=args.input, input_list=args.input_list, output=args.output, annotators=names,
-            annotator_params=params, resolution=args.resolution, captioner=args.captioner,
-            captioner_params=captioner_params, caption_policy=args.caption_policy, caption_prefix=args.caption_prefix,
-            center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
-            min_aspect=args.min_aspect,
-            image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
-            batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
-            weights_dir=args.weights_dir, require_detection=args.require_detection,
-            concurrency=args.concurrency, gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker, address=args.address, num_cpus=args.num_cpus,
-            max_shard_retries=args.max_shard_retries, near_duplicate_distance=args.near_duplicate_distance,
-        )
+        captioner = values["captioner"]
+        captioner_params = params.pop(captioner, {}) if captioner else {}
+        if captioner:
+            caption_registry.parse_params(caption_registry.get(captioner), captioner_params)
+        config = AnnotateConfig(**values, annotator_params=params, captioner_params=captioner_params)
         for name in config.annotators:  # parameter names and values, checked before any work
             registry.parse_params(registry.get(name), config.annotator_params.get(name, {}))
     except (ValueError, TypeError) as exc:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from manifests.duplicates import DEFAULT_MAX_DISTANCE
+from manifests.flags import flag_name, nonfinite_problem
 from pipeline.decode import PrepareSettings
 
 IMAGE_FORMATS = ("jpeg", "png")
@@ -24,13 +25,14 @@ class AnnotateConfig(PrepareSettings):
     ``input_list``, the root its relative entries are under (None: the entries are absolute)."""
     output: str
     """Folder or URI the manifest is written to."""
-    input_list: str | None = None
+    input_list: str | None = dataclasses.field(default=None, metadata={"metavar": "FILE"})
     """A Parquet, CSV or text file listing the images (paths or URIs, one per row, an optional
     ``caption`` column), read as a stream in its own order, instead of listing ``input``."""
-    annotators: tuple[str, ...] = ("canny",)
-    """Registry names; each makes one ``cond_<name>`` column."""
-    annotator_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    """Per-annotator parameter overrides, e.g. ``{"canny": {"low": "50"}}``."""
+    annotators: tuple[str, ...] = dataclasses.field(default=("canny",), metadata={"separator": ","})
+    """Registry names, comma-separated (or ``package.module:Class`` for your own); each makes one
+    ``cond_<name>`` column."""
+    annotator_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, metadata={"flag": False})
+    """Per-annotator parameter overrides, e.g. ``{"canny": {"low": "50"}}`` (flag: ``-p canny.low=50``)."""
     image_format: str = "jpeg"
     """Encoding of the prepared image: ``jpeg`` or ``png`` (maps are always PNG)."""
     jpeg_quality: int = 95
@@ -44,7 +46,8 @@ class AnnotateConfig(PrepareSettings):
     overwrite: bool = False
     """Redo every shard instead of keeping complete ones from an earlier run."""
     weights_dir: str | None = None
-    """Folder laid out like ``lllyasviel/Annotators`` (or a hub id); default ``CONTROLFORGE_WEIGHTS``."""
+    """Folder laid out like ``lllyasviel/Annotators`` (or a hub id); None: the ``CONTROLFORGE_WEIGHTS``
+    environment variable."""
     require_detection: bool = False
     """Detection annotators (pose, face, person mask) mark images where they find nothing as
     ``filtered`` instead of writing an empty map."""
@@ -56,17 +59,18 @@ class AnnotateConfig(PrepareSettings):
     """CPUs per worker (torch uses as many threads)."""
     captioner: str | None = None
     """Captioner registry name (``blip``, ``florence2``, ``vlm`` or ``package.module:Class``): its
-    forward pass runs in the model actors; None: captions come only from sidecars, metadata, lists."""
-    captioner_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    forward pass runs in the model actors; None: captions come only from sidecars, metadata, lists. Its
+    parameters are set like an annotator's, e.g. ``-p vlm.prompt="Describe the image in one sentence."``."""
+    captioner_params: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"flag": False})
     """The captioner's parameter overrides (``-p blip.max_new_tokens=30``)."""
-    caption_policy: str = "missing"
+    caption_policy: str = dataclasses.field(default="missing", metadata={"choices": CAPTION_POLICIES})
     """``missing``: caption rows without a sidecar/metadata caption; ``always``: caption every row
     (replacing given captions); ``prefix``: every row gets ``caption_prefix`` plus its generated caption."""
     caption_prefix: str = ""
     """Text put before every generated caption (a trigger phrase for a task-specific ControlNet)."""
     near_duplicate_distance: int = DEFAULT_MAX_DISTANCE
     """Images whose perceptual hashes differ in at most this many of 64 bits are near duplicates
-    (listed in ``_duplicates.parquet``, skipped by readers); 0: identical hashes and exact copies only."""
+    (listed in ``_duplicates/duplicates.parquet``, skipped by readers); 0: identical hashes and exact copies only."""
     max_shard_retries: int = 2
     """Times a shard whose task or actor failed is resubmitted before it is reported as failed
     (the other shards go on; the same command again redoes it)."""
@@ -76,6 +80,9 @@ class AnnotateConfig(PrepareSettings):
     """CPUs of the embedded local Ray (None: all of this machine's)."""
 
     def __post_init__(self) -> None:
+        problem = nonfinite_problem(self, lambda name: flag_name(name, dashes=True))
+        if problem:
+            raise ValueError(problem)
         self.annotators = tuple(self.annotators)
         if self.input is None and self.input_list is None:
             raise ValueError("give --input (a folder or URI of images) or --input-list (a file listing them)")

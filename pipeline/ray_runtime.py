@@ -52,6 +52,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         _loopback_only()
+        # A new local Ray turns token authentication on by default and warns that it did, on every run;
+        # saying so explicitly keeps the same protection without the warning (a user's own setting wins).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():

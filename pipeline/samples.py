@@ -1,6 +1,6 @@
 """Write small raw image collections: the demo's, the benchmark's and the tests'.
 
-    python -m pipeline.samples data/demo/photos                        # photos, scenes, edge cases
+    python -m pipeline.samples data/demo/photos                        # photos, scenes, edge cases (or: demo DIR)
     python -m pipeline.samples circles data/circles --count 1000       # the fill task's raw circles
 
 Real photos come from scikit-image (installed with the dev extra); scenes are drawn here; the
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from manifests.flags import DefaultsHelpFormatter
 
 PHOTOS = {  # scikit-image sample -> caption
     "astronaut": "an astronaut in an orange suit in front of a flag and a space shuttle",
@@ -181,25 +183,44 @@ def write_demo_collection(root: Path) -> Path:
     return root
 
 
+DEMO_FOLDER = "data/demo/photos"
+COMMANDS = ("demo", "circles")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``demo [OUT]`` and ``circles OUT --count N``; ``python -m pipeline.samples OUT`` means ``demo OUT``."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.samples", description=__doc__.split("\n\n")[0],
+                                epilog="A folder given without a command gets the demo collection (demo OUT).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,circles}")
+    demo = sub.add_parser("demo", help="real photos, drawn scenes and edge cases, in sub-folders",
+                          formatter_class=DefaultsHelpFormatter)
+    demo.add_argument("out", nargs="?", default=DEMO_FOLDER, help="folder to write the collection into")
+    circles = sub.add_parser("circles", help="raw images of one filled circle each, with colour captions",
+                             formatter_class=DefaultsHelpFormatter)
+    circles.add_argument("out", help="folder to write circle_NNNNN.png and .txt captions into")
+    circles.add_argument("--count", type=int, required=True, help="number of images")
+    circles.add_argument("--size", type=int, default=64, help="side of the square images in pixels (>= 16)")
+    circles.add_argument("--seed", type=int, default=0, help="seed of the drawn colours, sizes and places")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``circles OUT --count N [--size S] [--seed K]``, or ``[OUT]`` for the demo collection."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["circles"]:
-        out = Path(argv[0] if argv else "data/demo/photos")
-        write_demo_collection(out)
-        print(f"sample collection: {out}")
+    """Write the demo collection or the circles; ``--help`` (or a bad flag) writes nothing."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and not argv[0].startswith("-")):
+        argv = ["demo", *argv]  # the Makefile's and older command lines: a bare folder is the demo's
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.out.startswith("-"):  # reached only through "--": most likely a flag typed in the wrong place
+        p.error(f"folder {args.out!r} starts with '-'; write ./{args.out} if that is really its name")
+    if args.command == "circles":
+        if args.count < 1 or args.size < 16:
+            p.error("--count must be at least 1 and --size at least 16")
+        write_circles(Path(args.out), args.count, args.size, args.seed)
+        print(f"circle collection: {args.out} ({args.count} images, {args.size}x{args.size})")
         return 0
-    p = argparse.ArgumentParser(prog="python -m pipeline.samples circles",
-                                description="Raw images of one filled circle each, with colour captions.")
-    p.add_argument("out", help="folder to write circle_NNNNN.png and .txt captions into")
-    p.add_argument("--count", type=int, required=True, help="number of images")
-    p.add_argument("--size", type=int, default=64, help="side of the square images in pixels (>= 16)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv[1:])
-    if args.count < 1 or args.size < 16:
-        p.error("--count must be at least 1 and --size at least 16")
-    write_circles(Path(args.out), args.count, args.size, args.seed)
-    print(f"circle collection: {args.out} ({args.count} images, {args.size}x{args.size})")
+    write_demo_collection(Path(args.out))
+    print(f"sample collection: {args.out}")
     return 0
 
 

@@ -93,6 +93,18 @@ MUTATIONS = [
     Mutation("fp8 base: a dtype cast of the model casts the float8 storage", "train/float8_base.py",
              "stored = {name: self._buffers.pop(name) for name in STORED}", "stored = {}",
              ("tests/test_train_fp8_base.py",)),
+    Mutation("flow matching: SD3's shift not read from the base's scheduler", "train/transformer_families.py",
+             "return float(base.scheduler.config.shift)  # 3.0 for SD3/3.5", "return 1.0",
+             ("tests/test_train_flow_units.py::test_the_sd3_loss_draws_its_sigmas_with_the_base_schedulers_shift",)),
+    Mutation("Flux: ControlNet residuals routed in the repeating pattern, not the pipeline's interval one",
+             "train/transformer_families.py",
+             "return_dict=False, controlnet_blocks_repeat=False,", "return_dict=False, controlnet_blocks_repeat=True,",
+             ("tests/test_train_flow_units.py::"
+              "test_flux_training_routes_controlnet_residuals_as_the_flux_controlnet_pipeline_does",)),
+    Mutation("fp8 base: float8 range taken as 240 (e4m3fnuz) instead of e4m3fn's 448", "train/float8_base.py",
+             "FLOAT8_MAX = 448.0", "FLOAT8_MAX = 240.0",
+             ("tests/test_train_fp8_base.py::test_each_channels_largest_weight_lands_on_e4m3s_largest_value_and_"
+              "small_weights_keep_their_precision",)),
     Mutation("per-row training randomness ignores the row", "train/data.py",
              "rng = _rng(self.seed, self.epoch, index)", "rng = _rng(self.seed, self.epoch, 0)",
              ("tests/test_train_data.py",)),

@@ -66,3 +66,33 @@ def test_report_of_a_stacked_run_names_each_condition(tmp_path):
     assert "| depth/depth_rmse | 0.100 | 0.200 | ControlNet |" in report
     assert "`invert`: unscored, no controllability metric" in report
     assert (run / "metrics_curve.png").is_file()
+
+
+def test_report_defines_its_metrics_rounds_the_loss_and_says_why_the_table_and_the_curve_differ(tmp_path):
+    """Every metric in the table is defined; a metric both score 1.0 on is called what the base already knows;
+    the loss is rounded; and the report says where the table's and the curve's figures come from (rows, seeds)."""
+    from train.report import main
+
+    run = tmp_path / "run"
+    (run / "validation").mkdir(parents=True)
+    (run / "eval").mkdir()
+    Image.new("RGB", (96, 32)).save(run / "eval" / "grid.png")
+    (run / "eval" / "metrics.json").write_text(json.dumps({
+        "controlnet": {"edge_f1": 0.6, "circle_iou": 0.735, "colour_accuracy": 1.0},
+        "base": {"edge_f1": 0.17, "circle_iou": 0.29, "colour_accuracy": 1.0},
+        "num_samples": 32, "condition": "canny", "task": "circle", "lower_is_better": [], "grid": "grid.png",
+        "settings": {"seed": 0},
+    }))
+    curve = [{"step": 200, "circle_iou": 0.5}, {"step": 800, "circle_iou": 0.754}, {"step": "final", "circle_iou": 0.754}]
+    (run / "validation" / "metrics.jsonl").write_text("\n".join(json.dumps(c) for c in curve))
+    (run / "train_summary.json").write_text(json.dumps({
+        "figures": {"global_step": 800, "final_loss": 0.055114176124334335},
+        "args": {"seed": 7, "num_validation_rows": 32, "validation_image": []}}))
+    assert main([str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "0.055114176124334335" not in report and "final loss 0.0551" in report
+    for name in ("circle_iou", "edge_f1", "colour_accuracy"):
+        assert f"- `{name}`: " in report
+    assert "`colour_accuracy` is 1.000 for both: the base alone already" in report
+    assert "`circle_iou` is" not in report  # only metrics both get perfectly right
+    assert "seed 0 + i" in report and "same seed 7" in report and "first 32 ok rows" in report

@@ -24,6 +24,95 @@ def test_sigmas_are_logit_normal_per_example_then_time_shifted():
     assert torch.equal(shifted_sigmas(64, torch.Generator().manual_seed(3), 1.0), u)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.5])
+def test_the_sd3_loss_draws_its_sigmas_with_the_base_schedulers_shift(shift):
+    """The loss's noise levels follow the base's own FlowMatchEulerDiscreteScheduler ``shift`` (3.0 for
+    SD3/3.5), whatever its value: the sigmas the transformer is given are shift(u) of the loss's draw."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    base = types.SimpleNamespace(scheduler=scheduler)
+    adapter, seen = SD3Adapter(), []
+    adapter.control_inputs = lambda *args: {}
+    adapter.predict = lambda controlnet, base, noisy, sigmas, *rest: seen.append(sigmas) or torch.zeros_like(noisy)
+    latents = torch.zeros(8, 16, 8, 8)
+    adapter.loss(None, base, latents, None, {}, None, torch.Generator().manual_seed(5))
+    draw = torch.Generator().manual_seed(5)
+    torch.randn(latents.shape, generator=draw)  # the loss draws its noise first
+    u = torch.sigmoid(torch.randn(8, generator=draw))
+    expected = scheduler.config.shift * u / (1 + (scheduler.config.shift - 1) * u)
+    torch.testing.assert_close(seen[0], expected)
+
+
+def test_flux_training_routes_controlnet_residuals_as_the_flux_controlnet_pipeline_does(tmp_path):
+    """A Flux ControlNet with fewer blocks than the base: training must add each residual after the same base
+    blocks as FluxControlNetPipeline does at inference (which routing it asks the transformer for is read
+    from a real pipeline call); with non-zero residuals the two routings give different outputs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests.tiny_flow import CLIP, clip_tokenizer, t5_tokenizer, tiny_t5, tiny_vae
+    from train.models import FamilyOptions
+
+    torch.manual_seed(0)
+    shape = dict(patch_size=1, in_channels=64, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                 pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    transformer = FluxTransformer2DModel(num_layers=4, num_single_layers=4, **shape)
+    controlnet = FluxControlNetModel(num_layers=2, num_single_layers=2, **shape)  # no input hint block
+    for module in [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks, controlnet.controlnet_x_embedder]:
+        torch.nn.init.normal_(module.weight, std=0.5)  # zero convolutions no more: residuals that steer
+    transformer.eval(), controlnet.eval()
+
+    asked = {}
+    forward = transformer.forward
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    transformer.forward = spy
+    pipe = FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=tiny_vae(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP)), tokenizer=clip_tokenizer(tmp_path),
+        text_encoder_2=tiny_t5(), tokenizer_2=t5_tokenizer(), transformer=transformer, controlnet=controlnet)
+    with pytest.raises(Stop):
+        pipe("a red circle", control_image=torch.rand(1, 3, 32, 32), height=32, width=32, num_inference_steps=1,
+             max_sequence_length=8)
+    transformer.forward = forward
+
+    base = types.SimpleNamespace(transformer=transformer,
+                                 options=FamilyOptions(("canny",), False, 8, 3.5))
+    gen = torch.Generator().manual_seed(1)
+    noisy, sigmas = torch.randn(1, 16, 4, 4, generator=gen), torch.tensor([0.6])
+    hidden, pooled = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 32, generator=gen)
+    control = {"controlnet_cond": pack(torch.randn(1, 16, 4, 4, generator=gen)), "conditioning_scale": 1.0}
+    with torch.no_grad():
+        ours = FluxAdapter().predict(controlnet, base, noisy, sigmas, hidden, {"pooled_projections": pooled}, control)
+
+        def routed(repeat: bool) -> torch.Tensor:
+            from diffusers import FluxPipeline
+
+            img_ids = FluxPipeline._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32)
+            txt_ids = torch.zeros(8, 3)
+            guidance = torch.full((1,), 3.5)
+            blocks, singles = controlnet(hidden_states=pack(noisy), timestep=sigmas, guidance=guidance,
+                                         pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=txt_ids,
+                                         img_ids=img_ids, return_dict=False, **control)
+            return transformer(hidden_states=pack(noisy), timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                               encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids,
+                               controlnet_block_samples=blocks, controlnet_single_block_samples=singles,
+                               controlnet_blocks_repeat=repeat, return_dict=False)[0]
+
+        pipeline_routing = routed(asked["controlnet_blocks_repeat"])
+        other_routing = routed(not asked["controlnet_blocks_repeat"])
+    assert not torch.allclose(pipeline_routing, other_routing, atol=1e-4)  # the routing matters here
+    torch.testing.assert_close(ours, pipeline_routing)
+
+
 def test_flux_shift_counts_packed_tokens():
     """Flux's mu is linear in the packed sequence length: 0.5 at 256 tokens, 1.15 at 4096."""
     assert flux_shift(256, FLUX_SCHEDULER) == pytest.approx(torch.e ** 0.5)

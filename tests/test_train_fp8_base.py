@@ -498,3 +498,19 @@ def test_a_device_move_moves_the_float8_storage():
     nn.Sequential(layer).to("meta")
     assert {t.device.type for t in (layer.weight_float8, layer.weight_scale, layer.bias)} == {"meta"}
     assert layer.weight_float8.dtype == F8 and layer.weight_scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_each_channels_largest_weight_lands_on_e4m3s_largest_value_and_small_weights_keep_their_precision(kind):
+    """The scale uses the whole e4m3 range (448, not e.g. e4m3fnuz's 240): each channel's largest magnitude is
+    stored as the format's maximum, so weights down to 2^-14.5 of it are still normal float8 numbers with
+    3 mantissa bits (a narrower range pushes them into subnormals, with fewer)."""
+    weight = layers()[kind].weight.detach().clone()
+    rows = weight.flatten(1)
+    rows.copy_(torch.sign(torch.randn(rows.shape, generator=torch.Generator().manual_seed(1)))
+               * torch.logspace(0, -14.5, rows.shape[1], base=2.0))  # every channel spans 2^0 .. 2^-14.5
+    stored, scale = quantise(weight)
+    top = stored.float().abs().flatten(1).amax(1)
+    assert bool((top == torch.finfo(F8).max).all()), top
+    back = dequantise(stored, scale, torch.float32)
+    assert bool(((back - weight).abs() <= 2**-4 * weight.abs()).all())

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import os
-import textwrap
 from typing import Any
+
+from manifests.flags import nonfinite_problem
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -197,6 +196,12 @@ class TrainConfig:
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
 
     def __post_init__(self) -> None:
+        problem = nonfinite_problem(self, lambda name: f"--{name}")
+        if problem:
+            raise ValueError(problem)
+        problem = output_dir_problem(self.output_dir)
+        if problem:
+            raise ValueError(problem)
         self.condition = tuple(self.condition)
         if not self.condition:
             raise ValueError("--condition: name at least one annotator column, e.g. --condition canny")
@@ -266,6 +271,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def output_dir_problem(output_dir: str) -> str | None:
+    """Why ``output_dir`` cannot be a folder (None when it can): it, or a folder above it, is an existing file."""
+    path = os.path.abspath(os.path.expanduser(output_dir))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.isdir(path):
+        return None
+    what = "is a file" if path == os.path.abspath(os.path.expanduser(output_dir)) else f"is inside {path}, a file"
+    return (f"--output_dir {output_dir} {what}; give a folder (new, or a run to continue with "
+            "--resume_from_checkpoint)")
 
 
 def fp8_problem() -> str | None:
@@ -440,17 +457,6 @@ def looks_local(path: str) -> bool:
     """A filesystem path rather than a hub id (``name`` or ``owner/name``): absolute, relative with ``.``/``~``,
     or with more than one ``/``; such a path that does not exist is never looked up on the hub."""
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring (the string literal under it), read from the class's source."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
 
 
 def differences_from_diffusers(config: TrainConfig) -> list[str]:

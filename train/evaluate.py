@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from manifests.flags import finite_float
 from train import metrics
 
 # Colour-coded maps (a colour is a class or a keypoint): resized with nearest neighbour, so the
@@ -92,10 +93,12 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     p.add_argument("--output_dir", default=None, help="where metrics.json and grid.png go (default: <controlnet>/eval)")
     p.add_argument("--task", default=None, choices=sorted(metrics.TASK_METRICS), help="add a task's metrics")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, for both pipelines")
-    p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--num_inference_steps", type=int, default=20,
+                   help="denoising steps per sample, for both pipelines (default: 20; more: slower, finer)")
     p.add_argument("--resolution", type=int, default=None,
                    help="square side to generate at (short side scaled, centre crop); default: each map's own size")
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_scale", type=finite_float, default=7.5,
+                   help="classifier-free guidance scale, for both pipelines (default: 7.5; 1 turns it off)")
     p.add_argument("--weights_dir", default=None, help="annotator weights (default: CONTROLFORGE_WEIGHTS)")
     p.add_argument("--device", default="cpu", help="torch device for generation (cpu keeps results reproducible)")
     p.add_argument("--keep_duplicates", action="store_true",

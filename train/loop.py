@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from manifests.io import strict_json
 from train import checkpoints
 from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
 from train.data import ManifestDataset, RankSampler, collate, load_rows
@@ -282,6 +283,7 @@ def run_steps(run: Run) -> dict[str, Any]:
     return {"global_step": run.global_step, "final_loss": meter.last_loss, "lr": run.lr_scheduler.get_last_lr()[0],
             "skipped_steps": meter.skipped_total,
             "samples_per_s": round(meter.samples / elapsed, 3) if elapsed else None,
+            "train_seconds": round(time.perf_counter() - meter.start, 1),  # wall time, validations included
             "ranks": rank_report(accelerator, run.controlnet, meter.seen_rows)}
 
 
@@ -381,6 +383,10 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     """Copy the EMA weights in, validate exactly what ships, export with a model card."""
     config, accelerator = run.config, run.accelerator
     figures["mixed_precision"] = accelerator.mixed_precision
+    # What was trained, not the --num_train_epochs flag (which --max_train_steps overrides)
+    figures["train_rows"] = len(run.dataset)
+    figures["epochs"] = round(run.global_step * config.train_batch_size * accelerator.num_processes
+                              * config.gradient_accumulation_steps / max(1, len(run.dataset)), 2)
     if config.fp8_base:
         from train.float8_base import base_float8_report
 
@@ -399,14 +405,30 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
             "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
             **run.base.family.card_extra(run.base),
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
-            "provenance": summary.get("annotators", []), "args": config.to_dict(), "figures": figures,
+            "provenance": summary.get("annotators", []), "figures": figures,
+            "args": {**config.to_dict(), "num_train_epochs": figures["epochs"]},
         }
-        result["exported"] = export(final, config.output_dir, card)
+        card["example_prompt"] = example_row(run)["caption"] or ""
+        result["exported"] = export(final, config.output_dir, card, example_condition(run))
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
+        result["args"] = config.to_dict()  # what the report (and evaluate.py) read the run's settings from
         result.update(run.base.family.card_extra(run.base))  # a union's condition -> slot/mode mapping
-        (Path(config.output_dir) / "train_summary.json").write_text(json.dumps(result, indent=2, default=str))
+        (Path(config.output_dir) / "train_summary.json").write_text(strict_json(result, indent=2, default=str))
     accelerator.end_training()
     return result
+
+
+def example_row(run: Run) -> dict[str, Any]:
+    """The row the model card's snippet generates from: the first held out, else the first trained on."""
+    return run.held_out[0] if run.held_out else run.dataset.rows[0]
+
+
+def example_condition(run: Run) -> Any:
+    """The example row's first condition map (PIL), as stored in the manifest."""
+    from manifests.schema import cond_column
+    from train.data import decode_rgb
+
+    return decode_rgb(example_row(run)[cond_column(run.config.condition[0])])
 
 
 def manifest_fingerprint(summary: dict[str, Any]) -> str:

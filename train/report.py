@@ -20,6 +20,52 @@ import json
 from typing import Any, Sequence
 
 
+# What each metric measures (train/metrics.py); a stacked run's names carry the condition ("canny/edge_f1").
+DEFINITIONS = {
+    "circle_iou": "overlap (intersection over union, 0-1) of the circle drawn in the sample with the filled circle "
+                  "of the condition's outline: does the circle land where the condition says",
+    "colour_accuracy": "share of samples whose circle and background both have the colours the caption names",
+    "edge_f1": "F1 (0-1) of the sample's Canny edges against the condition's edges, within 2 px",
+    "ssim": "structural similarity (0-1) of the sample's HED map with the condition",
+    "depth_rmse": "RMSE of the sample's depth map against the condition's, after a least-squares scale and shift "
+                  "(lower is better)",
+    "miou": "mean IoU of the sample's segmentation against the condition's classes",
+    "pck": "share of the condition's pose keypoints found in the sample within a tolerance",
+    "mask_iou": "IoU of the sample's person mask with the condition's",
+}
+
+
+def definition_lines(names: list[str]) -> list[str]:
+    """One bullet per metric in the table that has a known definition."""
+    return [f"- `{name}`: {DEFINITIONS[name.rsplit('/', 1)[-1]]}" for name in names
+            if name.rsplit("/", 1)[-1] in DEFINITIONS]
+
+
+def saturated_lines(controlnet: dict[str, float], base: dict[str, float], lower: set[str]) -> list[str]:
+    """A sentence per metric that both score perfectly on: it shows what the base already knows, not control."""
+    best = [name for name, ours in controlnet.items() if name in base and name not in lower
+            and round(ours, 3) == round(base[name], 3) == 1.0]
+    return [f"`{name}` is {controlnet[name]:.3f} for both: the base alone already gets this right (for the circles, "
+            "it already knows the colours the caption asks for), so it measures nothing the ControlNet adds."
+            for name in best]
+
+
+def why_table_and_curve_differ(metrics: dict[str, Any], args: dict[str, Any]) -> str:
+    """Why the table (train/evaluate.py at the end) and the curve's last point (the trainer's validation)
+    differ, from what each one used."""
+    seed = args.get("seed")
+    seed = 0 if seed is None else seed
+    eval_seed = metrics.get("settings", {}).get("seed", 0)
+    rows = args.get("num_validation_rows")
+    which = ("the given --validation_image files" if args.get("validation_image") else
+             f"the first {rows} ok rows by id (held out from training)")
+    return (f"The table comes from `train/evaluate.py` after training: {metrics['num_samples']} rows (the first ok "
+            f"rows by id), row i sampled from seed {eval_seed} + i. The curve comes from the trainer's validations: "
+            f"{which}, every row sampled from the same seed {seed} (`--seed`). Even on the same rows and weights, "
+            "other starting noise draws other samples, so the two means differ by a few hundredths; neither is "
+            "the better estimate, and more rows narrow both.")
+
+
 def read_curve(run: Path) -> list[dict[str, Any]]:
     """The trainer's validation scores, step by step (the final one last)."""
     path = run / "validation" / "metrics.jsonl"
@@ -73,25 +119,33 @@ def write_report(run: Path, evaluation: Path) -> Path:
         rows.append(f"| {name} | {ours:.3f} | {'-' if theirs is None else f'{theirs:.3f}'} | {better} |")
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").is_file() else {}
     figures = summary.get("figures", {})
+    loss = figures.get("final_loss")
+    loss_text = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
     grid = Path(metrics.get("grid", "grid.png"))
     if not grid.is_absolute() and not grid.exists():  # recorded relative to the evaluation folder
         grid = evaluation / grid
+    saturated = saturated_lines(metrics["controlnet"], metrics["base"], lower)
     lines = [
         f"# ControlNet report: {run}",
         "",
         f"{metrics['num_samples']} held-out rows, condition `{metrics['condition']}`"
         + (f", task `{metrics['task']}`" if metrics.get("task") else "")
-        + f"; trained {figures.get('global_step', '?')} steps (final loss {figures.get('final_loss', '?')}).",
+        + f"; trained {figures.get('global_step', '?')} steps (final loss {loss_text}).",
         "",
         *rows,
         "",
+        *definition_lines(list(metrics["controlnet"])),
+        "",
+        *saturated,
+        *([""] if saturated else []),
         *[f"`{condition}`: unscored, {reason}" for condition, reason in metrics.get("unscored", {}).items()],
         *([""] if metrics.get("unscored") else []),
         f"![condition | with ControlNet | base alone]({relative(grid, run)})",
         "",
     ]
     if chart is not None:
-        lines += [f"![metrics during training]({relative(chart, run)})", ""]
+        lines += [f"![metrics during training]({relative(chart, run)})", "",
+                  why_table_and_curve_differ(metrics, summary.get("args", {})), ""]
     lines += [
         "## Where everything is",
         "",

@@ -600,7 +600,7 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.config import field_docs
+    from manifests.flags import field_docs, finite_float
 
     docs = field_docs(TinyBaseConfig)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -615,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=field.default,
                            help=doc + " (comma-separated)")
         else:
-            p.add_argument(flag, type=type(field.default), default=field.default, help=doc)
+            kind = finite_float if isinstance(field.default, float) else type(field.default)
+            p.add_argument(flag, type=kind, default=field.default, help=doc)
     return p
 
 

@@ -17,56 +17,33 @@ if __package__ in (None, ""):  # run by path (accelerate launch train/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
-import typing
 from typing import Sequence
 
-from train.config import SetupError, TrainConfig, differences_from_diffusers, field_docs, validation_image_files
+from manifests.flags import DefaultsHelpFormatter, add_dataclass_flags, parsed_fields
+from train.config import SetupError, TrainConfig, differences_from_diffusers, validation_image_files
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per ``TrainConfig`` field, its help text the field's docstring (defined once)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs = field_docs(TrainConfig)
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        flag, kind = f"--{field.name}", hints[field.name]
-        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        default = None if required else (field.default if field.default is not dataclasses.MISSING
-                                         else field.default_factory())
-        extra: dict = {"help": docs[field.name]}
-        if kind is bool:
-            extra["action"] = argparse.BooleanOptionalAction if default else "store_true"
-        elif typing.get_origin(kind) is tuple:
-            if "separator" in field.metadata:  # one value, e.g. --condition canny,depth
-                extra["type"] = _splitter(field.metadata["separator"])
-            else:
-                extra.update(nargs="*", type=str)
-        else:
-            extra["type"] = next(a for a in typing.get_args(kind) or (kind,) if a is not type(None))
-        p.add_argument(flag, required=required, default=default, **extra)
+                                formatter_class=DefaultsHelpFormatter)
+    add_dataclass_flags(p, TrainConfig)
     p.add_argument("--no_random_flip", action="store_true", help="no flips: the default; kept for old command lines")
     return p
-
-
-def _splitter(separator: str):
-    def split(value: str) -> tuple[str, ...]:
-        return tuple(v.strip() for v in value.split(separator) if v.strip())
-    return split
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Flags -> a checked ``TrainConfig``; a bad flag exits with a message saying what to do."""
     p = build_parser()
-    args = vars(p.parse_args(argv))
-    if args.pop("no_random_flip"):
-        args["random_flip"] = False
+    args = p.parse_args(argv)
+    values = parsed_fields(args, TrainConfig)
+    if args.no_random_flip:
+        values["random_flip"] = False
     try:
-        config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+        config = TrainConfig(**values)
     except ValueError as exc:
         p.error(str(exc))
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
@@ -111,8 +88,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     if "exported" in result:
-        print(json.dumps(result, indent=2, default=str))
+        print("\n".join(short_summary(result, config.output_dir)))
     return 0
+
+
+def final_validation_scores(output_dir: Path) -> dict[str, float]:
+    """The scores of the validation on the exported weights (``step: "final"`` in validation/metrics.jsonl)."""
+    path = output_dir / "validation" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return {k: v for r in records if r.get("step") == "final" for k, v in r.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def short_summary(result: dict, output_dir: str) -> list[str]:
+    """A few lines for the terminal; the full figures (every rank's rows, ...) stay in train_summary.json."""
+    figures = result.get("figures", {})
+    loss = figures.get("final_loss")
+    seconds = figures.get("train_seconds")
+    lines = [f"trained {figures.get('global_step', '?')} steps"
+             + (f" ({figures['epochs']:g} epochs over {figures['train_rows']} rows)" if "epochs" in figures else "")
+             + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")
+             + (f", final loss {loss:.4f}" if isinstance(loss, (int, float)) else "")]
+    scores = final_validation_scores(Path(output_dir))
+    if scores:
+        lines.append("final validation: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    exported = result["exported"]
+    lines.append(f"ControlNet: {exported['diffusers']} (single file {exported['single_file']}, card {exported['card']})")
+    lines.append(f"all figures: {Path(output_dir) / 'train_summary.json'}")
+    return lines
 
 
 if __name__ == "__main__":
