@@ -267,6 +267,20 @@ MUTATIONS = [
              "                foreign.append(PurePosixPath(paths[index]).name)\n                continue\n",
              "                continue\n",
              ("tests/test_annotate_refusals.py::test_files_of_others_in_the_output_are_refused_untouched",)),
+    Mutation("manifest readers: the card's data files take every Parquet file (side tables read as data)",
+             "manifests/card.py", 'SHARD_PATTERN = f"{SHARD_PREFIX}*{SHARD_SUFFIX}"', 'SHARD_PATTERN = "**/*.parquet"',
+             ("tests/test_manifest_loads_as_dataset.py",)),
+    Mutation("manifest readers: the card's default config keeps error rows (no image to decode)", "manifests/card.py",
+             '{"default": [["status", "==", STATUS_OK]], "all": None}', '{"default": None, "all": None}',
+             ("tests/test_manifest_loads_as_dataset.py",)),
+    Mutation("manifest readers: our own card refused as a file of others", "manifests/sink.py",
+             "elif info.base_name == CARD_FILE and _is_our_card_file(fs, info.path):", "elif False:",
+             ("tests/test_manifest_loads_as_dataset.py",)),
+    Mutation("manifest readers: sizes read as float when error rows have none", "manifests/schema.py",
+             'PANDAS_INT_DTYPES = {pa.int32(): "Int32", pa.int64(): "Int64"}', 'PANDAS_INT_DTYPES = {pa.int64(): "Int64"}',
+             ("tests/test_manifest_readers_types.py",)),
+    Mutation("preview: a failed row drawn without its reason", "manifests/preview.py",
+             'if c == 0 and row["status"] != STATUS_OK:', "if False:", ("tests/test_manifest_preview.py",)),
 ]
 
 
