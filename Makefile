@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(PY) pipeline/annotate.py --input $(DEMO)/photos --output $(DEMO)/manifest --annotators canny --shard-size 8
 	$(PY) -m manifests inspect $(DEMO)/manifest
 	$(PY) -m manifests validate $(DEMO)/manifest
-	$(PY) -m manifests preview $(DEMO)/manifest --out $(DEMO)/preview.png --rows 18 --tile 192
+	$(PY) -m manifests preview $(DEMO)/manifest --out $(DEMO)/preview.png --rows 20 --tile 192 --status all --duplicates keep
 	$(PY) -m pipeline.samples circles $(DEMO)/circles --count 800 --size 64
 	$(PY) pipeline/annotate.py --input $(DEMO)/circles --output $(DEMO)/circles_manifest --annotators canny \
 		--resolution 64 --shard-size 200

@@ -25,7 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--rows", type=int, default=8,
                    help="how many manifest rows to show (the first N with --status), one per line (default: 8)")
     g.add_argument("--tile", type=int, default=256, help="tile size in pixels")
-    g.add_argument("--status", default="ok", help="ok, error, filtered, or all")
+    g.add_argument("--status", default="ok", choices=["ok", "error", "filtered", "all"],
+                   help="rows with this status (default: ok); all: every row, failed ones as a tile with their reason")
+    g.add_argument("--duplicates", default="skip", choices=["skip", "keep"],
+                   help="skip (default) leaves out near duplicates, as training does; keep shows them, labelled")
     args = p.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -38,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if problems else 0
         else:
             status = None if args.status == "all" else args.status
-            print(f"preview: {preview(args.path, args.out, args.rows, args.tile, status)}")
+            sheet = preview(args.path, args.out, args.rows, args.tile, status, args.duplicates)
+            print(f"preview: {sheet.path} ({len(sheet.rows)} rows)")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from manifests.schema import (
     IMAGE_STRUCT,
     KNOWN_SCHEMA_VERSIONS,
     MANIFEST_JSON,
+    PANDAS_INT_DTYPES,
     PROVENANCE_KEY,
     STATUSES,
     is_shard_name,
@@ -143,18 +144,23 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def write_json(fs: pafs.FileSystem, folder: str, name: str, payload: Any) -> str:
-    """Write ``folder/name`` as JSON atomically (a temp file moved into place)."""
+def write_bytes(fs: pafs.FileSystem, folder: str, name: str, data: bytes) -> str:
+    """Write ``folder/name`` atomically (a temp file moved into place)."""
     final = join(folder, name)
     tmp = join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
     try:
         with fs.open_output_stream(tmp) as stream:
-            stream.write(strict_json(payload, indent=2, sort_keys=True).encode())
+            stream.write(data)
         fs.move(tmp, final)
     except BaseException:
         delete_quietly(fs, tmp)
         raise
     return final
+
+
+def write_json(fs: pafs.FileSystem, folder: str, name: str, payload: Any) -> str:
+    """Write ``folder/name`` as JSON atomically (a temp file moved into place)."""
+    return write_bytes(fs, folder, name, strict_json(payload, indent=2, sort_keys=True).encode())
 
 
 def write_manifest_json(out_dir: str, summary: dict[str, Any]) -> str:
@@ -222,6 +228,16 @@ def _read_shard(shard: str, columns: list[str] | None, fs: pafs.FileSystem) -> p
     return pq.read_table(shard, columns=columns, filesystem=fs)
 
 
+def _nullable_ints(arrow_type: pa.DataType) -> "pd.api.extensions.ExtensionDtype | None":
+    """pandas' nullable integer for the integer columns (``width`` of an error row is null: numpy's int would
+    become float64, and 64-bit ``phash`` values would round); None leaves other types to pyarrow. Shards carry
+    the same in their pandas metadata (``schema.PANDAS_INT_DTYPES``); this covers shards written before."""
+    import pandas as pd
+
+    name = PANDAS_INT_DTYPES.get(arrow_type)
+    return pd.api.types.pandas_dtype(name) if name else None
+
+
 def read(
     path: str,
     columns: Iterable[str] | None = None,
@@ -233,7 +249,8 @@ def read(
     ``status`` keeps only rows with that status (``None`` keeps all); ``columns`` limits what is
     read, which matters because image columns dominate the size. ``duplicates``: ``"skip"`` (the
     default; or False) leaves out the rows ``_duplicates/duplicates.parquet`` lists as exact or near duplicates
-    of an earlier row, ``"keep"`` (or True) keeps them; a manifest without that table has none.
+    of an earlier row, ``"keep"`` (or True) keeps them; a manifest without that table has none. Integer
+    columns read as pandas' nullable ``Int32``/``Int64`` (``<NA>`` where an error row has no size).
     """
     import pandas as pd
 
@@ -259,9 +276,7 @@ def read(
         table = table.filter(pc.equal(table["status"], status))
     if skip_ids is not None and len(skip_ids):
         table = table.filter(keep_mask(table["id"], skip_ids))
-    frame = table.to_pandas()
-    if "phash" in table.column_names:  # 64-bit hashes: pandas' float64 for a column with nulls would round them
-        frame["phash"] = table["phash"].to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    frame = table.to_pandas(types_mapper=_nullable_ints)
     if columns is not None:
         frame = frame[list(dict.fromkeys(columns))]
     return frame

@@ -89,6 +89,22 @@ def _hf_features(schema: pa.Schema) -> dict:
     return features
 
 
+#: pandas dtype of each integer Arrow type: pandas' nullable integers, so a column with nulls (error rows have
+#: no ``width``) stays integer instead of becoming float64.
+PANDAS_INT_DTYPES = {pa.int32(): "Int32", pa.int64(): "Int64"}
+
+
+def _pandas_metadata(schema: pa.Schema) -> dict:
+    """pandas' schema metadata (the ``pandas`` key pyarrow writes for a DataFrame), naming only the integer
+    columns, as nullable integers: pyarrow's ``to_pandas`` builds a column as the extension dtype its
+    ``numpy_type`` names (``pandas_compat._get_extension_dtypes``), so ``pd.read_parquet(<manifest>)`` keeps
+    ``width``/``height`` int with ``<NA>`` on error rows and ``phash`` exact. Other columns convert as usual."""
+    columns = [{"name": f.name, "field_name": f.name, "pandas_type": str(f.type),
+                "numpy_type": PANDAS_INT_DTYPES[f.type], "metadata": None}
+               for f in schema if f.type in PANDAS_INT_DTYPES]
+    return {"index_columns": [], "column_indexes": [], "columns": columns, "creator": {"library": "controlforge"}}
+
+
 def manifest_schema(annotator_names: Iterable[str], provenance: dict | None = None) -> pa.Schema:
     """The Arrow schema of a shard with one ``cond_<name>`` column per annotator.
 
@@ -97,7 +113,8 @@ def manifest_schema(annotator_names: Iterable[str], provenance: dict | None = No
     """
     cond = [pa.field(cond_column(n), IMAGE_STRUCT) for n in annotator_names]
     schema = pa.schema([*BASE_FIELDS, *cond, *TAIL_FIELDS, *V1_1_FIELDS])
-    metadata = {b"huggingface": json.dumps({"info": {"features": _hf_features(schema)}})}
+    metadata = {b"huggingface": json.dumps({"info": {"features": _hf_features(schema)}}),
+                b"pandas": json.dumps(_pandas_metadata(schema))}
     if provenance is not None:
         metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
     return schema.with_metadata(metadata)

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from manifests.card import CARD_FILE, is_our_card, write_card
 from manifests.duplicates import DUPLICATES_DIR, DUPLICATES_FILE
 from manifests.io import delete_quietly, join, resolve, shard_provenance, write_json, write_manifest_json, write_shard
 from manifests.rows import error_kind
@@ -130,6 +131,8 @@ class ManifestSink:
             if index is not None:
                 paths[index] = info.path
                 widths.add(len(info.base_name) - len("part-.parquet"))
+            elif info.base_name == CARD_FILE and _is_our_card_file(fs, info.path):
+                continue  # our dataset card; a user's .huggingface.yaml is foreign like any other file
             elif info.base_name not in ours and not info.base_name.startswith(".tmp-"):
                 foreign.append(info.base_name)
         stats = self._read_stats(fs, base, paths)
@@ -152,6 +155,7 @@ class ManifestSink:
         goes too (it no longer covers every row; the run makes it again)."""
         fs, base = resolve(self.output)
         delete_quietly(fs, join(base, MANIFEST_JSON))  # present only while the manifest is complete
+        delete_quietly(fs, join(base, CARD_FILE))  # ours (existing() refused a user's): it describes a complete one
         if writes or overwrite:
             delete_quietly(fs, join(base, DUPLICATES_FILE))
         stale = [i.path for folder in (base, join(base, STATS_DIR), join(base, DUPLICATES_DIR)) for i in _list(fs, folder)
@@ -208,7 +212,9 @@ class ManifestSink:
         return summary
 
     def on_write_complete(self, summary: dict[str, Any]) -> None:
-        """Declare the manifest complete: write ``_manifest.json`` (last, atomically)."""
+        """Declare the manifest complete: its dataset card (the columns of this run's shards: a rerun with
+        other annotators rewrites it), then ``_manifest.json`` (last, atomically)."""
+        write_card(self.output, manifest_schema(self.annotator_names))
         write_manifest_json(self.output, summary)
 
     def on_write_failed(self, error: BaseException) -> None:
@@ -276,6 +282,10 @@ def _read_footer(fs: pafs.FileSystem, path: str) -> tuple[dict[str, Any] | None,
             return provenance, pq.ParquetFile(f).metadata.num_rows
     except (OSError, pa.ArrowException, ValueError) as exc:
         return " ".join(str(exc).split()) or type(exc).__name__
+def _is_our_card_file(fs: pafs.FileSystem, path: str) -> bool:
+    """True when the file at ``path`` is a dataset card this project wrote (one small read)."""
+    with fs.open_input_stream(path) as stream:
+        return is_our_card(stream.read())
 
 
 def _list(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:

@@ -7,6 +7,7 @@ import dataclasses
 import io
 from typing import Iterator
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
@@ -14,9 +15,10 @@ from tqdm import tqdm
 import pyarrow as pa
 
 from manifests import duplicates as dup
-from manifests.io import list_shards, read_manifest_json, resolve
-from manifests.schema import (BASE_FIELDS, CAPTION_SOURCES, STATUS_OK, STATUSES, TAIL_FIELDS, V1_1_FIELDS,
-                              image_columns)
+from manifests.card import CARD_FILE, card_text, is_our_card, read_card
+from manifests.io import join, list_shards, read_manifest_json, resolve
+from manifests.schema import (BASE_FIELDS, CAPTION_SOURCES, COND_PREFIX, STATUS_OK, STATUSES, TAIL_FIELDS,
+                              V1_1_FIELDS, image_columns, manifest_schema)
 
 MAX_IDS_SHOWN = 20
 
@@ -78,6 +80,7 @@ def validate(path: str, decode: bool = True, progress: bool = True) -> list[Prob
         problems.append(Problem("unique_id", "ids appear more than once", duplicates))
     problems.extend(_count_problems(summary, counts, len(shards)))
     problems.extend(_duplicates_problems(path, ok_ids))
+    problems.extend(_card_problems(path, summary))
     return _merge(problems)
 
 
@@ -147,6 +150,27 @@ def _duplicates_problems(path: str, ok_ids: set[str]) -> Iterator[Problem]:
             yield Problem("duplicates", "ids listed more than once in the duplicates table", [rid])
         if (distance is not None and not 0 <= distance <= 64) or (row["exact"] and distance not in (0, None)):
             yield Problem("duplicates", "distance must be 0..64 bits, and 0 for exact copies", [rid])
+
+
+def _card_problems(path: str, summary: dict) -> Iterator[Problem]:
+    """The dataset card is the one the job writes for this manifest's columns (so ``datasets.load_dataset(path)``
+    reads the shards alone, images as PIL); a manifest without one is fine until a side table would be read
+    as data."""
+    text = read_card(path)
+    rerun = "rerun the annotate command with the same flags to write it"
+    if text is None:
+        fs, base = resolve(path)
+        if fs.get_file_info(join(base, dup.DUPLICATES_FILE)).type != pafs.FileType.NotFound:
+            yield Problem("dataset_card", f"no {CARD_FILE}: datasets.load_dataset({path!r}) reads "
+                          f"{dup.DUPLICATES_FILE} as data and fails; {rerun}")
+        return
+    if not is_our_card(text):
+        yield Problem("dataset_card", f"{CARD_FILE} was not written by this project; remove it and {rerun}")
+        return
+    names = [c[len(COND_PREFIX):] for c in summary.get("columns", []) if c.startswith(COND_PREFIX)]
+    if text != card_text(manifest_schema(names)):
+        yield Problem("dataset_card", f"{CARD_FILE} does not declare this manifest's shards and columns "
+                      f"({', '.join(summary.get('columns', []))}); {rerun}")
 
 
 def _row_problems(rows: list[dict], image_cols: list[str], decode: bool) -> Iterator[Problem]:

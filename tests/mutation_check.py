@@ -128,8 +128,8 @@ MUTATIONS = [
              "sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)", "sampler.set_epoch(epoch, 0)",
              ("tests/test_train.py::test_resume_matches_an_uninterrupted_run",)),
     Mutation("--proportion_empty_prompts ignored", "train/data.py",
-             'caption = "" if rng.random() < self.p_empty else (row["caption"] or "")',
-             'caption = "" if rng.random() < 0.0 else (row["caption"] or "")', ("tests/test_train_data.py",)),
+             'caption = "" if rng.random() < self.p_empty else cap_caption(',
+             'caption = "" if rng.random() < 0.0 else cap_caption(', ("tests/test_train_data.py",)),
     Mutation("depth maps far = bright", "annotators/depth.py",
              "return (scaled * 255.0).clip(0, 255).astype(np.uint8)",
              "return ((1.0 - scaled) * 255.0).clip(0, 255).astype(np.uint8)", ("tests/test_model_annotators.py",)),
@@ -184,21 +184,15 @@ MUTATIONS = [
     # moved above the lock: a run the lock refuses has already changed the live run's output.
     Mutation("hostile: lock taken after planning (a refused run already changed the output)", "pipeline/annotate.py",
              "    with output_lock.acquire(config.output) as lock:  # one run per output, before any change\n"
+             "        planning = time.perf_counter()\n"
              "        existing = job.sink.existing(also_ours=DRIVER_FILES)\n"
-             "        check_output(config, existing, settings_fp)\n"
-             "        remove_plans(config.output)  # plan folders of killed runs (this run holds the lock)\n"
-             "        try:\n"
-             "            is_done = (lambda index, fp: False) if config.overwrite else existing.done\n"
-             "            plan = plan_shards(items, config.shard_size, settings_fp, is_done, run_plan_dir(config.output))\n",
+             "        check_output(config, existing, settings_fp)\n",
              "    existing = job.sink.existing(also_ours=DRIVER_FILES)\n"
-             "    check_output(config, existing, settings_fp)\n"
              "    remove_plans(config.output)\n"
-             "    is_done = (lambda index, fp: False) if config.overwrite else existing.done\n"
-             "    plan = plan_shards(items, config.shard_size, settings_fp, is_done, run_plan_dir(config.output))\n"
-             "    check_no_rows_dropped(config, existing, plan)\n"
              "    job.sink.on_write_start(existing, config.overwrite)\n"
+             "    check_output(config, existing, settings_fp)\n"
              "    with output_lock.acquire(config.output) as lock:  # one run per output, before any change\n"
-             "        try:\n",
+             "        planning = time.perf_counter()\n",
              HOSTILE_LOCK_TESTS),
     Mutation("hostile: a stale lock removed without checking it is still the stale one", "pipeline/output_lock.py",
              'if (read_lock(output) or {}).get("token") != held.get("token"):', "if False:",
@@ -207,7 +201,7 @@ MUTATIONS = [
              "        lock.check()  # a run that lost its lock never declares the manifest complete\n", "",
              (f"{HOSTILE}::test_a_run_whose_lock_was_taken_over_does_not_mark_the_manifest_complete",)),
     Mutation("hostile: a FIFO named like an image is opened", "pipeline/reader.py",
-             "kind = None if S_ISREG(stat.st_mode) else", "kind = None if True else",
+             "        if S_ISREG(stat.st_mode):\n            return stat.st_size", "        if True:\n            return stat.st_size",
              (f"{HOSTILE}::test_a_fifo_named_like_an_image_or_a_sidecar_is_an_error_row_not_a_hang",), timeout=180),
     Mutation("hostile: stale temp files of a killed run left behind", "manifests/sink.py",  # on_write_start
              "        for path in stale:\n            delete_quietly(fs, path)\n", "",
@@ -282,6 +276,20 @@ MUTATIONS = [
              "manifests/sink.py",  # ManifestSink.existing
              "                unreadable[index] = footer\n", "                raise OSError(footer)\n",
              (f"{S3}::test_an_unreadable_shard_is_refused_and_overwrite_starts_over",)),
+    Mutation("manifest readers: the card's data files take every Parquet file (side tables read as data)",
+             "manifests/card.py", 'SHARD_PATTERN = f"{SHARD_PREFIX}*{SHARD_SUFFIX}"', 'SHARD_PATTERN = "**/*.parquet"',
+             ("tests/test_manifest_loads_as_dataset.py",)),
+    Mutation("manifest readers: the card's default config keeps error rows (no image to decode)", "manifests/card.py",
+             '{"default": [["status", "==", STATUS_OK]], "all": None}', '{"default": None, "all": None}',
+             ("tests/test_manifest_loads_as_dataset.py",)),
+    Mutation("manifest readers: our own card refused as a file of others", "manifests/sink.py",
+             "elif info.base_name == CARD_FILE and _is_our_card_file(fs, info.path):", "elif False:",
+             ("tests/test_manifest_loads_as_dataset.py",)),
+    Mutation("manifest readers: sizes read as float when error rows have none", "manifests/schema.py",
+             'PANDAS_INT_DTYPES = {pa.int32(): "Int32", pa.int64(): "Int64"}', 'PANDAS_INT_DTYPES = {pa.int64(): "Int64"}',
+             ("tests/test_manifest_readers_types.py",)),
+    Mutation("preview: a failed row drawn without its reason", "manifests/preview.py",
+             'if c == 0 and row["status"] != STATUS_OK:', "if False:", ("tests/test_manifest_preview.py",)),
 ]
 
 

@@ -101,8 +101,8 @@ def test_each_shard_has_a_stats_file_and_the_plan_files_are_gone(tmp_path, local
     footer = manifests.io.shard_provenance(str(out / "part-000000.parquet"))
     assert footer["fingerprint"] == first["fingerprint"]
     assert not (out / "_plan").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["_duplicates", "_manifest.json", "_stats", "part-000000.parquet",
-                                                     "part-000001.parquet", "part-000002.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".huggingface.yaml", "_duplicates", "_manifest.json", "_stats",
+                                                     "part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
 
 
 def test_resume_and_summary_read_stats_files_not_shards(tmp_path, local_ray, monkeypatch):

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -32,8 +33,8 @@ def pandas_rows(manifest, conditions, holdout):
     rows = frame.to_dict("records")
     for row in rows:  # pandas 3 reads a null caption as NaN, which `caption or ""` made the prompt "nan"
         row["caption"] = None if row["caption"] != row["caption"] else row["caption"]
-        for key in ("orig_width", "orig_height"):  # nullable ints come back as floats (NaN for null)
-            row[key] = None if row[key] != row[key] else int(row[key])
+        for key in ("orig_width", "orig_height"):  # nullable Int32: None for null (NaN from older readers)
+            row[key] = None if pd.isna(row[key]) else int(row[key])
     holdout = min(holdout, len(rows) - 1)
     return rows[holdout:], rows[:holdout]
 
