@@ -238,7 +238,9 @@ def test_inspect_and_preview_an_s3_manifest(s3_manifest, tmp_path):
     from manifests.preview import preview
 
     assert str(len(IMAGES) + 1) in inspect(s3_manifest)
-    Image.open(preview(s3_manifest, str(tmp_path / "grid.png"), 4, 64, "ok")).verify()
+    sheet = preview(s3_manifest, str(tmp_path / "grid.png"), 4, 64, "ok")
+    Image.open(sheet.path).verify()
+    assert len(sheet.rows) == 4 and all(row.status == "ok" for row in sheet.rows)
 
 
 def test_read_with_manifests_and_with_pandas(s3_manifest):
