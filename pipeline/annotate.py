@@ -77,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
                    help="missing: caption rows without a given caption; always: every row; prefix: every row, "
                         "after --caption-prefix")
     p.add_argument("--caption-prefix", default="", help="text put before every generated caption (a trigger phrase)")
+    p.add_argument("--max-caption-chars", type=int, default=AnnotateConfig.max_caption_chars,
+                   help="cut longer captions to this many characters (recorded in caption_original_length)")
     p.add_argument("--resolution", type=int, default=512, help="shortest side in pixels, multiple of 8")
     p.add_argument("--center-crop", action="store_true", help="crop to resolution x resolution")
     p.add_argument("--min-side", type=int, default=0, help="mark smaller images as filtered (0: upscale all)")
@@ -117,6 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AnnotateConfig:
             input=args.input, input_list=args.input_list, output=args.output, annotators=names,
             annotator_params=params, resolution=args.resolution, captioner=args.captioner,
             captioner_params=captioner_params, caption_policy=args.caption_policy, caption_prefix=args.caption_prefix,
+            max_caption_chars=args.max_caption_chars,
             center_crop=args.center_crop, min_side=args.min_side, max_pixels=args.max_pixels, max_aspect=args.max_aspect,
             min_aspect=args.min_aspect,
             image_format=args.image_format, jpeg_quality=args.jpeg_quality, shard_size=args.shard_size,
@@ -188,6 +191,7 @@ def make_job(config: AnnotateConfig) -> ShardJob:
         batch_size=config.batch_size, sink=sink, weights_dir=config.weights_dir,
         captioner=(config.captioner, dict(config.captioner_params)) if config.captioner else None,
         caption_policy=config.caption_policy, caption_prefix=config.caption_prefix,
+        max_caption_chars=config.max_caption_chars,
     )
 
 
@@ -345,6 +349,9 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
     run_info = summary["run"]
     print(f"manifest: {output}  ({counts['rows']} rows: {counts['ok']} ok, "
           f"{counts['error']} error, {counts['filtered']} filtered)")
+    if summary.get("captions_truncated"):
+        print(f"  {summary['captions_truncated']} captions were longer than --max-caption-chars and were cut "
+              "(their rows' caption_original_length says how long)")
     if summary["error_reasons"]:
         print("  not ok by reason: " + ", ".join(f"{k}={v}" for k, v in summary["error_reasons"].items()))
     if run_info.get("captions_not_utf8"):
