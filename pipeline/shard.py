@@ -38,6 +38,9 @@ from pipeline.encode import encode_image, encode_map
 from pipeline.plan import ShardSpec, read_plan
 from pipeline.reader import CaptionError, InputItem, SourceReader, cap_caption
 
+#: Note put on an exception that escapes one file's processing (it fails the shard): names the file.
+INPUT_NOTE = "input file: "
+
 #: Files read at once per shard: enough to hide object-store latency, few enough to bound memory.
 READ_THREADS = 8
 
@@ -150,7 +153,11 @@ class ShardWorker:
         names = [a.name for a in self.annotators]
         rows, images, live, not_utf8 = [], [], [], []
         for item, data in zip(items, prefetch(self._read, items, READ_THREADS)):
-            row, image = self.prepare_row(item, data, names, not_utf8)
+            try:
+                row, image = self.prepare_row(item, data, names, not_utf8)
+            except BaseException as exc:  # escaped the row's own handling: the shard fails, naming the file
+                exc.add_note(f"{INPUT_NOTE}{item.source}")
+                raise
             if image is not None:
                 live.append(len(rows))
                 images.append(image)
