@@ -15,8 +15,8 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = frozenset({1})
 #: Additive changes within v1: 1 adds ``caption_source`` and ``phash`` (readers of v1.0 manifests,
-#: which lack them, treat them as absent).
-SCHEMA_MINOR = 1
+#: which lack them, treat them as absent); 2 adds ``caption_original_length``.
+SCHEMA_MINOR = 2
 
 MANIFEST_JSON = "_manifest.json"
 SHARD_PREFIX = "part-"
@@ -58,6 +58,11 @@ TAIL_FIELDS: tuple[pa.Field, ...] = (
 V1_1_FIELDS: tuple[pa.Field, ...] = (
     pa.field("caption_source", pa.string()),
     pa.field("phash", pa.int64()),
+)
+#: Columns added in v1.2; older shards lack them (readers see nulls: no caption was cut).
+V1_2_FIELDS: tuple[pa.Field, ...] = (
+    # The caption's length in characters before it was cut to ``--max-caption-chars``; null when whole.
+    pa.field("caption_original_length", pa.int64()),
 )
 #: Where a row's caption came from (``caption_source``); a captioner's name otherwise, "" for none.
 CAPTION_SOURCES = ("sidecar", "metadata", "list")
@@ -112,7 +117,7 @@ def manifest_schema(annotator_names: Iterable[str], provenance: dict | None = No
     every shard describes itself even without ``_manifest.json``.
     """
     cond = [pa.field(cond_column(n), IMAGE_STRUCT) for n in annotator_names]
-    schema = pa.schema([*BASE_FIELDS, *cond, *TAIL_FIELDS, *V1_1_FIELDS])
+    schema = pa.schema([*BASE_FIELDS, *cond, *TAIL_FIELDS, *V1_1_FIELDS, *V1_2_FIELDS])
     metadata = {b"huggingface": json.dumps({"info": {"features": _hf_features(schema)}}),
                 b"pandas": json.dumps(_pandas_metadata(schema))}
     if provenance is not None:

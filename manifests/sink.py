@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from manifests.card import CARD_FILE, is_our_card, write_card
 from manifests.duplicates import DUPLICATES_DIR, DUPLICATES_FILE
 from manifests.io import delete_quietly, join, resolve, shard_provenance, write_json, write_manifest_json, write_shard
-from manifests.rows import error_kind
+from manifests.rows import error_kind, storable_rows
 from manifests.schema import (
     MANIFEST_JSON,
     SCHEMA_MINOR,
@@ -64,13 +64,16 @@ class ShardStats:
     captions_not_utf8: list[str] = dataclasses.field(default_factory=list)
     """Caption sidecars decoded with a legacy encoding, with the encoding used."""
     seconds: float = 0.0
+    captions_truncated: int = 0
+    """Rows whose caption was cut to the job's ``max_caption_chars`` (``caption_original_length`` set)."""
 
     @classmethod
     def from_rows(cls, shard: int, fingerprint: str, rows: Sequence[dict[str, Any]],
                   captions_not_utf8: Sequence[str] = (), seconds: float = 0.0) -> "ShardStats":
         reasons = collections.Counter(error_kind(r["error"]) for r in rows if r["error"])
         return cls(shard, fingerprint, len(rows), {s: sum(r["status"] == s for r in rows) for s in STATUSES},
-                   dict(reasons), list(captions_not_utf8), round(seconds, 3))
+                   dict(reasons), list(captions_not_utf8), round(seconds, 3),
+                   sum(r.get("caption_original_length") is not None for r in rows))
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> "ShardStats":
@@ -206,6 +209,7 @@ class ManifestSink:
             "columns": ["image", *[cond_column(n) for n in self.annotator_names]],
             "counts": {"rows": sum(s.rows for s in stats.values()), **{k: counts.get(k, 0) for k in STATUSES}},
             "error_reasons": dict(reasons.most_common()),
+            "captions_truncated": sum(s.captions_truncated for s in stats.values()),
             "shards": [{"name": PurePosixPath(paths[i]).name, "rows": stats[i].rows} for i in order],
             "run": run_info,
         }
@@ -230,7 +234,12 @@ class ManifestSink:
         """Commit one shard (atomically), then its stats file; returns the stats."""
         schema = manifest_schema(self.annotator_names,
                                  {**self.provenance, "shard": shard, "fingerprint": fingerprint})
-        write_shard(rows, schema, self.output, shard_name(shard, self.digits))
+        try:
+            write_shard(rows, schema, self.output, shard_name(shard, self.digits))
+        except (pa.ArrowException, UnicodeError, TypeError, ValueError, OverflowError) as exc:
+            # The last line of defence: a value Arrow cannot store fails its row, not the shard.
+            rows = storable_rows(rows, schema, exc)
+            write_shard(rows, schema, self.output, shard_name(shard, self.digits))
         stats = ShardStats.from_rows(shard, fingerprint, rows, captions_not_utf8, seconds)
         fs, base = resolve(self.output)
         self._write_stats(fs, base, stats)

@@ -153,6 +153,7 @@ def make_job(config: AnnotateConfig) -> ShardJob:
         batch_size=config.batch_size, sink=sink, weights_dir=config.weights_dir,
         captioner=(config.captioner, dict(config.captioner_params)) if config.captioner else None,
         caption_policy=config.caption_policy, caption_prefix=config.caption_prefix,
+        max_caption_chars=config.max_caption_chars,
     )
 
 
@@ -351,6 +352,9 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
     run_info = summary["run"]
     print(f"manifest: {output}  ({counts['rows']} rows: {counts['ok']} ok, "
           f"{counts['error']} error, {counts['filtered']} filtered)")
+    if summary.get("captions_truncated"):
+        print(f"  {summary['captions_truncated']} captions were longer than --max-caption-chars and were cut "
+              "(their rows' caption_original_length says how long)")
     if summary["error_reasons"]:
         print("  not ok by reason: " + ", ".join(f"{k}={v}" for k, v in summary["error_reasons"].items()))
     if run_info.get("captions_not_utf8"):

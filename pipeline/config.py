@@ -68,6 +68,12 @@ class AnnotateConfig(PrepareSettings):
     (replacing given captions); ``prefix``: every row gets ``caption_prefix`` plus its generated caption."""
     caption_prefix: str = ""
     """Text put before every generated caption (a trigger phrase for a task-specific ControlNet)."""
+    max_caption_chars: int = 4096
+    """Captions longer than this many characters are cut to it, and the row records the original
+    length (``caption_original_length``). Text encoders read far less: CLIP 77 tokens, T5 (SD3,
+    Flux) at most 512 tokens, about 2,000 characters of English; 4096 keeps every caption an
+    encoder could use, while a sidecar that is really a log file (50 MB) no longer flows into the
+    manifest and the trainer's tokenizer."""
     near_duplicate_distance: int = DEFAULT_MAX_DISTANCE
     """Images whose perceptual hashes differ in at most this many of 64 bits are near duplicates
     (listed in ``_duplicates/duplicates.parquet``, skipped by readers); 0: identical hashes and exact copies only."""
@@ -131,6 +137,8 @@ class AnnotateConfig(PrepareSettings):
                              f"to 16 bits of 64 (default {DEFAULT_MAX_DISTANCE}; beyond about 8 the search slows)")
         if self.max_shard_retries < 0:
             raise ValueError("--max-shard-retries must be 0 or more")
+        if self.max_caption_chars < 1:
+            raise ValueError(f"--max-caption-chars {self.max_caption_chars}: use at least 1 (default 4096)")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError("--num-cpus must be at least 1")
 
@@ -139,7 +147,11 @@ class AnnotateConfig(PrepareSettings):
         keys = ("resolution", "center_crop", "min_side", "max_pixels", "max_aspect", "min_aspect", "image_format",
                 "jpeg_quality", "shard_size", "annotators", "require_detection", "captioner", "caption_policy",
                 "caption_prefix")
-        return {k: getattr(self, k) for k in keys}
+        settings = {k: getattr(self, k) for k in keys}
+        if self.max_caption_chars != AnnotateConfig.max_caption_chars:
+            # Only when changed: manifests written before the cap existed keep their fingerprint and resume.
+            settings["max_caption_chars"] = self.max_caption_chars
+        return settings
 
 
 def fingerprint(payload: Any) -> str:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 from typing import Any, Callable, Iterator
 
 from manifests.sink import ShardStats
 from pipeline.plan import ShardSpec
-from pipeline.shard import ModelWorker, ShardJob, annotate_shard, finish_shard, prepare_shard
+from pipeline.shard import INPUT_NOTE, ModelWorker, ShardJob, annotate_shard, finish_shard, prepare_shard
 
 log = logging.getLogger("annotate")
 
@@ -144,6 +145,31 @@ class _Flight:
     actor: int | None = None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (Ray colours the task names in its errors)."""
+    return _ANSI.sub("", text)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One plain line saying why a shard failed: the exception its task raised (type and message, and
+    the input file when the shard code noted it), not Ray's wrapper; for a worker or actor that died,
+    Ray's own first line. The full traceback goes to the log."""
+    cause = getattr(exc, "cause", None)  # RayTaskError: the exception raised inside the task
+    root = cause if isinstance(cause, BaseException) else exc
+    lines = [line.strip() for line in plain(str(root)).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if root is exc:  # Ray's own error: drop the task's name and process ("ray::annotate_shard() (pid=..)")
+        message = re.sub(r"^ray::\S+\(\)\s*(\(pid=[^)]*\))?\s*", "", message)
+    files = [note for note in getattr(root, "__notes__", ()) if note.startswith(INPUT_NOTE)]
+    reason = f"{type(root).__name__}: {message}" if message else type(root).__name__
+    if files:
+        reason += f" ({files[-1]})"
+    return " ".join(reason.split())[:500]
+
+
 def run_staged(stages: Stages, actors: int, todo: list[ShardSpec], window: int,
                max_retries: int) -> Iterator[ShardResult]:
     """Move every shard through the stages with at most ``window`` shards in flight and one
@@ -186,8 +212,9 @@ def run_staged(stages: Stages, actors: int, todo: list[ShardSpec], window: int,
             if flight.attempt <= max_retries:
                 queue.appendleft((flight.spec, flight.attempt + 1))  # a restarted actor, or another, tries again
                 continue
-            first_line = next((line for line in str(exc).splitlines() if line.strip()), "")
-            yield ShardResult(flight.spec, None, f"{type(exc).__name__}: {first_line.strip()[:300]}", flight.attempt)
+            log.error("shard %d failed %d times; the last failure:\n%s", flight.spec.index, flight.attempt,
+                      plain(str(exc)))
+            yield ShardResult(flight.spec, None, failure_reason(exc), flight.attempt)
             continue
         if flight.stage == "prepare":
             flight.actor = None

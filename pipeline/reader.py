@@ -19,11 +19,13 @@ entered. Captions of an input list come from its ``caption``/``text`` column.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -71,6 +73,9 @@ class InputItem:
     """Why this file cannot be read at all (its row becomes an error without a read)."""
     caption_from: str | None = None
     """Where ``caption`` came from: ``metadata`` or ``list`` (None when there is none)."""
+    caption_problem: str | None = None
+    """Why the metadata or list caption cannot be used (not text, not valid Unicode), naming the
+    file and line: the row becomes an error at its caption stage, the job goes on."""
 
 
 @dataclasses.dataclass
@@ -95,6 +100,42 @@ class InputListing:
     """Files that are neither images, sidecars nor metadata (not rows of the manifest)."""
     skipped_links: list[str] = dataclasses.field(default_factory=list)
     """Symlinked folders not followed because their real folder is listed already (loops, repeats)."""
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be stored: not text, or text that is not valid Unicode. It fails its row."""
+
+
+def caption_text(value: Any, where: str) -> str | None:
+    """A caption value from any source (sidecar, metadata record, list column) as text, or None when
+    there is none (null, NaN); raises ``CaptionError`` naming ``where`` for anything else.
+
+    Numbers, lists and objects are refused rather than turned into text: ``5`` or ``["a", "b"]``
+    in a ``text`` field is a mistake in the data, and a made-up caption would train on it silently.
+    A lone surrogate (valid JSON, ``"\\ud800"``) is refused too: it cannot be written as UTF-8, and
+    cleaning it would change the caption without a word; the row says where it is so it can be fixed.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bytes, bytearray)):  # a binary column: decoded as a sidecar's bytes are
+        value = decode_caption(bytes(value))[0]
+    if not isinstance(value, str):
+        kind = "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict) else \
+            f"a {type(value).__name__}"
+        raise CaptionError(f"{where}: the caption is {kind}, not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CaptionError(f"{where}: the caption is not valid Unicode (a lone surrogate U+{ord(value[exc.start]):04X} "
+                           f"at character {exc.start}); fix the text") from None
+    return value
+
+
+def cap_caption(caption: str, max_chars: int) -> tuple[str, int | None]:
+    """(the caption cut to ``max_chars`` characters, its original length when it was cut, else None)."""
+    if len(caption) <= max_chars:
+        return caption, None
+    return caption[:max_chars].rstrip(), len(caption)
 
 
 def row_id(source: str) -> str:
@@ -327,7 +368,7 @@ class _Folder:
 def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[InputItem]:
     """The depth-first walk of ``iter_inputs``: items in full-path order, one folder listed at a time."""
     folders: list[_Folder] = []
-    scopes: list[tuple[str, list[tuple[str, dict[str, str]]]]] = []
+    scopes: list[tuple[str, list[tuple[str, dict[str, str | CaptionError]]]]] = []
     """(folder, [(metadata file, {path below folder: caption})]) of the metadata files above."""
 
     def open_folder(rel_dir: str, token: Any) -> None:
@@ -355,8 +396,8 @@ def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[Inpu
             scopes.append((rel_dir, captions))
         folders.append(_Folder(rel_dir, entries, sidecars, token, bool(captions)))
 
-    def caption_of(rel: str) -> str | None:
-        best: tuple[str, str] | None = None
+    def caption_of(rel: str) -> str | CaptionError | None:
+        best: tuple[str, str | CaptionError] | None = None
         for folder, files in scopes:
             below = rel[len(folder) + 1:] if folder else rel
             for metadata_rel, captions in files:
@@ -390,10 +431,11 @@ def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[Inpu
         size, mtime_ns, unusable = tree.stat(source, info)
         sidecar = _sidecar(tree, folder, stem)
         caption = caption_of(source) if scopes else None
+        caption_problem = str(caption) if isinstance(caption, CaptionError) else None
         stamp = ";".join(str(x) for x in (
             size, mtime_ns,
             *(sidecar if sidecar else ()),
-            hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else "",
+            _caption_stamp(caption_problem or caption),
         ))
         shown = printable(source)
         problem = None
@@ -402,8 +444,15 @@ def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[Inpu
         elif unusable is not None:
             problem = unusable
         stats.images += 1
+        if caption_problem:
+            caption = None
         yield InputItem(row_id(source), shown, sidecar[0] if sidecar else None, caption, stamp, problem,
-                        "metadata" if caption is not None else None)
+                        "metadata" if caption is not None else None, caption_problem)
+
+
+def _caption_stamp(caption: str | None) -> str:
+    """A caption's share of a stamp: resume notices an edited caption (or a fixed bad one)."""
+    return hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else ""
 
 
 def _child(rel_dir: str, name: str) -> str:
@@ -422,11 +471,13 @@ def _sidecar(tree: _LocalTree | _StoreTree, folder: _Folder, stem: str) -> tuple
     return None
 
 
-def _metadata_captions(name: str, data: bytes) -> dict[str, str]:
+def _metadata_captions(name: str, data: bytes) -> dict[str, str | CaptionError]:
     """{path relative to the metadata file's folder: caption} of one metadata file.
 
     A metadata file that cannot be parsed stops the listing with a message naming the file (and
-    the line, for JSON lines). Entries pointing outside the file's folder are ignored, with a warning.
+    the line, for JSON lines). A record whose caption is not text (a number, a list, an object, a
+    lone surrogate) maps to a ``CaptionError`` naming the file and line: that row fails, the job goes
+    on. Entries pointing outside the file's folder are ignored, with a warning.
     """
     import pandas as pd
 
@@ -437,14 +488,20 @@ def _metadata_captions(name: str, data: bytes) -> dict[str, str]:
             f"{name}: a metadata file needs a 'file_name' column and a 'text' (or 'caption') "
             f"column; it has {list(frame.columns)}"
         )
-    captions: dict[str, str] = {}
+    unit, numbers = ("line", frame.index) if name.endswith(".jsonl") else ("row", range(1, len(frame) + 1))
+    captions: dict[str, str | CaptionError] = {}
     outside = []
-    for file_name, text in zip(frame["file_name"], frame[column]):
+    for number, file_name, text in zip(numbers, frame["file_name"], frame[column]):
         key = posixpath.normpath(str(file_name))
         if key == ".." or key.startswith(("../", "/")):
             outside.append(str(file_name))
             continue
-        captions[key] = "" if pd.isna(text) else str(text)
+        if pd.api.types.is_scalar(text) and pd.isna(text):  # NaN, None, pd.NA: no caption
+            text = None
+        try:
+            captions[key] = caption_text(text, f"{name} {unit} {number}") or ""
+        except CaptionError as exc:
+            captions[key] = exc
     if outside:
         log.warning("%s: %d file_name entries point outside its folder (%s); a metadata file captions files "
                     "in its folder and below only", name, len(outside), ", ".join(outside[:3]))
@@ -456,7 +513,8 @@ def _read_table(name: str, data: bytes) -> "pd.DataFrame":
     import pandas as pd
 
     if name.endswith(".jsonl"):
-        return pd.DataFrame(_json_lines(name, data))
+        numbers, records = _json_lines(name, data)
+        return pd.DataFrame(records, index=numbers, dtype=object)
     try:
         if name.endswith(".csv"):
             return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8")
@@ -466,9 +524,9 @@ def _read_table(name: str, data: bytes) -> "pd.DataFrame":
                          f"{' '.join(str(exc).split())[:200]}); fix or remove it") from exc
 
 
-def _json_lines(name: str, data: bytes) -> list[dict]:
-    """The records of a JSON-lines file; a bad line (a truncated file) is named with its number."""
-    records = []
+def _json_lines(name: str, data: bytes) -> tuple[list[int], list[dict]]:
+    """(line numbers, records) of a JSON-lines file; a bad line (a truncated file) is named with its number."""
+    numbers, records = [], []
     data = data.removeprefix(_BOM)  # a UTF-8 byte-order mark, as Windows editors write
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
@@ -480,8 +538,9 @@ def _json_lines(name: str, data: bytes) -> list[dict]:
                              "(a truncated file ends mid-record)") from exc
         if not isinstance(record, dict):
             raise ValueError(f"{name} line {number}: a JSON object is expected, found {type(record).__name__}")
+        numbers.append(number)
         records.append(record)
-    return records
+    return numbers, records
 
 
 # --- an input list, streamed ---------------------------------------------------------------------------
@@ -688,11 +747,15 @@ def _listed_items(rows: Iterator[tuple[int, Any, Any]], name: str, unit: str, ro
         else:
             previous, first_at = source, number
             item_id = row_id(source)
-        if caption is not None and not isinstance(caption, str):
-            caption = str(caption)
-        stamp = hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else ""
+        caption_problem = None
+        try:
+            caption = caption_text(caption, f"{where} caption")
+        except CaptionError as exc:
+            caption, caption_problem = None, str(exc)
+        stamp = _caption_stamp(caption_problem or caption)
         stats.images += 1
-        yield InputItem(item_id, shown, None, caption, stamp, problem, "list" if caption is not None else None)
+        yield InputItem(item_id, shown, None, caption, stamp, problem, "list" if caption is not None else None,
+                        caption_problem)
 
 
 # --- reading sources and sidecars ----------------------------------------------------------------------
@@ -734,6 +797,32 @@ class SourceReader:
         """(caption, non-UTF-8 encoding used or None), as ``read_sidecar`` does."""
         return _parse_sidecar(sidecar, self.read(sidecar))
 
+    def read_sidecar_capped(self, sidecar: str, max_chars: int) -> tuple[str, str | None, int]:
+        """(caption, non-UTF-8 encoding used or None, its length in characters).
+
+        A text sidecar (``.txt``, ``.caption``) is read only as far as ``max_chars`` characters can
+        reach (4 bytes each); the rest of a bigger file (a log saved as a caption) is
+        streamed a block at a time only to count its characters, never held. The caption returned
+        may then be the beginning only: the caller cuts it to ``max_chars`` and records the length.
+        """
+        if sidecar.lower().endswith(".json"):  # JSON parses whole
+            caption, encoding = self.read_sidecar(sidecar)
+            return caption, encoding, len(caption)
+        fs, path = self._locate(sidecar)
+        limit = 4 * max_chars + 4
+        with (open(path, "rb") if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_stream(path)) as f:
+            head = f.read(limit)
+            if len(head) < limit:
+                caption, encoding = _parse_sidecar(sidecar, head)
+                return caption, encoding, len(caption)
+            text, encoding = decode_caption(head, complete=False)
+            counter = codecs.getincrementaldecoder(_CODECS[encoding])(errors="replace")
+            chars = len(counter.decode(head))
+            while block := f.read(1 << 20):
+                chars += len(counter.decode(block))
+            chars += len(counter.decode(b"", final=True))
+        return caption_text(text.strip(), sidecar) or "", encoding, chars
+
     def _locate(self, source: str) -> tuple[pafs.FileSystem, str]:
         if self.root is not None:
             if self._root is None:
@@ -768,19 +857,27 @@ class SourceReader:
 _LOCAL = pafs.LocalFileSystem()
 
 
-def decode_caption(data: bytes) -> tuple[str, str | None]:
+#: Codec that decodes the rest of a sidecar decoded as ``encoding`` (None: UTF-8).
+_CODECS = {None: "utf-8-sig", "utf-16": "utf-16", "cp1252": "cp1252", "latin-1": "latin-1"}
+
+
+def decode_caption(data: bytes, complete: bool = True) -> tuple[str, str | None]:
     """Caption text from a sidecar's bytes and, when it was not UTF-8, the encoding used instead.
 
     A caption in a legacy encoding (Windows-1252, Latin-1) keeps its image: it is decoded with
-    the first encoding that fits, and the job records which file needed it.
+    the first encoding that fits, and the job records which file needed it. ``complete=False``:
+    ``data`` is the beginning of a file, whose last character may be cut (it is left out).
     """
+    def strict(codec: str) -> str:
+        return codecs.getincrementaldecoder(codec)("strict").decode(data, final=complete)
+
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark (Notepad's "Unicode")
         try:
-            return data.decode("utf-16"), "utf-16"
+            return strict("utf-16"), "utf-16"
         except UnicodeDecodeError:
             pass
     try:
-        return data.decode("utf-8-sig"), None
+        return strict("utf-8-sig"), None
     except UnicodeDecodeError:
         pass
     try:
@@ -790,14 +887,22 @@ def decode_caption(data: bytes) -> tuple[str, str | None]:
 
 
 def _parse_sidecar(sidecar: str, data: bytes) -> tuple[str, str | None]:
+    """(caption, encoding) of a whole sidecar; a caption that cannot be used raises ``CaptionError``
+    (or ``ValueError`` for a JSON sidecar that does not parse), naming the file."""
     text, encoding = decode_caption(data)
     if not sidecar.lower().endswith(".json"):
-        return text.strip(), encoding
-    record = json.loads(text)
+        return caption_text(text.strip(), sidecar) or "", encoding
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{sidecar} is not valid JSON ({exc}); fix it or write the caption in a .txt") from None
+    if not isinstance(record, dict):
+        raise CaptionError(f"{sidecar} holds {type(record).__name__}, not a JSON object with a 'caption' or "
+                           "'text' field")
     for key in ("caption", "text"):
-        if isinstance(record, dict) and isinstance(record.get(key), str):
-            return record[key].strip(), encoding
-    raise ValueError(f"{sidecar} has no string 'caption' or 'text' field")
+        if record.get(key) is not None:  # null falls through to the other field
+            return (caption_text(record[key], f"{sidecar} field {key!r}") or "").strip(), encoding
+    raise CaptionError(f"{sidecar} has no 'caption' or 'text' field")
 
 
 def read_sidecar(fs: pafs.FileSystem, base: str, sidecar: str) -> tuple[str, str | None]:

@@ -36,7 +36,10 @@ from pipeline.config import fingerprint
 from pipeline.decode import Filtered, PrepareSettings, prepare
 from pipeline.encode import encode_image, encode_map
 from pipeline.plan import ShardSpec, read_plan
-from pipeline.reader import InputItem, SourceReader
+from pipeline.reader import CaptionError, InputItem, SourceReader, cap_caption
+
+#: Note put on an exception that escapes one file's processing (it fails the shard): names the file.
+INPUT_NOTE = "input file: "
 
 #: Files read at once per shard: enough to hide object-store latency, few enough to bound memory.
 READ_THREADS = 8
@@ -64,6 +67,8 @@ class ShardJob:
     """Which rows the captioner captions: ``missing`` (those without a caption), ``always``, ``prefix``."""
     caption_prefix: str = ""
     """Text put before each generated caption."""
+    max_caption_chars: int = 4096
+    """Captions longer than this are cut to it (``AnnotateConfig.max_caption_chars``)."""
 
 
 #: The model inputs/outputs key of the captioner (annotator names never contain a colon).
@@ -148,7 +153,11 @@ class ShardWorker:
         names = [a.name for a in self.annotators]
         rows, images, live, not_utf8 = [], [], [], []
         for item, data in zip(items, prefetch(self._read, items, READ_THREADS)):
-            row, image = self.prepare_row(item, data, names, not_utf8)
+            try:
+                row, image = self.prepare_row(item, data, names, not_utf8)
+            except BaseException as exc:  # escaped the row's own handling: the shard fails, naming the file
+                exc.add_note(f"{INPUT_NOTE}{item.source}")
+                raise
             if image is not None:
                 live.append(len(rows))
                 images.append(image)
@@ -196,14 +205,20 @@ class ShardWorker:
                 raise data
             row["source_sha256"] = hashlib.sha256(data).hexdigest()
             stage = "caption"
+            if item.caption_problem:
+                raise CaptionError(item.caption_problem)
             caption, row["caption_source"] = item.caption, item.caption_from or ""
+            length = len(caption) if caption else 0
             if item.sidecar is not None:
-                caption, encoding = self.reader.read_sidecar(item.sidecar)
+                caption, encoding, length = self.reader.read_sidecar_capped(item.sidecar, self.job.max_caption_chars)
                 row["caption_source"] = "sidecar"
                 if encoding:
                     not_utf8.append(f"{item.sidecar} ({encoding})")
             # a blank metadata or list caption ("  ") is none: policy "missing" must caption that row
-            row["caption"] = caption if caption and caption.strip() else ""
+            caption = caption if caption and caption.strip() else ""
+            row["caption"], _ = cap_caption(caption, self.job.max_caption_chars)
+            if length > self.job.max_caption_chars and caption:
+                row["caption_original_length"] = length
             if not row["caption"]:
                 row["caption_source"] = ""
             stage = "decode"

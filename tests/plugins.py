@@ -156,3 +156,23 @@ class OffProtocolCaptioner(ColourCaptioner):
     def forward(self, inputs: list) -> list:
         odd = {(200, 30, 30): None, (30, 30, 200): 42, (30, 200, 30): b"bytes"}
         return [odd.get(tuple(int(v) for v in m), "a fine caption") for m in inputs]
+
+
+@dataclasses.dataclass
+class SetupFailsParams(AnnotatorParams):
+    flag: str = ""
+    """While this file exists, ``setup`` raises (a worker that cannot load its model)."""
+
+
+class SetupFails(Annotator):
+    """Cannot set up while ``flag`` exists: every shard's task fails with a real exception."""
+
+    name = "setup_fails"
+    Params = SetupFailsParams
+
+    def setup(self) -> None:
+        if self.params.flag and os.path.exists(self.params.flag):
+            raise RuntimeError("cannot load the model: \x1b[31mcuda out of memory\x1b[0m")
+
+    def annotate(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
+        return [np.zeros(img.shape[:2], np.uint8) for img in images]

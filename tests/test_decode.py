@@ -113,3 +113,77 @@ def test_center_crop_keeps_the_middle():
     out = prepare(encode(Image.fromarray(arr), "PNG"), PrepareSettings(64, center_crop=True))
     assert out.image.shape == (64, 64, 3)
     assert out.image[32, 32].min() > 240
+
+
+# --- truncated data: an error, whatever Pillow's global LOAD_TRUNCATED_IMAGES says -------------------
+
+def header_claims(size: tuple[int, int]) -> bytes:
+    """A complete 16x16 JPEG whose header claims ``size``: its data covers a sliver of the image."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), (10, 200, 30)), "JPEG"))
+    frame = data.find(b"\xff\xc0")
+    data[frame + 5:frame + 9] = size[1].to_bytes(2, "big") + size[0].to_bytes(2, "big")
+    return bytes(data)
+
+
+def photo() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((256, 256))
+
+
+FORMATS = {  # name -> (Pillow format, save options)
+    "jpeg": ("JPEG", {"quality": 90}),
+    "progressive jpeg": ("JPEG", {"progressive": True}),
+    "grayscale jpeg": ("JPEG", {}),
+    "png": ("PNG", {}),
+    "webp": ("WEBP", {}),
+    "lossless webp": ("WEBP", {"lossless": True}),
+    "gif": ("GIF", {}),
+    "bmp": ("BMP", {}),
+    "tiff": ("TIFF", {}),
+}
+
+
+def encode_format(name: str) -> bytes:
+    fmt, options = FORMATS[name]
+    im = photo()
+    im = im.convert("L") if name.startswith("grayscale") else im.convert("P") if fmt == "GIF" else im
+    return encode(im, fmt, **options)
+
+
+@pytest.fixture(params=[False, True], ids=["pillow-strict", "LOAD_TRUNCATED_IMAGES"])
+def truncated_global(request, monkeypatch):
+    """Both settings of Pillow's global, which a dependency may set for the whole process."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("size", [(9000, 9000), (64, 64), (640, 16)])
+def test_a_jpeg_whose_header_claims_more_than_its_data_is_truncated(size, truncated_global):
+    # libjpeg decodes the missing blocks as flat grey and only warns; Pillow ignores the warning.
+    with pytest.raises(DecodeError, match=r"^truncated JPEG: its \d+x\d+ header needs"):
+        prepare(header_claims(size), SETTINGS)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("keep", [0.3, 0.8, 0.97])
+def test_truncated_image_data_is_an_error_in_every_format(name, keep, truncated_global):
+    data = encode_format(name)
+    with pytest.raises(DecodeError, match="truncated|not a readable image"):
+        prepare(data[:int(len(data) * keep)], SETTINGS)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_complete_files_are_never_called_truncated(name, truncated_global):
+    data = encode_format(name)
+    out = prepare(data, SETTINGS)
+    assert out.image.shape == (64, 64, 3) and out.image.std() > 20  # the photo, not a grey fill
+    prepare(data + b"trailing bytes after the image", SETTINGS)  # data after the image is no truncation
+
+
+def test_a_jpeg_cut_after_its_header_names_the_cause_with_the_global_set(truncated_global):
+    data = encode_format("jpeg")
+    with pytest.raises(DecodeError, match="^truncated JPEG"):
+        prepare(data[:len(data) // 2], SETTINGS)
