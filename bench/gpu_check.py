@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -106,13 +107,17 @@ class Context:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def need(self, estimate_s: float, what: str) -> None:
+        """Raise ``Skipped`` (with the reason) unless about ``estimate_s`` seconds remain in the budget."""
+        if self.left() < estimate_s:
+            raise Skipped(f"{what}: needs about {estimate_s:.0f} s, {max(0.0, self.left()):.0f} s of the "
+                          "section's budget left")
+
     def part(self, name: str, estimate_s: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """``fn()`` when about ``estimate_s`` seconds remain in the section's budget, else a skip with the
         reason; an error is recorded (one line, with the traceback's last frame) instead of raised."""
-        if self.left() < estimate_s:
-            return {"skipped": f"{name}: needs about {estimate_s:.0f} s, {max(0.0, self.left()):.0f} s of the "
-                               "section's budget left"}
         try:
+            self.need(estimate_s, name)
             return fn()
         except Skipped as exc:
             return {"skipped": str(exc)}
@@ -229,7 +234,7 @@ def sections() -> dict[str, Section]:
     from bench import gpu_check_train as train
 
     return {
-        "annotators": Section(annotate.annotator_speed, 70, "model annotators: images/s, ours vs controlnet-aux"),
+        "annotators": Section(annotate.annotator_speed, 85, "model annotators: images/s, ours vs controlnet-aux"),
         "annotate_job": Section(annotate.annotate_job, 80, "annotation job with HED: images/s, model busy"),
         "train_sd15": Section(train.sd15_overhead, 50, "SD 1.5 ControlNet step vs base fine-tune (bf16)"),
         "cache_latents": Section(train.cache_latents, 50, "trainer samples/s with and without --cache_latents"),
@@ -253,7 +258,7 @@ def run_sections(ctx: Context, names: list[str], budget_s: float,
         budget = section.budget_s * scale
         start = time.monotonic()
         if end - start < 0.5 * budget:
-            results[name] = {"title": section.title, "skipped": f"{end - start:.0f} s of the run's budget left, the "
+            results[name] = {"title": section.title, "skipped": f"{max(0.0, end - start):.0f} s of the run's budget left, the "
                              f"section's budget is {budget:.0f} s", "budget_s": round(budget, 1)}
             done(results)
             continue
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     ctx = Context(tiny=args.tiny, sizes=TINY if args.tiny else FULL, device=args.device, work=work)
+    if args.device == "cpu":  # the trainer's accelerate would take a GPU that is there
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     if not args.tiny and args.device == "cpu":
         print("[gpu_check] no GPU: full sizes on the CPU take hours; use --tiny for the CPU check", flush=True)
     names = args.only or list(sections())

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from annotators.hed import HedAnnotator, HedParams
-from bench.gpu_check import Context, Skipped, ratio, synchronize
+from bench.gpu_check import Context, ratio, synchronize
 
 ANNOTATORS = ("hed", "depth", "openpose", "segmentation")
 TINY_PARAMS = {"depth": {"detect_resolution": 64}}
@@ -232,13 +232,13 @@ def annotate_job(ctx: Context) -> dict[str, Any]:
     sizes = ctx.sizes
     weights = str(ctx.once("weights", lambda: weights_folder(ctx)))
     collection, output, logs = ctx.work / "job_images", ctx.work / "job_manifest", ctx.work / "job_logs"
+    ctx.need(5 if ctx.tiny else 40, "annotate_job")
     make_collection(collection, sizes.job_images)
     logs.mkdir(parents=True)
-    if ctx.left() < 10:
-        raise Skipped(f"annotate_job: {ctx.left():.0f} s left after making the collection")
     config = AnnotateConfig(input=str(collection), output=str(output), annotators=(TIMED_HED,),
                             annotator_params={TIMED_HED: {"log_dir": str(logs)}}, weights_dir=weights,
-                            resolution=sizes.image_px, center_crop=True, shard_size=sizes.job_shard_size)
+                            resolution=sizes.image_px, center_crop=True, shard_size=sizes.job_shard_size,
+                            gpus_per_worker=None if ctx.cuda else 0)
     no_sampling = UtilisationSampler.unavailable(ctx.device)
     sampler = UtilisationSampler()
     start = time.time()

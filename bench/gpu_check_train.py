@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_check import Context, Skipped, peak_gib, ratio, reset_peak, synchronize
-
-PAPER = {"time": 1.34, "memory": 1.23}
-"""Zhang et al. 2023 (A100, SD 1.5): a ControlNet step takes 1.34x the time and 1.23x the memory of fine-tuning."""
+from bench.gpu_check import Context, peak_gib, ratio, reset_peak, synchronize
+from bench.train_overhead import PAPER  # Zhang et al. 2023, SD 1.5 on an A100: 1.34x time, 1.23x memory
 
 
 # --- base folders -------------------------------------------------------------------------------------
@@ -117,6 +115,13 @@ def base_folder(ctx: Context, family: str) -> str:
     tiny, full = writers[family]
     folder = ctx.work / f"base_{family}"
     return str(ctx.once(f"base_{family}", lambda: tiny(folder) if ctx.tiny else full(folder, ctx.device)))
+
+
+def drop_base(ctx: Context, family: str) -> None:
+    """Delete a base folder no later section uses (SDXL's is 13 GB at full size; the device has 64 GB of disk)."""
+    folder = ctx.cache.pop(f"base_{family}", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def manifest(ctx: Context, resolution: int) -> str:
@@ -220,6 +225,7 @@ def trainer_run(ctx: Context, family: str, resolution: int, batch: int, out: str
     figures = result["figures"]
     per_s = figures.get("samples_per_s")
     validation = sorted(p.name for p in (output / "validation").glob("*.png"))
+    shutil.rmtree(output, ignore_errors=True)  # exports and checkpoints: gigabytes each at full size
     return {"s_per_step": batch / per_s if per_s else None, "samples_per_s": per_s,
             "peak_gib": peak_gib(ctx.device, start), "final_loss": figures.get("final_loss"),
             "steps": figures.get("global_step"), "validation_images": len(validation),
@@ -283,14 +289,16 @@ def resume_exact(ctx: Context) -> dict[str, Any]:
             AcceleratorState._reset_state(True)
 
     straight, resumed = ctx.work / "straight", ctx.work / "resumed"
+    ctx.need(5 if ctx.tiny else 30, "resume_exact: the straight run")
     run("straight")
-    if ctx.left() < 5:
-        raise Skipped(f"resume_exact: {ctx.left():.0f} s left after the straight run")
+    ctx.need(2 if ctx.tiny else 15, "resume_exact: the resumed run")
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     run("resumed", "--resume_from_checkpoint", "latest")
     a = ControlNetModel.from_pretrained(straight / "controlnet").state_dict()
     b = ControlNetModel.from_pretrained(resumed / "controlnet").state_dict()
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    for folder in (straight, resumed):
+        shutil.rmtree(folder, ignore_errors=True)
     out = {"steps": 3, "resumed_from": 2, "same_keys": set(a) == set(b),
            "exact": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diff}
     return out
@@ -307,6 +315,7 @@ def sdxl(ctx: Context) -> dict[str, Any]:
         extra.append("--use_8bit_adam")
     estimate = 10.0 if ctx.tiny else 60.0
     run = ctx.part("run", estimate, lambda: trainer_run(ctx, "sdxl", ctx.sizes.sdxl_resolution, 1, "sdxl", *extra))
+    drop_base(ctx, "sdxl")
     return {"resolution": ctx.sizes.sdxl_resolution, "batch": 1, "optimizer": note, **run}
 
 
@@ -324,6 +333,7 @@ def flux(ctx: Context) -> dict[str, Any]:
     else:
         fp8 = ctx.part("fp8", estimate, lambda: trainer_run(ctx, "flux", resolution, 1, "flux_fp8", *common,
                                                             "--fp8_base"))
+    drop_base(ctx, "flux")
     return {"resolution": resolution, "batch": 1, "depth": "tiny" if ctx.tiny else FLUX_DEPTH,
             "bf16": bf16, "fp8": fp8,
             "fp8_time_ratio": ratio(fp8.get("s_per_step"), bf16.get("s_per_step")),
