@@ -7,6 +7,7 @@ built at their published sizes too, in ``--tiny`` at the test suite's tiny sizes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -226,6 +227,7 @@ class UtilisationSampler:
 def annotate_job(ctx: Context) -> dict[str, Any]:
     """``pipeline.annotate.run`` with HED: images/s and the model's busy share of the job's wall time."""
     from bench.gpu_pipeline_sim import read_logs, union_length
+    from pipeline import ray_runtime
     from pipeline.annotate import run
     from pipeline.config import AnnotateConfig
 
@@ -239,26 +241,24 @@ def annotate_job(ctx: Context) -> dict[str, Any]:
                             annotator_params={TIMED_HED: {"log_dir": str(logs)}}, weights_dir=weights,
                             resolution=sizes.image_px, center_crop=True, shard_size=sizes.job_shard_size,
                             gpus_per_worker=None if ctx.cuda else 0)
+    ray_runtime.connect(config.address, config.num_cpus)  # Ray's start is not the job's (the simulation's neither)
     no_sampling = UtilisationSampler.unavailable(ctx.device)
     sampler = UtilisationSampler()
     start = time.time()
-    if no_sampling:
+    with contextlib.nullcontext() if no_sampling else sampler:
         summary = run(config)
-    else:
-        with sampler:
-            summary = run(config)
     end = time.time()
     forwards = [(s, e) for s, e, _ in read_logs(logs)["forward"]]
     if not forwards:
         raise RuntimeError("the model actor logged no forward call")
     first, last = min(s for s, _ in forwards), max(e for _, e in forwards)
-    ok = summary["counts"].get("ok", 0) if isinstance(summary.get("counts"), dict) else None
     return {
-        "images": sizes.job_images, "rows_ok": ok, "job_seconds": end - start,
+        "images": sizes.job_images, "rows_ok": summary["counts"]["ok"], "job_seconds": end - start,
         "images_per_s": sizes.job_images / (end - start),
         "model_busy": union_length(forwards, start, end) / (end - start),
         "model_busy_steady": union_length(forwards, first, last) / max(1e-9, last - first),
         "forward_calls": len(forwards),
+        "first_forward_after_s": first - start, "after_last_forward_s": end - last,  # actor start-up; the tail
         "gpu_utilisation_sampled": (float(np.mean(sampler.samples)) / 100 if sampler.samples else None),
         "gpu_utilisation_note": no_sampling or f"{len(sampler.samples)} samples",
         "simulated_busy": SIMULATED_HED["busy"], "simulated_steady_busy": SIMULATED_HED["steady_busy"],
