@@ -3,7 +3,7 @@
     python bench/gpu_check.py                         # full sizes on the GPU; writes runs/gpu_check/
     python bench/gpu_check.py --tiny                  # the same code paths at tiny sizes on the CPU (< 1 min)
     python bench/gpu_check.py --only train_flux       # one section
-    python bench/gpu_check.py --out DIR --budget 480  # where to write; seconds for the whole run
+    python bench/gpu_check.py --out DIR --budget 480  # where to write the report; seconds for the whole run
 
 Sections (``sections()``, the registry; each has its own time budget, is skipped with the reason recorded when the run's
 time is short, and fails alone: its error goes in the JSON and the next section runs):
@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import shutil
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -313,6 +314,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=names, metavar="SECTION",
                    help=f"run only this section (repeatable): {', '.join(names)}")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for gpu_check.json and gpu_check.md")
+    p.add_argument("--work", default=None,
+                   help="folder for the generated models, images and runs, deleted at the end (default: the system's "
+                        "temp folder; a full run needs about 40 GB)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for the whole run (default {FULL_BUDGET_S:.0f}; --tiny: unlimited)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
@@ -333,14 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    # Not under --out: that folder may be copied back from a GPU machine, and a full run's models take tens of GB.
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_work_", dir=args.work))
     ctx = Context(tiny=args.tiny, sizes=TINY if args.tiny else FULL, device=args.device, work=work)
     if args.device == "cpu":  # the trainer's accelerate would take a GPU that is there
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if not args.tiny and args.device == "cpu":
         print("[gpu_check] no GPU: full sizes on the CPU take hours; use --tiny for the CPU check", flush=True)
-    names = args.only or list(sections())
+    names = [name for name in sections() if not args.only or name in args.only]  # running order, once each
     budget = args.budget or (FULL_BUDGET_S if not args.tiny else 3600.0)
     started = time.monotonic()
     report: dict[str, Any] = {"tiny": args.tiny, "device": device_info(args.device), "budget_s": budget,

@@ -24,11 +24,12 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory) -> tuple[dict, str]:
     """One ``--tiny`` run of the script as users run it (by path, its own local Ray): (JSON, markdown)."""
-    out = tmp_path_factory.mktemp("gpu_check")
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out, work = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("gpu_check_work")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(out),
+                           "--work", str(work)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert not (out / "work").exists()  # model folders and manifests are removed
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert list(work.iterdir()) == []  # models, images and runs are deleted
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
 
