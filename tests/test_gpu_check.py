@@ -169,3 +169,46 @@ def test_asking_for_cuda_without_a_gpu_says_to_use_tiny(capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--device", "cuda"])
     assert "use --tiny" in capsys.readouterr().err
+
+
+# --- the full run's base writers, at shrunken configs (fast) ---------------------------------------------
+
+CLIP_SMALL = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+VAE_SMALL = dict(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4)
+SMALL_CONFIGS = {
+    "CLIP_L": CLIP_SMALL, "CLIP_G": {**CLIP_SMALL, "hidden_act": "gelu"}, "SD_VAE": VAE_SMALL,
+    "FLOW_VAE": {**VAE_SMALL, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False},
+    "T5_XXL": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4),
+    "SD15_UNET": dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8),
+    "SDXL_UNET": dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=64,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=(2, 4),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                      norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=32 + 6 * 8, transformer_layers_per_block=(1, 1)),
+    "FLUX_DEV": dict(patch_size=1, in_channels=64, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                     pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+}
+"""The published configs ``bench/train_family_memory.py`` holds, shrunk with their proportions between models kept
+(text widths that the denoisers read), so the full run's writers can be checked in seconds."""
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
+def test_the_full_runs_base_writers_make_folders_the_trainer_loads(family, monkeypatch, tmp_path):
+    import torch
+
+    from bench import gpu_check_train, train_family_memory
+    from train.models import load_base
+
+    for name, config in SMALL_CONFIGS.items():
+        monkeypatch.setattr(train_family_memory, name, config)
+    writer = {"sd": gpu_check_train.write_sd15, "sdxl": gpu_check_train.write_sdxl, "flux": gpu_check_train.write_flux}
+    folder = writer[family](tmp_path / family, "cpu")
+    base = load_base(str(folder), 64)
+    assert base.family.name == family
+    hidden, _ = base.family.encode_prompts(base, ["a red circle"], torch.device("cpu"))
+    assert hidden.shape[0] == 1 and torch.isfinite(hidden).all()
+    if family == "flux":  # real width, reduced depth
+        assert (base.denoiser.config.num_layers, base.denoiser.config.num_single_layers) == (2, 2)
