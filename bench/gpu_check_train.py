@@ -198,31 +198,40 @@ def bare_step(ctx: Context, kind: str) -> dict[str, Any]:
             "trained_params": sum(p.numel() for p in trained.parameters())}
 
 
-def trainer_run(ctx: Context, family: str, resolution: int, batch: int, out: str, *extra: str) -> dict[str, Any]:
-    """``train/train.py``'s flags -> ``train.loop.train`` in this process: step time, peak memory, validation
-    (once, on the exported weights) and the figures the trainer reports."""
+def trainer_args(ctx: Context, family: str, resolution: int, batch: int, output: Path, steps: int) -> list[str]:
+    """``train/train.py``'s flags for ``steps`` steps on the family's base; validation once, on the export
+    (flags given after these override them)."""
+    return ["--manifest", manifest(ctx, resolution), "--condition", "canny",
+            "--pretrained_model_name_or_path", base_folder(ctx, family), "--output_dir", str(output),
+            "--resolution", str(resolution), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
+            "--checkpointing_steps", str(10 * steps), "--validation_steps", str(10 * steps),
+            "--num_validation_rows", "1", "--num_validation_images", "1", "--learning_rate", "1e-5",
+            "--lr_warmup_steps", "0", "--report_to", "none", "--seed", "0", "--keep_duplicates"]
+
+
+def train_in_process(args: list[str]) -> dict[str, Any]:
+    """Flags -> ``train.loop.train``, as ``train/train.py`` runs it; the trainer's result."""
     from accelerate.state import AcceleratorState
 
     from train.data import check_conditions
     from train.loop import train
     from train.train import parse_args
 
+    config = parse_args(args)
+    try:
+        return train(config, check_conditions(config.manifest, config.condition))
+    finally:
+        AcceleratorState._reset_state(True)  # the next run may use another precision
+
+
+def trainer_run(ctx: Context, family: str, resolution: int, batch: int, out: str, *extra: str) -> dict[str, Any]:
+    """A training run: step time, peak memory, validation images and the figures the trainer reports."""
     steps = ctx.sizes.train_steps + 1  # the trainer's own timing starts after its first step
     output = ctx.work / out
     shutil.rmtree(output, ignore_errors=True)
-    args = ["--manifest", manifest(ctx, resolution), "--condition", "canny",
-            "--pretrained_model_name_or_path", base_folder(ctx, family), "--output_dir", str(output),
-            "--resolution", str(resolution), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
-            "--checkpointing_steps", str(10 * steps), "--validation_steps", str(10 * steps),
-            "--num_validation_rows", "1", "--num_validation_images", "1", "--learning_rate", "1e-5",
-            "--lr_warmup_steps", "0", "--report_to", "none", "--seed", "0", "--keep_duplicates", *extra]
-    config = parse_args(args)
+    args = trainer_args(ctx, family, resolution, batch, output, steps) + list(extra)
     start, wall = reset_peak(ctx.device), time.perf_counter()
-    try:
-        result = train(config, check_conditions(config.manifest, config.condition))
-    finally:
-        AcceleratorState._reset_state(True)  # the next run may use another precision
-    figures = result["figures"]
+    figures = train_in_process(args)["figures"]
     per_s = figures.get("samples_per_s")
     validation = sorted(p.name for p in (output / "validation").glob("*.png"))
     shutil.rmtree(output, ignore_errors=True)  # exports and checkpoints: gigabytes each at full size
@@ -263,45 +272,35 @@ def cache_latents(ctx: Context) -> dict[str, Any]:
 
 def resume_exact(ctx: Context) -> dict[str, Any]:
     """A bf16 run of 3 steps against the same run resumed from its step-2 checkpoint: every exported
-    ControlNet weight equal?"""
+    ControlNet weight equal? (And did step 3 change any, so that equality says something?)"""
     import torch
     from diffusers import ControlNetModel
+    from safetensors.torch import load_file
 
     s = ctx.sizes
-    common = ("--mixed_precision", "bf16", "--validation_steps", "0", "--lr_scheduler", "linear")
-
-    def run(out: str, *extra: str) -> None:
-        from accelerate.state import AcceleratorState
-
-        from train.data import check_conditions
-        from train.loop import train
-        from train.train import parse_args
-
-        config = parse_args(["--manifest", manifest(ctx, s.sd_resolution), "--condition", "canny",
-                             "--pretrained_model_name_or_path", base_folder(ctx, "sd"), "--output_dir",
-                             str(ctx.work / out), "--resolution", str(s.sd_resolution), "--train_batch_size",
-                             str(s.sd_batch), "--max_train_steps", "3", "--checkpointing_steps", "2",
-                             "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--report_to", "none",
-                             "--seed", "0", "--keep_duplicates", *common, *extra])
-        try:
-            train(config, check_conditions(config.manifest, config.condition))
-        finally:
-            AcceleratorState._reset_state(True)
-
     straight, resumed = ctx.work / "straight", ctx.work / "resumed"
+
+    def args(output: Path) -> list[str]:
+        return trainer_args(ctx, "sd", s.sd_resolution, s.sd_batch, output, 3) + [
+            "--checkpointing_steps", "2", "--mixed_precision", "bf16", "--validation_steps", "0",
+            "--learning_rate", "1e-4", "--lr_scheduler", "linear"]
+
     ctx.need(5 if ctx.tiny else 30, "resume_exact: the straight run")
-    run("straight")
+    train_in_process(args(straight))
     ctx.need(2 if ctx.tiny else 15, "resume_exact: the resumed run")
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    run("resumed", "--resume_from_checkpoint", "latest")
+    train_in_process(args(resumed) + ["--resume_from_checkpoint", "latest"])
     a = ControlNetModel.from_pretrained(straight / "controlnet").state_dict()
     b = ControlNetModel.from_pretrained(resumed / "controlnet").state_dict()
+    saved = straight / "checkpoint-2" / "model.safetensors"
+    at_2 = load_file(saved) if saved.is_file() else {}
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     for folder in (straight, resumed):
         shutil.rmtree(folder, ignore_errors=True)
-    out = {"steps": 3, "resumed_from": 2, "same_keys": set(a) == set(b),
-           "exact": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diff}
-    return out
+    return {"steps": 3, "resumed_from": 2, "same_keys": set(a) == set(b),
+            "exact": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diff,
+            "step_3_changed_weights": any(not torch.equal(a[k], v) for k, v in at_2.items() if k in a)
+            if at_2 else None}
 
 
 def sdxl(ctx: Context) -> dict[str, Any]:

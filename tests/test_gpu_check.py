@@ -95,6 +95,7 @@ def test_tiny_training_figures_are_positive_and_resume_is_exact(tiny_report):
 
     resume = sections["resume_exact"]
     assert resume["exact"] is True and resume["same_keys"] is True and resume["max_abs_diff"] == 0
+    assert resume["step_3_changed_weights"] is True  # so equal weights are not a run that trained nothing
 
 
 # --- the runner, on stand-in sections (fast) -------------------------------------------------------------
