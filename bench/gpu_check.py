@@ -259,8 +259,8 @@ def run_sections(ctx: Context, names: list[str], budget_s: float,
         budget = section.budget_s * scale
         start = time.monotonic()
         if end - start < 0.5 * budget:
-            results[name] = {"title": section.title, "skipped": f"{max(0.0, end - start):.0f} s of the run's budget left, the "
-                             f"section's budget is {budget:.0f} s", "budget_s": round(budget, 1)}
+            reason = f"{max(0.0, end - start):.0f} s of the run's budget left, the section's budget is {budget:.0f} s"
+            results[name] = {"title": section.title, "skipped": reason, "budget_s": round(budget, 1)}
             done(results)
             continue
         ctx.deadline = min(start + budget, end)

@@ -129,7 +129,8 @@ def test_sections_past_the_runs_budget_are_skipped_with_the_reason(monkeypatch, 
         time.sleep(0.35)
         return {}
 
-    fake_sections(monkeypatch, {"slow": Section(slow, 1, "a"), "late": Section(lambda ctx: ran.append("late") or {}, 1, "b")})
+    late = Section(lambda ctx: ran.append("late") or {}, 1, "b")
+    fake_sections(monkeypatch, {"slow": Section(slow, 1, "a"), "late": late})
     results = gpu_check.run_sections(context(tmp_path), ["slow", "late"], 0.4)
     assert ran == ["slow"] and results["slow"]["over_budget"] is True
     assert "budget" in results["late"]["skipped"] and results["late"]["budget_s"] == pytest.approx(0.2)
