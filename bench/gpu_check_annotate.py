@@ -114,7 +114,10 @@ def one_annotator(ctx: Context, name: str, weights: str, images: list[np.ndarray
         calls.append(lambda: [call(img) for img in images])
     timed = [lambda fn=fn: (fn(), synchronize(ctx.device)) for fn in calls]
     ms = time_per_image(timed, len(images), repeats=1 if ctx.tiny else 2)
-    return rates(ctx, [1000 / m for m in ms], name)
+    out = rates(ctx, [1000 / m for m in ms], name)
+    if ctx.tiny and name in TINY_PARAMS and name in BASELINES:
+        out["note"] = f"--tiny: ours with {TINY_PARAMS[name]}, controlnet-aux at its own settings: not comparable"
+    return out
 
 
 def rates(ctx: Context, per_s: list[float], name: str) -> dict[str, Any]:
