@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from manifests import log_filters
+
 LOOPBACK = "127.0.0.1"
 PROJECT_PACKAGES = ("annotators", "captioners", "manifests", "pipeline")
 
@@ -52,9 +54,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         _loopback_only()
-        # A new local Ray turns token authentication on by default and warns that it did, on every run;
-        # saying so explicitly keeps the same protection without the warning (a user's own setting wins).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # A new local Ray turns token authentication on by default and warns that it did, on every run:
+        # keep the protection, drop the line (manifests/log_filters.py says why not RAY_AUTH_MODE).
+        log_filters.drop(log_filters.RAY_TOKEN_AUTH_ENABLED)
     import ray
 
     if ray.is_initialized():

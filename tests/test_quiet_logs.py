@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +34,12 @@ def test_casting_a_controlnet_does_not_warn_about_an_empty_list_of_float32_modul
     assert "a real problem" in messages
 
 
-def test_a_local_ray_starts_without_the_token_authentication_warning(tmp_path):
-    script = ("from pipeline import ray_runtime\n"
+@pytest.mark.parametrize("ray_imported_first", [False, True], ids=["fresh", "ray_imported_first"])
+def test_a_local_ray_starts_without_the_token_authentication_warning(tmp_path, ray_imported_first):
+    """Also when Ray was imported before (as in a test session or a notebook): its cached config must
+    agree with the GCS it starts, or the GCS refuses the driver (InvalidAuthToken)."""
+    script = (("import ray\n" if ray_imported_first else "") +
+              "from pipeline import ray_runtime\n"
               "ray_runtime.connect(None, num_cpus=1)\n"
               "import os, ray\n"
               "print('auth', os.environ.get('RAY_AUTH_MODE'))\n"

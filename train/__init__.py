@@ -1,3 +1,3 @@
-from train import log_filters
+from manifests import log_filters
 
-log_filters.install()  # before any diffusers model is cast: see train/log_filters.py
+log_filters.drop(log_filters.EMPTY_FP32_MODULES)  # before any diffusers model is cast: see manifests/log_filters.py
