@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import urllib.parse
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -73,14 +72,14 @@ def _abspath(path: str) -> str:
 def join(base: str, *parts: str) -> str:
     """Join path parts with '/', as every pyarrow filesystem expects.
 
-    ``base`` may be a filesystem path or a URI: a URI's query (``?endpoint_override=...``) and fragment
-    stay at its end, after the joined path. Parts are plain names and are not re-encoded.
+    ``base`` may be a filesystem path or a URI: a URI's query (``?endpoint_override=...``) stays at its
+    end, after the joined path. Parts are plain names and are not re-encoded. The URI is split by hand,
+    not by ``urllib``, whose round trip drops an empty authority (``local:///tmp/x`` became ``local:/tmp/x``).
     """
     if not is_uri(base):
         return "/".join([base.rstrip("/"), *parts])
-    split = urllib.parse.urlsplit(base)
-    path = "/".join([split.path.rstrip("/"), *parts])
-    return urllib.parse.urlunsplit(split._replace(path=path))
+    location, mark, query = base.partition("?")
+    return "/".join([location.rstrip("/"), *parts]) + mark + query
 
 
 def _row_group_rows(table: pa.Table) -> int:

@@ -18,7 +18,7 @@ ANNOTATE_FLAGS = {
     "--jpeg-quality": int, "--shard-size": int, "--batch-size": int, "--limit": int, "--overwrite": bool,
     "--weights-dir": str, "--require-detection": bool, "--concurrency": int, "--gpus-per-worker": float,
     "--cpus-per-worker": int, "--near-duplicate-distance": int, "--max-shard-retries": int, "--address": str,
-    "--num-cpus": int,
+    "--num-cpus": int, "--max-caption-chars": int,
 }
 
 

@@ -107,13 +107,15 @@ def test_caption_source_says_where_each_caption_came_from(tmp_path, local_ray):
     assert by_source(tmp_path / "out2")["d.png"]["caption_source"] == "list"
 
 
-def test_a_v1_1_manifest_declares_its_minor_version_and_validates(tmp_path, local_ray):
+def test_a_new_manifest_declares_its_minor_version_and_validates(tmp_path, local_ray):
+    from manifests.schema import SCHEMA_MINOR
+
     root = tmp_path / "photos"
     square(root / "a.png")
     summary = run(root, tmp_path / "out")
-    assert summary["schema_version"] == 1 and summary["schema_minor"] == 1
+    assert summary["schema_version"] == 1 and summary["schema_minor"] == SCHEMA_MINOR == 2
     schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))
-    assert {"caption_source", "phash"} <= set(schema.names)
+    assert {"caption_source", "phash", "caption_original_length"} <= set(schema.names)
     assert validate(str(tmp_path / "out"), progress=False) == []
 
 

@@ -133,6 +133,8 @@ def test_join_keeps_a_uri_query_at_the_end():
     assert join(uri, "_plan", "abc") == "s3://bucket/out/_plan/abc?endpoint_override=http://127.0.0.1:5055&region=us-east-1"
     assert join("s3://bucket/out/", "x.json") == "s3://bucket/out/x.json"
     assert join("/tmp/what?/out/", "x.json") == "/tmp/what?/out/x.json"  # a local path: '?' is a character
+    assert join("local:///tmp/out", "x.json") == "local:///tmp/out/x.json"  # an empty authority is kept
+    assert join("file:///tmp/out?a=1", "_s", "x") == "file:///tmp/out/_s/x?a=1"
 
 
 def test_plan_files_round_trip_under_an_endpoint_in_the_uri(s3_server):

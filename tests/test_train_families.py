@@ -282,11 +282,12 @@ def test_cached_condition_latents_train_the_same_flux_union_without_encoding_dur
     decodes a condition map."""
     import diffusers
 
-    from train import cache as cache_module, data
+    from train import cache as cache_module, data, loop
     from train.train import main
 
-    cache_built, late = [False], []
+    cache_built, late, finished = [False], [], []
     encode, decode, init = diffusers.AutoencoderKL.encode, data.decode_rgb, cache_module.EncodedCache.__init__
+    finish = loop.finish
 
     def counting_encode(self, *args, **kwargs):
         if cache_built[0]:
@@ -302,6 +303,11 @@ def test_cached_condition_latents_train_the_same_flux_union_without_encoding_dur
         init(self, *args, **kwargs)
         cache_built[0] = True
 
+    def finishing(*args, **kwargs):  # the steps are over: the model card's example map may be decoded
+        finished.append(cache_built[0])  # the cache was built before the steps
+        cache_built[0] = False
+        return finish(*args, **kwargs)
+
     uncached, cached = tmp_path / "uncached", tmp_path / "cached"
     common = ["--union", "--max_train_steps", "2", "--checkpointing_steps", "10", "--validation_steps", "0",
               "--center_crop", "--proportion_empty_prompts", "0"]
@@ -309,9 +315,10 @@ def test_cached_condition_latents_train_the_same_flux_union_without_encoding_dur
     monkeypatch.setattr(diffusers.AutoencoderKL, "encode", counting_encode)
     monkeypatch.setattr(data, "decode_rgb", counting_decode)
     monkeypatch.setattr(cache_module.EncodedCache, "__init__", building)
+    monkeypatch.setattr(loop, "finish", finishing)
     assert main(train_args(stacked_manifest, tiny_flux, cached, "flux", *common, "--cache_latents",
                            condition="canny,invert")) == 0
-    assert cache_built[0] and late == []
+    assert finished == [True] and late == []
     a = load_exported("flux", uncached / "controlnet").state_dict()
     b = load_exported("flux", cached / "controlnet").state_dict()
     # the zero-initialised outputs moved: the equality below compares trained models, not two zero starts
@@ -644,7 +651,7 @@ def test_the_sdxl_union_card_names_the_union_pipeline():
     assert adapter.card_pipeline_class(plain) == "StableDiffusionXLControlNetPipeline"
     card = model_card({"base_model": "b", "manifest": "m", "manifest_fingerprint": "f", "conditions": ["canny"],
                        "provenance": [], "args": {}, "figures": {}, "controlnet_class": "ControlNetUnionModel",
-                       "pipeline_class": adapter.card_pipeline_class(union)})
+                       "pipeline_class": adapter.card_pipeline_class(union), "output_dir": "/runs/union"})
     assert "ControlNetUnionModel.from_pretrained" in card
     assert "StableDiffusionXLControlNetUnionPipeline.from_pretrained" in card
 

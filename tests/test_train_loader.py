@@ -28,7 +28,7 @@ def pandas_rows(manifest, conditions, holdout):
     import manifests
     from manifests.schema import cond_column
 
-    columns = ["id", "caption", "image", "orig_width", "orig_height", *[cond_column(c) for c in conditions]]
+    columns = ["id", "source", "caption", "image", "orig_width", "orig_height", *[cond_column(c) for c in conditions]]
     frame = manifests.read(str(manifest), columns=columns, status="ok").sort_values("id", kind="stable")
     rows = frame.to_dict("records")
     for row in rows:  # pandas 3 reads a null caption as NaN, which `caption or ""` made the prompt "nan"
@@ -88,7 +88,7 @@ def test_rows_are_the_pandas_loaders_rows_in_the_same_order(demo_manifest, tmp_p
         assert len(train) == len(old_train) and len(held) == len(old_held) == holdout
         assert list(train) == old_train and list(held) == old_held  # ids, captions, bytes, order
         assert [train[i] for i in (0, -1, len(train) // 2)] == [old_train[i] for i in (0, -1, len(train) // 2)]
-        assert set(train[0]) == {"id", "caption", "image", "orig_width", "orig_height", "cond_canny"} and set(train[0]["image"]) == {"bytes", "path"}
+        assert set(train[0]) == {"id", "source", "caption", "image", "orig_width", "orig_height", "cond_canny"} and set(train[0]["image"]) == {"bytes", "path"}
 
 
 def test_captions_come_without_reading_rows(tmp_path, monkeypatch):

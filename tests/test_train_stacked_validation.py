@@ -309,8 +309,11 @@ def test_evaluate_scores_a_stacked_controlnet_per_condition(stacked_controlnet, 
     first = evaluate.load_rows(str(stacked_manifest), ["canny"], 1, keep_duplicates=True)[0]["cond_canny"]
     height, width = evaluate.prepare_condition(first, None, False).shape[:2]
     sheet = np.asarray(Image.open(out / "grid.png").convert("RGB"))
-    # canny | invert | with ControlNet | base alone, each scaled to 128 px high
-    assert sheet.shape == (16 + 2 * 128, 4 * round(width * 128 / height), 3)
+    # canny | invert | with ControlNet | base alone per sample, each in a square cell of at least 128 px
+    from train import grids
+
+    where = grids.layout(2, 4, max(128, height, width), columns=4)
+    assert sheet.shape == (where.size[1], where.size[0], 3) and where.per_sample == 4
     # the maps are stacked in --condition order
     canny, invert = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 9, np.uint8)
     assert evaluate.stack_maps([canny, invert], [False, False])[0, 0].tolist() == [0, 0, 0, 9, 9, 9]
