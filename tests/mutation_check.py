@@ -148,7 +148,8 @@ MUTATIONS = [
              "{item.source}\\t{item.stamp}", "{item.source}",
              (f"{HOSTILE}::test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption",)),
     Mutation("hostile: metadata captions left out of the stamp", "pipeline/reader.py",
-             'hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else "",', '"",',
+             '    return hashlib.sha256(caption.encode()).hexdigest()[:16] if caption is not None else ""',
+             '    return ""',
              (f"{HOSTILE}::test_resume_redoes_the_shard_of_an_overwritten_image_or_an_edited_caption",
               f"{HOSTILE}::test_resume_redoes_the_shard_of_an_edited_metadata_caption")),
     Mutation("hostile: symlinked folders followed without the seen-set", "pipeline/reader.py",  # _LocalTree.enter
@@ -167,8 +168,8 @@ MUTATIONS = [
              "sidecars.setdefault((stem, ext), []).append((name, info))",
              (f"{HOSTILE}::test_a_sidecar_matches_its_image_whatever_the_case_of_its_extension",)),
     Mutation("hostile: legacy-encoded sidecars not decoded leniently", "pipeline/reader.py",
-             'return data.decode("utf-8-sig"), None\n    except UnicodeDecodeError:\n        pass',
-             'return data.decode("utf-8-sig"), None\n    except UnicodeDecodeError:\n        raise',
+             'return strict("utf-8-sig"), None\n    except UnicodeDecodeError:\n        pass',
+             'return strict("utf-8-sig"), None\n    except UnicodeDecodeError:\n        raise',
              (f"{HOSTILE}::test_a_legacy_encoded_sidecar_keeps_its_image_and_is_reported",)),
     Mutation("hostile: output lock never checked (acquire always succeeds)", "pipeline/output_lock.py",
              "os.link(tmp, path)", "open(path, 'w').write(open(tmp).read())", HOSTILE_LOCK_TESTS),
@@ -264,8 +265,8 @@ MUTATIONS = [
              ("tests/test_annotate_refusals.py::test_files_of_others_in_the_output_are_refused_untouched",)),
     Mutation("s3: a URI's query lost when a path is joined to it (the plan files of an endpoint_override output)",
              "manifests/io.py",  # join
-             "    return urllib.parse.urlunsplit(split._replace(path=path))\n",
-             "    return \"/\".join([base.rstrip(\"/\"), *parts])\n", (S3,)),
+             '    return "/".join([location.rstrip("/"), *parts]) + mark + query\n',
+             '    return "/".join([base.rstrip("/"), *parts])\n', (S3,)),
     Mutation("s3: the stats fallback opens a bucket's shard as a local file", "manifests/sink.py",  # _stats_from_shard
              "        provenance = shard_provenance(path, fs) or {}\n",
              "        provenance = shard_provenance(path) or {}\n", (S3,)),
