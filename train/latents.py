@@ -17,14 +17,13 @@ def latents_from_sample(vae_config: Any, sample: torch.Tensor) -> torch.Tensor:
     return (sample - shift if shift else sample) * vae_config.scaling_factor
 
 
-def images_from_latents(pipe: Any, latents: torch.Tensor) -> list:
-    """Denoised latents -> PIL images through the pipeline's VAE in its own dtype (it stays fp32 when its
-    config says force_upcast, and a bf16 base's latents reach an fp32 VAE): ``latents_from_sample`` undone."""
-    vae = pipe.vae
+def images_from_latents(vae: Any, image_processor: Any, latents: torch.Tensor) -> list:
+    """Denoised latents -> PIL images (``latents_from_sample`` undone) through ``vae`` in its own dtype: it
+    stays fp32 when its config says force_upcast, and the pipelines hand a bf16 base's latents to it as is."""
     scaled = latents.to(vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     images = vae.decode(scaled + shift if shift else scaled, return_dict=False)[0]
-    return pipe.image_processor.postprocess(images.float(), output_type="pil")
+    return image_processor.postprocess(images.float(), output_type="pil")
 
 
 class CachedConditions:

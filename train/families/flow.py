@@ -164,8 +164,8 @@ class FlowAdapter(FamilyAdapter):
                        generator=generator, output_type="latent", **self.sequence_kwargs(base),
                        **self.guidance_kwargs(base),
                        **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
-        # decoded here, in the VAE's own dtype: the pipelines hand a bf16 base's latents to an fp32 VAE as is
-        return images_from_latents(pipe, self.unpacked(pipe, latents, height, width))
+        latents = self.unpacked(pipe, latents, height, width)
+        return images_from_latents(base.vae, pipe.image_processor, latents)
 
     def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The pipeline's ``output_type="latent"`` result as (B, C, H, W) VAE latents."""

@@ -111,7 +111,7 @@ class SDAdapter(FamilyAdapter):
         latents = pipe(prompt=[prompt] * count, height=height, width=width, num_inference_steps=steps,
                        generator=generator, output_type="latent",
                        **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
-        return images_from_latents(pipe, latents)
+        return images_from_latents(pipe.vae, pipe.image_processor, latents)
 
 
 class SDXLAdapter(SDAdapter):
