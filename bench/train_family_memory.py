@@ -5,7 +5,7 @@
     python bench/train_family_memory.py --measure none --fp8 flux   # ControlNet step, base bf16 vs --fp8_base
 
 1. Parameter counts of the base (denoiser, text encoders, VAE) and of the ControlNet the trainer builds
-   (train/models.py, train/transformer_families.py with their default sizes) for SD 1.5, SDXL,
+   (train/families/unet.py, train/families/flow.py with their default sizes) for SD 1.5, SDXL,
    SD3.5-medium, SD3.5-large and Flux.1-dev, from their published configs, on the meta device
    (``accelerate.init_empty_weights``: nothing is allocated). Implied training memory: the base in bf16
    (2 bytes/parameter) + the ControlNet in fp32 with its gradients and AdamW's two moments (16
@@ -109,8 +109,8 @@ def family_counts() -> list[dict]:
     from diffusers import (AutoencoderKL, ControlNetModel, FluxControlNetModel, FluxTransformer2DModel,
                            SD3ControlNetModel, SD3Transformer2DModel, UNet2DConditionModel)
 
-    from train.transformer_families import FluxAdapter, SD3Adapter
-    from train.models import union_from_unet
+    from train.families.flow import FluxAdapter, SD3Adapter
+    from train.families.unet import union_from_unet
 
     rows = []
     with init_empty_weights():
@@ -199,13 +199,14 @@ def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxTransformer2DModel,
                            SD3ControlNetModel, SD3Transformer2DModel)
 
-    from train.models import BaseModels, FamilyOptions
-    from train.transformer_families import ADAPTERS, TransformerView
+    from train.adapter import BaseModels, FamilyOptions
+    from train.families import FAMILIES
+    from train.families.flow import TransformerView
 
     torch.manual_seed(0)
     start = psutil.Process().memory_info().rss
     config, sizes = MEASURED[family]
-    adapter = ADAPTERS[family](resolution)
+    adapter = FAMILIES[family](resolution)
     if family == "sd3":
         transformer = SD3Transformer2DModel(**config)
         hidden, pooled = torch.randn(1, 333, 4096), torch.randn(1, 2048)
@@ -277,7 +278,7 @@ def one_kind(family: str, kind: str, steps: int, resolution: int) -> dict:
 def plain_prediction(family, transformer, noisy, sigmas, hidden, pooled) -> torch.Tensor:
     from diffusers import FluxPipeline
 
-    from train.transformer_families import pack
+    from train.families.flow import pack
 
     if family == "sd3":
         return transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=hidden,

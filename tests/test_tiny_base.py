@@ -38,7 +38,8 @@ def test_shipped_base_generates_offline_with_stable_diffusion_pipeline(offline):
 
 
 def test_shipped_base_loads_through_the_trainer(offline):
-    from train.models import condition_encoder_channels, load_base, vae_scale_factor
+    from train.families.unet import condition_encoder_channels, vae_scale_factor
+    from train.models import load_base
 
     base = load_base(str(SHIPPED), resolution=32)
     assert vae_scale_factor(base) == 2

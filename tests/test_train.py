@@ -446,16 +446,16 @@ def test_validation_image_and_prompt_make_the_grid(demo_manifest, tiny_sd, tmp_p
 def test_proportion_empty_prompts_reaches_the_text_encoder(demo_manifest, tiny_sd, tmp_path, monkeypatch, share):
     """--proportion_empty_prompts 1 encodes only empty captions; 0 encodes each trained row's own caption."""
     from train.data import load_rows
-    from train.models import FamilyAdapter
+    from train.families.unet import SDAdapter
     from train.train import main, parse_args
 
-    captions, encode = [], FamilyAdapter.encode_prompts
+    captions, encode = [], SDAdapter.encode_prompts
 
     def recording(self, base, batch_captions, device):
         captions.extend(batch_captions)
         return encode(self, base, batch_captions, device)
 
-    monkeypatch.setattr(FamilyAdapter, "encode_prompts", recording)
+    monkeypatch.setattr(SDAdapter, "encode_prompts", recording)
     args = train_args(demo_manifest, tiny_sd, tmp_path / "run", "--max_train_steps", "3", "--checkpointing_steps",
                       "10", "--proportion_empty_prompts", str(share))
     assert main(args) == 0

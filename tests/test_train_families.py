@@ -25,7 +25,8 @@ def train_args(manifest, base, out, family, *extra, condition="canny") -> list[s
 
 
 def load_family_base(path, family: str, conditions=("canny",), union=False):
-    from train.models import FamilyOptions, load_base
+    from train.adapter import FamilyOptions
+    from train.models import load_base
 
     base = load_base(str(path), 64)
     assert base.family.name == family
@@ -116,7 +117,7 @@ def test_a_fresh_controlnet_leaves_the_base_prediction_exactly_unchanged(family,
     from diffusers import FluxPipeline
 
     from train.models import make_controlnet
-    from train.transformer_families import pack
+    from train.families.flow import pack
 
     base = load_family_base(request.getfixturevalue(f"tiny_{family}"), family)
     controlnet = make_controlnet(base, 3, None, 1, 1 if family == "flux" else None).eval()
@@ -330,7 +331,7 @@ def test_cached_condition_latents_train_the_same_flux_union_without_encoding_dur
 def test_cached_conditions_pick_each_examples_mode_and_sample_like_the_vae(tiny_flux):
     """A cached condition distribution stands in for the VAE: same draw from the same generator, and a
     union batch picks each example's condition by its mode."""
-    from train.cache import CachedConditions
+    from train.latents import CachedConditions
 
     base = load_family_base(tiny_flux, "flux", ("canny", "invert"), union=True)
     pixels = torch.rand(3, 6, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -455,7 +456,9 @@ def test_flux_union_routes_each_example_to_one_condition_and_its_mode(tiny_flux)
 def test_sdxl_union_routes_the_drawn_condition_slots(tiny_sdxl):
     """The drawn slots are exactly those marked in the control-type mask; a condition's image changes
     the residuals only when its slot was drawn."""
-    from train.models import FamilyOptions, load_base, make_controlnet, union_slots
+    from train.adapter import FamilyOptions
+    from train.families.unet import union_slots
+    from train.models import load_base, make_controlnet
 
     base = load_base(str(tiny_sdxl), 64)
     base.options = FamilyOptions(("canny", "invert"), True)
@@ -629,7 +632,7 @@ def test_a_num_mode_mismatch_is_one_line_and_exit_2(stacked_manifest, tiny_flux,
 def test_an_error_inside_a_training_step_is_not_taken_for_a_set_up_problem(demo_manifest, tiny_sd3, tmp_path,
                                                                             monkeypatch):
     from train.train import main
-    from train.transformer_families import SD3Adapter
+    from train.families.flow import SD3Adapter
 
     def broken(*args, **kwargs):
         raise ValueError("a bug in the loss")
@@ -642,7 +645,8 @@ def test_an_error_inside_a_training_step_is_not_taken_for_a_set_up_problem(demo_
 
 def test_the_sdxl_union_card_names_the_union_pipeline():
     from train.export import model_card
-    from train.models import FamilyOptions, SDXLAdapter
+    from train.adapter import FamilyOptions
+    from train.families.unet import SDXLAdapter
 
     adapter = SDXLAdapter()
     union = type("Base", (), {"options": FamilyOptions(("canny", "invert"), True)})()
@@ -775,7 +779,7 @@ def test_cached_conditions_reach_each_example_exactly_as_encoded_ones(stacked_ma
     size that divides no epoch, gradient accumulation and dropped captions hands each example the same
     condition latents and mode as an uncached one."""
     from train.train import main
-    from train.transformer_families import FluxAdapter
+    from train.families.flow import FluxAdapter
 
     seen, real = [], FluxAdapter.control_inputs
 

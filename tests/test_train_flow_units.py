@@ -10,8 +10,8 @@ import torch
 
 from tests.tiny_flow import tiny_vae
 from train.flow import flux_shift, shifted_sigmas
-from train.models import latents_from_sample
-from train.transformer_families import FluxAdapter, SD3Adapter, pack
+from train.families.flow import FluxAdapter, SD3Adapter, pack
+from train.latents import latents_from_sample
 
 FLUX_SCHEDULER = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 
@@ -53,7 +53,7 @@ def test_flux_training_routes_controlnet_residuals_as_the_flux_controlnet_pipeli
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tests.tiny_flow import CLIP, clip_tokenizer, t5_tokenizer, tiny_t5, tiny_vae
-    from train.models import FamilyOptions
+    from train.adapter import FamilyOptions
 
     torch.manual_seed(0)
     shape = dict(patch_size=1, in_channels=64, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -182,7 +182,7 @@ class LatentPipe:
 @pytest.mark.parametrize("adapter", (SD3Adapter, FluxAdapter))
 def test_validation_decodes_the_pipelines_latents_unscaled_then_unshifted(adapter, monkeypatch):
     """``output_type="latent"`` gives the denoiser's latents: the VAE decodes ``latents / scale + shift``."""
-    from train.models import FamilyOptions
+    from train.adapter import FamilyOptions
 
     vae = tiny_vae().eval()
     latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -207,7 +207,7 @@ def flux_transformer(guidance: bool) -> types.SimpleNamespace:
 def test_flux_validation_samples_at_the_guidance_the_run_trains_with(guidance_embeds, monkeypatch):
     """Flux-dev's distilled guidance is an input: validation uses --guidance_scale, not the pipeline's
     own default (7.0); a base without guidance embeds gets none."""
-    from train.models import FamilyOptions
+    from train.adapter import FamilyOptions
 
     vae = tiny_vae().eval()
     monkeypatch.setattr(vae, "decode", lambda z, return_dict=False: (torch.zeros(z.shape[0], 3, 32, 32),))

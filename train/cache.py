@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from train.models import latents_from_sample
+from train.latents import CachedConditions, latents_from_sample
 
 
 class EncodedCache:
@@ -53,7 +53,7 @@ class EncodedCache:
             moments.append(encoded.view(stacked.shape[0], count, *encoded.shape[1:]))
         return torch.cat(moments)
 
-    def conditions(self, indices: Sequence[int]) -> "CachedConditions | None":
+    def conditions(self, indices: Sequence[int]) -> CachedConditions | None:
         """The rows' cached condition distributions (None when this family encodes no condition)."""
         if self.condition_moments is None:
             return None
@@ -74,28 +74,3 @@ class EncodedCache:
         hidden = torch.stack([self.prompts[c][0] for c in captions])
         keys = self.prompts[captions[0]][1].keys()
         return hidden, {k: torch.stack([self.prompts[c][1][k] for c in captions]) for k in keys}
-
-
-class CachedConditions:
-    """A batch's cached condition latent distributions, standing in for its condition pixels: the family
-    samples from them where it would have run the VAE encoder (train/transformer_families.py)."""
-
-    def __init__(self, moments: torch.Tensor):
-        self.moments = moments
-        """[batch, conditions, 2 x latent channels, h, w], on the CPU."""
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.moments.shape
-
-    def pick(self, modes: torch.Tensor) -> "CachedConditions":
-        """One condition per example (a union run's mode each)."""
-        return CachedConditions(self.moments[torch.arange(self.moments.shape[0]), modes][:, None])
-
-    def sample(self, generator: torch.Generator) -> torch.Tensor:
-        """A fresh draw from each example's one condition distribution, drawn on the CPU like the latents."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        if self.moments.shape[1] != 1:
-            raise ValueError(f"{self.moments.shape[1]} conditions per example: pick one per example first")
-        return DiagonalGaussianDistribution(self.moments[:, 0]).sample(generator=generator)

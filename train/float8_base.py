@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from train.models import BaseModels
+    from train.adapter import BaseModels
 
 FLOAT8: torch.dtype | None = getattr(torch, "float8_e4m3fn", None)
 """The storage dtype (4 exponent bits, 3 mantissa bits): None on a PyTorch without float8."""

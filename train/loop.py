@@ -23,11 +23,14 @@ from tqdm import tqdm
 
 from manifests.io import strict_json
 from train import checkpoints
+from train.adapter import BaseModels, FamilyOptions
+from train.cache import EncodedCache
 from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
 from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, caption_char_limit, collate,
                         drop_unreadable, load_rows)
 from train.export import export
-from train.models import BaseModels, FamilyOptions, latents_from_sample, load_base, make_controlnet
+from train.latents import latents_from_sample
+from train.models import load_base, make_controlnet
 
 log = logging.getLogger("train")
 
@@ -209,8 +212,6 @@ def make_ema(accelerator, controlnet: torch.nn.Module):
 
 def make_cache(config: TrainConfig, accelerator, base: BaseModels, dataset: ManifestDataset, weight_dtype):
     """``--cache_latents``: encode every image and caption once; the dataset then skips images."""
-    from train.cache import EncodedCache
-
     cache = EncodedCache(base, dataset, accelerator.device, weight_dtype, config.train_batch_size,
                          show_progress=accelerator.is_local_main_process)
     dataset.decode_images = False

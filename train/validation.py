@@ -70,13 +70,6 @@ def sample_inputs(base: Any, controlnet: torch.nn.Module, inputs: list[tuple[tor
     return results
 
 
-def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents -> PIL images in the VAE's own dtype (it stays fp32 when its config says force_upcast)."""
-    vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(images.float(), output_type="pil")
-
-
 def grid(inputs: list[tuple[torch.Tensor, str]], samples: list[list[Image.Image]], path: Path) -> Path:
     """PNG grid: each row is its condition (every 3-channel map of a stacked input, in order) | generated
     images."""

@@ -1,4 +1,4 @@
-"""The flow-matching transformer families: SD3/3.5 (MMDiT) and Flux.1, as ``FamilyAdapter`` objects.
+"""The flow-matching transformer families: SD3/3.5 (MMDiT) and Flux.1.
 
 Shared with the UNet families: data, loop, checkpoints, EMA, validation and export. Different here:
 a 16-channel VAE whose latents are shifted then scaled, T5 + CLIP prompts (encoded by the family's
@@ -10,23 +10,25 @@ image/text position ids and (Flux.1-dev) a guidance input.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from typing import Any, Callable
 
 import torch
 
-from train.cache import CachedConditions
+from train.adapter import (BaseModels, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze,
+                           load_text_encoders)
 from train.config import FAMILY_NAMES, SetupError
-
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
-from train.models import BaseModels, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze
+from train.latents import CachedConditions, images_from_latents
 
 log = logging.getLogger("train")
 
 
 class FlowAdapter(FamilyAdapter):
-    """What SD3 and Flux share: loading, VAE encoding, the flow-matching loss, validation."""
+    """What SD3 and Flux share: loading, VAE encoding, the flow-matching loss, validation; each family adds
+    its prompt encoding, ControlNet, time shift, control inputs and transformer call."""
 
     denoiser_class: str
     encode_pipeline_class: str
@@ -44,13 +46,9 @@ class FlowAdapter(FamilyAdapter):
 
     def load(self, path: str) -> BaseModels:
         import diffusers
-        import transformers
 
         denoiser = getattr(diffusers, self.denoiser_class).from_pretrained(path, subfolder="transformer")
-        suffixes = [""] + [f"_{i}" for i in range(2, len(self.text_encoder_classes) + 1)]
-        tokenizers = [transformers.AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}") for s in suffixes]
-        encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=f"text_encoder{s}")
-                    for cls, s in zip(self.text_encoder_classes, suffixes)]
+        tokenizers, encoders = load_text_encoders(path, self.text_encoder_classes)
         vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae")
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         freeze(*encoders, vae, denoiser)
@@ -128,6 +126,20 @@ class FlowAdapter(FamilyAdapter):
         """Latents in the layout the transformer predicts in."""
         return latents
 
+    @abc.abstractmethod
+    def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
+        """The time shift of the sigmas drawn for ``latents``."""
+
+    @abc.abstractmethod
+    def control_inputs(self, base: BaseModels, controlnet, condition: "torch.Tensor | CachedConditions",
+                       generator: torch.Generator) -> dict:
+        """The ControlNet's condition arguments (``controlnet_cond``, a union's mode) for a batch."""
+
+    @abc.abstractmethod
+    def predict(self, controlnet, base: BaseModels, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
+                added: dict, control: dict) -> torch.Tensor:
+        """The base's velocity prediction with the ControlNet's residuals, in ``layout``."""
+
     # --- validation --------------------------------------------------------------------------
 
     def validation_pipeline(self, base: BaseModels, controlnet: torch.nn.Module):
@@ -152,11 +164,8 @@ class FlowAdapter(FamilyAdapter):
                        generator=generator, output_type="latent", **self.sequence_kwargs(base),
                        **self.guidance_kwargs(base),
                        **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
-        # decoded here, in the VAE's own dtype: the pipelines hand a bf16 base's latents to an fp32 VAE as is
-        latents = self.unpacked(pipe, latents, height, width).to(base.vae.dtype)
-        images = base.vae.decode(latents / base.vae.config.scaling_factor + base.vae.config.shift_factor,
-                                 return_dict=False)[0]
-        return pipe.image_processor.postprocess(images.float(), output_type="pil")
+        latents = self.unpacked(pipe, latents, height, width)
+        return images_from_latents(base.vae, pipe.image_processor, latents)
 
     def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The pipeline's ``output_type="latent"`` result as (B, C, H, W) VAE latents."""
@@ -389,6 +398,3 @@ class _AttrDict(dict):
             return self[name]
         except KeyError as exc:
             raise AttributeError(name) from exc
-
-
-ADAPTERS: dict[str, type[FlowAdapter]] = {"sd3": SD3Adapter, "flux": FluxAdapter}

@@ -1,0 +1,19 @@
+"""The model families the trainer knows: name (what ``detect_family`` reads from a base folder) -> adapter.
+
+Each family is one ``FamilyAdapter`` subclass (the abstract adapter, train/adapter.py) in a file of this
+package: unet.py (SD 1.x/2.x, SDXL) and flow.py (SD3/3.5, Flux.1). Adding a family is one new file here
+and one entry in ``FAMILIES`` (plus its folder layout and display name in train/config.py, which
+validates flags before any model is imported). Family files import train/adapter.py, train/latents.py
+and the loss modules, never each other or this registry.
+"""
+
+from __future__ import annotations
+
+from train.adapter import FamilyAdapter
+from train.families.flow import FluxAdapter, SD3Adapter
+from train.families.unet import SDAdapter, SDXLAdapter
+
+FAMILIES: dict[str, type[FamilyAdapter]] = {
+    adapter.name: adapter for adapter in (SDAdapter, SDXLAdapter, SD3Adapter, FluxAdapter)
+}
+"""Family name -> adapter class, constructed with the training resolution."""
