@@ -770,7 +770,7 @@ def hf_dataset(manifest_path: str, duplicates: str | bool = "skip", status: str 
     fs, base = resolve(manifest_path)
     shards = list_shards(manifest_path)
     scheme = manifest_path.split("://", 1)[0] + "://" if "://" in manifest_path else ""
-    if "features" not in load_kwargs:  # one set of columns for shards of several schema versions
+    if shards and "features" not in load_kwargs:  # one set of columns for shards of several schema versions
         load_kwargs["features"] = datasets.Features.from_arrow_schema(shards_schema(shards, fs))
     ds = datasets.load_dataset("parquet", data_files=[scheme + s for s in shards], split="train", **load_kwargs)
     if status is None and (skip is None or len(skip) == 0):

@@ -141,3 +141,8 @@ def test_a_manifest_resumed_over_older_shards_loads_with_every_reader(manifest_c
     assert sorted(ok["id"]) == sorted(manifests.read(str(manifest_copy), columns=["id"])["id"])
     train = load_as_diffusers_does(manifest_copy, tmp_path / "c3")["train"]
     assert sorted(train["id"]) == sorted(expected[expected.status == "ok"]["id"])
+
+
+def test_a_folder_without_shards_fails_as_datasets_says_not_in_the_schema_merge(tmp_path):
+    with pytest.raises(ValueError, match="data_files"):
+        manifests.hf_dataset(str(tmp_path), duplicates="keep", cache_dir=str(tmp_path / "cache"))
