@@ -748,6 +748,15 @@ def duplicates_option(duplicates: str | bool) -> bool:
     return duplicates == "skip"
 
 
+def shards_schema(shards: Sequence[str], fs: pafs.FileSystem) -> pa.Schema:
+    """The columns of every shard together: a manifest resumed by a newer release holds shards of an older
+    minor version too (v1.1 shards lack ``caption_original_length``), whose rows read as null there. The
+    shard with the most columns comes first, so its key-value metadata (the image features) is kept."""
+    schemas = [pq.read_schema(s, filesystem=fs) for s in shards]
+    schemas.sort(key=lambda schema: -len(schema))
+    return pa.unify_schemas(schemas)
+
+
 def hf_dataset(manifest_path: str, duplicates: str | bool = "skip", status: str | None = "ok", **load_kwargs: Any):
     """The manifest as a Hugging Face ``datasets.Dataset`` (image columns decode to PIL images), with
     ``manifests.read``'s defaults: ok rows only, duplicates left out (``duplicates="keep"`` or True keeps
@@ -761,6 +770,8 @@ def hf_dataset(manifest_path: str, duplicates: str | bool = "skip", status: str 
     fs, base = resolve(manifest_path)
     shards = list_shards(manifest_path)
     scheme = manifest_path.split("://", 1)[0] + "://" if "://" in manifest_path else ""
+    if shards and "features" not in load_kwargs:  # one set of columns for shards of several schema versions
+        load_kwargs["features"] = datasets.Features.from_arrow_schema(shards_schema(shards, fs))
     ds = datasets.load_dataset("parquet", data_files=[scheme + s for s in shards], split="train", **load_kwargs)
     if status is None and (skip is None or len(skip) == 0):
         return ds

@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any, Iterator, Sequence
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
@@ -272,8 +273,14 @@ def find_duplicates(config: AnnotateConfig, source: str) -> dict[str, Any]:
 
 def duplicates_up_to_date(config: AnnotateConfig, source: str) -> dict[str, Any] | None:
     """The counts of the existing duplicates table when it was made from these shards (``source``)
-    with this distance, else None (the pass must run)."""
-    made = duplicates.read_summary(config.output)
+    with this distance, else None (the pass must run). A table that does not read (cut short, not
+    Parquet) is made again, as before the pass could be skipped, rather than blocking every rerun."""
+    try:
+        made = duplicates.read_summary(config.output)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        log.warning("duplicates: the table at %s does not read (%s); making it again", config.output,
+                    " ".join(str(exc).split()))
+        return None
     if made and made.get("max_distance") == config.near_duplicate_distance and made.get("computed_from") == source:
         return {k: made[k] for k in ("exact", "near", "max_distance")}
     return None

@@ -159,15 +159,35 @@ def failure_reason(exc: BaseException) -> str:
     Ray's own first line. The full traceback goes to the log."""
     cause = getattr(exc, "cause", None)  # RayTaskError: the exception raised inside the task
     root = cause if isinstance(cause, BaseException) else exc
-    lines = [line.strip() for line in plain(str(root)).splitlines() if line.strip()]
+    lines = [line.strip() for line in plain(_message(root)).splitlines() if line.strip()]
     message = lines[0] if lines else ""
     if root is exc:  # Ray's own error: drop the task's name and process ("ray::annotate_shard() (pid=..)")
         message = re.sub(r"^ray::\S+\(\)\s*(\(pid=[^)]*\))?\s*", "", message)
-    files = [note for note in getattr(root, "__notes__", ()) if note.startswith(INPUT_NOTE)]
+    notes = getattr(root, "__notes__", None)
+    files = [n for n in notes if isinstance(n, str) and n.startswith(INPUT_NOTE)] if isinstance(notes, list) else []
+    message = _clip(" ".join(message.split()), REASON_CHARS)
     reason = f"{type(root).__name__}: {message}" if message else type(root).__name__
-    if files:
-        reason += f" ({files[-1]})"
-    return " ".join(reason.split())[:500]
+    if files:  # after the clip: a long message never pushes the file out of the line
+        reason += f" ({_clip(' '.join(files[-1].split()), REASON_CHARS)})"
+    return reason
+
+
+#: Most characters of the message (and of the input file) in a failed shard's line.
+REASON_CHARS = 400
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, or a stand-in when the exception's own ``__str__`` raises (the shard's line must
+    still be printed, not replaced by a traceback of the reporting)."""
+    try:
+        return str(exc)
+    except Exception as inner:  # noqa: BLE001 - any failure of a foreign __str__
+        return f"<message unavailable: its str() raised {type(inner).__name__}>"
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when it was cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def run_staged(stages: Stages, actors: int, todo: list[ShardSpec], window: int,
@@ -213,7 +233,7 @@ def run_staged(stages: Stages, actors: int, todo: list[ShardSpec], window: int,
                 queue.appendleft((flight.spec, flight.attempt + 1))  # a restarted actor, or another, tries again
                 continue
             log.error("shard %d failed %d times; the last failure:\n%s", flight.spec.index, flight.attempt,
-                      plain(str(exc)))
+                      plain(_message(exc)))
             yield ShardResult(flight.spec, None, failure_reason(exc), flight.attempt)
             continue
         if flight.stage == "prepare":

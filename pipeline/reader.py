@@ -23,6 +23,7 @@ import codecs
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -815,12 +816,8 @@ class SourceReader:
             if len(head) < limit:
                 caption, encoding = _parse_sidecar(sidecar, head)
                 return caption, encoding, len(caption)
-            text, encoding = decode_caption(head, complete=False)
-            counter = codecs.getincrementaldecoder(_CODECS[encoding])(errors="replace")
-            chars = len(counter.decode(head))
-            while block := f.read(1 << 20):
-                chars += len(counter.decode(block))
-            chars += len(counter.decode(b"", final=True))
+            encoding = decode_caption(head, complete=False)[1]
+            text, chars = _stream_caption(head, iter(lambda: f.read(1 << 20), b""), encoding, max_chars)
         return caption_text(text.strip(), sidecar) or "", encoding, chars
 
     def _locate(self, source: str) -> tuple[pafs.FileSystem, str]:
@@ -855,6 +852,28 @@ class SourceReader:
 
 
 _LOCAL = pafs.LocalFileSystem()
+
+
+def _stream_caption(head: bytes, rest: Iterator[bytes], encoding: str | None, max_chars: int) -> tuple[str, int]:
+    """(the caption's first ``max_chars`` + 1 characters after its leading whitespace, the length of the
+    whole caption as a small file's is measured: without leading and trailing whitespace).
+
+    Streams the file's blocks through one decoder and keeps only that much text, so a log saved as a
+    caption is counted, never held; whitespace padding neither hides the caption (leading) nor makes a
+    whole caption look cut (trailing)."""
+    decoder = codecs.getincrementaldecoder(_CODECS[encoding])(errors="replace")
+    text, chars, lead, trail = "", 0, 0, 0
+    for block in itertools.chain([head], rest, [None]):
+        piece = decoder.decode(b"", final=True) if block is None else decoder.decode(block)
+        chars += len(piece)
+        tail = len(piece) - len(piece.rstrip())
+        trail = trail + len(piece) if tail == len(piece) else tail
+        if not text:  # still in the leading whitespace
+            kept = piece.lstrip()
+            lead += len(piece) - len(kept)
+            piece = kept
+        text += piece[:max_chars + 1 - len(text)]
+    return text, chars - lead - trail if text else 0
 
 
 #: Codec that decodes the rest of a sidecar decoded as ``encoding`` (None: UTF-8).

@@ -159,7 +159,7 @@ def test_an_overlong_caption_is_cut_recorded_in_its_row_and_counted(tmp_path, lo
     rows = rows_by_source(out)
     assert all(row["status"] == "ok" for row in rows.values())
     assert rows["log.png"]["caption"] == ("é line of a log file\n" * 10)[:200].rstrip()
-    assert rows["log.png"]["caption_original_length"] == 105_000
+    assert rows["log.png"]["caption_original_length"] == 104_999  # measured as the caption is: stripped
     assert rows["json.png"]["caption"] == "x" * 200 and rows["json.png"]["caption_original_length"] == 300
     assert len(rows["meta.png"]["caption"]) <= 200 and rows["meta.png"]["caption_original_length"] == 500
     assert rows["short.png"]["caption"] == "a short caption" and pd.isna(rows["short.png"]["caption_original_length"])
@@ -178,7 +178,7 @@ def test_a_huge_text_sidecar_is_read_in_bounded_memory_and_counted_exactly(tmp_p
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert length == 22_000_000 and encoding is None
+    assert length == 21_999_999 and encoding is None  # the last newline is not part of the caption
     assert caption.startswith("naïve café log line ☕") and len(caption) < 4100
     assert peak < 12 * 2**20, f"peak {peak / 2**20:.1f} MiB: the sidecar was held whole"
 
@@ -189,6 +189,22 @@ def test_a_sidecar_cut_inside_a_character_is_still_read_as_utf8(tmp_path):
         (tmp_path / "a.txt").write_text("☕" * (n + 50) + "a" * 40)
         caption, encoding, length = SourceReader(str(tmp_path)).read_sidecar_capped("a.txt", 10 + n)
         assert encoding is None and caption.startswith("☕" * 10) and length == n + 90
+
+
+@pytest.mark.parametrize(("text", "caption", "length"), [
+    ("a cat" + "\n" * 100, "a cat", 5),  # whole: padding after it is not a cut caption
+    ("\n" * 100 + "a cat", "a cat", 5),  # whitespace before it does not hide it
+    ("  " + "x" * 30 + " \n" * 40, "x" * 11, 30),  # cut: its length without the padding
+    ("\ufeff" + "é" * 12 + "\n" * 60, "é" * 11, 12),  # a BOM is not a character of the caption
+], ids=["trailing", "leading", "cut", "bom"])
+def test_a_padded_sidecar_is_measured_as_a_small_one_is(tmp_path, text, caption, length):
+    """A sidecar past the bounded read is measured like one read whole (without leading and trailing
+    whitespace), so ``caption_original_length`` is set only when the caption was really cut."""
+    (tmp_path / "a.txt").write_bytes(text.encode())
+    got, encoding, measured = SourceReader(str(tmp_path)).read_sidecar_capped("a.txt", 10)
+    assert (got[:11], measured) == (caption, length) and encoding is None
+    whole, _, whole_length = SourceReader(str(tmp_path)).read_sidecar_capped("a.txt", 10_000)
+    assert whole_length == measured and whole.startswith(got[:10])
 
 
 def test_shards_written_before_the_column_still_read_and_validate(tmp_path, local_ray):

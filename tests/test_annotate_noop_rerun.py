@@ -73,3 +73,16 @@ def test_a_duplicates_pass_killed_mid_way_leaves_nothing_after_the_rerun(manifes
     assert not scratch.exists()
     assert dup.read_table(str(manifest_copy)) is not None
     assert sorted(p.name for p in (manifest_copy / dup.DUPLICATES_DIR).iterdir()) == ["duplicates.parquet"]
+
+
+def test_a_duplicates_table_that_does_not_read_is_made_again_instead_of_blocking_the_rerun(
+        manifest_copy, demo_collection, local_ray):
+    """A cut-short table (disk full, a partial copy) used to be redone by every run; a rerun that now reads
+    it to decide whether to skip the pass must not stop on it."""
+    table = manifest_copy / dup.DUPLICATES_FILE
+    expected = dup.read_table(str(manifest_copy)).replace_schema_metadata(None)
+    table.write_bytes(table.read_bytes()[:100])
+    summary = annotate.run(AnnotateConfig(input=str(demo_collection), output=str(manifest_copy), shard_size=8))
+    assert summary["run"]["shards_written"] == 0 and "duplicates_s" in summary["run"]
+    assert dup.read_table(str(manifest_copy)).replace_schema_metadata(None).equals(expected)
+    assert dup.read_summary(str(manifest_copy))["computed_from"] is not None

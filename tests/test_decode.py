@@ -187,3 +187,46 @@ def test_a_jpeg_cut_after_its_header_names_the_cause_with_the_global_set(truncat
     data = encode_format("jpeg")
     with pytest.raises(DecodeError, match="^truncated JPEG"):
         prepare(data[:len(data) // 2], SETTINGS)
+
+
+def jpeg_variants() -> dict[str, bytes]:
+    """Valid JPEGs whose data sits close to the truncation check's lower bound: flat and smooth images
+    (one short code per block), optimized Huffman tables, every chroma subsampling, progressive scans,
+    restart markers inside the scan data (OpenCV/libjpeg), greyscale, CMYK."""
+    import cv2
+
+    ramp = np.linspace(0, 255, 136, dtype=np.uint8)
+    pictures = {"flat": np.full((120, 136, 3), 128, np.uint8),
+                "smooth": np.stack([np.tile(ramp, (120, 1))] * 3, axis=-1),
+                "photo": np.asarray(photo().resize((136, 120)))}
+    found = {}
+    for label, rgb in pictures.items():
+        im = Image.fromarray(rgb)
+        for quality in (1, 75):
+            for subsampling in (0, 1, 2):
+                for options in ({}, {"optimize": True}, {"progressive": True, "optimize": True}):
+                    found[f"{label} q{quality} s{subsampling} {options}"] = encode(
+                        im, "JPEG", quality=quality, subsampling=subsampling, **options)
+            found[f"{label} q{quality} grey optimized"] = encode(im.convert("L"), "JPEG", quality=quality,
+                                                                  optimize=True)
+            found[f"{label} q{quality} cmyk"] = encode(im.convert("CMYK"), "JPEG", quality=quality)
+            for flags in ([cv2.IMWRITE_JPEG_RST_INTERVAL, 1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 2, cv2.IMWRITE_JPEG_OPTIMIZE, 1],
+                          [cv2.IMWRITE_JPEG_RST_INTERVAL, 1, cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+                          [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411]):
+                ok, data = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality, *flags])
+                assert ok
+                found[f"{label} q{quality} opencv {flags}"] = data.tobytes()
+    return found
+
+
+JPEG_VARIANTS = jpeg_variants()
+
+
+@pytest.mark.parametrize("name", list(JPEG_VARIANTS))
+def test_valid_jpegs_near_the_truncation_bound_are_never_called_truncated(name):
+    """A good image turned into an error row is lost data: the worst mistake the check can make."""
+    from pipeline.decode import jpeg_shortfall
+
+    data = JPEG_VARIANTS[name]
+    assert jpeg_shortfall(data) is None
+    assert prepare(data, SETTINGS).image.shape == (64, 72, 3)

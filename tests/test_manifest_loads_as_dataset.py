@@ -111,3 +111,38 @@ def test_a_card_of_someone_else_is_refused_untouched(manifest_copy, demo_collect
 def test_pandas_and_pyarrow_still_read_the_folder_as_its_shards(demo_manifest):
     """The card is a dot-file: pyarrow reads every other file of the folder as Parquet."""
     assert len(pd.read_parquet(demo_manifest)) == len(pq.read_table(demo_manifest)) == 20
+
+
+def as_older_shard(path) -> None:
+    """Rewrite a shard as a v1.1 release wrote it: without ``caption_original_length`` (column and features)."""
+    import json
+
+    table = pq.read_table(path)
+    metadata = dict(table.schema.metadata)
+    hf = json.loads(metadata[b"huggingface"])
+    del hf["info"]["features"]["caption_original_length"]
+    metadata[b"huggingface"] = json.dumps(hf).encode()
+    older = table.drop_columns(["caption_original_length"])
+    pq.write_table(older.replace_schema_metadata(metadata), path)
+
+
+def test_a_manifest_resumed_over_older_shards_loads_with_every_reader(manifest_copy, tmp_path):
+    """A manifest begun by the previous release and finished by this one mixes shards with and without the
+    v1.2 column: every reader takes all its rows, the older ones with no original caption length."""
+    shards = sorted(manifest_copy.glob("part-*.parquet"))
+    as_older_shard(shards[0])
+    expected = every_row(manifest_copy)
+    older_ids = set(pq.read_table(shards[0], columns=["id"])["id"].to_pylist())
+    ds = manifests.hf_dataset(str(manifest_copy), duplicates="keep", status=None, cache_dir=str(tmp_path / "c1"))
+    assert sorted(ds["id"]) == sorted(expected["id"])
+    assert all(length is None for i, length in zip(ds["id"], ds["caption_original_length"]) if i in older_ids)
+    assert isinstance(ds[0]["image"], Image.Image)
+    ok = manifests.hf_dataset(str(manifest_copy), cache_dir=str(tmp_path / "c2"))
+    assert sorted(ok["id"]) == sorted(manifests.read(str(manifest_copy), columns=["id"])["id"])
+    train = load_as_diffusers_does(manifest_copy, tmp_path / "c3")["train"]
+    assert sorted(train["id"]) == sorted(expected[expected.status == "ok"]["id"])
+
+
+def test_a_folder_without_shards_fails_as_datasets_says_not_in_the_schema_merge(tmp_path):
+    with pytest.raises(ValueError, match="data_files"):
+        manifests.hf_dataset(str(tmp_path), duplicates="keep", cache_dir=str(tmp_path / "cache"))

@@ -80,3 +80,27 @@ def test_a_failure_escaping_one_file_names_that_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as caught:
         shard_module.ShardWorker(make_job(config)).prepare(plan.todo[0])
     assert failure_reason(caught.value) == "ValueError: hash overflow (input file: b.png)"
+
+
+class _UnprintableError(Exception):
+    """An exception whose own ``__str__`` fails (a third-party bug): the shard's line must still come out."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken")
+
+
+def test_an_exception_whose_str_raises_still_gives_the_shard_its_line():
+    """What reaches the driver (Ray substitutes its own error when a task's exception does not format, so
+    this comes from stages run without Ray) must still become one line, not a traceback of the reporting."""
+    reason = failure_reason(_UnprintableError("x"))
+    assert reason.startswith("_UnprintableError: ") and "str() raised RuntimeError" in reason
+    assert "\n" not in reason
+
+
+def test_a_very_long_message_is_cut_but_the_input_file_stays_in_the_line():
+    exc = ValueError("caf\u00e9 \u2615 " + "x" * 5000 + "\nsecond line")
+    exc.add_note(f"{shard_module.INPUT_NOTE}cats/\u00e9t\u00e9.png")
+    reason = failure_reason(exc)
+    assert reason.startswith("ValueError: caf\u00e9 \u2615 xxx")
+    assert reason.endswith("(input file: cats/\u00e9t\u00e9.png)")
+    assert len(reason) < 1000 and "second line" not in reason and "\n" not in reason
