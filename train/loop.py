@@ -24,8 +24,8 @@ from tqdm import tqdm
 from manifests.io import strict_json
 from train import checkpoints
 from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
-from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, caption_char_limit, collate,
-                        drop_unreadable, load_rows)
+from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, cap_caption,
+                        caption_char_limit, collate, drop_unreadable, load_rows)
 from train.export import export
 from train.models import BaseModels, FamilyOptions, latents_from_sample, load_base, make_controlnet
 
@@ -434,8 +434,10 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
             "provenance": summary.get("annotators", []), "figures": figures,
             "args": {**config.to_dict(), "num_train_epochs": figures["epochs"]},
         }
-        card["example_prompt"] = example_row(run)["caption"] or ""
-        result["exported"] = export(final, config.output_dir, card, example_condition(run))
+        example = example_row(run)
+        # cut as training cuts it: a caption that is really a log file must not land whole in README.md
+        card["example_prompt"] = cap_caption(example["caption"], run.dataset.max_caption_chars) if example else ""
+        result["exported"] = export(final, config.output_dir, card, example_condition(run, example))
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
         result["args"] = config.to_dict()  # what the report reads the run's settings from
         result["run"] = run_record(config, run.held_out)  # what evaluate.py defaults to
@@ -445,17 +447,23 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     return result
 
 
-def example_row(run: Run) -> dict[str, Any]:
-    """The row the model card's snippet generates from: the first held out, else the first trained on."""
-    return run.held_out[0] if run.held_out else run.dataset.rows[0]
+def example_row(run: Run) -> dict[str, Any] | None:
+    """The row the model card's snippet generates from: the first held out (each checked whole at set-up), else
+    the first training row that decodes; None when no row near the start does (the card then has no example)."""
+    if run.held_out:
+        return run.held_out[0]
+    try:  # the first training row may be one that was skipped: an export must never fail on it
+        return run.dataset.rows[run.dataset.readable_position(0)]
+    except TooManyUnreadableRows:
+        return None
 
 
-def example_condition(run: Run) -> Any:
-    """The example row's first condition map (PIL), as stored in the manifest."""
+def example_condition(run: Run, row: dict[str, Any] | None) -> Any:
+    """``row``'s first condition map (PIL), as stored in the manifest; None without a row."""
     from manifests.schema import cond_column
     from train.data import decode_rgb
 
-    return decode_rgb(example_row(run)[cond_column(run.config.condition[0])])
+    return None if row is None else decode_rgb(row[cond_column(run.config.condition[0])])
 
 
 def run_record(config: TrainConfig, held_out: list[dict]) -> dict[str, Any]:
