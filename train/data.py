@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -88,9 +89,27 @@ def caption_char_limit(tokenizers: Sequence[Any], max_sequence_length: int | Non
     return max([*lengths, max_sequence_length or 0] or [PROMPT_TOKENS]) * CHARS_PER_TOKEN
 
 
+SEPARATORS = re.compile(r"[ \t\n\r]+")
+"""Runs of spaces, tabs and newlines: every family's tokenizer (CLIP's, T5's) reads a run as one separator and
+spends no token on it, so they do not count toward the limit, and a run is kept as one space."""
+WORDS = re.compile(r"[^ \t\n\r]+")
+
+
 def cap_caption(caption: str | None, limit: int) -> str:
-    """The caption ("" for none) cut to ``limit`` characters."""
-    return (caption or "")[:limit]
+    """The caption ("" for none) as it is when it has at most ``limit`` characters; else its first ``limit``
+    characters that are not separators (``SEPARATORS``), each run of separators between them one space: a caption
+    padded with whitespace keeps every word the tokenizer reads, and what is tokenized stays under 2 x ``limit``."""
+    text = caption or ""
+    if len(text) <= limit:
+        return text
+    words, left = [], limit
+    for match in WORDS.finditer(text):
+        start, end = match.span()
+        words.append(text[start:min(end, start + left)])
+        left -= end - start
+        if left <= 0:
+            break
+    return " ".join(words)
 
 
 # --- rows that do not decode ------------------------------------------------------------------
