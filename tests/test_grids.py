@@ -82,3 +82,14 @@ def test_any_caption_or_label_is_drawn_whatever_font_pillow_has(tmp_path: Path, 
     assert sheet.shape[:2] == (where.size[1], where.size[0])
     x, y = where.origin(1, 0)
     assert ink(sheet[y + 64:y + where.row_height - grids.GAP, x:x + where.sample_width]) > 0  # "emoji ... café"
+
+
+def test_a_long_caption_takes_at_most_its_lines_and_leaves_the_gap_between_rows_white(tmp_path: Path):
+    path = grids.contact_sheet(strips(2), ["Wgjpqy| " * 300] * 2, ["c", "a", "b"], tmp_path / "g.png", columns=1,
+                               min_tile=64)
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    where = grids.layout(2, 3, 64, columns=1)
+    x, y = where.origin(0, 0)
+    band = sheet[y + 64:y + where.row_height, x:x + where.sample_width]
+    lines = grids.CAPTION_LINES * grids.LINE
+    assert ink(band[:lines]) > 0 and ink(band[lines + 1:]) == 0  # cut to its lines (ending in ...), then the gap

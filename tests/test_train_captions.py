@@ -116,3 +116,17 @@ def test_whitespace_never_makes_the_cut_change_the_tokens(tiny_sd, which):
         cut = cap_caption(caption, limit)
         assert len(cut) < 2 * limit  # what is tokenized stays small
         assert tokens(cut) == tokens(caption), caption[:40]
+
+
+def test_a_long_caption_keeps_exactly_the_limit_of_characters_that_are_not_separators():
+    import re
+
+    limit = 50
+    caption = "  red\tcircle \n\n on   a grey background " * 20 + "tail"
+    cut = cap_caption(caption, limit)
+    words = re.findall(r"[^ \t\n\r]+", caption)
+    kept = re.findall(r"[^ \t\n\r]+", cut)
+    assert sum(map(len, kept)) == limit  # separators are free; every other character counts
+    assert kept[:-1] == words[:len(kept) - 1] and words[len(kept) - 1].startswith(kept[-1])
+    assert cut == " ".join(kept)  # each run of separators is one space
+    assert cap_caption("short\n\ncaption", limit) == "short\n\ncaption"  # one that fits is left exactly as it is

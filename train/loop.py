@@ -410,8 +410,8 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     figures["mixed_precision"] = accelerator.mixed_precision
     # What was trained, not the --num_train_epochs flag (which --max_train_steps overrides)
     figures["train_rows"] = len(run.dataset)
-    figures["epochs"] = round(run.global_step * config.train_batch_size * accelerator.num_processes
-                              * config.gradient_accumulation_steps / max(1, len(run.dataset)), 2)
+    figures["epochs"] = epochs_trained(run.global_step, config.train_batch_size, accelerator.num_processes,
+                                       config.gradient_accumulation_steps, len(run.dataset))
     if config.fp8_base:
         from train.float8_base import base_float8_report
 
@@ -445,6 +445,12 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
         (Path(config.output_dir) / "train_summary.json").write_text(strict_json(result, indent=2, default=str))
     accelerator.end_training()
     return result
+
+
+def epochs_trained(steps: int, batch: int, processes: int, accumulation: int, rows: int) -> float:
+    """Passes over ``rows`` training rows that ``steps`` optimiser steps made (each takes batch x processes x
+    accumulation examples), to two decimals."""
+    return round(steps * batch * processes * accumulation / max(1, rows), 2)
 
 
 def example_row(run: Run) -> dict[str, Any] | None:
