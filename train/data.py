@@ -212,15 +212,18 @@ class SkippedRows:
     max_fraction: float
     records: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
-    def add(self, records: Sequence[dict[str, str]], unusable: bool = False) -> None:
+    def add(self, records: Sequence[dict[str, str]], unusable: bool = False, held_out: bool = False) -> None:
+        """Count ``records`` (training rows a nearby row stood in for, or ``held_out`` rows validation leaves out);
+        TooManyUnreadableRows past the allowed share, or when an example is ``unusable``."""
+        instead = "validation goes on without it" if held_out else "a nearby row is used in its place"
         for record in records:
             if record["id"] in self.records:
                 continue
             self.records[record["id"]] = record
             if len(self.records) <= LOGGED_SKIPS:
-                log.warning("skipping row %s (%s): %s %s; a nearby row is used in its place (python -m manifests "
-                            "validate %s lists every such row)", record["id"], record["source"], record["column"],
-                            record["reason"], self.manifest)
+                log.warning("skipping row %s (%s): %s %s; %s (python -m manifests validate %s lists every such "
+                            "row)", record["id"], record["source"], record["column"], record["reason"], instead,
+                            self.manifest)
         if unusable or len(self.records) > self.max_fraction * self.total:
             raise TooManyUnreadableRows(self.message(unusable))
 

@@ -145,7 +145,7 @@ def set_up(config: TrainConfig) -> Run:
     skipped = SkippedRows(config.manifest, max(1, len(train_rows) // accelerator.num_processes),
                           config.max_bad_rows_fraction)
     held_out, unreadable_held_out = drop_unreadable(held_out, config.condition)
-    skipped.add(unreadable_held_out)
+    skipped.add(unreadable_held_out, held_out=True)
     dataset = ManifestDataset(train_rows, config.condition, config.resolution, seed, config.center_crop,
                               config.random_flip, config.proportion_empty_prompts,
                               max_caption_chars=caption_char_limit(base.tokenizers, config.max_sequence_length))
