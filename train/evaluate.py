@@ -253,8 +253,9 @@ def with_run_defaults(config: EvalConfig) -> tuple[EvalConfig, list[str]]:
                             "figures will not compare with the run's validation")
     moved = moved_paths(recorded, [name for name in RUN_DEFAULTS if getattr(config, name) is None])
     if moved:
-        raise UsageError("; ".join(f"the run's --{name} {recorded[name]} (train_summary.json) is not there any more"
-                                   for name in moved) + f": pass {' '.join('--' + m for m in moved)} with where it is now")
+        gone = "; ".join(f"the run's --{name} {recorded[name]} (train_summary.json) is not there any more"
+                         for name in moved)
+        raise UsageError(f"{gone}: pass {' '.join('--' + m for m in moved)} with where it is now")
     missing = [name for name in NEEDED if changes.get(name, getattr(config, name)) is None]
     if missing:
         raise UsageError(f"{folder} has no train_summary.json recording {', '.join(missing)} (a ControlNet from "
