@@ -166,3 +166,21 @@ def test_every_float_annotator_parameter_refuses_non_finite_numbers(name, key, c
         assert exc.value.code == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"{name}.{key}" in error and "finite" in error, error
+
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("learning_rate", "-1e-4", "0 or more"),  # AdamW would refuse it with a traceback, after the models load
+    ("max_grad_norm", "0", "above 0"),  # every gradient clipped to nothing: a run that trains nothing
+    ("max_grad_norm", "1e-400", "above 0"),  # underflows to 0.0
+    ("max_grad_norm", "-1", "above 0"),  # torch's clip would flip every gradient's sign
+])
+def test_train_refuses_a_step_size_or_clip_no_run_can_use(field, value, says, capsys):
+    from train.train import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--manifest", "m", "--condition", "canny", "--pretrained_model_name_or_path", "sd",
+                    f"--{field}={value}"])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--{field}" in error and says in error, error

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from train import grids
@@ -63,3 +64,32 @@ def test_tiles_of_other_shapes_are_fitted_into_square_cells(tmp_path: Path):
     (x0, y0), (x1, y1) = where.origin(0, 0), where.origin(0, 1)
     assert ink(sheet[y0:y0 + 48, x0:x0 + 48]) == 48 * 16  # letterboxed, not stretched
     assert ink(sheet[y1:y1 + 48, x1:x1 + 48]) == 16 * 48
+
+
+@pytest.mark.parametrize("font", ["default", "bitmap"])
+def test_any_caption_or_label_is_drawn_whatever_font_pillow_has(tmp_path: Path, monkeypatch, font):
+    """Pillow without FreeType gives a bitmap default font that takes Latin-1 only: captions in other scripts,
+    emoji or a lone surrogate must not stop the evaluation that draws them."""
+    from PIL import ImageFont
+
+    if font == "bitmap":
+        monkeypatch.setattr(grids.ImageFont, "load_default", lambda *a, **k: ImageFont.load_default_imagefont())
+    captions = ["猫がいる赤い円 " * 500, "emoji 🐱🚀 café", "a \ud800 lone surrogate", "\x00\t\n"]
+    path = grids.contact_sheet(strips(4), captions, ["条件", "with ControlNet", "base"], tmp_path / "g.png",
+                               columns=2, min_tile=64)
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    where = grids.layout(4, 3, 64, columns=2)
+    assert sheet.shape[:2] == (where.size[1], where.size[0])
+    x, y = where.origin(1, 0)
+    assert ink(sheet[y + 64:y + where.row_height - grids.GAP, x:x + where.sample_width]) > 0  # "emoji ... café"
+
+
+def test_a_long_caption_takes_at_most_its_lines_and_leaves_the_gap_between_rows_white(tmp_path: Path):
+    path = grids.contact_sheet(strips(2), ["Wgjpqy| " * 300] * 2, ["c", "a", "b"], tmp_path / "g.png", columns=1,
+                               min_tile=64)
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    where = grids.layout(2, 3, 64, columns=1)
+    x, y = where.origin(0, 0)
+    band = sheet[y + 64:y + where.row_height, x:x + where.sample_width]
+    lines = grids.CAPTION_LINES * grids.LINE
+    assert ink(band[:lines]) > 0 and ink(band[lines + 1:]) == 0  # cut to its lines (ending in ...), then the gap

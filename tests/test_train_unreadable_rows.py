@@ -122,6 +122,18 @@ def test_more_unreadable_rows_than_allowed_stop_in_one_line_naming_the_first():
     assert "python -m manifests validate data/m" in message and "--max_bad_rows_fraction" in message
 
 
+def test_the_log_says_what_happens_instead_of_an_unreadable_row(caplog):
+    """A training row is stood in for by a nearby row; a held-out row is only left out of validation."""
+    tally = SkippedRows("data/m", total=100, max_fraction=0.5)
+    record = {"id": "abc", "source": "cats/1.jpg", "column": "image", "reason": "does not decode (OSError: x)"}
+    with caplog.at_level("WARNING", logger="train"):
+        tally.add([record], held_out=True)
+        tally.add([{**record, "id": "def"}])
+    held_out, trained = [r.getMessage() for r in caplog.records]
+    assert "abc" in held_out and "validation goes on without it" in held_out and "nearby row" not in held_out
+    assert "def" in trained and "a nearby row is used in its place" in trained
+
+
 def test_a_row_with_no_readable_row_near_it_marks_its_example_unusable(manifest_copy):
     ids = ok_ids(manifest_copy)
     change_cells(manifest_copy, {i: {"image": garbage} for i in ids})

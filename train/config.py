@@ -220,6 +220,10 @@ class TrainConfig:
             raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError("--proportion_empty_prompts must be within 0..1")
+        if self.learning_rate < 0:  # AdamW would refuse it with a traceback after the models load (0 is a no-op run)
+            raise ValueError(f"--learning_rate {self.learning_rate}: give 0 or more (e.g. 1e-5)")
+        if self.max_grad_norm <= 0:  # clipping to 0 trains nothing; below 0 flips every gradient's sign
+            raise ValueError(f"--max_grad_norm {self.max_grad_norm}: give a norm above 0 (the default is 1.0)")
         if not 0.0 <= self.max_bad_rows_fraction <= 1.0:
             raise ValueError(f"--max_bad_rows_fraction {self.max_bad_rows_fraction}: give a share within 0..1 "
                              "(0.01 skips up to 1% of rows that do not decode)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -88,9 +89,27 @@ def caption_char_limit(tokenizers: Sequence[Any], max_sequence_length: int | Non
     return max([*lengths, max_sequence_length or 0] or [PROMPT_TOKENS]) * CHARS_PER_TOKEN
 
 
+SEPARATORS = re.compile(r"[ \t\n\r]+")
+"""Runs of spaces, tabs and newlines: every family's tokenizer (CLIP's, T5's) reads a run as one separator and
+spends no token on it, so they do not count toward the limit, and a run is kept as one space."""
+WORDS = re.compile(r"[^ \t\n\r]+")
+
+
 def cap_caption(caption: str | None, limit: int) -> str:
-    """The caption ("" for none) cut to ``limit`` characters."""
-    return (caption or "")[:limit]
+    """The caption ("" for none) as it is when it has at most ``limit`` characters; else its first ``limit``
+    characters that are not separators (``SEPARATORS``), each run of separators between them one space: a caption
+    padded with whitespace keeps every word the tokenizer reads, and what is tokenized stays under 2 x ``limit``."""
+    text = caption or ""
+    if len(text) <= limit:
+        return text
+    words, left = [], limit
+    for match in WORDS.finditer(text):
+        start, end = match.span()
+        words.append(text[start:min(end, start + left)])
+        left -= end - start
+        if left <= 0:
+            break
+    return " ".join(words)
 
 
 # --- rows that do not decode ------------------------------------------------------------------
@@ -193,15 +212,18 @@ class SkippedRows:
     max_fraction: float
     records: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
-    def add(self, records: Sequence[dict[str, str]], unusable: bool = False) -> None:
+    def add(self, records: Sequence[dict[str, str]], unusable: bool = False, held_out: bool = False) -> None:
+        """Count ``records`` (training rows a nearby row stood in for, or ``held_out`` rows validation leaves out);
+        TooManyUnreadableRows past the allowed share, or when an example is ``unusable``."""
+        instead = "validation goes on without it" if held_out else "a nearby row is used in its place"
         for record in records:
             if record["id"] in self.records:
                 continue
             self.records[record["id"]] = record
             if len(self.records) <= LOGGED_SKIPS:
-                log.warning("skipping row %s (%s): %s %s; a nearby row is used in its place (python -m manifests "
-                            "validate %s lists every such row)", record["id"], record["source"], record["column"],
-                            record["reason"], self.manifest)
+                log.warning("skipping row %s (%s): %s %s; %s (python -m manifests validate %s lists every such "
+                            "row)", record["id"], record["source"], record["column"], record["reason"], instead,
+                            self.manifest)
         if unusable or len(self.records) > self.max_fraction * self.total:
             raise TooManyUnreadableRows(self.message(unusable))
 

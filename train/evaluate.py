@@ -195,19 +195,38 @@ def trained_conditions(folder: str) -> list[str] | None:
 RUN_DEFAULTS = ("pretrained_model_name_or_path", "manifest", "condition", "resolution", "keep_duplicates", "task")
 """EvalConfig fields that default to the run's (train_summary.json's ``run`` record)."""
 NEEDED = ("pretrained_model_name_or_path", "manifest", "condition")
+RECORDED_TYPES = {"pretrained_model_name_or_path": str, "manifest": str, "resolution": int, "keep_duplicates": bool,
+                  "task": str}
+"""The type each recorded setting must have to be used (a hand-edited or damaged record's other values are
+treated as not recorded)."""
+
+
+def _strings(value: Any) -> list[str] | None:
+    return list(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
 def run_settings(summary: dict[str, Any]) -> dict[str, Any]:
-    """The run's value of each of ``RUN_DEFAULTS`` (absent ones left out; older runs recorded only the
-    conditions), and its held-out ids under ``held_out_ids``."""
+    """The run's value of each of ``RUN_DEFAULTS`` (absent ones, and ones of the wrong type, left out; older
+    runs recorded only the conditions), and its held-out ids under ``held_out_ids``."""
     run = summary.get("run") if isinstance(summary.get("run"), dict) else {}
-    conditions = run.get("conditions") or summary.get("conditions")
-    found = {k: run[k] for k in RUN_DEFAULTS if k in run}
-    if isinstance(conditions, list) and conditions:
+    conditions = _strings(run.get("conditions")) or _strings(summary.get("conditions"))
+    found = {}
+    for key, kind in RECORDED_TYPES.items():
+        value = run.get(key)
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # True is an int too
+            found[key] = value
+    if conditions:
         found["condition"] = ",".join(conditions)
-    if isinstance(run.get("held_out_ids"), list):
+    if _strings(run.get("held_out_ids")) is not None:
         found["held_out_ids"] = tuple(run["held_out_ids"])
     return found
+
+
+def moved_paths(recorded: dict[str, Any], defaulted: Sequence[str]) -> list[str]:
+    """The run's local paths (base, manifest) taken as defaults that are no longer there."""
+    return [name for name in ("pretrained_model_name_or_path", "manifest") if name in defaulted
+            and isinstance(recorded.get(name), str) and os.path.isabs(recorded[name])
+            and not os.path.exists(recorded[name])]
 
 
 def same_setting(name: str, given: Any, recorded: Any) -> bool:
@@ -232,6 +251,11 @@ def with_run_defaults(config: EvalConfig) -> tuple[EvalConfig, list[str]]:
         elif name in recorded and recorded[name] is not None and not same_setting(name, given, recorded[name]):
             warnings.append(f"--{name} {given} differs from the run's {recorded[name]} (train_summary.json): the "
                             "figures will not compare with the run's validation")
+    moved = moved_paths(recorded, [name for name in RUN_DEFAULTS if getattr(config, name) is None])
+    if moved:
+        gone = "; ".join(f"the run's --{name} {recorded[name]} (train_summary.json) is not there any more"
+                         for name in moved)
+        raise UsageError(f"{gone}: pass {' '.join('--' + m for m in moved)} with where it is now")
     missing = [name for name in NEEDED if changes.get(name, getattr(config, name)) is None]
     if missing:
         raise UsageError(f"{folder} has no train_summary.json recording {', '.join(missing)} (a ControlNet from "

@@ -75,6 +75,14 @@ def caption_lines(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageF
     return lines
 
 
+def drawable(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
+    """``text`` as ``font`` can take it: Pillow's bitmap default font (what ``load_default`` gives where Pillow
+    has no FreeType) encodes text as Latin-1 and raises on anything else, so other characters become "?"."""
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text  # characters without a glyph are drawn as boxes, never an error
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
 def contact_sheet(samples: Sequence[Sequence[np.ndarray]], captions: Sequence[str], labels: Sequence[str],
                   path: Path, columns: int = 4, min_tile: int = 128) -> Path:
     """Write a PNG of ``samples`` (each a sequence of HxWx3 uint8 tiles named by ``labels``), ``columns``
@@ -87,12 +95,12 @@ def contact_sheet(samples: Sequence[Sequence[np.ndarray]], captions: Sequence[st
     for column in range(sheet_layout.columns):
         for cell, label in enumerate(labels):
             x, _ = sheet_layout.origin(column, cell)
-            draw.text((x + 4, 2), label, fill="black", font=font)
+            draw.text((x + 4, 2), drawable(label, font), fill="black", font=font)
     for index, (sample, caption) in enumerate(zip(samples, captions)):
         for cell, array in enumerate(sample):
             sheet.paste(fit(array, tile), sheet_layout.origin(index, cell))
         x, y = sheet_layout.origin(index, 0)
-        for line_no, line in enumerate(caption_lines(draw, caption, sheet_layout.sample_width, font)):
+        for line_no, line in enumerate(caption_lines(draw, drawable(caption, font), sheet_layout.sample_width, font)):
             draw.text((x + 2, y + tile + 1 + line_no * LINE), line, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

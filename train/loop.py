@@ -26,8 +26,8 @@ from train import checkpoints
 from train.adapter import BaseModels, FamilyOptions
 from train.cache import EncodedCache
 from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
-from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, caption_char_limit, collate,
-                        drop_unreadable, load_rows)
+from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, cap_caption,
+                        caption_char_limit, collate, drop_unreadable, load_rows)
 from train.export import export
 from train.latents import latents_from_sample
 from train.models import load_base, make_controlnet
@@ -148,7 +148,7 @@ def set_up(config: TrainConfig) -> Run:
     skipped = SkippedRows(config.manifest, max(1, len(train_rows) // accelerator.num_processes),
                           config.max_bad_rows_fraction)
     held_out, unreadable_held_out = drop_unreadable(held_out, config.condition)
-    skipped.add(unreadable_held_out)
+    skipped.add(unreadable_held_out, held_out=True)
     dataset = ManifestDataset(train_rows, config.condition, config.resolution, seed, config.center_crop,
                               config.random_flip, config.proportion_empty_prompts,
                               max_caption_chars=caption_char_limit(base.tokenizers, config.max_sequence_length))
@@ -411,8 +411,8 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     figures["mixed_precision"] = accelerator.mixed_precision
     # What was trained, not the --num_train_epochs flag (which --max_train_steps overrides)
     figures["train_rows"] = len(run.dataset)
-    figures["epochs"] = round(run.global_step * config.train_batch_size * accelerator.num_processes
-                              * config.gradient_accumulation_steps / max(1, len(run.dataset)), 2)
+    figures["epochs"] = epochs_trained(run.global_step, config.train_batch_size, accelerator.num_processes,
+                                       config.gradient_accumulation_steps, len(run.dataset))
     if config.fp8_base:
         from train.float8_base import base_float8_report
 
@@ -435,8 +435,10 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
             "provenance": summary.get("annotators", []), "figures": figures,
             "args": {**config.to_dict(), "num_train_epochs": figures["epochs"]},
         }
-        card["example_prompt"] = example_row(run)["caption"] or ""
-        result["exported"] = export(final, config.output_dir, card, example_condition(run))
+        example = example_row(run)
+        # cut as training cuts it: a caption that is really a log file must not land whole in README.md
+        card["example_prompt"] = cap_caption(example["caption"], run.dataset.max_caption_chars) if example else ""
+        result["exported"] = export(final, config.output_dir, card, example_condition(run, example))
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
         result["args"] = config.to_dict()  # what the report reads the run's settings from
         result["run"] = run_record(config, run.held_out)  # what evaluate.py defaults to
@@ -446,17 +448,29 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     return result
 
 
-def example_row(run: Run) -> dict[str, Any]:
-    """The row the model card's snippet generates from: the first held out, else the first trained on."""
-    return run.held_out[0] if run.held_out else run.dataset.rows[0]
+def epochs_trained(steps: int, batch: int, processes: int, accumulation: int, rows: int) -> float:
+    """Passes over ``rows`` training rows that ``steps`` optimiser steps made (each takes batch x processes x
+    accumulation examples), to two decimals."""
+    return round(steps * batch * processes * accumulation / max(1, rows), 2)
 
 
-def example_condition(run: Run) -> Any:
-    """The example row's first condition map (PIL), as stored in the manifest."""
+def example_row(run: Run) -> dict[str, Any] | None:
+    """The row the model card's snippet generates from: the first held out (each checked whole at set-up), else
+    the first training row that decodes; None when no row near the start does (the card then has no example)."""
+    if run.held_out:
+        return run.held_out[0]
+    try:  # the first training row may be one that was skipped: an export must never fail on it
+        return run.dataset.rows[run.dataset.readable_position(0)]
+    except TooManyUnreadableRows:
+        return None
+
+
+def example_condition(run: Run, row: dict[str, Any] | None) -> Any:
+    """``row``'s first condition map (PIL), as stored in the manifest; None without a row."""
     from manifests.schema import cond_column
     from train.data import decode_rgb
 
-    return decode_rgb(example_row(run)[cond_column(run.config.condition[0])])
+    return None if row is None else decode_rgb(row[cond_column(run.config.condition[0])])
 
 
 def run_record(config: TrainConfig, held_out: list[dict]) -> dict[str, Any]:
