@@ -142,6 +142,9 @@ def test_a_part_that_would_exceed_the_sections_budget_is_skipped_and_a_failing_p
     called = []
     skipped = ctx.part("big", 30, lambda: called.append(1) or {})
     assert called == [] and "big: needs about 30 s" in skipped["skipped"]
+    # A budget no loaded machine can run out of while the next two parts run (each part also collects
+    # garbage, which took over a second in a full CI run): they are judged on what they do, not on the clock.
+    ctx.deadline = time.monotonic() + 3600
     assert ctx.part("small", 1, lambda: {"v": 2}) == {"v": 2}
     failed = ctx.part("bad", 1, lambda: {}["missing"])
     assert failed["error"].startswith("KeyError: 'missing'")
