@@ -88,7 +88,7 @@ def test_stacked_conditions_on_a_transformer_family_point_to_union(stacked_manif
 
 
 def test_the_family_is_read_from_the_base_folder(tiny_sd, tiny_sd3, tiny_flux, tiny_sdxl):
-    from train.config import detect_family
+    from train.family_checks import detect_family
 
     assert [detect_family(str(p)) for p in (tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux)] == ["sd", "sdxl", "sd3", "flux"]
 
@@ -550,7 +550,8 @@ def test_guidance_scale_is_refused_on_a_flux_base_without_guidance_embeds(demo_m
 
 def test_resolution_and_guidance_are_checked_again_once_a_hub_base_loads(tiny_sd3):
     """A hub id's family is known only once it loads: set_up checks the loaded transformer's config."""
-    from train.config import SetupError, TrainConfig
+    from train.config import TrainConfig
+    from train.errors import SetupError
     from train.loop import check_family_flags
 
     base = load_family_base(tiny_sd3, "sd3")
@@ -587,7 +588,7 @@ def test_a_controlnet_of_another_family_is_refused_before_it_loads(stacked_manif
 
 
 def test_a_controlnet_of_another_family_is_refused_after_a_hub_base_loads(tiny_flux, tmp_path):
-    from train.config import SetupError
+    from train.errors import SetupError
     from train.models import make_controlnet
 
     base = load_family_base(tiny_flux, "flux")
@@ -609,7 +610,7 @@ def test_a_base_folder_without_its_transformer_is_one_line_and_exit_2(demo_manif
     shutil.copytree(tiny_flux, broken, ignore=shutil.ignore_patterns("transformer"))
     code, errors = run_main(train_args(demo_manifest, broken, tmp_path / "out", "flux"), capsys)
     assert code == 2
-    assert errors == [f"error: {broken}: no transformer/ folder (a Flux/SD3 base needs transformer/, vae/, "
+    assert errors == [f"error: {broken}: no transformer/ folder (a Flux.1 base needs transformer/, vae/, "
                       "text_encoder*/, tokenizer*/, scheduler/)"]
 
 

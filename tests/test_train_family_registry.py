@@ -39,7 +39,7 @@ def imported(module: str) -> set[str]:
 
 def test_the_registry_lists_every_family_as_a_concrete_adapter_named_like_its_key():
     from train.adapter import FamilyAdapter
-    from train.config import FAMILY_NAMES
+    from train.family_specs import FAMILY_NAMES
     from train.families import FAMILIES
 
     assert set(FAMILIES) == set(FAMILY_NAMES)

@@ -325,7 +325,7 @@ def test_fp8_base_is_refused_where_torch_has_no_float8(demo_manifest, tiny_sd, t
 
 def test_a_device_without_float8_is_a_set_up_error(tiny_sd, monkeypatch):
     from train import float8_base
-    from train.config import SetupError
+    from train.errors import SetupError
 
     base = load_family_base(tiny_sd, "sd")
     monkeypatch.setattr(float8_base, "float8_problem", lambda device: "mps cannot hold float8 tensors")

@@ -1,14 +1,16 @@
-"""Training settings: one dataclass, flags named as in diffusers' train_controlnet.py."""
+"""Training settings: the ``TrainConfig`` dataclass (flags named as in diffusers' train_controlnet.py, built
+from its field docstrings by train/train.py) and the checks it runs when built, before any model loads.
+What is checked per model family lives in train/family_checks.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
 from manifests.flags import nonfinite_problem
+from train.family_checks import base_json, controlnet_family_problem, family_flag_problem, local_family
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -20,29 +22,6 @@ DIFFUSERS_DIFFERENCES = {
     "center_crop": (True, "a random crop (diffusers always crops the centre) sees more of each image"),
     "num_validation_images": (4, "fewer samples per validation, which runs on held-out rows too"),
     "output_dir": ("controlnet-model", "runs are collected under runs/"),
-}
-FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/3.5", "flux": "Flux.1"}
-UNION_FAMILIES = ("sdxl", "flux")
-"""Families with a union ControlNet in diffusers: ControlNetUnionModel (SDXL), FluxControlNetModel(num_mode)."""
-SDXL_CONTROL_TYPES = 6  # ControlNetUnionModel.from_unet builds num_control_type=6 slots
-FLOW_FAMILIES = ("sd3", "flux")
-VAE_SCALE = 8
-"""Pixels per latent side of the SD3/Flux VAEs."""
-DEFAULT_GUIDANCE = 3.5
-"""Flux.1-dev's distilled guidance during training when ``--guidance_scale`` is not given."""
-BASE_FOLDERS = {
-    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-            "tokenizer_3", "scheduler"),
-    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-}
-"""The subfolders each family's base loads from."""
-FOLDER_HINT = {
-    "sd": "an SD 1.x/2.x base needs unet/, vae/, text_encoder/, tokenizer/, scheduler/",
-    "sdxl": "an SDXL base needs unet/, vae/, text_encoder*/, tokenizer*/, scheduler/",
-    "sd3": "a Flux/SD3 base needs transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/",
-    "flux": "a Flux/SD3 base needs transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/",
 }
 HANDED_CONDITIONS = ("openpose", "mediapipe_pose", "mediapipe_face")
 """Conditions whose maps tell left from right by colour (OpenPose limb colours, face-mesh eyes)."""
@@ -68,11 +47,6 @@ def validation_image_problem(images: tuple[str, ...], conditions: tuple[str, ...
                     f"as channels, so each sample needs one map per condition, comma-separated in --condition "
                     f"order (e.g. --validation_image {example}); got {len(files)}")
     return None
-
-
-class SetupError(ValueError):
-    """A run cannot be set up (base, ControlNet or flags that only loading shows wrong): ``train.py`` prints
-    the message as one line and exits with 2. Raised before the first training step, never inside one."""
 
 
 @dataclasses.dataclass
@@ -200,81 +174,11 @@ class TrainConfig:
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
 
     def __post_init__(self) -> None:
-        problem = nonfinite_problem(self, lambda name: f"--{name}")
-        if problem:
-            raise ValueError(problem)
-        problem = output_dir_problem(self.output_dir)
-        if problem:
-            raise ValueError(problem)
         self.condition = tuple(self.condition)
-        if not self.condition:
-            raise ValueError("--condition: name at least one annotator column, e.g. --condition canny")
-        repeated = sorted({c for c in self.condition if self.condition.count(c) > 1})
-        if repeated:
-            raise ValueError(f"--condition names {', '.join(repeated)} more than once; name each condition once")
-        if self.resolution % 8 or self.resolution < 8:
-            raise ValueError(f"--resolution {self.resolution} is not divisible by 8; use e.g. 512 or 768")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"--lr_scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
-        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ValueError("--proportion_empty_prompts must be within 0..1")
-        if self.learning_rate < 0:  # AdamW would refuse it with a traceback after the models load (0 is a no-op run)
-            raise ValueError(f"--learning_rate {self.learning_rate}: give 0 or more (e.g. 1e-5)")
-        if self.max_grad_norm <= 0:  # clipping to 0 trains nothing; below 0 flips every gradient's sign
-            raise ValueError(f"--max_grad_norm {self.max_grad_norm}: give a norm above 0 (the default is 1.0)")
-        if not 0.0 <= self.max_bad_rows_fraction <= 1.0:
-            raise ValueError(f"--max_bad_rows_fraction {self.max_bad_rows_fraction}: give a share within 0..1 "
-                             "(0.01 skips up to 1% of rows that do not decode)")
-        for key in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "num_train_epochs", "max_nonfinite_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key} must be at least 1")
-        for key in ("validation_steps", "num_validation_rows"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"--{key} must be 0 or more")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise ValueError("--max_train_steps must be at least 1")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError("--checkpoints_total_limit must be at least 1")
-        if self.validation_image and len(self.validation_prompt) not in (1, len(self.validation_image)):
-            raise ValueError("--validation_prompt: give one prompt, or one per --validation_image")
-        if self.validation_prompt and not self.validation_image:
-            raise ValueError("--validation_prompt needs --validation_image (or leave both out to use held-out rows)")
-        problem = validation_image_problem(self.validation_image, self.condition, self.union)
-        if problem:
-            raise ValueError(problem)
-        if self.cache_latents and (self.random_flip or not self.center_crop):
-            raise ValueError("--cache_latents needs fixed crops: add --center_crop and leave --random_flip out")
-        if self.fp8_base:
-            problem = fp8_problem()
+        for check in CONFIG_CHECKS:
+            problem = check(self)
             if problem:
                 raise ValueError(problem)
-        if self.union and len(self.condition) < 2:
-            raise ValueError("--union trains one ControlNet for several conditions: name two or more, e.g. "
-                             "--condition canny,depth (or drop --union)")
-        for key in ("controlnet_num_layers", "controlnet_num_single_layers", "max_sequence_length"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"--{key} must be at least 1")
-        if self.controlnet_model_name_or_path:
-            sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers") if getattr(self, k)]
-            if sized:
-                raise ValueError(f"--{sized[0]} sizes a new ControlNet; --controlnet_model_name_or_path loads one "
-                                 f"with its own size: drop --{sized[0]}")
-        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"--guidance_scale {self.guidance_scale}: give a finite value of 0 or more (Flux.1-dev "
-                             "trains at 3.5), or leave it out")
-        path = self.pretrained_model_name_or_path
-        family = local_family(path)  # a hub id's is checked once it loads
-        problem = family and (family_flag_problem(self, family, _base_json(path, "transformer/config.json"))
-                              or controlnet_family_problem(self.controlnet_model_name_or_path, family, self.union))
-        if problem:
-            raise ValueError(problem)
-        handed = [c for c in self.condition if c in HANDED_CONDITIONS]
-        if self.random_flip and handed:
-            raise ValueError(f"--random_flip with {', '.join(handed)}: these maps colour left and right limbs (or "
-                             "eyes) differently, so a flipped pair teaches the wrong side; leave --random_flip out")
 
     @property
     def validation_enabled(self) -> bool:
@@ -306,169 +210,101 @@ def fp8_problem() -> str | None:
     return None
 
 
-def family_flag_problem(config: TrainConfig, family: str, transformer: dict | None = None) -> str | None:
-    """What is wrong with the flags for this model family (a message saying what to do), or None;
-    ``transformer``: the base's transformer config (SD3/Flux), for the checks that need it."""
-    label = FAMILY_NAMES[family]
-    problem = resolution_problem(config.resolution, family, transformer) or guidance_problem(config, family,
-                                                                                             transformer)
-    if problem:
-        return problem
-    if config.union and family not in UNION_FAMILIES:
-        return (f"--union: diffusers has no union ControlNet for {label} (only SDXL and Flux.1); drop --union to "
-                + ("stack the conditions as channels" if family in ("sd", "sdxl") else "train one condition"))
-    if config.union and family == "sdxl" and len(config.condition) > SDXL_CONTROL_TYPES:
-        return f"--union on SDXL: ControlNetUnionModel has {SDXL_CONTROL_TYPES} control types; name at most that many"
-    if config.controlnet_num_single_layers is not None and family != "flux":
-        return f"--controlnet_num_single_layers sizes Flux's single-stream blocks; {label} has none: drop it"
-    if config.controlnet_num_layers is not None and family in ("sd", "sdxl"):
-        return (f"--controlnet_num_layers sizes SD3/Flux transformer ControlNets; a {label} ControlNet copies the "
-                "UNet's whole encoder: drop it")
-    if config.max_sequence_length is not None and family in ("sd", "sdxl"):
-        return f"--max_sequence_length sets T5's prompt length (SD3, Flux); {label} has no T5: drop it"
-    if family in ("sd3", "flux") and len(config.condition) > 1 and not config.union:
-        return (f"{label} ControlNets read one VAE-encoded condition image (as their pipelines pass it), so "
-                "conditions cannot be stacked as channels: name one condition"
-                + (", or add --union" if family in UNION_FAMILIES else ""))
+
+# --- the checks a TrainConfig runs when built, in order: each returns what is wrong (a message saying what
+# to do) or None -----------------------------------------------------------------------------------------
+
+
+def condition_problem(config: TrainConfig) -> str | None:
+    """No condition, or one named twice."""
+    if not config.condition:
+        return "--condition: name at least one annotator column, e.g. --condition canny"
+    repeated = sorted({c for c in config.condition if config.condition.count(c) > 1})
+    if repeated:
+        return f"--condition names {', '.join(repeated)} more than once; name each condition once"
     return None
 
 
-def resolution_problem(resolution: int, family: str, transformer: dict | None) -> str | None:
-    """Why ``resolution`` does not fit an SD3/Flux base (None when it does): Flux packs 2x2 latent patches and
-    SD3 patches latents by ``patch_size``, within a position embedding of ``pos_embed_max_size`` patches."""
-    if family not in FLOW_FAMILIES:
-        return None
-    patch = int((transformer or {}).get("patch_size") or 2) if family == "sd3" else 2
-    step = VAE_SCALE * patch
-    if resolution % step:
-        return (f"--resolution {resolution}: {FAMILY_NAMES[family]} needs a multiple of {step} (latents of /8 in "
-                f"{patch}x{patch} patches); use e.g. {max(step, resolution // step * step)}")
-    reach = (transformer or {}).get("pos_embed_max_size") if family == "sd3" else None
-    if reach and resolution // step > reach:
-        return (f"--resolution {resolution}: this SD3 base's position embedding reaches {reach} patches "
-                f"({reach * step} px); use --resolution {reach * step} or less")
+def choice_problem(config: TrainConfig) -> str | None:
+    """A resolution, scheduler or precision the trainer does not take."""
+    if config.resolution % 8 or config.resolution < 8:
+        return f"--resolution {config.resolution} is not divisible by 8; use e.g. 512 or 768"
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        return f"--lr_scheduler {config.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}"
+    if config.mixed_precision is not None and config.mixed_precision not in MIXED_PRECISION:
+        return f"--mixed_precision {config.mixed_precision!r}: choose one of {MIXED_PRECISION}"
     return None
 
 
-def guidance_problem(config: TrainConfig, family: str, transformer: dict | None) -> str | None:
-    """Why ``--guidance_scale`` does not apply (None when it does, or was not given): only Flux bases with
-    ``guidance_embeds`` (Flux.1-dev) read a guidance input."""
-    if config.guidance_scale is None:
-        return None
-    if family != "flux":
-        return f"--guidance_scale is Flux.1-dev's guidance input; {FAMILY_NAMES[family]} has none: drop it"
-    if transformer is not None and not transformer.get("guidance_embeds"):
-        return ("--guidance_scale: this Flux base has no guidance_embeds (a Flux.1-schnell-like model reads no "
-                "guidance input): drop it")
+def range_problem(config: TrainConfig) -> str | None:
+    """A share, rate or count outside the range it can take."""
+    if not 0.0 <= config.proportion_empty_prompts <= 1.0:
+        return "--proportion_empty_prompts must be within 0..1"
+    if config.learning_rate < 0:  # AdamW would refuse it with a traceback after the models load (0 is a no-op run)
+        return f"--learning_rate {config.learning_rate}: give 0 or more (e.g. 1e-5)"
+    if config.max_grad_norm <= 0:  # clipping to 0 trains nothing; below 0 flips every gradient's sign
+        return f"--max_grad_norm {config.max_grad_norm}: give a norm above 0 (the default is 1.0)"
+    if not 0.0 <= config.max_bad_rows_fraction <= 1.0:
+        return (f"--max_bad_rows_fraction {config.max_bad_rows_fraction}: give a share within 0..1 "
+                "(0.01 skips up to 1% of rows that do not decode)")
+    least = {**dict.fromkeys(("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                              "num_train_epochs", "max_nonfinite_steps"), 1),
+             **dict.fromkeys(("validation_steps", "num_validation_rows"), 0)}
+    for key, lowest in least.items():
+        if getattr(config, key) < lowest:
+            return f"--{key} must be {'at least 1' if lowest else '0 or more'}"
+    for key in ("max_train_steps", "checkpoints_total_limit", "controlnet_num_layers",
+                "controlnet_num_single_layers", "max_sequence_length"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            return f"--{key} must be at least 1"
     return None
 
 
-CONTROLNET_FAMILIES = {"ControlNetModel": ("sd", "sdxl"), "ControlNetUnionModel": ("sdxl",),
-                       "SD3ControlNetModel": ("sd3",), "FluxControlNetModel": ("flux",)}
-"""ControlNet class (config.json ``_class_name``) -> the families whose bases it steers."""
+def validation_problem(config: TrainConfig) -> str | None:
+    """Validation prompts and images that do not pair up."""
+    if config.validation_image and len(config.validation_prompt) not in (1, len(config.validation_image)):
+        return "--validation_prompt: give one prompt, or one per --validation_image"
+    if config.validation_prompt and not config.validation_image:
+        return "--validation_prompt needs --validation_image (or leave both out to use held-out rows)"
+    return validation_image_problem(config.validation_image, config.condition, config.union)
 
 
-def controlnet_family_problem(path: str | None, family: str, union: bool) -> str | None:
-    """Why the ControlNet folder at ``path`` cannot continue on this base (None when it can, or when its
-    config cannot be read here: a hub id offline is left to the loader). Read before any weights load."""
-    if not path:
-        return None
-    config = controlnet_json(path)
-    if config is None:
-        return None
-    kind = config.get("_class_name", "")
-    own = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
-    families = (own,) if kind == "ControlNetModel" else CONTROLNET_FAMILIES.get(kind, ())
-    what = ", ".join(FAMILY_NAMES[f] for f in families) or "no family this trainer knows"
-    wanted = {"sd": "ControlNetModel", "sdxl": "ControlNetUnionModel" if union else "ControlNetModel",
-              "sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel"}[family]
-    if family in families and kind == wanted:  # a Flux ControlNet's num_mode is checked when it loads
-        return None
-    return (f"{path} is a {kind or 'ControlNet of unknown class'} ({what} ControlNet); this "
-            f"{'--union ' if union else ''}run's base is {FAMILY_NAMES[family]}: pass a {wanted} folder "
-            "or leave --controlnet_model_name_or_path out")
-
-
-def controlnet_json(path: str) -> dict | None:
-    """The config.json of a ControlNet folder (or of its controlnet/ subfolder), None when not local."""
-    for name in ("config.json", "controlnet/config.json"):
-        file = os.path.join(path, name)
-        if os.path.isfile(file):
-            with open(file) as f:
-                return json.load(f)
+def data_problem(config: TrainConfig) -> str | None:
+    """Data settings that contradict each other or the conditions."""
+    if config.cache_latents and (config.random_flip or not config.center_crop):
+        return "--cache_latents needs fixed crops: add --center_crop and leave --random_flip out"
+    handed = [c for c in config.condition if c in HANDED_CONDITIONS]
+    if config.random_flip and handed:
+        return (f"--random_flip with {', '.join(handed)}: these maps colour left and right limbs (or eyes) "
+                "differently, so a flipped pair teaches the wrong side; leave --random_flip out")
     return None
 
 
-def base_folder_problem(path: str, family: str) -> str | None:
-    """A local base folder's missing subfolders (a message saying what it needs), or None."""
-    if not os.path.isdir(path):
-        return None
-    missing = [d for d in BASE_FOLDERS[family] if not os.path.isdir(os.path.join(path, d))]
-    if not missing:
-        return None
-    folders = "folder" if len(missing) == 1 else "folders"
-    return f"{path}: no {', '.join(d + '/' for d in missing)} {folders} ({FOLDER_HINT[family]})"
+def model_problem(config: TrainConfig) -> str | None:
+    """ControlNet and base settings that cannot work together (the family's own checks: family_checks.py)."""
+    if config.fp8_base and fp8_problem():
+        return fp8_problem()
+    if config.union and len(config.condition) < 2:
+        return ("--union trains one ControlNet for several conditions: name two or more, e.g. "
+                "--condition canny,depth (or drop --union)")
+    if config.controlnet_model_name_or_path:
+        sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers") if getattr(config, k)]
+        if sized:
+            return (f"--{sized[0]} sizes a new ControlNet; --controlnet_model_name_or_path loads one with its own "
+                    f"size: drop --{sized[0]}")
+    if config.guidance_scale is not None and not (math.isfinite(config.guidance_scale) and config.guidance_scale >= 0):
+        return (f"--guidance_scale {config.guidance_scale}: give a finite value of 0 or more (Flux.1-dev trains at "
+                "3.5), or leave it out")
+    path = config.pretrained_model_name_or_path
+    family = local_family(path)  # a hub id's is checked once it loads
+    return family and (family_flag_problem(config, family, base_json(path, "transformer/config.json"))
+                       or controlnet_family_problem(config.controlnet_model_name_or_path, family, config.union))
 
 
-def local_family(path: str) -> str | None:
-    """The family of a local base folder; None for a hub id or a folder that is not a diffusers base
-    (loading it reports that, with the rest of the run's set-up)."""
-    if not os.path.isdir(path):
-        return None
-    try:
-        return detect_family(path)
-    except (ValueError, OSError):
-        return None
-
-
-def detect_family(path: str) -> str:
-    """``sd``, ``sdxl``, ``sd3`` or ``flux`` for a diffusers base (local folder or hub id): from its
-    denoiser's config (transformer/ or unet/), else its model_index.json pipeline class."""
-    transformer = _base_json(path, "transformer/config.json")
-    if transformer:
-        kind = transformer.get("_class_name", "")
-        for prefix, name in (("SD3", "sd3"), ("Flux", "flux")):
-            if kind.startswith(prefix):
-                return name
-        raise SetupError(f"{path}: transformer {kind!r} is not a supported family (SD3/3.5 or Flux.1)")
-    unet = _base_json(path, "unet/config.json")
-    if unet:
-        return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
-    pipeline = (_base_json(path, "model_index.json") or {}).get("_class_name", "")
-    for prefix, name in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusionXL", "sdxl"),
-                         ("StableDiffusion", "sd")):
-        if pipeline.startswith(prefix):
-            return name
-    if not os.path.isdir(path):
-        raise SetupError(f"{path}: no such folder, and no diffusers base of that hub id could be read; pass a "
-                         "local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1 (or a reachable hub id)")
-    raise SetupError(f"{path}: no unet/ or transformer/ config and no known model_index.json pipeline; "
-                     "expected a diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1")
-
-
-def _base_json(path: str, name: str) -> dict | None:
-    """A JSON file of the base: read locally, else fetched from the hub (None when absent)."""
-    if os.path.isdir(path) or looks_local(path):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return None
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            folder, _, filename = name.rpartition("/")
-            file = hf_hub_download(path, filename, subfolder=folder or None)
-        except Exception:
-            return None
-    with open(file) as f:
-        return json.load(f)
-
-
-def looks_local(path: str) -> bool:
-    """A filesystem path rather than a hub id (``name`` or ``owner/name``): absolute, relative with ``.``/``~``,
-    or with more than one ``/``; such a path that does not exist is never looked up on the hub."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-
+CONFIG_CHECKS = (lambda config: nonfinite_problem(config, lambda name: f"--{name}"),
+                 lambda config: output_dir_problem(config.output_dir),
+                 condition_problem, choice_problem, range_problem, validation_problem, data_problem, model_problem)
+"""Run in this order when a ``TrainConfig`` is built; the first problem found is raised as a ValueError."""
 
 def differences_from_diffusers(config: TrainConfig) -> list[str]:
     """One line per setting of this run that differs from diffusers' train_controlnet.py default."""

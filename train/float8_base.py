@@ -293,7 +293,7 @@ def base_parts(base: "BaseModels") -> list[nn.Module]:
 def store_base_in_float8(base: "BaseModels", compute_dtype: torch.dtype) -> Float8Report:
     """``--fp8_base`` on a placed base: call it after the ControlNet copied the base's full-precision weights.
     A device without float8 support is a ``SetupError`` saying so."""
-    from train.config import SetupError
+    from train.errors import SetupError
 
     problem = float8_problem(base.denoiser.device)
     if problem:

@@ -25,7 +25,10 @@ from manifests.io import strict_json
 from train import checkpoints
 from train.adapter import BaseModels, FamilyOptions
 from train.cache import EncodedCache
-from train.config import DEFAULT_GUIDANCE, SetupError, TrainConfig, family_flag_problem
+from train.config import TrainConfig
+from train.errors import SetupError
+from train.family_checks import family_flag_problem
+from train.family_specs import DEFAULT_GUIDANCE
 from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, cap_caption,
                         caption_char_limit, collate, drop_unreadable, load_rows)
 from train.export import export

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from train.adapter import BaseModels
-from train.config import FAMILY_NAMES, SetupError, base_folder_problem, controlnet_family_problem, detect_family
+from train.errors import SetupError
+from train.family_checks import base_folder_problem, controlnet_family_problem, detect_family
+from train.family_specs import FAMILY_NAMES
 from train.families import FAMILIES
 
 

@@ -23,7 +23,8 @@ import logging
 from typing import Sequence
 
 from manifests.flags import DefaultsHelpFormatter, add_dataclass_flags, parsed_fields
-from train.config import SetupError, TrainConfig, differences_from_diffusers, validation_image_files
+from train.config import TrainConfig, differences_from_diffusers, validation_image_files
+from train.errors import SetupError
 
 
 def build_parser() -> argparse.ArgumentParser:

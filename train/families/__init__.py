@@ -2,8 +2,8 @@
 
 Each family is one ``FamilyAdapter`` subclass (the abstract adapter, train/adapter.py) in a file of this
 package: unet.py (SD 1.x/2.x, SDXL) and flow.py (SD3/3.5, Flux.1). Adding a family is one new file here
-and one entry in ``FAMILIES`` (plus its folder layout and display name in train/config.py, which
-validates flags before any model is imported). Family files import train/adapter.py, train/latents.py
+and one entry in ``FAMILIES``, plus its ``FamilySpec`` in train/family_specs.py (folders, ControlNet
+classes, what flags it takes: checked before any model is imported). Family files import train/adapter.py, train/latents.py
 and the loss modules, never each other or this registry.
 """
 

@@ -19,7 +19,8 @@ import torch
 
 from train.adapter import (BaseModels, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze,
                            load_text_encoders)
-from train.config import FAMILY_NAMES, SetupError
+from train.errors import SetupError
+from train.family_specs import FAMILY_NAMES
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
 from train.latents import CachedConditions, images_from_latents
 

@@ -10,7 +10,7 @@ import torch
 
 from train.adapter import (BaseModels, FamilyAdapter, controlnet_config, controlnet_subfolder, freeze,
                            load_text_encoders)
-from train.config import SetupError
+from train.errors import SetupError
 from train.latents import images_from_latents
 from train.step import controlnet_loss, sample_noise
 
