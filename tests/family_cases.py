@@ -1,0 +1,43 @@
+"""What tests/test_train_new_families.py needs to know about each new family: one ``FamilyCase`` each.
+
+A family's tiny base is written by tests/tiny_<family>.py and served by the ``tiny_<family>`` fixture in
+conftest.py; its case says how to call diffusers' own transformer without a ControlNet (the reference a fresh
+ControlNet must leave unchanged), which classes its export and pipeline are, and which flags it refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyCase:
+    controlnet: str
+    """diffusers class of the exported ControlNet."""
+    pipeline: str
+    """diffusers ControlNet pipeline the export loads in."""
+    noisy: Callable[[Any], torch.Tensor]
+    """base -> noisy latents of 2 examples at 64 px, in the layout the adapter's ``predict`` takes."""
+    plain: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+    """(base, noisy, sigmas, hidden, added) -> the base transformer's prediction with no ControlNet, called as
+    the family's pipeline calls it (not through the adapter)."""
+    zero_outputs: str = "controlnet_blocks"
+    """State-dict prefix of the ControlNet's zero-initialised outputs (must move in training)."""
+    size: tuple[str, ...] = ()
+    """Flags that keep the ControlNet tiny in training runs."""
+    layers: tuple[int | None, int | None] = (None, None)
+    """``make_controlnet``'s (num_layers, num_single_layers) matching ``size``."""
+    max_sequence_length: int | None = None
+    pipeline_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Extra arguments of a pipeline call (e.g. max_sequence_length)."""
+    control_argument: str = "control_image"
+    """The pipeline argument that takes the condition image."""
+    refused: tuple[tuple[tuple[str, ...], str], ...] = ()
+    """(extra flags, a phrase of the message) pairs the family refuses before weights load."""
+
+
+CASES: dict[str, FamilyCase] = {}
+"""Family name -> its case; each new family's tests add one entry (in family-name order)."""

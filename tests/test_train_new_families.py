@@ -1,0 +1,185 @@
+"""The 2025-2026 transformer families (Qwen-Image, Z-Image, Sana, HunyuanDiT), one parametrised module: each
+family is one ``FamilyCase`` in ``CASES`` (tests/family_cases.py) over a tiny base built from configs and
+saved locally (its ``tiny_<family>`` fixture in conftest.py).
+
+For each: a fresh ControlNet leaves the base's prediction exactly unchanged; with non-zero weights the
+condition changes the prediction; training changes only the ControlNet; resume is exact; the export loads in
+the family's ControlNet pipeline, generates, and the condition changes its output; the memory flags work;
+flags the family cannot take fail before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.family_cases import CASES
+from tests.test_train_families import assert_resume_from_checkpoint_is_exact, perturb, train_keeping_base
+
+FAMILIES = tuple(CASES)
+pytestmark = pytest.mark.skipif(not FAMILIES, reason="no new family registered yet")
+
+
+def train_args(manifest, base, out, family: str, *extra, condition: str = "canny") -> list[str]:
+    # --keep_duplicates: the demo's edge cases are near copies by design (see tests/test_train.py)
+    return ["--manifest", str(manifest), "--condition", condition, "--pretrained_model_name_or_path", str(base),
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3",
+            "--seed", "7", "--report_to", "none", "--keep_duplicates", *CASES[family].size, *extra]
+
+
+def load_family_base(request, family: str):
+    from train.adapter import FamilyOptions
+    from train.models import load_base
+
+    base = load_base(str(request.getfixturevalue(f"tiny_{family}")), 64)
+    assert base.family.name == family
+    base.options = FamilyOptions(("canny",), False, CASES[family].max_sequence_length)
+    return base
+
+
+def fresh_controlnet(base, family: str) -> torch.nn.Module:
+    from train.models import make_controlnet
+
+    return make_controlnet(base, 3, None, *CASES[family].layers).eval()
+
+
+def steered(base, controlnet, noisy, sigmas, condition: torch.Tensor) -> torch.Tensor:
+    """The family's prediction with the ControlNet reading ``condition`` (two prompts, as in a batch)."""
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    with torch.no_grad():
+        control = base.family.control_inputs(base, controlnet, condition, torch.Generator().manual_seed(0))
+        return base.family.predict(controlnet, base, noisy, sigmas, hidden, added, control)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_fresh_controlnet_leaves_the_base_prediction_exactly_unchanged(family, request):
+    case, base = CASES[family], load_family_base(request, family)
+    controlnet = fresh_controlnet(base, family)
+    noisy, sigmas = case.noisy(base), torch.tensor([0.3, 0.9])
+    prediction = steered(base, controlnet, noisy, sigmas, torch.rand(2, 3, 64, 64))
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    with torch.no_grad():
+        plain = case.plain(base, noisy, sigmas, hidden, added)  # diffusers' transformer called as its pipeline does
+    assert torch.equal(plain, prediction)
+    assert plain.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_controlnet_reads_the_condition(family, request):
+    case, base = CASES[family], load_family_base(request, family)
+    controlnet = fresh_controlnet(base, family)
+    perturb(controlnet)
+    noisy, sigmas = case.noisy(base), torch.tensor([0.3, 0.9])
+    g = torch.Generator().manual_seed(1)
+    first, second = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    a, b = (steered(base, controlnet, noisy, sigmas, c) for c in (first, second))
+    assert torch.equal(a, steered(base, controlnet, noisy, sigmas, first))
+    assert (a - b).abs().amax() > 1e-3 * a.abs().amax()
+
+
+@pytest.mark.parametrize(("family", "extra", "message"),
+                         [(f, list(extra), message) for f in FAMILIES for extra, message in CASES[f].refused])
+def test_flags_the_family_cannot_take_fail_before_any_weights_load(demo_manifest, request, tmp_path, capsys,
+                                                                  monkeypatch, family, extra, message):
+    from train import models
+    from train.train import main
+
+    monkeypatch.setattr(models, "load_base", lambda *a: pytest.fail("weights loaded before the flags were checked"))
+    base = request.getfixturevalue(f"tiny_{family}")
+    assert main(train_args(demo_manifest, base, tmp_path / "out", family, *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+# --- a short run per family: base untouched, resume exact, export loads and generates ---------------------
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def straight_run(request, demo_manifest, tmp_path_factory):
+    """3 steps (checkpoints at 2 and 3, validation samples at 3), keeping the base the loop trained beside."""
+    family = request.param
+    base_dir = request.getfixturevalue(f"tiny_{family}")
+    out = tmp_path_factory.mktemp(f"{family}_run") / "run"
+    args = train_args(demo_manifest, base_dir, out, family, "--max_train_steps", "3", "--checkpointing_steps", "2",
+                      "--validation_steps", "3", "--num_validation_rows", "2", "--num_validation_images", "1")
+    return train_keeping_base(family, base_dir, out, args)
+
+
+def load_exported(family: str, folder) -> torch.nn.Module:
+    import diffusers
+
+    return getattr(diffusers, CASES[family].controlnet).from_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_training_changes_the_controlnet_and_never_the_base(straight_run, request):
+    family, trained = straight_run["family"], straight_run["base"]
+    fresh = load_family_base(request, family)
+    pairs = [("transformer", trained.transformer, fresh.transformer), ("vae", trained.vae, fresh.vae)] + [
+        (f"text_encoder{i}", a, b) for i, (a, b) in enumerate(zip(trained.text_encoders, fresh.text_encoders))]
+    for name, a, b in pairs:
+        fresh_state = b.state_dict()
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, fresh_state[k]), f"{name}.{k} changed"
+    start = fresh_controlnet(fresh, family).state_dict()
+    after = load_exported(family, straight_run["out"] / "controlnet").state_dict()
+    assert set(after) == set(start)
+    changed = [k for k, v in after.items() if not torch.equal(v, start[k])]
+    assert any(k.startswith(CASES[family].zero_outputs) for k in changed)  # the zero-initialised outputs moved
+    figures = straight_run["result"]["figures"]
+    assert figures["global_step"] == 3 and np.isfinite(figures["final_loss"])
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(straight_run, tmp_path):
+    import tests.test_train_families as shared
+
+    with pytest.MonkeyPatch.context() as mp:  # the shared check loads exports by the family's class
+        mp.setattr(shared, "load_exported", load_exported)
+        assert_resume_from_checkpoint_is_exact(straight_run, "checkpoint-2", tmp_path)
+
+
+@pytest.mark.slow
+def test_export_loads_in_the_family_pipeline_and_the_condition_changes_its_output(straight_run):
+    import diffusers
+    from PIL import Image
+
+    family, out = straight_run["family"], straight_run["out"]
+    case = CASES[family]
+    controlnet = load_exported(family, out / "controlnet")
+    perturb(controlnet)  # three steps barely move the zero outputs; random weights make the condition count
+    pipe = getattr(diffusers, case.pipeline).from_pretrained(straight_run["base_dir"], controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(2):
+        condition = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+        images.append(pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, output_type="np",
+                           generator=torch.Generator().manual_seed(0),
+                           **case.pipeline_kwargs, **{case.control_argument: condition}).images)
+    assert images[0].shape == (1, 64, 64, 3) and np.isfinite(images[0]).all()
+    assert np.abs(images[0] - images[1]).max() > 1e-4
+    card = (out / "README.md").read_text()
+    assert f"{case.controlnet}.from_pretrained" in card and case.pipeline in card
+    assert (out / "validation" / "step-000003.png").is_file() and (out / "validation" / "step-final.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_flags_train_and_validate(demo_manifest, family, request, tmp_path):
+    """bf16 locked base, gradient checkpointing, cached latents and prompts, EMA: one step, then validation."""
+    from train.train import main
+
+    out = tmp_path / "run"
+    assert main(train_args(demo_manifest, request.getfixturevalue(f"tiny_{family}"), out, family,
+                           "--max_train_steps", "1", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                           "--cache_latents", "--center_crop", "--validation_steps", "1", "--num_validation_rows", "1",
+                           "--num_validation_images", "1", "--checkpointing_steps", "10", "--use_ema")) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["figures"]["mixed_precision"] == "bf16" and np.isfinite(summary["figures"]["final_loss"])
+    assert (out / "validation" / "step-final.png").is_file()
+    load_exported(family, out / "controlnet")
+    shutil.rmtree(out)
