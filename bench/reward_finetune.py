@@ -115,6 +115,28 @@ def start_controlnet(args, work: Path, manifest: str) -> str:
     return str(out / "controlnet")
 
 
+def canny_agreement(circles: Path) -> str:
+    """F1 (1 and 2 px tolerance) of the soft Canny stand-in, thresholded at 0.5, against cv2.Canny(100, 200):
+    on scikit-image's photos and on the circles in ``circles``."""
+    import cv2
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    from train.metrics import edge_f1
+    from train.reward import SoftCanny
+
+    def f1(image: np.ndarray, tolerance: int) -> float:
+        soft = SoftCanny()(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255)[0, 0].numpy()
+        return edge_f1(cv2.Canny(image, 100, 200), (soft > 0.5).astype(np.uint8) * 255, tolerance=tolerance)
+
+    sets = {"photos": [getattr(data, n)() for n in ("astronaut", "chelsea", "coffee", "rocket")],
+            "circles": [np.asarray(Image.open(p).convert("RGB")) for p in sorted(circles.glob("*.png"))]}
+    return "; ".join(f"{name} F1 {np.mean([f1(i, 1) for i in images]):.3f} (1 px), "
+                     f"{np.mean([f1(i, 2) for i in images]):.3f} (2 px)" for name, images in sets.items())
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=20.0, help="extra training wall time of each arm")
@@ -171,6 +193,7 @@ def main() -> None:
         arms[name] = {"steps": steps, "seconds": seconds,
                       "metrics": evaluate(str(out / "controlnet"), fresh, work / f"eval_{out.name}", args.held_out)}
     report(before, arms, costs, args)
+    print(f"soft Canny stand-in vs cv2.Canny: {canny_agreement(work / 'fresh')}")
     (work / "reward_finetune.json").write_text(json.dumps({"before": before, "arms": arms, "costs": costs}, indent=2))
     print(f"runs and figures: {work}")
 

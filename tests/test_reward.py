@@ -232,7 +232,7 @@ def soft_canny_f1(image: np.ndarray, tolerance: int = 1) -> float:
 def test_the_soft_canny_agrees_with_opencv_canny():
     from skimage import data
 
-    assert soft_canny_f1(data.astronaut()[::2, ::2].copy()) > 0.6
+    assert soft_canny_f1(data.astronaut()) > 0.85  # 0.906 measured (README)
     circle, _ = circle_image()
     assert soft_canny_f1((circle[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)) > 0.9
 
