@@ -161,12 +161,14 @@ def report(before: dict, arms: dict[str, dict], costs: dict[str, dict], args) ->
           f"({reward['s_per_step'] / plain['s_per_step']:.2f}x); peak process memory plain {plain['peak_mb']:.0f} MB, "
           f"reward {reward['peak_mb']:.0f} MB ({reward['peak_mb'] / plain['peak_mb']:.2f}x)")
     print(f"{'':16}{'steps':>7}{'minutes':>9}{'circle IoU':>12}{'colour acc':>12}")
-    print(f"{'base alone':16}{'':>7}{'':>9}{before['base']['circle_iou']:12.3f}{before['base']['colour_accuracy']:12.3f}")
+    base = before["base"]
+    print(f"{'base alone':16}{'':>7}{'':>9}{base['circle_iou']:12.3f}{base['colour_accuracy']:12.3f}")
     print(f"{'start':16}{'':>7}{'':>9}{before['controlnet']['circle_iou']:12.3f}"
           f"{before['controlnet']['colour_accuracy']:12.3f}")
     for name, arm in arms.items():
         m = arm["metrics"]["controlnet"]
-        print(f"{name:16}{arm['steps']:7d}{arm['seconds'] / 60:9.1f}{m['circle_iou']:12.3f}{m['colour_accuracy']:12.3f}")
+        print(f"{name:16}{arm['steps']:7d}{arm['seconds'] / 60:9.1f}{m['circle_iou']:12.3f}"
+              f"{m['colour_accuracy']:12.3f}")
     start_iou = before["controlnet"]["circle_iou"]
     a, b = (arms[k]["metrics"]["controlnet"]["circle_iou"] for k in ("(a) plain", "(b) reward"))
     print(f"IoU gain over the start: plain {a - start_iou:+.3f}, reward {b - start_iou:+.3f}; "

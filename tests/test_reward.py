@@ -272,3 +272,18 @@ def test_reward_flags_parse_from_the_command_line():
                          "--reward_weight", "0.5", "--reward_max_timestep", "300", "--reward_distance", "hed=l2"])
     assert (config.reward_weight, config.reward_max_timestep) == (0.5, 300)
     assert reward_distances(config) == {"canny": "soft_f1", "hed": "l2"}
+
+
+def test_what_the_reward_cannot_do_is_refused_at_set_up(tiny_flux):
+    from train.config import SetupError
+    from train.models import load_base
+    from train.reward import make_reward
+
+    circles = load_base(str(CIRCLES), 32)
+    assert make_reward(reward_config(CIRCLES, reward_weight=0.0), circles, "cpu", torch.float32, 1) is None
+    with pytest.raises(SetupError, match="one process"):
+        make_reward(reward_config(CIRCLES), circles, "cpu", torch.float32, 2)
+    flux = load_base(str(tiny_flux), 64)
+    cached = reward_config(tiny_flux, cache_latents=True, center_crop=True, max_sequence_length=16)
+    with pytest.raises(SetupError, match="drop --cache_latents"):
+        make_reward(cached, flux, "cpu", torch.float32, 1)

@@ -176,8 +176,7 @@ def set_up(config: TrainConfig) -> Run:
     scorer = ValidationScorer(config) if config.validation_enabled and accelerator.is_main_process else None
     run = Run(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, dataset, sampler, loader, cache,
               held_out, scorer, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch),
-              skipped)
-    run.reward = make_reward(config, base, device, weight_dtype, accelerator.num_processes)
+              skipped, reward=make_reward(config, base, device, weight_dtype, accelerator.num_processes))
     if config.resume_from_checkpoint:
         resume(run)
     return run
@@ -331,7 +330,7 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
         latents, hidden, added = encode_batch(run, batch, generator)
         condition = batch_conditions(run, batch)
         loss = controlnet_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
-        if run.reward is not None:  # ControlNet++'s reward on a lightly noised one-step prediction (train/reward.py)
+        if run.reward is not None:  # ControlNet++'s reward on a one-step prediction (train/reward.py)
             loss = run.reward.added_to(loss, run.base, run.controlnet, latents, hidden, added, condition, generator)
         finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(accelerator.device)).min() > 0)
         if finite:
