@@ -34,6 +34,7 @@ from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnread
 from train.export import export
 from train.latents import latents_from_sample
 from train.models import load_base, make_controlnet
+from train.reward import make_reward
 
 log = logging.getLogger("train")
 
@@ -76,6 +77,8 @@ class Run:
     """Rows that did not decode, counted as examples report them (this process's share)."""
     global_step: int = 0
     """Optimiser steps done (counting those before a resume)."""
+    reward: Any = None
+    """The reward term (train/reward.py ``RewardLoss``) with ``--reward_weight`` above 0, else None."""
 
 
 @dataclasses.dataclass
@@ -85,6 +88,8 @@ class Meter:
     first_step: int
     losses: list[float] = dataclasses.field(default_factory=list)
     last_loss: float | None = None
+    last_parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The last step's diffusion and reward losses (with the reward on)."""
     samples: int = 0
     """Samples trained on after the first (warm-up) step, all ranks."""
     skipped_total: int = 0
@@ -174,7 +179,7 @@ def set_up(config: TrainConfig) -> Run:
     scorer = ValidationScorer(config) if config.validation_enabled and accelerator.is_main_process else None
     run = Run(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, dataset, sampler, loader, cache,
               held_out, scorer, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch),
-              skipped)
+              skipped, reward=make_reward(config, base, device, weight_dtype, accelerator.num_processes))
     if config.resume_from_checkpoint:
         resume(run)
     return run
@@ -300,6 +305,7 @@ def run_steps(run: Run) -> dict[str, Any]:
         log.warning("skipped %d rows whose image or condition map does not decode (listed in train_summary.json)",
                     len(skipped_rows))
     return {"global_step": run.global_step, "final_loss": meter.last_loss, "lr": run.lr_scheduler.get_last_lr()[0],
+            **{f"final_{k}": v for k, v in meter.last_parts.items()},
             "skipped_steps": meter.skipped_total, "skipped_rows": len(skipped_rows), "unreadable_rows": skipped_rows,
             "samples_per_s": round(meter.samples / elapsed, 3) if elapsed else None,
             "train_seconds": round(time.perf_counter() - meter.start, 1),  # wall time, validations included
@@ -327,6 +333,8 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
         latents, hidden, added = encode_batch(run, batch, generator)
         condition = batch_conditions(run, batch)
         loss = controlnet_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
+        if run.reward is not None:  # ControlNet++'s reward on a one-step prediction (train/reward.py)
+            loss = run.reward.added_to(loss, run.base, run.controlnet, latents, hidden, added, condition, generator)
         finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(accelerator.device)).min() > 0)
         if finite:
             accelerator.backward(loss)
@@ -391,7 +399,9 @@ def after_step(run: Run, meter: Meter, step_finite: bool) -> None:
     if run.ema is not None:
         run.ema.step(run.controlnet.parameters())
     logs = {"loss": sum(meter.losses) / max(1, len(meter.losses)), "lr": run.lr_scheduler.get_last_lr()[0],
-            "samples_per_s": meter.samples_per_s(), "skipped_steps": meter.skipped_total}
+            "samples_per_s": meter.samples_per_s(), "skipped_steps": meter.skipped_total,
+            **(run.reward.pop_logs() if run.reward is not None else {})}
+    meter.last_parts = {k: v for k, v in logs.items() if k.endswith("_loss")}
     meter.losses, meter.last_loss = [], logs["loss"]
     accelerator.log(logs, step=run.global_step)
 
