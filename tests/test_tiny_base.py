@@ -1,4 +1,4 @@
-"""The shipped demo base (models/tiny-circles) and the script that reproduces it (train/tiny_base.py)."""
+"""The shipped demo base (models/tiny-circles) and the script that reproduces it (demo/tiny_base.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.samples import CIRCLE_PALETTE, circle, circle_caption
-from train import tiny_base
+from demo import tiny_base
+from demo.circles import circle
+from train.metrics import CIRCLE_PALETTE, circle_caption
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tiny-circles"
 ALL_CAPTIONS = [circle_caption(c, b) for c in CIRCLE_PALETTE for b in CIRCLE_PALETTE if c != b]
