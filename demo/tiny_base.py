@@ -580,13 +580,15 @@ def folder_size(folder: Path) -> int:
 def write_model_card(folder: Path, report: dict[str, Any]) -> None:
     """README.md of the folder: what it is, how it was made, how well it draws."""
     m, t = report["metrics"], report.get("training", {})
+    output = report.get("config", {}).get("output", str(folder))
     card = [
         "# tiny-circles: the demo's text-to-image base", "",
         "A tiny Stable Diffusion (diffusers layout, safetensors) pretrained from nothing on 32x32 circle images",
         "captioned like \"a red circle on a light blue background\": it draws the captioned colours and puts the",
         "circle anywhere, for a ControlNet to learn where (the ControlNet paper's fill50k task).", "",
-        "Made by `demo/tiny_base.py` (recipe and reproduction command in its docstring); `tiny_base.json` holds",
-        "the full settings and figures, `samples.png` one sample per colour pair (row: circle, column: background).",
+        f"Made by `python -m demo.tiny_base --output {output}` (`demo/tiny_base.py`; the recipe is in its docstring,",
+        "every other setting is in `tiny_base.json`, with the figures); `samples.png` shows one sample per colour",
+        "pair (row: circle, column: background).",
         "", "| | |", "|---|---|",
     ]
     if t:
