@@ -128,7 +128,7 @@ def manifest(ctx: Context, resolution: int) -> str:
     """Drawn scenes with captions and Canny maps at ``resolution`` (local Ray), made once per resolution."""
     from pipeline.annotate import run
     from pipeline.config import AnnotateConfig
-    from pipeline.samples import write_scenes
+    from demo.samples import write_scenes
 
     def make() -> str:
         folder = ctx.work / f"scenes_{resolution}"

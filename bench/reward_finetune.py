@@ -45,7 +45,7 @@ def annotate(work: Path, name: str, count: int, seed: int) -> str:
     from pipeline import ray_runtime
     from pipeline.annotate import run
     from pipeline.config import AnnotateConfig
-    from pipeline.samples import write_circles
+    from demo.circles import write_circles
 
     write_circles(work / name, count, size=64, seed=seed)
     run(AnnotateConfig(input=str(work / name), output=str(work / f"{name}_manifest"), resolution=64, shard_size=500))

@@ -183,7 +183,7 @@ def make_manifest(work: Path, images: int) -> str:
     from pipeline import ray_runtime
     from pipeline.annotate import run
     from pipeline.config import AnnotateConfig
-    from pipeline.samples import write_scenes
+    from demo.samples import write_scenes
 
     write_scenes(work / "scenes", images)
     run(AnnotateConfig(input=str(work / "scenes"), output=str(work / "manifest"), resolution=256))
