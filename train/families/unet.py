@@ -12,7 +12,7 @@ from train.adapter import (BaseModels, FamilyAdapter, controlnet_config, control
                            load_text_encoders)
 from train.config import SetupError
 from train.latents import images_from_latents
-from train.step import controlnet_loss, sample_noise
+from train.step import sample_noise, unet_denoising_loss
 
 
 class SDAdapter(FamilyAdapter):
@@ -74,8 +74,8 @@ class SDAdapter(FamilyAdapter):
         if base.options.union:
             condition, extra = union_slots(condition, len(base.options.conditions), generator,
                                            controlnet_config(controlnet).num_control_type)
-        return controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise, timesteps,
-                               added, extra)
+        return unet_denoising_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise,
+                                   timesteps, added, extra)
 
     def card_extra(self, base: BaseModels) -> dict:
         """A union ControlNet's condition -> control-type slot mapping."""
