@@ -170,6 +170,13 @@ def start(config: TrainConfig) -> tuple[Any, int, torch.dtype]:
     return accelerator, seed, weight_dtype
 
 
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The locked base's dtype for accelerate's resolved ``mixed_precision``."""
+    if mixed_precision not in WEIGHT_DTYPES:
+        raise ValueError(f"mixed precision {mixed_precision!r} is not supported; use no, fp16 or bf16")
+    return WEIGHT_DTYPES[mixed_precision]
+
+
 def load_locked_base(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> BaseModels:
     """The locked base, its family checked against the flags and given its options, on ``device``."""
     base = load_base(config.pretrained_model_name_or_path, config.resolution)
@@ -527,10 +534,3 @@ def rank_report(accelerator, controlnet, seen_rows: list[int]) -> list[dict[str,
     with torch.no_grad():
         checksum = float(sum(p.double().sum() for p in accelerator.unwrap_model(controlnet).parameters()))
     return gather_object([{"rank": accelerator.process_index, "rows": sorted(seen_rows), "checksum": checksum}])
-
-
-def weight_dtype_of(mixed_precision: str) -> torch.dtype:
-    """The locked base's dtype for accelerate's resolved ``mixed_precision``."""
-    if mixed_precision not in WEIGHT_DTYPES:
-        raise ValueError(f"mixed precision {mixed_precision!r} is not supported; use no, fp16 or bf16")
-    return WEIGHT_DTYPES[mixed_precision]
