@@ -32,7 +32,7 @@ uniform hashes, which is why large distances do not scale (see ``DEFAULT_MAX_DIS
 
 At collection scale (``write_duplicates``) the same pass runs in stages of small independent tasks over
 scratch files (``DistributedPass``), which the annotator runs as Ray tasks: no process holds every row's
-hash, and the table is identical to ``find_duplicates`` over all rows (the in-memory reference).
+hash, and the table is identical to ``find_duplicates_in_memory`` over all rows (the in-memory reference).
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def _first_of_equal(codes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, n
     return rows[later], target[later]
 
 
-def find_duplicates(ids: Sequence[str] | pa.Array, sha256s: Sequence[str | None] | pa.Array | None,
+def find_duplicates_in_memory(ids: Sequence[str] | pa.Array, sha256s: Sequence[str | None] | pa.Array | None,
                     phashes: Sequence[int | None] | np.ndarray | pa.Array | None,
                     max_distance: int | None = DEFAULT_MAX_DISTANCE) -> pa.Table:
     """The duplicates among rows given in manifest order: a table ``(id, duplicate_of, distance, exact)``,
@@ -386,7 +386,7 @@ def write_duplicates(manifest_path: str, max_distance: int | None = DEFAULT_MAX_
     """Find the duplicates among the ok rows of the manifest's shards and write ``DUPLICATES_FILE``
     (atomically: a temp file moved into place); returns ``{"exact": n, "near": m, "max_distance": d}``.
 
-    The same table as ``find_duplicates`` over all ok rows in manifest order, made in stages of small
+    The same table as ``find_duplicates_in_memory`` over all ok rows in manifest order, made in stages of small
     tasks that ``run_tasks`` runs (Ray tasks in the annotator), so the caller never holds every row's
     hash: each task reads or writes a slice through scratch files under ``_duplicates/``
     (``DistributedPass``). Reads only ``id``, ``status``, ``source_sha256`` and ``phash`` of each shard;
@@ -441,7 +441,7 @@ class DistributedPass:
     7. ``_concat_parts`` (one task): the groups' parts, in order, into ``DUPLICATES_FILE``.
 
     Equal hashes are collapsed before the band search (steps 2-3), so copies of one picture cost one
-    hash there, however many there are. Exact: the same edges as ``find_duplicates`` up to connectivity
+    hash there, however many there are. Exact: the same edges as ``find_duplicates_in_memory`` up to connectivity
     (a forest has the components of the pairs it replaces), and the same kept row and fields.
     """
 
@@ -652,7 +652,7 @@ def _lookup(root: str, names: list[str], first: int, group: int, work: str, star
 
 
 def _explain(root: str, names: list[str], first: int, group: int, work: str) -> dict[str, int]:
-    """Stage 6: the table rows of this group's members, in manifest order, as ``find_duplicates`` gives them."""
+    """Stage 6: the table rows of this group's members, in manifest order (as ``find_duplicates_in_memory``)."""
     found = _read_all(join(work, "roots", str(group)), _ROOTS).sort_by("member")
     if found.num_rows:
         rows = _shard_rows(root, names, first, ok_only=False)
@@ -730,55 +730,3 @@ def read_duplicates(manifest_path: str) -> set[str]:
     """The ids of the manifest's duplicates (rows to skip); empty when it has no duplicates table."""
     found = duplicate_ids(manifest_path)
     return set() if found is None else set(found.to_pylist())
-
-
-def keep_mask(ids: pa.Array | pa.ChunkedArray, skip: pa.Array | None) -> np.ndarray:
-    """True for each of ``ids`` that is not in ``skip`` (all True when ``skip`` is None)."""
-    if skip is None or len(skip) == 0:
-        return np.ones(len(ids), bool)
-    return ~pc.is_in(ids, value_set=skip).to_numpy(zero_copy_only=False)
-
-
-def duplicates_option(duplicates: str | bool) -> bool:
-    """True when ``duplicates`` asks to skip them: ``"skip"`` or False skip, ``"keep"`` or True keep."""
-    if isinstance(duplicates, bool):
-        return not duplicates
-    if duplicates not in ("skip", "keep"):
-        raise ValueError(f"duplicates must be 'skip', 'keep' or a bool (True keeps them), not {duplicates!r}")
-    return duplicates == "skip"
-
-
-def shards_schema(shards: Sequence[str], fs: pafs.FileSystem) -> pa.Schema:
-    """The columns of every shard together: a manifest resumed by a newer release holds shards of an older
-    minor version too (v1.1 shards lack ``caption_original_length``), whose rows read as null there. The
-    shard with the most columns comes first, so its key-value metadata (the image features) is kept."""
-    schemas = [pq.read_schema(s, filesystem=fs) for s in shards]
-    schemas.sort(key=lambda schema: -len(schema))
-    return pa.unify_schemas(schemas)
-
-
-def hf_dataset(manifest_path: str, duplicates: str | bool = "skip", status: str | None = "ok", **load_kwargs: Any):
-    """The manifest as a Hugging Face ``datasets.Dataset`` (image columns decode to PIL images), with
-    ``manifests.read``'s defaults: ok rows only, duplicates left out (``duplicates="keep"`` or True keeps
-    them; ``status=None`` keeps every status). ``load_kwargs`` go to ``datasets.load_dataset`` (e.g.
-    ``cache_dir``). The rows are selected by index on top of the shards, nothing is copied.
-
-    ``datasets.load_dataset("parquet", data_files="<manifest>/*.parquet")`` alone reads every row."""
-    import datasets
-
-    skip = duplicate_ids(manifest_path) if duplicates_option(duplicates) else None
-    fs, base = resolve(manifest_path)
-    shards = list_shards(manifest_path)
-    scheme = manifest_path.split("://", 1)[0] + "://" if "://" in manifest_path else ""
-    if shards and "features" not in load_kwargs:  # one set of columns for shards of several schema versions
-        load_kwargs["features"] = datasets.Features.from_arrow_schema(shards_schema(shards, fs))
-    ds = datasets.load_dataset("parquet", data_files=[scheme + s for s in shards], split="train", **load_kwargs)
-    if status is None and (skip is None or len(skip) == 0):
-        return ds
-    keys = pa.concat_tables([pq.read_table(s, columns=["id", "status"], filesystem=fs) for s in shards])
-    if keys.num_rows != len(ds):
-        raise RuntimeError(f"datasets read {len(ds)} rows from {manifest_path}, its shards hold {keys.num_rows}")
-    keep = keep_mask(keys["id"], skip)
-    if status is not None:
-        keep &= pc.equal(keys["status"], status).to_numpy(zero_copy_only=False)
-    return ds.select(np.flatnonzero(keep))

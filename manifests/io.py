@@ -1,4 +1,6 @@
-"""Write and read manifests: Parquet shards made visible atomically, ``_manifest.json`` last."""
+"""Manifest storage: locations, Parquet shards made visible atomically, ``_manifest.json`` last.
+
+Reading rows (``manifests.read``, the ``datasets`` view) is ``manifests/readers.py``."""
 
 from __future__ import annotations
 
@@ -6,23 +8,17 @@ import json
 import math
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 from manifests.schema import (
     IMAGE_STRUCT,
     KNOWN_SCHEMA_VERSIONS,
     MANIFEST_JSON,
-    PANDAS_INT_DTYPES,
     PROVENANCE_KEY,
-    STATUSES,
     is_shard_name,
     shard_index,
 )
@@ -216,66 +212,3 @@ def shard_provenance(shard_path: str, filesystem: pafs.FileSystem | None = None)
         metadata = pq.read_schema(f).metadata or {}
     raw = metadata.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else None
-
-
-def _read_shard(shard: str, columns: list[str] | None, fs: pafs.FileSystem) -> pa.Table:
-    """A shard's ``columns`` (all when None), leaving out those it lacks: a shard written before v1.1 has
-    no ``caption_source`` or ``phash``, and a manifest may mix both kinds."""
-    if columns is not None:
-        names = set(pq.read_schema(shard, filesystem=fs).names)
-        columns = [c for c in columns if c in names]
-    return pq.read_table(shard, columns=columns, filesystem=fs)
-
-
-def _nullable_ints(arrow_type: pa.DataType) -> "pd.api.extensions.ExtensionDtype | None":
-    """pandas' nullable integer for the integer columns (``width`` of an error row is null: numpy's int would
-    become float64, and 64-bit ``phash`` values would round); None leaves other types to pyarrow. Shards carry
-    the same in their pandas metadata (``schema.PANDAS_INT_DTYPES``); this covers shards written before."""
-    import pandas as pd
-
-    name = PANDAS_INT_DTYPES.get(arrow_type)
-    return pd.api.types.pandas_dtype(name) if name else None
-
-
-def read(
-    path: str,
-    columns: Iterable[str] | None = None,
-    status: str | None = "ok",
-    duplicates: str | bool = "skip",
-) -> "pd.DataFrame":
-    """Read a manifest into pandas, rows in shard order.
-
-    ``status`` keeps only rows with that status (``None`` keeps all); ``columns`` limits what is
-    read, which matters because image columns dominate the size. ``duplicates``: ``"skip"`` (the
-    default; or False) leaves out the rows ``_duplicates/duplicates.parquet`` lists as exact or near duplicates
-    of an earlier row, ``"keep"`` (or True) keeps them; a manifest without that table has none. Integer
-    columns read as pandas' nullable ``Int32``/``Int64`` (``<NA>`` where an error row has no size).
-    """
-    import pandas as pd
-
-    from manifests.duplicates import duplicate_ids, duplicates_option, keep_mask
-
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES} or None, not {status!r}")
-    skip = duplicates_option(duplicates)
-    read_manifest_json(path)  # fails clearly on a folder that is not a (finished) manifest
-    fs, base = resolve(path)
-    shards = list_shards(path)
-    skip_ids = duplicate_ids(path) if skip else None
-    extra = ["status", *(["id"] if skip_ids is not None else [])]
-    cols = None if columns is None else list(dict.fromkeys([*columns, *extra]))
-    tables = [_read_shard(s, cols, fs) for s in shards]
-    if not tables:
-        return pd.DataFrame(columns=cols or [])
-    table = pa.concat_tables(tables, promote_options="default")  # v1.0 shards: v1.1 columns read as nulls
-    unknown = [c for c in cols or [] if c not in table.column_names]
-    if unknown:  # in no shard at all: a typo, not an older shard
-        raise KeyError(f"{path} has no column {', '.join(map(repr, unknown))}; it has {', '.join(table.column_names)}")
-    if status is not None:
-        table = table.filter(pc.equal(table["status"], status))
-    if skip_ids is not None and len(skip_ids):
-        table = table.filter(keep_mask(table["id"], skip_ids))
-    frame = table.to_pandas(types_mapper=_nullable_ints)
-    if columns is not None:
-        frame = frame[list(dict.fromkeys(columns))]
-    return frame

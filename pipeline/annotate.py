@@ -263,7 +263,7 @@ def shards_digest(stats: dict[int, ShardStats]) -> str:
     return fingerprint([[i, s.fingerprint, s.rows, s.counts, s.seconds] for i, s in sorted(stats.items())])
 
 
-def find_duplicates(config: AnnotateConfig, source: str) -> dict[str, Any]:
+def run_duplicates_pass(config: AnnotateConfig, source: str) -> dict[str, Any]:
     """Duplicates across the whole manifest (kept shards included), as a side table made by Ray tasks
     (pipeline/dispatch.py); shards stay as written. Call only when ``duplicates_up_to_date`` is None."""
     return duplicates.write_duplicates(config.output, config.near_duplicate_distance, computed_from=source,
@@ -342,7 +342,7 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
             if ray_info["mode"] == "not started":
                 ray_info = run_info["ray"] = ray_runtime.connect(config.address, config.num_cpus)
             duplicates_start = time.perf_counter()
-            found = find_duplicates(config, source)
+            found = run_duplicates_pass(config, source)
             run_info["duplicates_s"] = round(time.perf_counter() - duplicates_start, 3)
         else:
             log.info("duplicates: kept the table made from these shards (no shard changed)")
