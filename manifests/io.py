@@ -42,7 +42,7 @@ class Location:
 
     uri: str
     """The path or URI as given (what messages show)."""
-    fs: pafs.FileSystem
+    fs: pafs.FileSystem = dataclasses.field(compare=False)  # filesystems do not hash; uri and path say where
     path: str
     """The path within ``fs`` (absolute for a local folder)."""
 
