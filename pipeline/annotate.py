@@ -4,8 +4,9 @@
     python pipeline/annotate.py --input photos/ --output data/manifests/photos --annotators canny
     ray job submit --working-dir . -- python pipeline/annotate.py --input s3://bucket/photos ...
 
-Reads top to bottom: parse flags -> stream the listing -> plan shards into small plan files
-(skipping finished ones) -> start Ray -> annotate shards in stages (pipeline/dispatch.py) -> write
+Reads top to bottom: parse flags -> stream the listing -> resolve the output once (every step below
+writes through that location) -> plan shards into small plan files (skipping finished ones) -> start
+Ray -> annotate shards in stages (pipeline/dispatch.py) -> the duplicates pass -> write
 ``_manifest.json`` from the shards' stats files -> print a summary.
 """
 
