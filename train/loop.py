@@ -132,7 +132,8 @@ def set_up(config: TrainConfig) -> Run:
     base = load_base(config.pretrained_model_name_or_path, config.resolution)
     check_family_flags(config, base)
     guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
-    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance)
+    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance,
+                                 control_layers_places=config.control_layers_places)
     base.place(device, weight_dtype)
     with accelerator.local_main_process_first():  # one process per machine builds the row cache
         train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config),
