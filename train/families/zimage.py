@@ -229,6 +229,10 @@ def lend_base_parts(controlnet: torch.nn.Module, transformer: torch.nn.Module) -
     """``ZImageControlNetModel.from_transformer``, with the lent parts kept out of the ControlNet's parameters."""
     from diffusers import ZImageControlNetModel
 
+    # diffusers 0.42.1's ZImageControlNetModel reads self.gradient_checkpointing in a forward with gradients but
+    # only enable_gradient_checkpointing sets it: without it the first training step fails
+    if "gradient_checkpointing" not in vars(controlnet):
+        controlnet.gradient_checkpointing = False
     return hide_base_parts(ZImageControlNetModel.from_transformer(controlnet, transformer))
 
 
