@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from demo.samples import write_demo_collection
 from pipeline import ray_runtime
 from pipeline.annotate import run
 from pipeline.config import AnnotateConfig
-from pipeline.samples import write_demo_collection
 from tests.fake_weights import write_random_weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -103,6 +103,13 @@ class FamilyAdapter(abc.ABC):
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one batch at random noise and timesteps drawn from ``generator``."""
 
+    @abc.abstractmethod
+    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                     added: dict, condition: torch.Tensor, generator: torch.Generator,
+                     max_timestep: int) -> torch.Tensor:
+        """The clean latents predicted in one step from ``latents`` noised at a timestep drawn from
+        0..``max_timestep`` (reward fine-tuning, train/reward.py), differentiable for the ControlNet."""
+
     def card_pipeline_class(self, base: BaseModels) -> str:
         """The diffusers pipeline the model card tells users to load the ControlNet in."""
         return self.pipeline_class

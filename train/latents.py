@@ -20,10 +20,15 @@ def latents_from_sample(vae_config: Any, sample: torch.Tensor) -> torch.Tensor:
 def images_from_latents(vae: Any, image_processor: Any, latents: torch.Tensor) -> list:
     """Denoised latents -> PIL images (``latents_from_sample`` undone) through ``vae`` in its own dtype: it
     stays fp32 when its config says force_upcast, and the pipelines hand a bf16 base's latents to it as is."""
+    return image_processor.postprocess(pixels_from_latents(vae, latents).float(), output_type="pil")
+
+
+def pixels_from_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Denoiser latents -> [-1, 1] pixels through ``vae`` in its own dtype (``latents_from_sample`` undone);
+    differentiable, so the reward (train/reward.py) decodes with it too."""
     scaled = latents.to(vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
-    images = vae.decode(scaled + shift if shift else scaled, return_dict=False)[0]
-    return image_processor.postprocess(images.float(), output_type="pil")
+    return vae.decode(scaled + shift if shift else scaled, return_dict=False)[0]
 
 
 class CachedConditions:

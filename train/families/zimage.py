@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +28,7 @@ from train.family_checks import layer_places_problem
 from train.family_specs import SPECS
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
 from train.latents import CachedConditions, images_from_latents
+from train.reward import clean_prediction
 
 log = logging.getLogger("train")
 
@@ -139,13 +140,35 @@ class ZImageAdapter(FamilyAdapter):
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Velocity MSE at a logit-normal, shifted sigma (train/flow.py)."""
+        def sigmas() -> torch.Tensor:
+            return shifted_sigmas(latents.shape[0], generator, self.shift(base, latents))
+
+        _, noise, _, prediction = self.noised_prediction(controlnet, base, latents, hidden, added, condition,
+                                                         generator, sigmas)
+        return flow_loss(prediction, latents, noise)
+
+    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                     added: dict, condition: torch.Tensor, generator: torch.Generator,
+                     max_timestep: int) -> torch.Tensor:
+        """x0 = x_t - sigma v at a sigma uniform in 0..``max_timestep`` / the scheduler's timesteps (unshifted, as
+        the other flow families: the reward wants lightly noised images)."""
+        def sigmas() -> torch.Tensor:
+            top = max_timestep / base.scheduler.config.num_train_timesteps
+            return torch.rand(latents.shape[0], generator=generator) * top
+
+        noisy, _, drawn, prediction = self.noised_prediction(controlnet, base, latents, hidden, added, condition,
+                                                             generator, sigmas)
+        return clean_prediction("flow", noisy, prediction, drawn)
+
+    def noised_prediction(self, controlnet, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                          added: dict, condition, generator: torch.Generator, sigmas: Callable[[], torch.Tensor]):
+        """(noisy latents, noise, sigmas, velocity) for noise then ``sigmas()`` drawn from ``generator``."""
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        sigmas = shifted_sigmas(latents.shape[0], generator, self.shift(base, latents)).to(latents.device)
+        drawn = sigmas().to(latents.device)
+        noisy = noisy_latents(latents, noise, drawn)
         with torch.no_grad():
             control = self.control_inputs(base, controlnet, condition, generator)
-        prediction = self.predict(controlnet, base, noisy_latents(latents, noise, sigmas), sigmas, hidden, added,
-                                  control)
-        return flow_loss(prediction, latents, noise)
+        return noisy, noise, drawn, self.predict(controlnet, base, noisy, drawn, hidden, added, control)
 
     def predict(self, controlnet, base: BaseModels, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
                 added: dict, control: dict) -> torch.Tensor:
