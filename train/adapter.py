@@ -25,6 +25,8 @@ class FamilyOptions:
     max_sequence_length: int | None = None
     guidance_scale: float = 3.5
     """Flux.1-dev's guidance input (``--guidance_scale``, else ``DEFAULT_GUIDANCE``)."""
+    control_layers_places: tuple[int, ...] = ()
+    """Z-Image: the base layers a new ControlNet's blocks feed (``--control_layers_places``; empty: the default)."""
 
 
 @dataclasses.dataclass

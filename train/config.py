@@ -159,11 +159,17 @@ class TrainConfig:
     controlnet_num_single_layers: int | None = None
     """Flux only: single-stream blocks in the ControlNet; None: diffusers' default 10, capped (with a log
     line) at the base's."""
+    control_layers_places: tuple[int, ...] = dataclasses.field(default=(), metadata={"separator": ","})
+    """Z-Image only: the base layers whose output each control block adds to, comma-separated, starting at 0
+    and increasing (``0,5,10,15,20,25``, as in alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union); each block
+    starts as a copy of the base layer it feeds. Empty: every 5th layer of the base from 0 (on Z-Image's 30
+    layers exactly the Fun Union places)."""
     guidance_scale: float | None = None
     """Flux.1-dev's distilled guidance input during training; only for bases whose transformer config has
     ``guidance_embeds`` (refused on others); None: 3.5 on such a base."""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt (SD3/Flux); None: the pipeline's default (SD3 256, Flux 512)."""
+    """T5 (SD3/Flux) or Qwen3 (Z-Image) tokens per prompt; None: the pipeline's default (SD3 256, Flux and
+    Z-Image 512)."""
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""
@@ -189,6 +195,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.condition = tuple(self.condition)
+        self.control_layers_places = layer_places(self.control_layers_places)
         self.reward_distance = tuple(self.reward_distance)
         for check in CONFIG_CHECKS:
             problem = check(self)
@@ -213,6 +220,17 @@ def output_dir_problem(output_dir: str) -> str | None:
     what = "is a file" if path == os.path.abspath(os.path.expanduser(output_dir)) else f"is inside {path}, a file"
     return (f"--output_dir {output_dir} {what}; give a folder (new, or a run to continue with "
             "--resume_from_checkpoint)")
+
+
+def layer_places(values) -> tuple[int, ...]:
+    """``--control_layers_places`` as layer numbers (the flag gives them as text); a ValueError naming the flag
+    for anything else."""
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        shown = ",".join(str(v) for v in values)
+        raise ValueError(f"--control_layers_places {shown}: give base layer numbers, comma-separated, "
+                         "e.g. 0,5,10,15,20,25") from None
 
 
 REWARD_DISTANCES = {"canny": ("soft_f1", "bce", "circle"), "hed": ("ssim", "l2"), "depth": ("ssi",),
@@ -340,7 +358,8 @@ def model_problem(config: TrainConfig) -> str | None:
         return ("--union trains one ControlNet for several conditions: name two or more, e.g. "
                 "--condition canny,depth (or drop --union)")
     if config.controlnet_model_name_or_path:
-        sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers") if getattr(config, k)]
+        sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers", "control_layers_places")
+                 if getattr(config, k)]
         if sized:
             return (f"--{sized[0]} sizes a new ControlNet; --controlnet_model_name_or_path loads one with its own "
                     f"size: drop --{sized[0]}")

@@ -191,7 +191,8 @@ def load_locked_base(config: TrainConfig, device: torch.device, weight_dtype: to
     base = load_base(config.pretrained_model_name_or_path, config.resolution)
     check_family_flags(config, base)
     guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
-    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance)
+    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance,
+                                 control_layers_places=config.control_layers_places)
     base.place(device, weight_dtype)
     return base
 

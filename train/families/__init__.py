@@ -12,8 +12,9 @@ from __future__ import annotations
 from train.adapter import FamilyAdapter
 from train.families.flow import FluxAdapter, SD3Adapter
 from train.families.unet import SDAdapter, SDXLAdapter
+from train.families.zimage import ZImageAdapter
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
-    adapter.name: adapter for adapter in (SDAdapter, SDXLAdapter, SD3Adapter, FluxAdapter)
+    adapter.name: adapter for adapter in (SDAdapter, SDXLAdapter, SD3Adapter, FluxAdapter, ZImageAdapter)
 }
 """Family name -> adapter class, constructed with the training resolution."""
