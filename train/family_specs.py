@@ -52,6 +52,8 @@ class FamilySpec:
     """The ControlNet-size flags the family takes (``controlnet_num_layers``, ``controlnet_num_single_layers``)."""
     sequence_length: bool = False
     """``--max_sequence_length`` sets its long text encoder's prompt length."""
+    max_sequence_length: int | None = None
+    """The longest ``--max_sequence_length`` its pipeline accepts (None: not checked here)."""
     guidance: bool = False
     """Its (distilled) bases may read a guidance input: ``--guidance_scale`` applies when the transformer
     config has ``guidance_embeds``."""
@@ -91,6 +93,12 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                transformer_prefixes=("Flux",), pipeline_prefixes=("Flux",), patch=2,
                layer_flags=("controlnet_num_layers", "controlnet_num_single_layers"), sequence_length=True,
                guidance=True),
+    # Qwen-Image: QwenImageControlNetModel has no control mode; InstantX's union is this class trained on several
+    # condition types (the image says which), so --union trains it without one (train/families/qwenimage.py)
+    FamilySpec("qwenimage", "Qwen-Image", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+               "QwenImageControlNetModel", union_class="QwenImageControlNetModel",
+               transformer_prefixes=("QwenImage",), pipeline_prefixes=("QwenImage",), patch=2,
+               layer_flags=("controlnet_num_layers",), sequence_length=True, max_sequence_length=1024),
 )}
 """Family name -> its facts; the keys are the adapters' names in train/families/."""
 
