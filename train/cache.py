@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from train.latents import CachedConditions
@@ -72,6 +73,9 @@ class EncodedCache:
         return self.base.family.scale_latents(self.base, sample).to(self.device)
 
     def prompts_for(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict]:
-        hidden = torch.stack([self.prompts[c][0] for c in captions])
+        """The captions' cached embeddings as one batch. An LLM text encoder pads each batch only to its longest
+        prompt (Qwen-Image), so captions cached in different batches differ in length: each is zero-padded at
+        the end of its sequence to the longest, and so is its attention mask (0: padding, never attended)."""
+        hidden = pad_sequence([self.prompts[c][0] for c in captions], batch_first=True)
         keys = self.prompts[captions[0]][1].keys()
-        return hidden, {k: torch.stack([self.prompts[c][1][k] for c in captions]) for k in keys}
+        return hidden, {k: pad_sequence([self.prompts[c][1][k] for c in captions], batch_first=True) for k in keys}
