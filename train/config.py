@@ -163,7 +163,8 @@ class TrainConfig:
     """Flux.1-dev's distilled guidance input during training; only for bases whose transformer config has
     ``guidance_embeds`` (refused on others); None: 3.5 on such a base."""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt (SD3/Flux); None: the pipeline's default (SD3 256, Flux 512)."""
+    """T5 or LLM tokens per prompt (SD3/Flux/Qwen-Image); None: the pipeline's default (SD3 256, Flux 512,
+    Qwen-Image 512; at most 1024)."""
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""
