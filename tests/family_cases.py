@@ -65,3 +65,19 @@ CASES["zimage"] = FamilyCase(
              (("--control_layers_places", "0,x"), "give base layer numbers"),
              (("--guidance_scale", "3.5"), "Z-Image has none"),
              (("--resolution", "72"), "multiple of 16")))
+
+
+def _qwenimage() -> FamilyCase:
+    from tests import tiny_qwenimage
+
+    return FamilyCase(
+        "QwenImageControlNetModel", "QwenImageControlNetPipeline", tiny_qwenimage.noisy_latents,
+        tiny_qwenimage.plain_prediction, size=("--controlnet_num_layers", "1"), layers=(1, None),
+        pipeline_kwargs={"true_cfg_scale": 1.0},
+        refused=((("--resolution", "72"), "multiple of 16"),
+                 (("--controlnet_num_single_layers", "1"), "has no such blocks"),
+                 (("--guidance_scale", "4"), "has none"),
+                 (("--max_sequence_length", "2048"), "at most 1024")))
+
+
+CASES["qwenimage"] = _qwenimage()

@@ -291,6 +291,10 @@ MUTATIONS = [
              ("tests/test_manifest_readers_types.py",)),
     Mutation("preview: a failed row drawn without its reason", "manifests/preview.py",
              'if c == 0 and row["status"] != STATUS_OK:', "if False:", ("tests/test_manifest_preview.py",)),
+    Mutation("Qwen-Image: condition latents not normalised by the VAE's latents_mean / latents_std",
+             "train/families/qwenimage.py", "return (sample - mean) * inverse_std", "return sample",
+             ("tests/test_train_new_families.py::"
+              "test_qwenimage_prompt_and_condition_reach_the_controlnet_as_its_pipeline_passes_them",)),
 ]
 
 

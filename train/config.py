@@ -168,8 +168,8 @@ class TrainConfig:
     """Flux.1-dev's distilled guidance input during training; only for bases whose transformer config has
     ``guidance_embeds`` (refused on others); None: 3.5 on such a base."""
     max_sequence_length: int | None = None
-    """T5 (SD3/Flux) or Qwen3 (Z-Image) tokens per prompt; None: the pipeline's default (SD3 256, Flux and
-    Z-Image 512)."""
+    """T5 or LLM tokens per prompt (SD3, Flux, Z-Image's Qwen3, Qwen-Image's Qwen2.5-VL); None: the pipeline's
+    default (SD3 256, Flux, Z-Image and Qwen-Image 512; Qwen-Image at most 1024)."""
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""

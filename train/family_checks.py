@@ -78,9 +78,15 @@ def layer_places_problem(places: tuple[int, ...], spec: FamilySpec, transformer:
 
 
 def sequence_length_problem(config: Any, spec: FamilySpec) -> str | None:
-    """``--max_sequence_length`` on a family whose text encoders take a fixed prompt length."""
-    if config.max_sequence_length is None or spec.sequence_length:
+    """``--max_sequence_length`` on a family whose text encoders take a fixed prompt length, or longer than its
+    pipeline takes."""
+    if config.max_sequence_length is None:
         return None
+    if spec.sequence_length:
+        if spec.max_sequence_length is None or config.max_sequence_length <= spec.max_sequence_length:
+            return None
+        return (f"--max_sequence_length {config.max_sequence_length}: the {spec.label} pipeline takes at most "
+                f"{spec.max_sequence_length} prompt tokens; use {spec.max_sequence_length} or less")
     having = ", ".join(s.label for s in SPECS.values() if s.sequence_length)
     return (f"--max_sequence_length sets the prompt length of a T5 or LLM text encoder ({having}); {spec.label} "
             "has no T5 or LLM text encoder: drop it")

@@ -34,7 +34,6 @@ from train.family_specs import DEFAULT_GUIDANCE
 from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, cap_caption,
                         caption_char_limit, collate, drop_unreadable, load_rows)
 from train.export import export
-from train.latents import latents_from_sample
 from train.models import load_base, make_controlnet
 from train.reward import make_reward
 from train.validation import ValidationScorer, holdout_count, run_validation
@@ -407,8 +406,8 @@ def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) ->
         pixels = batch["pixel_values"].to(device, base.vae.dtype)
         # a CPU generator on any device: diffusers draws on the CPU and moves the sample, so GPU
         # runs get the numbers a CPU or a cached run gets
-        latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
-        latents = latents_from_sample(base.vae.config, latents).to(run.weight_dtype)
+        latents = base.family.latent_distribution(base, pixels).sample(generator=generator)
+        latents = base.family.scale_latents(base, latents).to(run.weight_dtype)
         hidden, added = base.family.encode_prompts(base, batch["captions"], device)
     return latents, hidden, base.family.with_sizes(added, batch, device)
 
