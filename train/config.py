@@ -198,6 +198,15 @@ class TrainConfig:
     scale per output channel, upcast to the base's dtype layer by layer in the forward and again in the
     backward (train/float8_base.py): about half the memory of those weights in bf16, a quarter of fp32. Lossy
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
+    controlnet_lora_rank: int | None = None
+    """ControlNet-LoRA: keep the ControlNet's copied blocks frozen at the base's weights and train only LoRA
+    adapters of this rank on their Linear/Conv2d layers, plus the parts that are new (condition embedding,
+    zero convolutions / controlnet blocks, a union's routing); every family. Exports the merged ControlNet, the
+    adapter alone (peft) and, for SD 1.x/SDXL, a Control-LoRA file for ComfyUI. None: train the full copy."""
+    controlnet_lora_alpha: float | None = None
+    """LoRA alpha (the adapters' scale is alpha / rank); None: the rank (scale 1)."""
+    controlnet_lora_dropout: float = 0.0
+    """Dropout on the LoRA adapters' input during training, within 0..1 (0: none)."""
 
     def __post_init__(self) -> None:
         problem = nonfinite_problem(self, lambda name: f"--{name}")
@@ -271,6 +280,9 @@ class TrainConfig:
                               or controlnet_family_problem(self.controlnet_model_name_or_path, family, self.union))
         if problem:
             raise ValueError(problem)
+        problem = controlnet_lora_problem(self)
+        if problem:
+            raise ValueError(problem)
         handed = [c for c in self.condition if c in HANDED_CONDITIONS]
         if self.random_flip and handed:
             raise ValueError(f"--random_flip with {', '.join(handed)}: these maps colour left and right limbs (or "
@@ -282,6 +294,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def controlnet_lora_problem(config: TrainConfig) -> str | None:
+    """What makes the ControlNet-LoRA flags unusable, before any weights load (None: nothing)."""
+    rank = config.controlnet_lora_rank
+    if rank is None:
+        tuned = [k for k in ("controlnet_lora_alpha", "controlnet_lora_dropout") if getattr(config, k)]
+        return f"--{tuned[0]} shapes LoRA adapters: add --controlnet_lora_rank (e.g. 16)" if tuned else None
+    if rank < 1:
+        return f"--controlnet_lora_rank {rank}: give a rank of 1 or more (e.g. 16), or leave it out (full copy)"
+    if config.controlnet_lora_alpha is not None and config.controlnet_lora_alpha <= 0:
+        return f"--controlnet_lora_alpha {config.controlnet_lora_alpha}: give an alpha above 0 (default: the rank)"
+    if not 0.0 <= config.controlnet_lora_dropout < 1.0:
+        return f"--controlnet_lora_dropout {config.controlnet_lora_dropout}: give a probability within 0..1 (e.g. 0.1)"
+    if config.controlnet_model_name_or_path:
+        return ("--controlnet_lora_rank adapts a ControlNet copied from the base (its frozen weights are the "
+                "base's); it does not continue a full ControlNet given by --controlnet_model_name_or_path: drop one "
+                "of them (a LoRA run continues with --resume_from_checkpoint)")
+    return None
 
 
 def output_dir_problem(output_dir: str) -> str | None:

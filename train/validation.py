@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from train.controlnet_lora import trained_parameters
+
 
 def validation_inputs(rows: Sequence[dict], conditions: Sequence[str], images: Sequence[str],
                       prompts: Sequence[str], resolution: int, stacked: bool = False) -> list[tuple[torch.Tensor, str]]:
@@ -46,7 +48,7 @@ def generate_in_place(base: Any, controlnet: torch.nn.Module, ema: Any, inputs: 
     """Families with large ControlNets (SDXL, SD3, Flux): sample with the trained ControlNet itself, not a
     copy: the EMA weights are swapped in and back, and the family's ``sampling`` hooks cast its inputs and
     residuals between fp32 and the base's dtype."""
-    params = list(controlnet.parameters())
+    params = trained_parameters(controlnet)  # what the EMA holds
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
