@@ -14,12 +14,12 @@ FAMILIES = ("sd", "sdxl", "sd3", "flux")
 CPU = torch.device("cpu")
 
 
-def family_base(request, family: str):
+def family_base(request, family: str, conditions: tuple[str, ...] = ("canny",), union: bool = False):
     from train.adapter import FamilyOptions
     from train.models import load_base
 
     base = load_base(str(request.getfixturevalue(f"tiny_{family}")), 64)
-    base.options = FamilyOptions(("canny",), False, max_sequence_length=16)
+    base.options = FamilyOptions(conditions, union, max_sequence_length=16)
     return base
 
 
@@ -28,7 +28,7 @@ def new_controlnet(base, lora: LoraSettings | None, seed: int = 0) -> torch.nn.M
 
     torch.manual_seed(seed)
     flow = base.family.name in ("sd3", "flux")
-    return make_controlnet(base, 3, None, 1 if flow else None, 1 if base.family.name == "flux" else None, lora)
+    return make_controlnet(base, 3 * len(base.options.conditions), None, 1 if flow else None, 1 if base.family.name == "flux" else None, lora)
 
 
 def flat(value) -> list[torch.Tensor]:
@@ -48,7 +48,7 @@ def loss_and_residuals(base, controlnet, seed: int = 0) -> tuple[torch.Tensor, l
     hook = controlnet.register_forward_hook(lambda module, args, out: captured.append(flat(out)))
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, base.vae.config.latent_channels, 8, 8, generator=g)
-    condition = torch.rand(2, 3, 64, 64, generator=g)
+    condition = torch.rand(2, 3 * len(base.options.conditions), 64, 64, generator=g)
     hidden, added = base.family.encode_prompts(base, ["a red circle", ""], CPU)
     try:
         loss = base.family.loss(controlnet, base, latents, hidden, added, condition, torch.Generator().manual_seed(seed))
@@ -172,3 +172,50 @@ def test_unusable_lora_flags_fail_before_any_model_loads(flags, message, tiny_sd
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_union_lora_controlnet_starts_at_zero_trains_its_routing_and_its_adapter_rebuilds_it(family, request,
+                                                                                              tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from train.controlnet_lora import ADAPTER_FOLDER, ROOT_PARAMETERS, save_adapter
+
+    base = family_base(request, family, ("canny", "depth"), union=True)
+    controlnet = new_controlnet(base, LoraSettings(4))
+    with torch.no_grad():
+        _, residuals = loss_and_residuals(base, controlnet)
+    assert all(torch.count_nonzero(r) == 0 for r in residuals)
+    routing = [n for n, p in controlnet.named_parameters() if p.requires_grad and n.startswith(
+        ("task_embedding", "transformer_layes", "control_add_embedding", "controlnet_mode_embedder"))]
+    assert routing  # the union's own parts train in full
+    train_steps(base, controlnet)
+    folder = save_adapter(controlnet, tmp_path / ADAPTER_FOLDER)
+    rebuilt = PeftModel.from_pretrained(new_controlnet(base, None, seed=1), str(folder)).merge_and_unload()
+    if (folder / ROOT_PARAMETERS).is_file():  # the SDXL union's task_embedding
+        rebuilt.load_state_dict(load_file(str(folder / ROOT_PARAMETERS)), strict=False)
+    with torch.no_grad():
+        _, want = loss_and_residuals(base, controlnet.eval())
+        _, got = loss_and_residuals(base, rebuilt.eval())
+    assert any(torch.count_nonzero(r) for r in want)
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resuming_from_a_checkpoint_of_another_layout_is_refused_with_a_message(request, tmp_path):
+    from safetensors.torch import save_file
+
+    from train.config import SetupError
+    from train.controlnet_lora import load_trained_state, trained_state
+
+    base = family_base(request, "sd")
+    full = new_controlnet(base, None)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    controlnet = new_controlnet(base, LoraSettings(4))
+    with pytest.raises(SetupError, match="not written by a run of this --controlnet_lora_rank layout"):
+        load_trained_state(controlnet, tmp_path / "model.safetensors")
+    other = {k: v.detach().contiguous() for k, v in trained_state(new_controlnet(base, LoraSettings(8))).items()}
+    save_file(other, str(tmp_path / "rank8.safetensors"))
+    with pytest.raises(SetupError, match="resume with the --controlnet_lora_rank that wrote it"):
+        load_trained_state(controlnet, tmp_path / "rank8.safetensors")

@@ -145,8 +145,7 @@ def save_adapter(controlnet: torch.nn.Module, folder: Path, base_model: str | No
 
     parts = new_part_names(controlnet)
     targets = [n for n, m in controlnet.named_modules() if isinstance(m, LoraLayer)]
-    leaves = [n for n, m in controlnet.named_modules()
-              if is_new(n, parts) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    leaves = saved_modules(controlnet, parts)
     config = controlnet.peft_config["default"]
     settings = LoraSettings(config.r, config.lora_alpha, config.lora_dropout)
     peft_config = settings.peft_config(targets, leaves)
@@ -155,13 +154,21 @@ def save_adapter(controlnet: torch.nn.Module, folder: Path, base_model: str | No
     peft_config.save_pretrained(str(folder))
     state = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(controlnet).items()}
     for leaf in leaves:
-        for name, p in controlnet.get_submodule(leaf).named_parameters(recurse=False):
+        for name, p in controlnet.get_submodule(leaf).named_parameters():
             state[f"{PEFT_PREFIX}{leaf}.{name}"] = p
     save_file(cpu_contiguous(state), folder / "adapter_model.safetensors", metadata={"format": "pt"})
     root = {n: p for n, p in controlnet.named_parameters(recurse=False) if p.requires_grad}
     if root:
         save_file(cpu_contiguous(root), folder / ROOT_PARAMETERS, metadata={"format": "pt"})
     return folder
+
+
+def saved_modules(controlnet: torch.nn.Module, parts: tuple[str, ...]) -> list[str]:
+    """The new parts' modules for peft's ``modules_to_save``: those holding trained parameters themselves,
+    less any inside another (peft wraps each one; a wrapped module inside a wrapped one does not load)."""
+    owners = [n for n, m in controlnet.named_modules()
+              if n and is_new(n, parts) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [n for n in owners if not any(n.startswith(other + ".") for other in owners)]
 
 
 def cpu_contiguous(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
