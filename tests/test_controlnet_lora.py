@@ -219,3 +219,25 @@ def test_resuming_from_a_checkpoint_of_another_layout_is_refused_with_a_message(
     save_file(other, str(tmp_path / "rank8.safetensors"))
     with pytest.raises(SetupError, match="resume with the --controlnet_lora_rank that wrote it"):
         load_trained_state(controlnet, tmp_path / "rank8.safetensors")
+
+
+def test_in_place_validation_samples_with_the_ema_of_exactly_the_trained_parameters(request, monkeypatch):
+    from diffusers.training_utils import EMAModel
+
+    from train import validation
+
+    base = family_base(request, "flux")  # a family that samples with the trained module itself
+    controlnet = new_controlnet(base, LoraSettings(4))
+    ema = EMAModel(trained_parameters(controlnet), decay=0.5)
+    for _ in range(2):  # EMAModel's first step copies the weights; the second mixes
+        train_steps(base, controlnet, steps=2)
+        ema.step(trained_parameters(controlnet))
+    trained_now = [p.detach().clone() for p in trained_parameters(controlnet)]
+    seen = []
+    monkeypatch.setattr(base.family, "sample", lambda *args, **kwargs: seen.append(
+        [p.detach().clone() for p in trained_parameters(controlnet)]) or [])
+    validation.generate_in_place(base, controlnet, ema, [(torch.rand(1, 3, 64, 64), "a")], 1, 0, steps=1)
+    assert len(seen[0]) == len(ema.shadow_params)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], ema.shadow_params))  # sampled with the EMA weights
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], trained_now))
+    assert all(torch.equal(a, b) for a, b in zip(trained_parameters(controlnet), trained_now))  # and put back
