@@ -192,6 +192,15 @@ class TrainConfig:
     reward_weights_dir: str | None = None
     """Folder of the annotators' weights for the reward models (as ``pipeline/annotate.py --weights-dir``);
     default ``$CONTROLFORGE_WEIGHTS``. Canny needs none (a differentiable stand-in)."""
+    controlnet_lora_rank: int | None = None
+    """ControlNet-LoRA: keep the ControlNet's copied blocks frozen at the base's weights and train only LoRA
+    adapters of this rank on their Linear/Conv2d layers, plus the parts that are new (condition embedding,
+    zero convolutions / controlnet blocks, a union's routing); every family. Exports the merged ControlNet, the
+    adapter alone (peft) and, for SD 1.x/SDXL, a Control-LoRA file for ComfyUI. None: train the full copy."""
+    controlnet_lora_alpha: float | None = None
+    """LoRA alpha (the adapters' scale is alpha / rank); None: the rank (scale 1)."""
+    controlnet_lora_dropout: float = 0.0
+    """Dropout on the LoRA adapters' input during training, within 0..1 (0: none)."""
 
     def __post_init__(self) -> None:
         self.condition = tuple(self.condition)
@@ -208,6 +217,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def controlnet_lora_problem(config: TrainConfig) -> str | None:
+    """What makes the ControlNet-LoRA flags unusable, before any weights load (None: nothing)."""
+    rank = config.controlnet_lora_rank
+    if rank is None:
+        tuned = [k for k in ("controlnet_lora_alpha", "controlnet_lora_dropout") if getattr(config, k)]
+        return f"--{tuned[0]} shapes LoRA adapters: add --controlnet_lora_rank (e.g. 16)" if tuned else None
+    if rank < 1:
+        return f"--controlnet_lora_rank {rank}: give a rank of 1 or more (e.g. 16), or leave it out (full copy)"
+    if config.controlnet_lora_alpha is not None and config.controlnet_lora_alpha <= 0:
+        return f"--controlnet_lora_alpha {config.controlnet_lora_alpha}: give an alpha above 0 (default: the rank)"
+    if not 0.0 <= config.controlnet_lora_dropout < 1.0:
+        return f"--controlnet_lora_dropout {config.controlnet_lora_dropout}: give a probability within 0..1 (e.g. 0.1)"
+    if config.controlnet_model_name_or_path:
+        return ("--controlnet_lora_rank adapts a ControlNet copied from the base (its frozen weights are the "
+                "base's); it does not continue a full ControlNet given by --controlnet_model_name_or_path: drop one "
+                "of them (a LoRA run continues with --resume_from_checkpoint)")
+    return None
 
 
 def output_dir_problem(output_dir: str) -> str | None:
@@ -375,7 +403,7 @@ def model_problem(config: TrainConfig) -> str | None:
 CONFIG_CHECKS = (lambda config: nonfinite_problem(config, lambda name: f"--{name}"),
                  lambda config: output_dir_problem(config.output_dir),
                  condition_problem, choice_problem, range_problem, validation_problem, data_problem, model_problem,
-                 reward_problem)
+                 reward_problem, controlnet_lora_problem)
 """Run in this order when a ``TrainConfig`` is built; the first problem found is raised as a ValueError."""
 
 def differences_from_diffusers(config: TrainConfig) -> list[str]:

@@ -31,6 +31,7 @@ from train.config import TrainConfig
 from train.errors import SetupError
 from train.family_checks import family_flag_problem
 from train.family_specs import DEFAULT_GUIDANCE
+from train.controlnet_lora import is_lora, register_checkpoint_hooks, settings_of, trained_parameters
 from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, cap_caption,
                         caption_char_limit, collate, drop_unreadable, load_rows)
 from train.export import export
@@ -130,7 +131,9 @@ def set_up(config: TrainConfig) -> Run:
         train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config),
                                          config.data_cache_dir, config.keep_duplicates)
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path,
-                                 config.controlnet_num_layers, config.controlnet_num_single_layers)
+                                 config.controlnet_num_layers, config.controlnet_num_single_layers, settings_of(config))
+    if is_lora(controlnet):  # checkpoints hold only what trains
+        register_checkpoint_hooks(accelerator)
     if config.fp8_base:  # only now: the ControlNet has copied the base's full-precision weights
         from train.float8_base import store_base_in_float8
 
@@ -243,7 +246,7 @@ def make_ema(accelerator, controlnet: torch.nn.Module):
     """An EMA of the ControlNet's weights, saved and loaded with every checkpoint."""
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(controlnet.parameters())
+    ema = EMAModel(trained_parameters(controlnet))
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
@@ -271,7 +274,7 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 def make_optimizer_and_schedule(config: TrainConfig, accelerator, controlnet: torch.nn.Module, max_steps: int):
     from diffusers.optimization import get_scheduler
 
-    optimizer = make_optimizer(config, controlnet.parameters())
+    optimizer = make_optimizer(config, trained_parameters(controlnet))  # a LoRA run: adapters and new parts
     # accelerate steps a prepared scheduler once per process per optimiser step
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -428,7 +431,7 @@ def after_step(run: Run, meter: Meter, step_finite: bool) -> None:
     if run.global_step == meter.first_step + 1:
         meter.start = time.perf_counter()  # timing starts after the warm-up step
     if run.ema is not None:
-        run.ema.step(run.controlnet.parameters())
+        run.ema.step(trained_parameters(run.controlnet))
     logs = {"loss": sum(meter.losses) / max(1, len(meter.losses)), "lr": run.lr_scheduler.get_last_lr()[0],
             "samples_per_s": meter.samples_per_s(), "skipped_steps": meter.skipped_total,
             **(run.reward.pop_logs() if run.reward is not None else {})}
@@ -466,7 +469,7 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(run.controlnet)
         if run.ema is not None:
-            run.ema.copy_to(final.parameters())
+            run.ema.copy_to(trained_parameters(final))
         if config.validation_enabled:  # exactly the weights about to ship
             run_validation(run, final, None, "final")
         card = {

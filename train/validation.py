@@ -110,6 +110,7 @@ def sampled_inputs(inputs: list, view: ValidationView, given_images: bool) -> li
 
 
 # --- sampling: the family's pipeline over the modules already in memory -----------------------------
+from train.controlnet_lora import is_lora, trained_parameters, validation_copy
 
 
 def validation_inputs(rows: Sequence[dict], conditions: Sequence[str], images: Sequence[str],
@@ -145,7 +146,7 @@ def generate_in_place(base: Any, controlnet: torch.nn.Module, ema: Any, inputs: 
     """Families with large ControlNets (SDXL, SD3, Flux): sample with the trained ControlNet itself, not a
     copy: the EMA weights are swapped in and back, and the family's ``sampling`` hooks cast its inputs and
     residuals between fp32 and the base's dtype."""
-    params = list(controlnet.parameters())
+    params = trained_parameters(controlnet)  # what the EMA holds
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
@@ -176,6 +177,8 @@ def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch
     residuals, which would promote a half-precision UNet's activations (and crash its group norms).
     Only for small ControlNets (SD 1.x/2.x); the others sample in place (``samples_in_place``).
     """
+    if is_lora(trained):  # the adapters merged into a plain ControlNet
+        return validation_copy(trained, ema).to(trained.device, dtype).eval()
     clone = type(trained).from_config(trained.config)
     clone.load_state_dict(trained.state_dict())
     if ema is not None:
