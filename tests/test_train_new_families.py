@@ -81,6 +81,29 @@ def test_the_controlnet_reads_the_condition(family, request):
     assert (a - b).abs().amax() > 1e-3 * a.abs().amax()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_controlnet_lora_starts_at_the_base_and_trains_only_its_adapters_and_new_parts(family, request):
+    """--controlnet_lora_rank on the family: the start predicts exactly what the base does, and the
+    parameters that train are the LoRA adapters and the ControlNet's new (zero-initialised) parts only."""
+    from train.controlnet_lora import LoraSettings, is_new, new_part_names
+    from train.models import make_controlnet
+
+    case, base = CASES[family], load_family_base(request, family)
+    controlnet = make_controlnet(base, 3, None, *case.layers, LoraSettings(rank=2)).eval()
+    noisy, sigmas = case.noisy(base), torch.tensor([0.3, 0.9])
+    prediction = steered(base, controlnet, noisy, sigmas, torch.rand(2, 3, 64, 64))
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(case.plain(base, noisy, sigmas, hidden, added), prediction)
+    parts = new_part_names(controlnet)
+    trained = [n for n, p in controlnet.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trained) and any(is_new(n, parts) for n in trained)
+    assert all("lora_" in n or is_new(n, parts) for n in trained), [n for n in trained if "lora_" not in n
+                                                                     and not is_new(n, parts)]
+    frozen_new = [n for n, p in controlnet.named_parameters() if is_new(n, parts) and not p.requires_grad]
+    assert frozen_new == [] or all(n.startswith(("controlnet_blocks", "transformer_blocks")) for n in frozen_new)
+
+
 @pytest.mark.parametrize(("family", "extra", "message"),
                          [(f, list(extra), message) for f in FAMILIES for extra, message in CASES[f].refused])
 def test_flags_the_family_cannot_take_fail_before_any_weights_load(demo_manifest, request, tmp_path, capsys,
