@@ -22,7 +22,7 @@ from train.adapter import (BaseModels, FamilyAdapter, cast_floats, controlnet_co
 from train.errors import SetupError
 from train.family_specs import FAMILY_NAMES
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
-from train.latents import CachedConditions, images_from_latents
+from train.latents import CachedConditions, images_from_latents, vae_sample
 from train.reward import clean_prediction
 
 log = logging.getLogger("train")
@@ -81,11 +81,7 @@ class FlowAdapter(FamilyAdapter):
                           generator: torch.Generator) -> torch.Tensor:
         """The [0, 1] condition image through the VAE (or a draw from its cached distribution), shifted
         and scaled as the family's pipeline does."""
-        if isinstance(condition, CachedConditions):
-            sample = condition.sample(generator).to(base.vae.device, base.vae.dtype)
-        else:
-            pixels = (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype)
-            sample = base.vae.encode(pixels).latent_dist.sample(generator=generator)
+        sample = vae_sample(base.vae, condition, generator)
         return (sample - self.condition_shift(base, controlnet)) * base.vae.config.scaling_factor
 
     def condition_shift(self, base: BaseModels, controlnet) -> float:
