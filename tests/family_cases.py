@@ -51,7 +51,7 @@ def _hunyuandit() -> FamilyCase:
         pipeline_kwargs={"use_resolution_binning": False},  # else the pipeline samples at 1024 px
         refused=((("--controlnet_num_layers", "1"), "one block per skip connection"),
                  (("--max_sequence_length", "64"), "prompt lengths are fixed by its transformer"),
-                 (("--union",), "no union ControlNet for HunyuanDiT"),
+                 (("--union", "--condition", "canny,depth"), "no union ControlNet for HunyuanDiT"),
                  (("--guidance_scale", "3.5"), "HunyuanDiT has none"),
                  (("--resolution", "72"), "needs a multiple of 16")))
 
