@@ -156,8 +156,8 @@ class HunyuanDiTAdapter(FamilyAdapter):
         rotary = rotary_embedding(base.transformer, *noisy.shape[-2:], noisy.device)
         own = next(controlnet.parameters()).dtype  # the fp32 ControlNet beside a half-precision base
         blocks = controlnet(**cast_floats({**inputs, **control}, own), image_rotary_emb=rotary, return_dict=False)[0]
-        output = base.transformer(**inputs, image_rotary_emb=rotary, controlnet_block_samples=cast_floats(blocks, dtype),
-                                  return_dict=False)[0]
+        output = base.transformer(**inputs, image_rotary_emb=rotary,
+                                  controlnet_block_samples=cast_floats(blocks, dtype), return_dict=False)[0]
         return output.chunk(2, dim=1)[0]  # learn_sigma: the predicted variance is the second half
 
     # --- validation --------------------------------------------------------------------------
