@@ -37,6 +37,8 @@ NEW_PARTS: dict[str, tuple[str, ...]] = {
     "FluxControlNetModel": ("controlnet_x_embedder", "input_hint_block", "controlnet_blocks",
                             "controlnet_single_blocks", "controlnet_mode_embedder"),
     "QwenImageControlNetModel": ("controlnet_x_embedder", "controlnet_blocks"),
+    "HunyuanDiT2DControlNetModel": ("input_block", "controlnet_blocks"),
+    "SanaControlNetModel": ("input_block", "controlnet_blocks"),
     # each control layer is a copy of a base layer plus zero-initialised projections in and out
     "ZImageControlNetModel": ("control_all_x_embedder", "control_layers.*.before_proj",
                               "control_layers.*.after_proj", "control_noise_refiner.*.before_proj",
