@@ -101,6 +101,22 @@ class FamilyAdapter(abc.ABC):
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one batch at random noise and timesteps drawn from ``generator``."""
 
+    def latent_moments(self, base: BaseModels, pixels: torch.Tensor) -> torch.Tensor:
+        """What ``--cache_latents`` keeps of [-1, 1] pixels: the VAE's latent distribution (mean and log-variance
+        along the channels; a family whose VAE encodes deterministically keeps its latents)."""
+        return base.vae.encode(pixels).latent_dist.parameters
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A draw (unscaled) from ``latent_moments``, from ``generator`` on the moments' device: exactly what an
+        uncached step's ``latent_dist.sample`` draws."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(moments).sample(generator=generator)
+
+    def encode_latents(self, base: BaseModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The VAE's (unscaled) latents of [-1, 1] pixels, drawn from ``generator`` where the encoder samples."""
+        return self.latents_from_moments(self.latent_moments(base, pixels), generator)
+
     def card_pipeline_class(self, base: BaseModels) -> str:
         """The diffusers pipeline the model card tells users to load the ControlNet in."""
         return self.pipeline_class

@@ -55,6 +55,9 @@ class FamilySpec:
     guidance: bool = False
     """Its (distilled) bases may read a guidance input: ``--guidance_scale`` applies when the transformer
     config has ``guidance_embeds``."""
+    unmirrored: tuple[str, ...] = ()
+    """Transformer config settings its ControlNet class has no parameter for: a base that sets one (truthy) has
+    blocks the ControlNet cannot copy, and is refused (Sana's ``qk_norm``, ``guidance_embeds``)."""
 
     @property
     def hint(self) -> str:
@@ -91,6 +94,12 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                transformer_prefixes=("Flux",), pipeline_prefixes=("Flux",), patch=2,
                layer_flags=("controlnet_num_layers", "controlnet_num_single_layers"), sequence_length=True,
                guidance=True),
+    # SanaControlNetModel/SanaControlNetPipeline read one condition and no control mode: no union ControlNet.
+    # DC-AE down-samples by 32; the transformer reads patch_size (1 in the published bases) latent patches.
+    FamilySpec("sana", "Sana", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+               "SanaControlNetModel", transformer_prefixes=("Sana",), pipeline_prefixes=("Sana",), vae_scale=32,
+               patch=1, patch_from_config=True, layer_flags=("controlnet_num_layers",), sequence_length=True,
+               unmirrored=("qk_norm", "guidance_embeds")),
 )}
 """Family name -> its facts; the keys are the adapters' names in train/families/."""
 

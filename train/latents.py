@@ -5,7 +5,7 @@ A leaf module (it imports nothing of train/), so the families, the cache and the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,9 +30,12 @@ class CachedConditions:
     """A batch's cached condition latent distributions (``--cache_latents``), standing in for its condition
     pixels: the family samples from them where it would have run the VAE encoder (train/families/flow.py)."""
 
-    def __init__(self, moments: torch.Tensor):
+    def __init__(self, moments: torch.Tensor,
+                 draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None):
         self.moments = moments
-        """[batch, conditions, 2 x latent channels, h, w], on the CPU."""
+        """[batch, conditions, 2 x latent channels, h, w], on the CPU (a deterministic VAE: its latents)."""
+        self.draw = draw
+        """(moments, generator) -> a sample: the family's ``latents_from_moments`` (None: a diagonal Gaussian's)."""
 
     @property
     def shape(self) -> torch.Size:
@@ -40,7 +43,7 @@ class CachedConditions:
 
     def pick(self, modes: torch.Tensor) -> "CachedConditions":
         """One condition per example (a union run's mode each)."""
-        return CachedConditions(self.moments[torch.arange(self.moments.shape[0]), modes][:, None])
+        return CachedConditions(self.moments[torch.arange(self.moments.shape[0]), modes][:, None], self.draw)
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         """A fresh draw from each example's one condition distribution, drawn on the CPU like the latents."""
@@ -48,4 +51,6 @@ class CachedConditions:
 
         if self.moments.shape[1] != 1:
             raise ValueError(f"{self.moments.shape[1]} conditions per example: pick one per example first")
+        if self.draw is not None:
+            return self.draw(self.moments[:, 0], generator)
         return DiagonalGaussianDistribution(self.moments[:, 0]).sample(generator=generator)

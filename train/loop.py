@@ -367,7 +367,7 @@ def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) ->
         pixels = batch["pixel_values"].to(device, base.vae.dtype)
         # a CPU generator on any device: diffusers draws on the CPU and moves the sample, so GPU
         # runs get the numbers a CPU or a cached run gets
-        latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = base.family.encode_latents(base, pixels, generator)
         latents = latents_from_sample(base.vae.config, latents).to(run.weight_dtype)
         hidden, added = base.family.encode_prompts(base, batch["captions"], device)
     return latents, hidden, base.family.with_sizes(added, batch, device)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from train.adapter import FamilyAdapter
 from train.families.flow import FluxAdapter, SD3Adapter
+from train.families.sana import SanaAdapter
 from train.families.unet import SDAdapter, SDXLAdapter
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
-    adapter.name: adapter for adapter in (SDAdapter, SDXLAdapter, SD3Adapter, FluxAdapter)
+    adapter.name: adapter for adapter in (SDAdapter, SDXLAdapter, SD3Adapter, FluxAdapter, SanaAdapter)
 }
 """Family name -> adapter class, constructed with the training resolution."""
