@@ -187,3 +187,77 @@ def test_memory_flags_train_and_validate(demo_manifest, family, request, tmp_pat
     assert (out / "validation" / "step-final.png").is_file()
     load_exported(family, out / "controlnet")
     shutil.rmtree(out)
+
+
+# --- Sana: prompts as its pipeline encodes them, the ControlNet's size, bases its class cannot copy -------------
+
+
+def test_sana_prompts_are_what_its_controlnet_pipeline_hands_the_transformer(request):
+    """The adapter's Gemma2 states and mask equal those SanaControlNetPipeline passes the transformer (its
+    complex human instruction prepended, max_sequence_length tokens kept), captured from a real call."""
+    from diffusers import SanaControlNetPipeline
+
+    base = load_family_base(request, "sana")
+    pipe = SanaControlNetPipeline(**base.family.pipeline_modules(base), controlnet=fresh_controlnet(base, "sana"))
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    handle = base.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append((kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"])),
+        with_kwargs=True)
+    try:
+        pipe(prompt="A red circle on the green square", control_image=torch.rand(1, 3, 64, 64) * 2 - 1, height=64,
+             width=64, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+             **CASES["sana"].pipeline_kwargs)
+    finally:
+        handle.remove()
+    hidden, added = base.family.encode_prompts(base, ["A red circle on the green square"], torch.device("cpu"))
+    assert hidden.shape[1] == CASES["sana"].max_sequence_length
+    assert torch.equal(hidden, seen[0][0]) and torch.equal(added["encoder_attention_mask"], seen[0][1])
+    plain_pipe = base.family.encoder_pipeline(base)
+    without, _, _, _ = plain_pipe.encode_prompt("A red circle on the green square", do_classifier_free_guidance=False,
+                                                max_sequence_length=CASES["sana"].max_sequence_length)
+    assert not torch.equal(without, hidden)  # the instruction is there: it changes what the prompt attends to
+
+
+def test_sana_controlnet_copies_the_base_and_every_residual_it_makes_is_read(request):
+    """Default 7 blocks capped at the base's blocks - 1 (the base adds residual i after block i + 1); the copied
+    blocks are the base's; each zero output gets a gradient once the residuals reach the loss."""
+    base = load_family_base(request, "sana")
+    controlnet = base.family.make_controlnet(base, 3, None).train()
+    blocks = base.transformer.config.num_layers
+    assert controlnet.config.num_layers == blocks - 1
+    copied = base.transformer.state_dict()
+    for k, v in controlnet.state_dict().items():
+        if k.startswith(("input_block.", "controlnet_blocks.")):
+            assert not v.any(), k
+        else:
+            assert torch.equal(v, copied[k]), k
+    perturb(controlnet)
+    controlnet.input_block.weight.data.normal_(std=0.1)
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    latents = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    base.family.loss(controlnet, base, latents, hidden, added, torch.rand(2, 3, 64, 64),
+                     torch.Generator().manual_seed(0)).backward()
+    assert all(b.weight.grad is not None and b.weight.grad.abs().sum() > 0 for b in controlnet.controlnet_blocks)
+
+
+@pytest.mark.parametrize("setting", [{"qk_norm": "rms_norm_across_heads"}, {"guidance_embeds": True}])
+def test_a_sana_base_whose_blocks_its_controlnet_class_cannot_copy_is_refused(request, setting):
+    """Sana 1.5 (qk_norm) and Sprint (guidance_embeds) bases: SanaControlNetModel has neither setting, so a copy
+    would silently drop weights; refused by the flag checks (from config.json) and by the copy itself."""
+    from diffusers import SanaTransformer2DModel
+
+    from train.errors import SetupError
+    from train.family_checks import family_flag_problem
+
+    base = load_family_base(request, "sana")
+    base.transformer = SanaTransformer2DModel.from_config({**base.transformer.config, **setting})
+    key = next(iter(setting))
+
+    class Flags:
+        resolution, guidance_scale, union, condition = 64, None, False, ("canny",)
+        controlnet_num_layers = controlnet_num_single_layers = max_sequence_length = None
+
+    assert key in family_flag_problem(Flags(), "sana", dict(base.transformer.config))
+    with pytest.raises(SetupError, match="cannot copy"):
+        base.family.make_controlnet(base, 3, None)
