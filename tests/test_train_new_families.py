@@ -261,3 +261,17 @@ def test_a_sana_base_whose_blocks_its_controlnet_class_cannot_copy_is_refused(re
     assert key in family_flag_problem(Flags(), "sana", dict(base.transformer.config))
     with pytest.raises(SetupError, match="cannot copy"):
         base.family.make_controlnet(base, 3, None)
+
+
+@pytest.mark.slow
+def test_sana_trains_and_validates_with_an_fp8_base(demo_manifest, tiny_sana, tmp_path):
+    """--fp8_base on Sana: Gemma2's and the transformer's Linear/Conv2d weights (GLUMBConv's convolutions too)
+    in float8 after the ControlNet copied them; two steps, then validation through SanaControlNetPipeline."""
+    from train.train import main
+
+    out = tmp_path / "run"
+    assert main(train_args(demo_manifest, tiny_sana, out, "sana", "--max_train_steps", "2", "--mixed_precision",
+                           "bf16", "--fp8_base", "--validation_steps", "2", "--num_validation_rows", "1",
+                           "--num_validation_images", "1", "--checkpointing_steps", "10")) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert np.isfinite(summary["figures"]["final_loss"]) and (out / "validation" / "step-final.png").is_file()
