@@ -39,12 +39,12 @@ test-quick: $(STAMP)
 RUN := runs/demo
 demo: $(STAMP)
 	@rm -rf $(DEMO) $(RUN)
-	$(PY) -m pipeline.samples $(DEMO)/photos
+	$(PY) -m demo.samples $(DEMO)/photos
 	$(PY) pipeline/annotate.py --input $(DEMO)/photos --output $(DEMO)/manifest --annotators canny --shard-size 8
 	$(PY) -m manifests inspect $(DEMO)/manifest
 	$(PY) -m manifests validate $(DEMO)/manifest
 	$(PY) -m manifests preview $(DEMO)/manifest --out $(DEMO)/preview.png --rows 20 --tile 192 --status all --duplicates keep
-	$(PY) -m pipeline.samples circles $(DEMO)/circles --count 800 --size 64
+	$(PY) -m demo.samples circles $(DEMO)/circles --count 800 --size 64
 	$(PY) pipeline/annotate.py --input $(DEMO)/circles --output $(DEMO)/circles_manifest --annotators canny \
 		--resolution 64 --shard-size 200
 	OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
@@ -56,7 +56,7 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) train/evaluate.py --controlnet $(RUN) --pretrained_model_name_or_path models/tiny-circles \
 		--manifest $(DEMO)/circles_manifest --condition canny --task circle --num_samples 32 --resolution 32 \
 		--output_dir $(RUN)/eval --keep_duplicates
-	$(PY) train/report.py $(RUN)
+	$(PY) -m demo.report $(RUN)
 	@echo
 	@echo "demo outputs:"
 	@echo "  raw collections $(DEMO)/photos (edge cases), $(DEMO)/circles"

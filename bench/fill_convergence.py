@@ -31,7 +31,7 @@ def make_manifest(work: Path, count: int) -> str:
     from pipeline import ray_runtime
     from pipeline.annotate import run
     from pipeline.config import AnnotateConfig
-    from pipeline.samples import write_circles
+    from demo.circles import write_circles
 
     write_circles(work / "circles", count, size=64, seed=0)
     run(AnnotateConfig(input=str(work / "circles"), output=str(work / "manifest"), resolution=64, shard_size=500))
@@ -72,7 +72,7 @@ def main() -> None:
     evaluate_main(["--controlnet", str(run), "--pretrained_model_name_or_path", str(BASE), "--manifest", manifest,
                    "--condition", "canny", "--task", "circle", "--num_samples", str(args.held_out),
                    "--resolution", "32", "--output_dir", str(run / "eval")])
-    from train.report import plot_curve, read_curve
+    from demo.report import plot_curve, read_curve
 
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     curve = [c for c in read_curve(run) if isinstance(c["step"], int)]

@@ -70,6 +70,17 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
 FLOW_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json: all_patch_size [2], all_f_patch_size [1], in_channels 16,
+# dim 3840, n_layers 30, n_refiner_layers 2, n_heads 30, n_kv_heads 30, norm_eps 1e-5, qk_norm true,
+# cap_feat_dim 2560, rope_theta 256, t_scale 1000, axes_dims [32, 48, 48], axes_lens [1024, 512, 512]
+# (ZImageTransformer2DModel's defaults in diffusers 0.42.1 are these values); its VAE is Flux's (FLOW_VAE).
+Z_IMAGE = dict(in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+               cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
+# Its text_encoder/config.json (Qwen3-4B, loaded as Qwen3Model: no LM head): hidden_size 2560,
+# intermediate_size 9728, num_hidden_layers 36, num_attention_heads 32, num_key_value_heads 8, head_dim 128,
+# vocab_size 151936.
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936)
 # Sana 1.0 1.6B at 1024 px (Efficient-Large-Model/Sana_1600M_1024px_diffusers): its transformer/config.json
 # values are SanaTransformer2DModel's defaults (20 blocks, 70 heads x 32 = 2240 wide, cross-attention 20 x 112,
 # caption_channels 2304, in/out 32, patch 1); its text_encoder is gemma-2-2b-it's Gemma2Model (vocab 256000,
@@ -115,6 +126,24 @@ def text_encoders(*configs: tuple[str, dict], label: str = "") -> int:
     return total
 
 
+def zimage_row(vae: int) -> dict:
+    """Z-Image-Turbo and the ControlNet the trainer builds for it by default (train/families/zimage.py: a control
+    block at every 5th of its 30 layers, as alibaba-pai's Fun Union ControlNet), on the meta device. The
+    ControlNet's count is its own weights only: it runs the base's embedders and refiners, lent, not copied."""
+    import transformers
+    from diffusers import ZImageTransformer2DModel
+
+    from train.families.zimage import PLACE_EVERY, initial_controlnet
+
+    transformer = ZImageTransformer2DModel(**Z_IMAGE)
+    places = tuple(range(0, Z_IMAGE["n_layers"], PLACE_EVERY))
+    controlnet = initial_controlnet(transformer, places)
+    encoder = transformers.Qwen3Model(transformers.Qwen3Config(**QWEN3_4B))
+    return {"family": "Z-Image-Turbo", "denoiser": count(transformer), "text": count(encoder), "vae": vae,
+            "controlnet": count(controlnet), "layers": f"{len(places)} of {Z_IMAGE['n_layers']} at every 5th",
+            "fp8_saved": fp8_saving(transformer) + fp8_saving(encoder)}
+
+
 def family_counts() -> list[dict]:
     """Base and ControlNet parameters of each family, built on the meta device."""
     from accelerate import init_empty_weights
@@ -157,6 +186,7 @@ def family_counts() -> list[dict]:
                      "vae": flow_vae, "controlnet": count(controlnet),
                      "layers": f"{FluxAdapter.default_layers}+{FluxAdapter.default_single_layers} of 19+38",
                      "fp8_saved": fp8_saving(transformer) + FP8_SAVED["flux"]})
+        rows.append(zimage_row(flow_vae))
         rows.append(sana_counts())
     for row in rows:
         row["base"] = row["denoiser"] + row["text"] + row["vae"]

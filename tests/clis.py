@@ -32,13 +32,13 @@ def _manifests(argv):
 
 
 def _samples(argv):
-    from pipeline.samples import main
+    from demo.samples import main
 
     return main(argv)
 
 
 def _tiny_base(argv):
-    from train.tiny_base import main
+    from demo.tiny_base import main
 
     return main(argv)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from demo.samples import write_demo_collection
 from pipeline import ray_runtime
 from pipeline.annotate import run
 from pipeline.config import AnnotateConfig
-from pipeline.samples import write_demo_collection
 from tests.fake_weights import write_random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,14 @@ def tiny_flux(tmp_path_factory) -> Path:
     from tests.tiny_flow import write_tiny_flux
 
     return write_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory) -> Path:
+    """A tiny Z-Image-style folder (single-stream transformer, Qwen3 text encoder, 16-channel VAE) from configs."""
+    from tests.tiny_zimage import write_tiny_zimage
+
+    return write_tiny_zimage(tmp_path_factory.mktemp("tiny_zimage") / "zimage")
 
 
 @pytest.fixture(scope="session")

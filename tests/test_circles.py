@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import samples
-from pipeline.samples import CIRCLE_PALETTE, circle, write_circles
+from demo import samples
+from demo.circles import circle, write_circles
 from tests.conftest import ROOT
 from train import metrics
+from train.metrics import CIRCLE_PALETTE
 
 
 def read_back(folder, count):
@@ -33,7 +34,7 @@ def test_palette_colours_are_far_apart():
 
 def test_cli_writes_captions_that_match_the_pixels(tmp_path):
     out = tmp_path / "circles"
-    done = subprocess.run([sys.executable, "-m", "pipeline.samples", "circles", str(out), "--count", "40",
+    done = subprocess.run([sys.executable, "-m", "demo.samples", "circles", str(out), "--count", "40",
                            "--size", "48", "--seed", "3"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(list(out.glob("*.png"))) == len(list(out.glob("*.txt"))) == 40

@@ -15,7 +15,7 @@ from PIL import Image
 import manifests
 from pipeline.annotate import run
 from pipeline.config import AnnotateConfig
-from pipeline.samples import write_circles
+from demo.circles import write_circles
 from tests.conftest import ROOT
 from train import evaluate, grids
 

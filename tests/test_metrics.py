@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.samples import CIRCLE_PALETTE, circle
+from demo.circles import circle
+from train.metrics import CIRCLE_PALETTE
 from train import metrics
 
 

@@ -1,4 +1,4 @@
-"""train/report.py: the demo's report from evaluate's metrics.json and the trainer's validation curve."""
+"""demo/report.py: the demo's report from evaluate's metrics.json and the trainer's validation curve."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 
 def test_report_tables_metrics_against_the_base_and_draws_the_curve(tmp_path):
-    from train.report import main
+    from demo.report import main
 
     run = tmp_path / "run"
     (run / "validation").mkdir(parents=True)
@@ -34,7 +34,7 @@ def test_report_tables_metrics_against_the_base_and_draws_the_curve(tmp_path):
 
 
 def test_report_without_an_evaluation_says_what_to_run(tmp_path, capsys):
-    from train.report import main
+    from demo.report import main
 
     assert main([str(tmp_path)]) == 2
     assert "run train/evaluate.py first" in capsys.readouterr().err
@@ -43,7 +43,7 @@ def test_report_without_an_evaluation_says_what_to_run(tmp_path, capsys):
 def test_report_of_a_stacked_run_names_each_condition(tmp_path):
     """A stacked ControlNet's evaluation and validations name metrics per condition (canny/edge_f1); the
     curve and table use those names, and a condition without a metric is said to be unscored."""
-    from train.report import main
+    from demo.report import main
 
     run = tmp_path / "run"
     (run / "validation").mkdir(parents=True)
@@ -71,7 +71,7 @@ def test_report_of_a_stacked_run_names_each_condition(tmp_path):
 def test_report_defines_its_metrics_rounds_the_loss_and_says_why_the_table_and_the_curve_differ(tmp_path):
     """Every metric in the table is defined; a metric both score 1.0 on is called what the base already knows;
     the loss is rounded; and the report says where the table's and the curve's figures come from (rows, seeds)."""
-    from train.report import main
+    from demo.report import main
 
     run = tmp_path / "run"
     (run / "validation").mkdir(parents=True)

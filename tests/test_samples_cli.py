@@ -1,4 +1,4 @@
-"""``python -m pipeline.samples``: --help and bad flags write nothing; the Makefile's command lines work."""
+"""``python -m demo.samples``: --help and bad flags write nothing; the Makefile's command lines work."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import samples
+from demo import samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_samples(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pipeline.samples", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "demo.samples", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -36,12 +36,12 @@ def test_bad_arguments_and_dash_folders_are_refused_writing_nothing(args, tmp_pa
     with pytest.raises(SystemExit) as exc:
         samples.main(args)
     assert exc.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m pipeline.samples")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m demo.samples")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_makefile_command_lines_still_work(tmp_path, monkeypatch):
-    """``python -m pipeline.samples DIR`` (the demo collection) and ``circles DIR --count N --size S``."""
+    """``python -m demo.samples DIR`` (the demo collection) and ``circles DIR --count N --size S``."""
     monkeypatch.chdir(tmp_path)
     assert samples.main(["photos"]) == 0
     assert (tmp_path / "photos" / "photos" / "astronaut.jpg").is_file()

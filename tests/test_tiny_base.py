@@ -1,4 +1,4 @@
-"""The shipped demo base (models/tiny-circles) and the script that reproduces it (train/tiny_base.py)."""
+"""The shipped demo base (models/tiny-circles) and the script that reproduces it (demo/tiny_base.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.samples import CIRCLE_PALETTE, circle, circle_caption
-from train import tiny_base
+from demo import tiny_base
+from demo.circles import circle
+from train.metrics import CIRCLE_PALETTE, circle_caption
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tiny-circles"
 ALL_CAPTIONS = [circle_caption(c, b) for c in CIRCLE_PALETTE for b in CIRCLE_PALETTE if c != b]
@@ -140,3 +141,23 @@ def test_shipped_folder_is_small_and_measured():
     report = json.loads((SHIPPED / "tiny_base.json").read_text())
     assert report["metrics"]["colour_accuracy"] >= 0.8, report["metrics"]
     assert report["config"]["output"] == "models/tiny-circles"
+
+
+def test_the_shipped_card_is_the_scripts_own_and_its_reproduction_command_runs(tmp_path):
+    """models/tiny-circles/README.md is what write_model_card writes from the shipped tiny_base.json, and the
+    command it names to rebuild the base starts the script (checked with --help: nothing is trained)."""
+    import re
+    import subprocess
+    import sys
+
+    report = json.loads((SHIPPED / "tiny_base.json").read_text())
+    tiny_base.write_model_card(tmp_path, report)
+    card = (SHIPPED / "README.md").read_text()
+    assert (tmp_path / "README.md").read_text() == card
+    command = re.search(r"`(python -m \S+ --output \S+)`", card)
+    assert command is not None, card
+    argv = command[1].split()
+    assert argv[argv.index("--output") + 1] == report["config"]["output"]
+    done = subprocess.run([sys.executable, *argv[1:], "--help"], cwd=SHIPPED.parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--measure_only" in done.stdout, done.stderr

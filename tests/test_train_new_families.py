@@ -91,10 +91,10 @@ def test_flags_the_family_cannot_take_fail_before_any_weights_load(demo_manifest
     monkeypatch.setattr(models, "load_base", lambda *a: pytest.fail("weights loaded before the flags were checked"))
     base = request.getfixturevalue(f"tiny_{family}")
     try:
-        code = main(train_args(demo_manifest, base, tmp_path / "out", family, *extra))
-    except SystemExit as exc:  # flags checked while parsing (the config's checks) exit through argparse
-        code = exc.code
-    assert code == 2
+        status = main(train_args(demo_manifest, base, tmp_path / "out", family, *extra))
+    except SystemExit as exc:  # flags the config refuses exit through argparse (status 2) before main returns
+        status = exc.code
+    assert status == 2
     assert message in capsys.readouterr().err
 
 
@@ -187,6 +187,81 @@ def test_memory_flags_train_and_validate(demo_manifest, family, request, tmp_pat
     assert (out / "validation" / "step-final.png").is_file()
     load_exported(family, out / "controlnet")
     shutil.rmtree(out)
+
+
+# --- Z-Image: control block places, the pipeline's own encodings, the base's parts lent not owned -------------
+
+
+def zimage_base(request, places: tuple[int, ...] = ()):
+    from train.adapter import FamilyOptions
+
+    base = load_family_base(request, "zimage")
+    base.options = FamilyOptions(("canny",), False, 32, control_layers_places=places)
+    return base
+
+
+@pytest.mark.skipif("zimage" not in CASES, reason="Z-Image not registered")
+def test_zimage_control_blocks_sit_at_the_places_given_as_copies_of_those_layers(request):
+    from train.families.zimage import LENT
+    from train.models import make_controlnet
+
+    base = zimage_base(request, (0, 3, 4))
+    controlnet = make_controlnet(base, 3, None)
+    assert controlnet.config.control_layers_places == [0, 3, 4]
+    for block, place in zip(controlnet.control_layers, (0, 3, 4)):
+        layer = base.transformer.layers[place].state_dict()
+        for key, value in block.state_dict().items():
+            if key.startswith(("before_proj", "after_proj")):
+                assert not value.any(), key  # the zero outputs: it starts by adding nothing
+            else:
+                assert torch.equal(value, layer[key]), (place, key)
+    # the base's embedders and refiners it runs are lent: not its parameters, so not trained, saved or exported
+    assert not any(k.split(".")[0] in LENT for k in controlnet.state_dict())
+    assert {id(p) for p in controlnet.parameters()}.isdisjoint(id(p) for p in base.transformer.parameters())
+    noisy, sigmas = CASES["zimage"].noisy(base), torch.tensor([0.3, 0.9])
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    control = base.family.control_inputs(base, controlnet, torch.rand(2, 3, 64, 64), torch.Generator())
+    with torch.no_grad():
+        residuals = controlnet(list(noisy.unsqueeze(2).unbind(0)), 1 - sigmas,
+                               [h[m] for h, m in zip(hidden, added["prompt_mask"])], **control)
+    assert sorted(residuals) == [0, 3, 4]  # one residual per place, keyed by the base layer it is added to
+    default = make_controlnet(zimage_base(request), 3, None)
+    assert default.config.control_layers_places == [0, 5]  # every 5th of the tiny base's 6 layers
+
+
+@pytest.mark.skipif("zimage" not in CASES, reason="Z-Image not registered")
+def test_zimage_places_beyond_a_hub_bases_depth_fail_when_it_loads(request):
+    from train.errors import SetupError
+    from train.models import make_controlnet
+
+    with pytest.raises(SetupError, match="this Z-Image base has 6 layers"):
+        make_controlnet(zimage_base(request, (0, 6)), 3, None)
+
+
+@pytest.mark.skipif("zimage" not in CASES, reason="Z-Image not registered")
+def test_zimage_prompts_conditions_and_timestep_are_what_its_controlnet_pipeline_passes(request):
+    """One step of ZImageControlNetPipeline without guidance: the ControlNet receives exactly the caption
+    features, condition latents and timestep the adapter computes for the same prompt and image."""
+    base = zimage_base(request)
+    controlnet = fresh_controlnet(base, "zimage")
+    pipe = base.family.validation_pipeline(base, controlnet)
+    seen = {}
+    handle = controlnet.register_forward_pre_hook(lambda _, args: seen.update(args=args))
+    condition = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    try:
+        pipe(prompt="a red circle", height=64, width=64, num_inference_steps=1, guidance_scale=0.0,
+             max_sequence_length=32, output_type="latent", generator=torch.Generator().manual_seed(0),
+             **base.family.control_kwargs(condition, None))
+    finally:
+        handle.remove()
+    _, t, cap_feats, control_context = seen["args"]
+    hidden, added = base.family.encode_prompts(base, ["a red circle"], torch.device("cpu"))
+    assert torch.equal(cap_feats[0], hidden[0][added["prompt_mask"][0]])
+    control = base.family.control_inputs(base, controlnet, condition, torch.Generator())["control_context"]
+    assert torch.allclose(control_context[0], control[0], atol=1e-6)
+    pipe.scheduler.set_timesteps(sigmas=[1.0], mu=0.0)  # the pipeline's one sigma, shifted by the scheduler
+    assert torch.allclose(t, 1 - pipe.scheduler.sigmas[:1])
+    assert not any(k.startswith("t_embedder") for k in controlnet.state_dict())  # the pipeline lent them again
 
 
 # --- Sana: prompts as its pipeline encodes them, the ControlNet's size, bases its class cannot copy -------------

@@ -25,6 +25,8 @@ class FamilyOptions:
     max_sequence_length: int | None = None
     guidance_scale: float = 3.5
     """Flux.1-dev's guidance input (``--guidance_scale``, else ``DEFAULT_GUIDANCE``)."""
+    control_layers_places: tuple[int, ...] = ()
+    """Z-Image: the base layers a new ControlNet's blocks feed (``--control_layers_places``; empty: the default)."""
 
 
 @dataclasses.dataclass
@@ -100,6 +102,13 @@ class FamilyAdapter(abc.ABC):
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one batch at random noise and timesteps drawn from ``generator``."""
+
+    @abc.abstractmethod
+    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                     added: dict, condition: torch.Tensor, generator: torch.Generator,
+                     max_timestep: int) -> torch.Tensor:
+        """The clean latents predicted in one step from ``latents`` noised at a timestep drawn from
+        0..``max_timestep`` (reward fine-tuning, train/reward.py), differentiable for the ControlNet."""
 
     def latent_moments(self, base: BaseModels, pixels: torch.Tensor) -> torch.Tensor:
         """What ``--cache_latents`` keeps of [-1, 1] pixels: the VAE's latent distribution (mean and log-variance

@@ -57,7 +57,7 @@ class EncodedCache:
         """The rows' cached condition distributions (None when this family encodes no condition)."""
         if self.condition_moments is None:
             return None
-        return CachedConditions(self.condition_moments[list(indices)], self.base.family.latents_from_moments)
+        return CachedConditions(self.condition_moments[list(indices)])
 
     def latents(self, indices: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """A fresh sample from each row's cached latent distribution, scaled for the UNet.

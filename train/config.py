@@ -159,11 +159,17 @@ class TrainConfig:
     controlnet_num_single_layers: int | None = None
     """Flux only: single-stream blocks in the ControlNet; None: diffusers' default 10, capped (with a log
     line) at the base's."""
+    control_layers_places: tuple[int, ...] = dataclasses.field(default=(), metadata={"separator": ","})
+    """Z-Image only: the base layers whose output each control block adds to, comma-separated, starting at 0
+    and increasing (``0,5,10,15,20,25``, as in alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union); each block
+    starts as a copy of the base layer it feeds. Empty: every 5th layer of the base from 0 (on Z-Image's 30
+    layers exactly the Fun Union places)."""
     guidance_scale: float | None = None
     """Flux.1-dev's distilled guidance input during training; only for bases whose transformer config has
     ``guidance_embeds`` (refused on others); None: 3.5 on such a base."""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt (SD3/Flux); None: the pipeline's default (SD3 256, Flux 512)."""
+    """T5 (SD3/Flux) or Qwen3 (Z-Image) tokens per prompt; None: the pipeline's default (SD3 256, Flux and
+    Z-Image 512)."""
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""
@@ -172,9 +178,25 @@ class TrainConfig:
     scale per output channel, upcast to the base's dtype layer by layer in the forward and again in the
     backward (train/float8_base.py): about half the memory of those weights in bf16, a quarter of fp32. Lossy
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
+    reward_weight: float = 0.0
+    """Weight of the ControlNet++-style reward loss (train/reward.py): each step also noises the batch lightly,
+    predicts the clean image in one step, decodes it and scores it with the condition's own annotator against the
+    input condition; 0: off (training exactly as without it)."""
+    reward_max_timestep: int = 200
+    """The reward pass noises at timesteps drawn from 0..this (of the scheduler's 1000; SD3/Flux: sigma up to
+    this / 1000), where a one-step prediction is still sharp (ControlNet++ uses 200)."""
+    reward_distance: tuple[str, ...] = dataclasses.field(default=(), metadata={"separator": ","})
+    """Distance per condition of the reward, ``condition=distance`` comma-separated (e.g. ``canny=bce``); a
+    condition left out takes its first: canny soft_f1|bce|circle (circle: the fill task's fill/edge
+    consistency), hed ssim|l2, depth ssi (scale/shift-invariant), segmentation ce."""
+    reward_weights_dir: str | None = None
+    """Folder of the annotators' weights for the reward models (as ``pipeline/annotate.py --weights-dir``);
+    default ``$CONTROLFORGE_WEIGHTS``. Canny needs none (a differentiable stand-in)."""
 
     def __post_init__(self) -> None:
         self.condition = tuple(self.condition)
+        self.control_layers_places = layer_places(self.control_layers_places)
+        self.reward_distance = tuple(self.reward_distance)
         for check in CONFIG_CHECKS:
             problem = check(self)
             if problem:
@@ -198,6 +220,54 @@ def output_dir_problem(output_dir: str) -> str | None:
     what = "is a file" if path == os.path.abspath(os.path.expanduser(output_dir)) else f"is inside {path}, a file"
     return (f"--output_dir {output_dir} {what}; give a folder (new, or a run to continue with "
             "--resume_from_checkpoint)")
+
+
+def layer_places(values) -> tuple[int, ...]:
+    """``--control_layers_places`` as layer numbers (the flag gives them as text); a ValueError naming the flag
+    for anything else."""
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        shown = ",".join(str(v) for v in values)
+        raise ValueError(f"--control_layers_places {shown}: give base layer numbers, comma-separated, "
+                         "e.g. 0,5,10,15,20,25") from None
+
+
+REWARD_DISTANCES = {"canny": ("soft_f1", "bce", "circle"), "hed": ("ssim", "l2"), "depth": ("ssi",),
+                    "segmentation": ("ce",)}
+"""Condition -> the distances its reward model offers, the default first (train/reward.py implements them)."""
+
+
+def reward_distances(config: TrainConfig) -> dict[str, str]:
+    """Condition -> the reward distance this run uses (``--reward_distance``, else the condition's default)."""
+    chosen = dict(entry.split("=", 1) for entry in config.reward_distance)
+    return {c: chosen.get(c, REWARD_DISTANCES[c][0]) for c in config.condition if c in REWARD_DISTANCES}
+
+
+def reward_problem(config: TrainConfig) -> str | None:
+    """Why the reward flags cannot work (a message saying what to do), or None."""
+    if config.reward_weight < 0:
+        return f"--reward_weight {config.reward_weight}: give 0 (off) or more (ControlNet++ uses 0.5 to 1)"
+    if not 0 <= config.reward_max_timestep < 1000:
+        return f"--reward_max_timestep {config.reward_max_timestep}: give a timestep within 0..999 (e.g. 200)"
+    if config.reward_weight == 0:
+        return ("--reward_distance has no effect with the reward off: add --reward_weight (e.g. 0.5) or drop it"
+                if config.reward_distance else None)
+    missing = [c for c in config.condition if c not in REWARD_DISTANCES]
+    if missing:
+        return (f"--reward_weight: no reward model for {', '.join(missing)} (rewards exist for "
+                f"{', '.join(REWARD_DISTANCES)}); drop --reward_weight")
+    if config.union:
+        return "--reward_weight with --union: a union step routes conditions at random; train without --union"
+    for entry in config.reward_distance:
+        condition, _, distance = entry.partition("=")
+        if condition not in config.condition:
+            return (f"--reward_distance {entry}: {condition!r} is not a --condition of this run "
+                    f"({','.join(config.condition)})")
+        if distance not in REWARD_DISTANCES[condition]:
+            return (f"--reward_distance {entry}: {condition} offers {', '.join(REWARD_DISTANCES[condition])}; "
+                    f"write e.g. {condition}={REWARD_DISTANCES[condition][0]}")
+    return None
 
 
 def fp8_problem() -> str | None:
@@ -288,7 +358,8 @@ def model_problem(config: TrainConfig) -> str | None:
         return ("--union trains one ControlNet for several conditions: name two or more, e.g. "
                 "--condition canny,depth (or drop --union)")
     if config.controlnet_model_name_or_path:
-        sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers") if getattr(config, k)]
+        sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers", "control_layers_places")
+                 if getattr(config, k)]
         if sized:
             return (f"--{sized[0]} sizes a new ControlNet; --controlnet_model_name_or_path loads one with its own "
                     f"size: drop --{sized[0]}")
@@ -303,7 +374,8 @@ def model_problem(config: TrainConfig) -> str | None:
 
 CONFIG_CHECKS = (lambda config: nonfinite_problem(config, lambda name: f"--{name}"),
                  lambda config: output_dir_problem(config.output_dir),
-                 condition_problem, choice_problem, range_problem, validation_problem, data_problem, model_problem)
+                 condition_problem, choice_problem, range_problem, validation_problem, data_problem, model_problem,
+                 reward_problem)
 """Run in this order when a ``TrainConfig`` is built; the first problem found is raised as a ValueError."""
 
 def differences_from_diffusers(config: TrainConfig) -> list[str]:

@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
-from pipeline.samples import CIRCLE_CAPTION, CIRCLE_PALETTE
-
 if TYPE_CHECKING:
     from annotators.base import Annotator
 
@@ -29,6 +27,23 @@ if TYPE_CHECKING:
 CIRCLE = "circle"
 #: Metrics where smaller is better (reports and comparisons must know the direction).
 LOWER_IS_BETTER = frozenset({"depth_rmse"})
+
+#: Named colours of the circle task: colour accuracy names the nearest of these, and the demo's
+#: circles (``demo/circles.py``) are drawn in them. Every pair is at least 100 apart in RGB and
+#: differs by 100 or more in one channel, so a generated colour maps to one name and Canny
+#: (thresholds 100/200) sees every edge.
+CIRCLE_PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "light blue": (140, 200, 250),
+    "purple": (140, 50, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+#: Reads (circle colour, background colour) back from a caption written by ``circle_caption``.
+CIRCLE_CAPTION = r"\ban? (?P<colour>[a-z ]+?) circle on an? (?P<background>[a-z ]+?) background\b"
 
 # OpenPose's 18 body keypoint colours (controlnet-aux ``draw_bodypose``): each keypoint is a filled
 # circle in its own pure colour, drawn over limbs in the same colours at 60%, so a skeleton map
@@ -290,6 +305,11 @@ def nearest_colour(rgb: Sequence[float], palette: Mapping[str, Sequence[int]] = 
     names = list(palette)
     distances = np.linalg.norm(np.asarray([palette[n] for n in names], float) - np.asarray(rgb, float), axis=1)
     return names[int(np.argmin(distances))]
+
+
+def circle_caption(colour: str, background: str) -> str:
+    """The caption of a circle-task image; ``caption_colours`` reads it back."""
+    return f"a {colour} circle on a {background} background"
 
 
 def caption_colours(caption: str) -> tuple[str, str] | None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def controlnet_loss(
+def unet_denoising_loss(
     controlnet: torch.nn.Module,
     unet: torch.nn.Module,
     scheduler: Any,
@@ -29,17 +29,8 @@ def controlnet_loss(
     ``controlnet_kwargs``: more arguments for the ControlNet only (a union ControlNet's control-type
     mask and slot indices, with ``condition`` the list of its slots' images)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-    down, mid = controlnet(
-        noisy, timesteps, encoder_hidden_states=encoder_hidden_states, controlnet_cond=condition,
-        return_dict=False, **extra, **(controlnet_kwargs or {}),
-    )
-    dtype = unet.dtype  # residuals come from the fp32 ControlNet; the locked UNet may be fp16
-    prediction = unet(
-        noisy.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
-        down_block_additional_residuals=[r.to(dtype) for r in down],
-        mid_block_additional_residual=mid.to(dtype), return_dict=False, **extra,
-    )[0]
+    prediction = steered_prediction(controlnet, unet, noisy, timesteps, encoder_hidden_states, condition,
+                                    added_cond_kwargs, controlnet_kwargs)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -48,6 +39,24 @@ def controlnet_loss(
     else:
         raise ValueError(f"unsupported prediction_type {kind!r}")
     return F.mse_loss(prediction.float(), target.float())
+
+
+def steered_prediction(controlnet: torch.nn.Module, unet: torch.nn.Module, noisy: torch.Tensor,
+                       timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                       condition: torch.Tensor | list[torch.Tensor], added_cond_kwargs: dict | None = None,
+                       controlnet_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """The locked UNet's prediction (epsilon or v) on ``noisy`` with the ControlNet's residuals added."""
+    extra = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
+    down, mid = controlnet(
+        noisy, timesteps, encoder_hidden_states=encoder_hidden_states, controlnet_cond=condition,
+        return_dict=False, **extra, **(controlnet_kwargs or {}),
+    )
+    dtype = unet.dtype  # residuals come from the fp32 ControlNet; the locked UNet may be fp16
+    return unet(
+        noisy.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
+        down_block_additional_residuals=[r.to(dtype) for r in down],
+        mid_block_additional_residual=mid.to(dtype), return_dict=False, **extra,
+    )[0]
 
 
 def sample_noise(latents: torch.Tensor, num_timesteps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from train.errors import SetupError
 from train.family_specs import FAMILY_NAMES
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
 from train.latents import CachedConditions, images_from_latents
+from train.reward import clean_prediction
 
 log = logging.getLogger("train")
 
@@ -123,9 +124,27 @@ class FlowAdapter(FamilyAdapter):
         prediction = self.predict(controlnet, base, noisy, sigmas, hidden, added, control)
         return flow_loss(prediction, self.layout(latents), self.layout(noise))
 
+    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                     added: dict, condition: torch.Tensor, generator: torch.Generator,
+                     max_timestep: int) -> torch.Tensor:
+        """x0 = x_t - sigma v at a sigma uniform in 0..``max_timestep`` / the scheduler's timesteps (unshifted:
+        the reward wants lightly noised images, where the one-step prediction is sharp)."""
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+        top = max_timestep / base.scheduler.config.num_train_timesteps
+        sigmas = (torch.rand(latents.shape[0], generator=generator) * top).to(latents.device)
+        noisy = noisy_latents(latents, noise, sigmas)
+        with torch.no_grad():
+            control = self.control_inputs(base, controlnet, condition, generator)
+        prediction = self.unlayout(self.predict(controlnet, base, noisy, sigmas, hidden, added, control), latents)
+        return clean_prediction("flow", noisy, prediction, sigmas)
+
     def layout(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents in the layout the transformer predicts in."""
         return latents
+
+    def unlayout(self, prediction: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """A prediction in ``layout`` back in the shape of ``latents``."""
+        return prediction
 
     @abc.abstractmethod
     def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
@@ -293,6 +312,9 @@ class FluxAdapter(FlowAdapter):
     def unpacked(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
+    def unlayout(self, prediction: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return unpack(prediction, latents.shape)
+
     def guidance_kwargs(self, base: BaseModels) -> dict:
         # validation samples with the distilled guidance the run trains at (the pipeline's default is 7.0)
         return {"guidance_scale": base.options.guidance_scale} if base.transformer.config.guidance_embeds else {}
@@ -377,6 +399,12 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
 
     b, c, h, w = latents.shape
     return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W) of ``shape``: ``pack`` undone."""
+    b, c, h, w = shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 class TransformerView:

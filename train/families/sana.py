@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,6 +32,7 @@ from train.adapter import BaseModels, FamilyAdapter, controlnet_subfolder, freez
 from train.errors import SetupError
 from train.flow import flow_loss, noisy_latents, shifted_sigmas
 from train.latents import CachedConditions
+from train.reward import clean_prediction
 
 log = logging.getLogger("train")
 
@@ -110,8 +111,8 @@ class SanaAdapter(FamilyAdapter):
     def condition_latents(self, base: BaseModels, condition: "torch.Tensor | CachedConditions",
                           generator: torch.Generator) -> torch.Tensor:
         """The [0, 1] condition image through DC-AE (or its cached latents), scaled as the pipeline does."""
-        if isinstance(condition, CachedConditions):
-            sample = condition.sample(generator).to(base.vae.device, base.vae.dtype)
+        if isinstance(condition, CachedConditions):  # one condition per example: Sana stacks none
+            sample = self.latents_from_moments(condition.moments[:, 0], generator).to(base.vae.device, base.vae.dtype)
         else:
             sample = self.encode_latents(base, (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype),
                                          generator)
@@ -151,12 +152,31 @@ class SanaAdapter(FamilyAdapter):
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Velocity MSE at a logit-normal sigma shifted by the scheduler's ``flow_shift`` (train/flow.py)."""
+        _, noise, _, prediction = self.noised_prediction(
+            controlnet, base, latents, hidden, added, condition, generator,
+            lambda: shifted_sigmas(latents.shape[0], generator, self.shift(base)))
+        return flow_loss(prediction, latents, noise)
+
+    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                     added: dict, condition: torch.Tensor, generator: torch.Generator,
+                     max_timestep: int) -> torch.Tensor:
+        """x0 = x_t - sigma v at a sigma uniform in 0..``max_timestep`` / the scheduler's timesteps (unshifted, as
+        the other flow families: the reward wants lightly noised images)."""
+        top = max_timestep / base.scheduler.config.num_train_timesteps
+        noisy, _, sigmas, prediction = self.noised_prediction(
+            controlnet, base, latents, hidden, added, condition, generator,
+            lambda: torch.rand(latents.shape[0], generator=generator) * top)
+        return clean_prediction("flow", noisy, prediction, sigmas)
+
+    def noised_prediction(self, controlnet, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                          added: dict, condition, generator: torch.Generator, sigmas: Callable[[], torch.Tensor]):
+        """(noisy latents, noise, sigmas, velocity) for noise then ``sigmas()`` drawn from ``generator``."""
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        sigmas = shifted_sigmas(latents.shape[0], generator, self.shift(base)).to(latents.device)
-        noisy = noisy_latents(latents, noise, sigmas)
+        drawn = sigmas().to(latents.device)
+        noisy = noisy_latents(latents, noise, drawn)
         with torch.no_grad():
             control = self.control_inputs(base, controlnet, condition, generator)
-        return flow_loss(self.predict(controlnet, base, noisy, sigmas, hidden, added, control), latents, noise)
+        return noisy, noise, drawn, self.predict(controlnet, base, noisy, drawn, hidden, added, control)
 
     def control_inputs(self, base: BaseModels, controlnet, condition: "torch.Tensor | CachedConditions",
                        generator: torch.Generator) -> dict:

@@ -4,10 +4,10 @@
 The ControlNet paper's "fill50k" experiment needs a base that already draws "a red circle on a
 light blue background" in those colours, anywhere; the ControlNet then learns to put the circle
 where the condition's outline is. This script pretrains such a base from nothing on the circle
-images of ``pipeline.samples`` and saves it as a diffusers folder (``StableDiffusionPipeline``
+images of ``demo/circles.py`` and saves it as a diffusers folder (``StableDiffusionPipeline``
 layout, safetensors). The shipped ``models/tiny-circles`` was made by exactly:
 
-    nice -n 15 python train/tiny_base.py --output models/tiny-circles
+    nice -n 15 python -m demo.tiny_base --output models/tiny-circles
 
 (the defaults below). It took 21.5 minutes on one thread of a shared 2-core CPU: VAE 800 steps
 3.4 min, UNet + text encoder 3,000 steps at batch 32 17.4 min, measuring 0.6 min. Everything is
@@ -15,14 +15,14 @@ seeded and runs on a fixed thread count, so a rerun on the same machine gives th
 (``tests/test_tiny_base.py`` checks this on a tiny run); other CPUs may round differently.
 Measure a saved base again without training:
 
-    python train/tiny_base.py --output models/tiny-circles --measure_only
+    python -m demo.tiny_base --output models/tiny-circles --measure_only
 
 The recipe, one small function per step:
 
 1. ``write_tokenizer``: a CLIP BPE tokenizer whose merges make every caption word one token
    (a vocabulary without merges splits words into characters and a 16-token limit then cuts
    the background colour off); characters stay in the vocabulary, so any text still encodes.
-2. ``circle_pool``: circles drawn by ``pipeline.samples.circle`` at ``source_size`` and resized
+2. ``circle_pool``: circles drawn by ``demo.circles.circle`` at ``source_size`` and resized
    bicubic to ``resolution``, as ``train/data.py`` resizes a manifest's images.
 3. ``train_vae``: an ``AutoencoderKL`` that down-samples by 2 (32x32 pixels -> 4x16x16 latents),
    trained briefly on reconstruction; its latents' spread sets ``scaling_factor``.
@@ -45,7 +45,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run by path (python train/tiny_base.py)
+if __package__ in (None, ""):  # run by path (python demo/tiny_base.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from pipeline.samples import CIRCLE_PALETTE, circle, circle_caption
+from demo.circles import circle
+from train.metrics import CIRCLE_PALETTE, circle_caption
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 #: Characters kept as single-character tokens (with and without the end-of-word mark), so any
@@ -79,12 +80,12 @@ class TinyBaseConfig:
     seed: int = 0
     """Seed of model initialisation, batch order, noise and caption dropout."""
     data_seed: int = 1000
-    """Seed of the circle images (``pipeline.samples.circle(data_seed, i)``); not the demo's seed 0,
+    """Seed of the circle images (``demo.circles.circle(data_seed, i)``); not the demo's seed 0,
     so the base never sees the demo's own images."""
     pool_size: int = 16384
     """Circle images drawn once and sampled from in batches."""
     source_size: int = 64
-    """Side of the drawn circles (``pipeline.samples circles --size``, default 64) before resizing."""
+    """Side of the drawn circles (``python -m demo.samples circles --size``, default 64) before resizing."""
     resolution: int = 32
     """Side of the training images and of what the base generates, in pixels."""
     threads: int = 1
@@ -579,13 +580,15 @@ def folder_size(folder: Path) -> int:
 def write_model_card(folder: Path, report: dict[str, Any]) -> None:
     """README.md of the folder: what it is, how it was made, how well it draws."""
     m, t = report["metrics"], report.get("training", {})
+    output = report.get("config", {}).get("output", str(folder))
     card = [
         "# tiny-circles: the demo's text-to-image base", "",
         "A tiny Stable Diffusion (diffusers layout, safetensors) pretrained from nothing on 32x32 circle images",
         "captioned like \"a red circle on a light blue background\": it draws the captioned colours and puts the",
         "circle anywhere, for a ControlNet to learn where (the ControlNet paper's fill50k task).", "",
-        "Made by `train/tiny_base.py` (recipe and reproduction command in its docstring); `tiny_base.json` holds",
-        "the full settings and figures, `samples.png` one sample per colour pair (row: circle, column: background).",
+        f"Made by `python -m demo.tiny_base --output {output}` (`demo/tiny_base.py`; the recipe is in its docstring,",
+        "every other setting is in `tiny_base.json`, with the figures); `samples.png` shows one sample per colour",
+        "pair (row: circle, column: background).",
         "", "| | |", "|---|---|",
     ]
     if t:

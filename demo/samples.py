@@ -1,7 +1,7 @@
 """Write small raw image collections: the demo's, the benchmark's and the tests'.
 
-    python -m pipeline.samples data/demo/photos                        # photos, scenes, edge cases (or: demo DIR)
-    python -m pipeline.samples circles data/circles --count 1000       # the fill task's raw circles
+    python -m demo.samples data/demo/photos                        # photos, scenes, edge cases (or: demo DIR)
+    python -m demo.samples circles data/circles --count 1000       # the fill task's raw circles (demo/circles.py)
 
 Real photos come from scikit-image (installed with the dev extra); scenes are drawn here; the
 ``edge_cases/`` folder holds what real collections contain and a pipeline must survive.
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from demo.circles import write_circles
 from manifests.flags import DefaultsHelpFormatter
 
 PHOTOS = {  # scikit-image sample -> caption
@@ -29,20 +30,6 @@ PHOTOS = {  # scikit-image sample -> caption
     "hubble_deep_field": "a deep field of galaxies seen by the Hubble telescope",
 }
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
-
-#: Named colours of the circle task, shared with ``train/metrics.py`` (colour accuracy names the
-#: nearest of these). Every pair is at least 100 apart in RGB and differs by 100 or more in one
-#: channel, so a generated colour maps to one name and Canny (thresholds 100/200) sees every edge.
-CIRCLE_PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "yellow": (240, 220, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 220),
-    "light blue": (140, 200, 250),
-    "purple": (140, 50, 180),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
 
 
 def scene(seed: int, size: tuple[int, int] = (640, 480)) -> tuple[Image.Image, str]:
@@ -134,47 +121,6 @@ def write_edge_cases(folder: Path) -> dict[str, str]:
     return expect
 
 
-def circle_caption(colour: str, background: str) -> str:
-    """The caption of a circle image; ``train/metrics.py`` parses it back with ``CIRCLE_CAPTION``."""
-    return f"a {colour} circle on a {background} background"
-
-
-#: Reads (circle colour, background colour) back from a caption written by ``circle_caption``.
-CIRCLE_CAPTION = r"\ban? (?P<colour>[a-z ]+?) circle on an? (?P<background>[a-z ]+?) background\b"
-
-
-def circle(seed: int, index: int, size: int = 64) -> tuple[Image.Image, str]:
-    """One filled circle on a plain background, and its caption (fill50k's raw image, small).
-
-    Drawn without anti-aliasing so every pixel is exactly one of two palette colours; the circle
-    stays inside the image (a margin of one pixel) so its Canny outline is a closed curve. The
-    draws depend on (seed, index) only: more images never change the earlier ones.
-    """
-    rng = np.random.default_rng([seed, index])
-    names = list(CIRCLE_PALETTE)
-    colour, background = (names[int(i)] for i in rng.choice(len(names), size=2, replace=False))
-    radius = int(rng.integers(max(2, size // 10), max(3, size * 3 // 8) + 1))
-    cx, cy = (int(rng.integers(radius + 1, size - radius - 1)) for _ in range(2))
-    im = Image.new("RGB", (size, size), CIRCLE_PALETTE[background])
-    ImageDraw.Draw(im).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=CIRCLE_PALETTE[colour])
-    return im, circle_caption(colour, background)
-
-
-def write_circles(folder: Path, count: int, size: int = 64, seed: int = 0) -> list[Path]:
-    """``count`` circle PNGs (``circle_00000.png`` ...) with ``.txt`` caption sidecars."""
-    if count < 1 or size < 16:
-        raise ValueError(f"circles need count >= 1 and size >= 16, got count={count} size={size}")
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        im, caption = circle(seed, i, size)
-        path = folder / f"circle_{i:05d}.png"
-        im.save(path)
-        (folder / f"circle_{i:05d}.txt").write_text(caption + "\n")
-        paths.append(path)
-    return paths
-
-
 def write_demo_collection(root: Path) -> Path:
     """The demo collection: real photos, drawn scenes, and edge cases, in sub-folders."""
     write_photos(root / "photos")
@@ -188,8 +134,8 @@ COMMANDS = ("demo", "circles")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``demo [OUT]`` and ``circles OUT --count N``; ``python -m pipeline.samples OUT`` means ``demo OUT``."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.samples", description=__doc__.split("\n\n")[0],
+    """``demo [OUT]`` and ``circles OUT --count N``; ``python -m demo.samples OUT`` means ``demo OUT``."""
+    p = argparse.ArgumentParser(prog="python -m demo.samples", description=__doc__.split("\n\n")[0],
                                 epilog="A folder given without a command gets the demo collection (demo OUT).")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,circles}")
     demo = sub.add_parser("demo", help="real photos, drawn scenes and edge cases, in sub-folders",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A run's report: controllability of the ControlNet against the base alone, and its curve.
 
-    python train/report.py runs/demo [--eval runs/demo/eval]
+    python -m demo.report runs/demo [--eval runs/demo/eval]
 
 Reads ``<eval>/metrics.json`` (train/evaluate.py) and ``<run>/validation/metrics.jsonl`` (the
 trainer's validations) and writes ``<run>/metrics_curve.png`` and ``<run>/report.md``.
