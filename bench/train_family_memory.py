@@ -5,8 +5,9 @@
     python bench/train_family_memory.py --measure none --fp8 flux   # ControlNet step, base bf16 vs --fp8_base
 
 1. Parameter counts of the base (denoiser, text encoders, VAE) and of the ControlNet the trainer builds
-   (train/families/: unet.py, flow.py, qwenimage.py with their default sizes) for SD 1.5, SDXL,
-   SD3.5-medium, SD3.5-large, Flux.1-dev and Qwen-Image, from their published configs, on the meta device
+   (train/families/: unet.py, flow.py, zimage.py, qwenimage.py, hunyuandit.py, sana.py with their default sizes)
+   for SD 1.5, SDXL, SD3.5-medium, SD3.5-large, Flux.1-dev, Z-Image-Turbo, Qwen-Image, HunyuanDiT-v1.2 and Sana
+   1.6B, from their published configs, on the meta device
    (``accelerate.init_empty_weights``: nothing is allocated). Implied training memory: the base in bf16
    (2 bytes/parameter) + the ControlNet in fp32 with its gradients and AdamW's two moments (16
    bytes/parameter); activations are not counted (they scale with batch and resolution, and
@@ -93,6 +94,18 @@ QWEN_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_lay
 QWEN_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                          fullatt_block_indexes=[7, 15, 23, 31], in_chans=3, hidden_act="silu")
+# Sana 1.0 1.6B at 1024 px (Efficient-Large-Model/Sana_1600M_1024px_diffusers): its transformer/config.json
+# values are SanaTransformer2DModel's defaults (20 blocks, 70 heads x 32 = 2240 wide, cross-attention 20 x 112,
+# caption_channels 2304, in/out 32, patch 1); its text_encoder is gemma-2-2b-it's Gemma2Model (vocab 256000,
+# hidden 2304, intermediate 9216, 26 layers, 8 heads / 4 KV heads of 256); its vae is
+# mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers (the values of diffusers' scripts/convert_dcae_to_diffusers.py).
+SANA_1600M: dict = {}
+GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256)
+DC_AE_F32C32 = dict(latent_channels=32, encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                    encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3,) * 6,
+                    downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.41407)
 
 
 def count(module: torch.nn.Module) -> int:
@@ -208,6 +221,7 @@ def family_counts() -> list[dict]:
         rows.append(zimage_row(flow_vae))
         rows.append(qwen_image_row())
         rows.append(hunyuandit_row(sd_vae))
+        rows.append(sana_counts())
     for row in rows:
         row["base"] = row["denoiser"] + row["text"] + row["vae"]
         row["base_bf16_gib"] = 2 * row["base"] / GIB
@@ -253,6 +267,22 @@ def hunyuandit_row(vae: int) -> dict:
     return {"family": "HunyuanDiT-v1.2", "denoiser": count(transformer), "text": text, "vae": vae,
             "controlnet": count(controlnet), "layers": f"{layers // 2 - 1} of {layers} (one per skip)",
             "fp8_saved": fp8_saving(transformer) + fp8_saving(bert) + FP8_SAVED["hunyuandit"]}
+def sana_counts() -> dict:
+    """Sana 1.6B and the ControlNet the trainer builds for it (train/families/sana.py: its default blocks, the
+    base's first ones copied), on the meta device (call inside ``init_empty_weights``)."""
+    from diffusers import AutoencoderDC, SanaControlNetModel, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    from train.families.sana import SanaAdapter
+
+    transformer = SanaTransformer2DModel(**SANA_1600M)
+    layers = SanaAdapter(1024).layers(None, transformer.config.num_layers)
+    controlnet = SanaControlNetModel(**{**SANA_1600M, "num_layers": layers})
+    gemma = Gemma2Model(Gemma2Config(**GEMMA2_2B))
+    return {"family": "Sana 1.6B", "denoiser": count(transformer), "text": count(gemma),
+            "vae": count(AutoencoderDC(**DC_AE_F32C32)), "controlnet": count(controlnet),
+            "layers": f"{layers} of {transformer.config.num_layers}",
+            "fp8_saved": fp8_saving(transformer) + fp8_saving(gemma)}
 
 
 # --- measured: reduced depth, real width ---------------------------------------------------------

@@ -153,6 +153,14 @@ def tiny_hunyuandit(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory) -> Path:
+    """A tiny Sana folder (linear-attention DiT, DC-AE down-sampling by 32, Gemma2) built from configs."""
+    from tests.tiny_sana import write_tiny_sana
+
+    return write_tiny_sana(tmp_path_factory.mktemp("tiny_sana") / "sana")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL-style folder (two CLIPs, pooled embeds, time ids) built from configs."""
     from tests.tiny_sd import write_tiny_sdxl

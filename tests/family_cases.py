@@ -97,3 +97,20 @@ def _hunyuandit() -> FamilyCase:
 
 
 CASES["hunyuandit"] = _hunyuandit()
+
+
+def _sana() -> FamilyCase:
+    from tests import tiny_sana
+
+    short = 16  # Gemma2 reads the complex human instruction plus this many prompt tokens: keep it short
+    return FamilyCase(
+        controlnet="SanaControlNetModel", pipeline="SanaControlNetPipeline", noisy=tiny_sana.noisy,
+        plain=tiny_sana.plain, size=("--controlnet_num_layers", "2", "--max_sequence_length", str(short)),
+        layers=(2, None), max_sequence_length=short,
+        pipeline_kwargs={"max_sequence_length": short, "use_resolution_binning": False},
+        refused=((("--resolution", "80"), "multiple of 32"), (("--union", "--condition", "canny,depth"), "no union ControlNet for Sana"),
+                 (("--controlnet_num_single_layers", "1"), "has no such blocks"),
+                 (("--guidance_scale", "4"), "Sana has none")))
+
+
+CASES["sana"] = _sana()

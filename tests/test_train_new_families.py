@@ -423,3 +423,91 @@ def test_hunyuandit_gradient_checkpointing_keeps_the_loss_gradients_and_state_di
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+# --- Sana: prompts as its pipeline encodes them, the ControlNet's size, bases its class cannot copy -------------
+
+
+def test_sana_prompts_are_what_its_controlnet_pipeline_hands_the_transformer(request):
+    """The adapter's Gemma2 states and mask equal those SanaControlNetPipeline passes the transformer (its
+    complex human instruction prepended, max_sequence_length tokens kept), captured from a real call."""
+    from diffusers import SanaControlNetPipeline
+
+    base = load_family_base(request, "sana")
+    pipe = SanaControlNetPipeline(**base.family.pipeline_modules(base), controlnet=fresh_controlnet(base, "sana"))
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    handle = base.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append((kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"])),
+        with_kwargs=True)
+    try:
+        pipe(prompt="A red circle on the green square", control_image=torch.rand(1, 3, 64, 64) * 2 - 1, height=64,
+             width=64, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+             **CASES["sana"].pipeline_kwargs)
+    finally:
+        handle.remove()
+    hidden, added = base.family.encode_prompts(base, ["A red circle on the green square"], torch.device("cpu"))
+    assert hidden.shape[1] == CASES["sana"].max_sequence_length
+    assert torch.equal(hidden, seen[0][0]) and torch.equal(added["encoder_attention_mask"], seen[0][1])
+    plain_pipe = base.family.encoder_pipeline(base)
+    without, _, _, _ = plain_pipe.encode_prompt("A red circle on the green square", do_classifier_free_guidance=False,
+                                                max_sequence_length=CASES["sana"].max_sequence_length)
+    assert not torch.equal(without, hidden)  # the instruction is there: it changes what the prompt attends to
+
+
+def test_sana_controlnet_copies_the_base_and_every_residual_it_makes_is_read(request):
+    """Default 7 blocks capped at the base's blocks - 1 (the base adds residual i after block i + 1); the copied
+    blocks are the base's; each zero output gets a gradient once the residuals reach the loss."""
+    base = load_family_base(request, "sana")
+    controlnet = base.family.make_controlnet(base, 3, None).train()
+    blocks = base.transformer.config.num_layers
+    assert controlnet.config.num_layers == blocks - 1
+    copied = base.transformer.state_dict()
+    for k, v in controlnet.state_dict().items():
+        if k.startswith(("input_block.", "controlnet_blocks.")):
+            assert not v.any(), k
+        else:
+            assert torch.equal(v, copied[k]), k
+    perturb(controlnet)
+    controlnet.input_block.weight.data.normal_(std=0.1)
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    latents = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    base.family.loss(controlnet, base, latents, hidden, added, torch.rand(2, 3, 64, 64),
+                     torch.Generator().manual_seed(0)).backward()
+    assert all(b.weight.grad is not None and b.weight.grad.abs().sum() > 0 for b in controlnet.controlnet_blocks)
+
+
+@pytest.mark.parametrize("setting", [{"qk_norm": "rms_norm_across_heads"}, {"guidance_embeds": True}])
+def test_a_sana_base_whose_blocks_its_controlnet_class_cannot_copy_is_refused(request, setting):
+    """Sana 1.5 (qk_norm) and Sprint (guidance_embeds) bases: SanaControlNetModel has neither setting, so a copy
+    would silently drop weights; refused by the flag checks (from config.json) and by the copy itself."""
+    from diffusers import SanaTransformer2DModel
+
+    from train.errors import SetupError
+    from train.family_checks import family_flag_problem
+
+    base = load_family_base(request, "sana")
+    base.transformer = SanaTransformer2DModel.from_config({**base.transformer.config, **setting})
+    key = next(iter(setting))
+
+    class Flags:
+        resolution, guidance_scale, union, condition = 64, None, False, ("canny",)
+        controlnet_num_layers = controlnet_num_single_layers = max_sequence_length = None
+
+    assert key in family_flag_problem(Flags(), "sana", dict(base.transformer.config))
+    with pytest.raises(SetupError, match="cannot copy"):
+        base.family.make_controlnet(base, 3, None)
+
+
+@pytest.mark.slow
+def test_sana_trains_and_validates_with_an_fp8_base(demo_manifest, tiny_sana, tmp_path):
+    """--fp8_base on Sana: Gemma2's and the transformer's Linear/Conv2d weights (GLUMBConv's convolutions too)
+    in float8 after the ControlNet copied them; two steps, then validation through SanaControlNetPipeline."""
+    from train.train import main
+
+    out = tmp_path / "run"
+    assert main(train_args(demo_manifest, tiny_sana, out, "sana", "--max_train_steps", "2", "--mixed_precision",
+                           "bf16", "--fp8_base", "--validation_steps", "2", "--num_validation_rows", "1",
+                           "--num_validation_images", "1", "--checkpointing_steps", "10")) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert np.isfinite(summary["figures"]["final_loss"]) and (out / "validation" / "step-final.png").is_file()

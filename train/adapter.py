@@ -89,13 +89,8 @@ class FamilyAdapter(abc.ABC):
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         """(encoder_hidden_states, added conditioning for the denoiser and the ControlNet) of ``captions``."""
 
-    def latent_distribution(self, base: BaseModels, pixels: torch.Tensor):
-        """The VAE's posterior (a ``DiagonalGaussianDistribution`` over (B, C, h, w) latents) of [-1, 1] images
-        (B, 3, H, W): what training samples from and ``--cache_latents`` stores the moments of."""
-        return base.vae.encode(pixels).latent_dist
-
     def scale_latents(self, base: BaseModels, sample: torch.Tensor) -> torch.Tensor:
-        """A sample of ``latent_distribution`` as the denoiser reads it (shifted and scaled by default)."""
+        """A draw of ``encode_latents`` as the denoiser reads it (shifted and scaled by default)."""
         return latents_from_sample(base.vae.config, sample)
 
     def with_sizes(self, added: dict, batch: dict, device: torch.device) -> dict:
@@ -123,6 +118,22 @@ class FamilyAdapter(abc.ABC):
     def enable_gradient_checkpointing(self, controlnet: torch.nn.Module) -> None:
         """``--gradient_checkpointing``: recompute the ControlNet's activations in the backward pass."""
         controlnet.enable_gradient_checkpointing()
+
+    def latent_moments(self, base: BaseModels, pixels: torch.Tensor) -> torch.Tensor:
+        """What ``--cache_latents`` keeps of [-1, 1] pixels: the VAE's latent distribution (mean and log-variance
+        along the channels; a family whose VAE encodes deterministically keeps its latents)."""
+        return base.vae.encode(pixels).latent_dist.parameters
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A draw (unscaled) from ``latent_moments``, from ``generator`` on the moments' device: exactly what an
+        uncached step's ``latent_dist.sample`` draws."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(moments).sample(generator=generator)
+
+    def encode_latents(self, base: BaseModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The VAE's (unscaled) latents of [-1, 1] pixels, drawn from ``generator`` where the encoder samples."""
+        return self.latents_from_moments(self.latent_moments(base, pixels), generator)
 
     def card_pipeline_class(self, base: BaseModels) -> str:
         """The diffusers pipeline the model card tells users to load the ControlNet in."""

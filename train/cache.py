@@ -1,7 +1,7 @@
 """``--cache_latents``: encode every image and distinct caption once, reuse them every step.
 
 Valid only with fixed crops (centre crop, no flip), which the config enforces. The VAE's latent
-distribution (mean and log-variance) is cached, not one sample, so each step still draws a fresh
+distribution (mean and log-variance, as the family's ``latent_moments`` gives it) is cached, not one sample, so each step still draws a fresh
 sample from it, as an uncached run does. Captions dropped to "" use the cached "" embedding.
 Families whose ControlNet reads its condition through the VAE (SD3, Flux: ``encodes_conditions``)
 get each condition's latent distribution cached the same way, so no step runs the VAE encoder.
@@ -28,8 +28,7 @@ class EncodedCache:
         with torch.no_grad():
             for start in tqdm(range(0, len(dataset), batch_size), desc="cache latents", disable=not show_progress):
                 pixels = torch.stack([dataset.image_tensor(i) for i in range(start, min(len(dataset), start + batch_size))])
-                posterior = base.family.latent_distribution(base, pixels.to(device, base.vae.dtype))
-                moments.append(posterior.parameters.float().cpu())
+                moments.append(base.family.latent_moments(base, pixels.to(device, base.vae.dtype)).float().cpu())
             self.moments = torch.cat(moments)
             self.condition_moments = (self._condition_moments(base, dataset, batch_size, show_progress)
                                       if base.family.encodes_conditions else None)
@@ -50,8 +49,8 @@ class EncodedCache:
                                    for i in range(start, min(len(dataset), start + batch_size))])
             pixels = stacked.view(-1, 3, *stacked.shape[-2:]) * 2.0 - 1.0  # one 3-channel map per condition
             # at most batch_size maps per VAE call, as a training step encodes: not batch_size x conditions
-            encoded = torch.cat([base.family.latent_distribution(base, chunk.to(self.device, base.vae.dtype))
-                                 .parameters.float().cpu() for chunk in pixels.split(batch_size)])
+            encoded = torch.cat([base.family.latent_moments(base, chunk.to(self.device, base.vae.dtype)).float().cpu()
+                                 for chunk in pixels.split(batch_size)])
             moments.append(encoded.view(stacked.shape[0], count, *encoded.shape[1:]))
         return torch.cat(moments)
 
@@ -67,9 +66,7 @@ class EncodedCache:
         Drawn on the CPU from the step's (CPU) generator, then moved: the same numbers on any
         device, so a cached run stays deterministic and resumable on a GPU too.
         """
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        sample = DiagonalGaussianDistribution(self.moments[list(indices)]).sample(generator=generator)
+        sample = self.base.family.latents_from_moments(self.moments[list(indices)], generator)
         return self.base.family.scale_latents(self.base, sample).to(self.device)
 
     def prompts_for(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict]:

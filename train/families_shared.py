@@ -81,7 +81,7 @@ class FlowAdapter(FamilyAdapter):
             sample = condition.sample(generator).to(base.vae.device, base.vae.dtype)
         else:
             pixels = (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype)
-            sample = self.latent_distribution(base, pixels).sample(generator=generator)
+            sample = self.encode_latents(base, pixels, generator)
         return self.scaled_condition(base, controlnet, sample)
 
     def scaled_condition(self, base: BaseModels, controlnet, sample: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ def family_flag_problem(config: Any, family: str, transformer: dict | None = Non
     ``transformer``: the base's transformer config, for the checks that need it."""
     spec = SPECS[family]
     return (resolution_problem(config.resolution, family, transformer)
+            or unmirrored_problem(spec, transformer)
             or guidance_problem(config, family, transformer)
             or union_problem(config, spec)
             or fixed_flag_problem(config, spec)
@@ -34,6 +35,16 @@ def family_flag_problem(config: Any, family: str, transformer: dict | None = Non
             or layer_places_problem(getattr(config, "control_layers_places", ()), spec, transformer)
             or sequence_length_problem(config, spec)
             or stacking_problem(config, spec))
+
+
+def unmirrored_problem(spec: FamilySpec, transformer: dict | None) -> str | None:
+    """A base transformer setting the family's ControlNet class cannot copy (its blocks would not match)."""
+    for key in spec.unmirrored:
+        value = (transformer or {}).get(key)
+        if value:
+            return (f"this {spec.label} base's transformer sets {key}={value!r}; {spec.controlnet_class} has no "
+                    f"{key}, so it cannot copy the base's blocks: use a {spec.label} base without it")
+    return None
 
 
 def union_problem(config: Any, spec: FamilySpec) -> str | None:

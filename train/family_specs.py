@@ -63,6 +63,9 @@ class FamilySpec:
     fixed_flags: tuple[tuple[str, str], ...] = ()
     """(flag, why its base fixes that setting) pairs: flags refused with that reason although the family has
     such blocks or encoders (HunyuanDiT's ControlNet depth and prompt lengths)."""
+    unmirrored: tuple[str, ...] = ()
+    """Transformer config settings its ControlNet class has no parameter for: a base that sets one (truthy) has
+    blocks the ControlNet cannot copy, and is refused (Sana's ``qk_norm``, ``guidance_embeds``)."""
 
     @property
     def hint(self) -> str:
@@ -122,6 +125,12 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                     "(num_layers // 2 - 1: HunyuanDiT2DModel adds one residual to each)"),
                    ("max_sequence_length", "HunyuanDiT's prompt lengths are fixed by its transformer (text_len 77 "
                     "BERT and text_len_t5 256 mT5 tokens: its text padding has that many rows)"))),
+    # SanaControlNetModel/SanaControlNetPipeline read one condition and no control mode: no union ControlNet.
+    # DC-AE down-samples by 32; the transformer reads patch_size (1 in the published bases) latent patches.
+    FamilySpec("sana", "Sana", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+               "SanaControlNetModel", transformer_prefixes=("Sana",), pipeline_prefixes=("Sana",), vae_scale=32,
+               patch=1, patch_from_config=True, layer_flags=("controlnet_num_layers",), sequence_length=True,
+               unmirrored=("qk_norm", "guidance_embeds")),
 )}
 """Family name -> its facts; the keys are the adapters' names in train/families/."""
 

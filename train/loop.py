@@ -409,7 +409,7 @@ def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) ->
         pixels = batch["pixel_values"].to(device, base.vae.dtype)
         # a CPU generator on any device: diffusers draws on the CPU and moves the sample, so GPU
         # runs get the numbers a CPU or a cached run gets
-        latents = base.family.latent_distribution(base, pixels).sample(generator=generator)
+        latents = base.family.encode_latents(base, pixels, generator)
         latents = base.family.scale_latents(base, latents).to(run.weight_dtype)
         hidden, added = base.family.encode_prompts(base, batch["captions"], device)
     return latents, hidden, base.family.with_sizes(added, batch, device)

@@ -63,12 +63,9 @@ class QwenImageAdapter(FlowAdapter):
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         return hidden, {"encoder_hidden_states_mask": mask}
 
-    def latent_distribution(self, base: BaseModels, pixels: torch.Tensor):
-        """The video VAE's posterior of images as one-frame videos, its frame axis dropped."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        posterior = base.vae.encode(pixels.unsqueeze(2)).latent_dist
-        return DiagonalGaussianDistribution(posterior.parameters[:, :, 0])
+    def latent_moments(self, base: BaseModels, pixels: torch.Tensor) -> torch.Tensor:
+        """The video VAE's posterior moments of images as one-frame videos, its frame axis dropped."""
+        return base.vae.encode(pixels.unsqueeze(2)).latent_dist.parameters[:, :, 0]
 
     def scale_latents(self, base: BaseModels, sample: torch.Tensor) -> torch.Tensor:
         """``(x - latents_mean) * (1 / latents_std)`` per channel, as the pipeline normalises the control image."""
