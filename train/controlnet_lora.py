@@ -87,9 +87,10 @@ def lora_targets(controlnet: torch.nn.Module) -> list[str]:
     """The copied Linear/Conv2d layers that get adapters: every one outside the new parts whose weight would
     train (a layer the family froze, such as a dead text stream, stays without one: it gets no gradient)."""
     parts = new_part_names(controlnet)
+    # grouped (depthwise) convolutions, as in Sana's blocks, take no LoRA: peft needs the rank divisible by groups
     return [name for name, module in controlnet.named_modules()
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not is_new(name, parts)
-            and module.weight.requires_grad]
+            and module.weight.requires_grad and getattr(module, "groups", 1) == 1]
 
 
 def add_lora(controlnet: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
