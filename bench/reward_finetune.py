@@ -191,7 +191,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--count", type=int, default=800, help="training circles (the demo's 800)")
     p.add_argument("--held_out", type=int, default=64, help="fresh circle outlines to evaluate on")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="both arms' learning rate (the demo's)")
     p.add_argument("--reward_weight", type=float, default=1.0)
     p.add_argument("--reward_max_timestep", type=int, default=200)
     p.add_argument("--reward_distance", default="circle", help="the Canny reward's distance: circle, soft_f1, bce")
