@@ -104,7 +104,8 @@ def reward_gradients(base, controlnet, reward, resolution: int) -> None:
     c = resolution // 2
     condition[:, :, c - 6:c + 6, c - 6] = condition[:, :, c - 6:c + 6, c + 5] = 1.0
     condition[:, :, c - 6, c - 6:c + 6] = condition[:, :, c + 5, c - 6:c + 6] = 1.0
-    loss = reward(base, controlnet, latents, hidden, added, condition, g)
+    denoised = base.family.denoise(controlnet, base, latents, hidden, added, condition, g)
+    loss = reward(base, denoised, condition)  # the reward term alone: the diffusion loss reaches the ControlNet too
     assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()
 
@@ -125,8 +126,8 @@ def test_the_reward_gradient_reaches_the_controlnet_and_not_the_base(family, req
     path = CIRCLES if family == "circles" else request.getfixturevalue(f"tiny_{family}")
     base, controlnet = base_and_controlnet(path, family)
     distance = "circle" if family == "circles" else "soft_f1"
-    reward = RewardLoss(reward_config(path, reward_distance=(f"canny={distance}",)), torch.device("cpu"),
-                        torch.float32)
+    reward = RewardLoss(reward_config(path, reward_distance=(f"canny={distance}",), reward_max_timestep=999),
+                        torch.device("cpu"), torch.float32)
     reward_gradients(base, controlnet, reward, 32 if family == "circles" else 64)
     assert_only_the_controlnet_has_gradients(base, controlnet, reward)
 
@@ -134,7 +135,7 @@ def test_the_reward_gradient_reaches_the_controlnet_and_not_the_base(family, req
 def test_a_model_reward_stays_frozen_in_the_bases_precision(weights_dir):
     from train.reward import RewardLoss
 
-    config = reward_config(CIRCLES, ("hed",), reward_weights_dir=str(weights_dir))
+    config = reward_config(CIRCLES, ("hed",), reward_weights_dir=str(weights_dir), reward_max_timestep=999)
     reward = RewardLoss(config, torch.device("cpu"), torch.bfloat16)
     (_, model, _), = reward.terms
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -280,10 +281,8 @@ def test_what_the_reward_cannot_do_is_refused_at_set_up(tiny_flux):
     from train.reward import make_reward
 
     circles = load_base(str(CIRCLES), 32)
-    assert make_reward(reward_config(CIRCLES, reward_weight=0.0), circles, "cpu", torch.float32, 1) is None
-    with pytest.raises(SetupError, match="one process"):
-        make_reward(reward_config(CIRCLES), circles, "cpu", torch.float32, 2)
+    assert make_reward(reward_config(CIRCLES, reward_weight=0.0), circles, "cpu", torch.float32) is None
     flux = load_base(str(tiny_flux), 64)
     cached = reward_config(tiny_flux, cache_latents=True, center_crop=True, max_sequence_length=16)
     with pytest.raises(SetupError, match="drop --cache_latents"):
-        make_reward(cached, flux, "cpu", torch.float32, 1)
+        make_reward(cached, flux, "cpu", torch.float32)

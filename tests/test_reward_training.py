@@ -31,12 +31,13 @@ def figures(out) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(demo_manifest, tiny_sd, tmp_path_factory):
-    """The same 3 steps without the flag, with --reward_weight 0 and with the reward on."""
+    """The same 3 steps without the flag, with --reward_weight 0 and with the reward on (every example scored:
+    with 2 examples a step, a lower threshold can leave all 6 unscored)."""
     from train.train import main
 
     root = tmp_path_factory.mktemp("reward")
     flags = {"absent": [], "zero": ["--reward_weight", "0"],
-             "on": ["--reward_weight", "1", "--reward_max_timestep", "300", "--reward_distance", "canny=bce"]}
+             "on": ["--reward_weight", "1", "--reward_max_timestep", "999", "--reward_distance", "canny=bce"]}
     for name, extra in flags.items():
         assert main(train_args(demo_manifest, tiny_sd, root / name, *extra)) == 0
     return {"root": root, "args": {name: train_args(demo_manifest, tiny_sd, root / name, *extra)

@@ -58,6 +58,24 @@ class BaseModels:
         self.vae.to(device, dtype=torch.float32 if upcast else dtype)
 
 
+@dataclasses.dataclass
+class Denoised:
+    """One training forward of a family: its loss, and what the one-step clean prediction needs (per example)."""
+
+    loss: torch.Tensor
+    """The batch's diffusion loss, exactly as ``FamilyAdapter.loss`` returns it."""
+    noisy: torch.Tensor
+    """The noised latents the denoiser read, in the latents' shape."""
+    prediction: torch.Tensor
+    """The ControlNet-steered denoiser's output (epsilon, v or velocity), in the latents' shape."""
+    parameterisation: str
+    """What ``prediction`` is: a key of train/reward.py ``CLEAN_FROM`` (epsilon, v_prediction, flow)."""
+    level: torch.Tensor
+    """Each example's noise level as its x0 formula takes it: alpha-bar (epsilon, v), sigma (flow)."""
+    timesteps: torch.Tensor
+    """Each example's noise level on the scheduler's training scale (0..num_train_timesteps; flow: sigma x it)."""
+
+
 class FamilyAdapter(abc.ABC):
     """One model family: how it loads, encodes prompts, latents and conditions, builds the ControlNet,
     computes the loss and assembles its validation pipeline. The loop, data, checkpoints, EMA and export
@@ -108,12 +126,12 @@ class FamilyAdapter(abc.ABC):
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one batch at random noise and timesteps drawn from ``generator``."""
 
-    @abc.abstractmethod
-    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                     added: dict, condition: torch.Tensor, generator: torch.Generator,
-                     max_timestep: int) -> torch.Tensor:
-        """The clean latents predicted in one step from ``latents`` noised at a timestep drawn from
-        0..``max_timestep`` (reward fine-tuning, train/reward.py), differentiable for the ControlNet."""
+    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                added: dict, condition: torch.Tensor, generator: torch.Generator) -> "Denoised":
+        """``loss``'s forward with what it predicted kept (reward fine-tuning reads the one-step clean prediction
+        of the same forward, train/reward.py); ``loss`` returns this ``.loss``. A family without it trains, but
+        without ``--reward_weight``."""
+        raise NotImplementedError(f"the {self.name} family offers no one-step prediction for --reward_weight")
 
     def enable_gradient_checkpointing(self, controlnet: torch.nn.Module) -> None:
         """``--gradient_checkpointing``: recompute the ControlNet's activations in the backward pass."""

@@ -179,12 +179,14 @@ class TrainConfig:
     backward (train/float8_base.py): about half the memory of those weights in bf16, a quarter of fp32. Lossy
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
     reward_weight: float = 0.0
-    """Weight of the ControlNet++-style reward loss (train/reward.py): each step also noises the batch lightly,
-    predicts the clean image in one step, decodes it and scores it with the condition's own annotator against the
-    input condition; 0: off (training exactly as without it)."""
+    """Weight of the ControlNet++-style reward loss (train/reward.py): from the training forward itself, the
+    examples noised to at most ``reward_max_timestep`` get their clean image predicted in one step, decoded and
+    scored with the condition's own annotator against the input condition; 0: off (training exactly as without
+    it)."""
     reward_max_timestep: int = 200
-    """The reward pass noises at timesteps drawn from 0..this (of the scheduler's 1000; SD3/Flux: sigma up to
-    this / 1000), where a one-step prediction is still sharp (ControlNet++ uses 200)."""
+    """The reward scores the examples whose training timestep is at most this (of the scheduler's 1000; SD3/Flux:
+    sigma up to this / 1000, which their shifted sigmas rarely draw: give more); ControlNet++ uses 200, where a
+    one-step prediction is sharp; 999 scores every example."""
     reward_distance: tuple[str, ...] = dataclasses.field(default=(), metadata={"separator": ","})
     """Distance per condition of the reward, ``condition=distance`` comma-separated (e.g. ``canny=bce``); a
     condition left out takes its first: canny soft_f1|bce|circle (circle: the fill task's fill/edge

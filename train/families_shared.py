@@ -13,12 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from train.adapter import BaseModels, FamilyAdapter, freeze, load_text_encoders
+from train.adapter import BaseModels, Denoised, FamilyAdapter, freeze, load_text_encoders
 from train.errors import SetupError
 from train.family_specs import FAMILY_NAMES
 from train.flow import flow_loss, noisy_latents, shifted_sigmas
 from train.latents import CachedConditions, images_from_latents
-from train.reward import clean_prediction
 
 log = logging.getLogger("train")
 
@@ -116,27 +115,19 @@ class FlowAdapter(FamilyAdapter):
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Velocity MSE at a logit-normal, family-shifted sigma (train/flow.py)."""
+        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
+
+    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
         sigmas = shifted_sigmas(latents.shape[0], generator, self.shift(base, latents)).to(latents.device)
         noisy = noisy_latents(latents, noise, sigmas)
         with torch.no_grad():
             control = self.control_inputs(base, controlnet, condition, generator)
         prediction = self.predict(controlnet, base, noisy, sigmas, hidden, added, control)
-        return flow_loss(prediction, self.layout(latents), self.layout(noise))
-
-    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                     added: dict, condition: torch.Tensor, generator: torch.Generator,
-                     max_timestep: int) -> torch.Tensor:
-        """x0 = x_t - sigma v at a sigma uniform in 0..``max_timestep`` / the scheduler's timesteps (unshifted:
-        the reward wants lightly noised images, where the one-step prediction is sharp)."""
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        top = max_timestep / base.scheduler.config.num_train_timesteps
-        sigmas = (torch.rand(latents.shape[0], generator=generator) * top).to(latents.device)
-        noisy = noisy_latents(latents, noise, sigmas)
-        with torch.no_grad():
-            control = self.control_inputs(base, controlnet, condition, generator)
-        prediction = self.unlayout(self.predict(controlnet, base, noisy, sigmas, hidden, added, control), latents)
-        return clean_prediction("flow", noisy, prediction, sigmas)
+        loss = flow_loss(prediction, self.layout(latents), self.layout(noise))
+        return Denoised(loss, noisy, self.unlayout(prediction, latents), "flow", sigmas,
+                        sigmas * base.scheduler.config.num_train_timesteps)
 
     def layout(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents in the layout the transformer predicts in."""

@@ -158,7 +158,7 @@ def set_up(config: TrainConfig) -> Run:
               lr_scheduler=lr_scheduler, ema=ema, dataset=dataset, sampler=sampler, loader=loader, cache=cache,
               held_out=held_out, scorer=scorer, seed=seed, weight_dtype=weight_dtype, steps_per_epoch=steps_per_epoch,
               max_steps=max_steps, epochs=math.ceil(max_steps / steps_per_epoch), skipped=skipped,
-              reward=make_reward(config, base, accelerator.device, weight_dtype, accelerator.num_processes))
+              reward=make_reward(config, base, accelerator.device, weight_dtype))
     if config.resume_from_checkpoint:
         resume(run)
     return run
@@ -366,9 +366,10 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
             hash((run.seed, run.global_step, micro, accelerator.process_index)) % 2**63)
         latents, hidden, added = encode_batch(run, batch, generator)
         condition = batch_conditions(run, batch)
-        loss = family_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
-        if run.reward is not None:  # ControlNet++'s reward on a one-step prediction (train/reward.py)
-            loss = run.reward.added_to(loss, run.base, run.controlnet, latents, hidden, added, condition, generator)
+        if run.reward is None:
+            loss = family_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
+        else:  # ControlNet++'s reward on the same forward's one-step prediction (train/reward.py)
+            loss = run.reward.loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
         finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(accelerator.device)).min() > 0)
         if finite:
             accelerator.backward(loss)

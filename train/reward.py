@@ -1,13 +1,15 @@
 """Reward fine-tuning, ControlNet++-style (Li et al., arXiv 2404.07987): make the ControlNet obey more tightly.
 
-    noise the batch lightly (t <= --reward_max_timestep) -> the ControlNet-steered denoiser's prediction
-    -> the clean latents in one step (epsilon, v or flow parameterisation) -> the VAE decodes them, with
-    gradient -> the condition's own annotator (a frozen torch model, or Canny's differentiable stand-in)
-    reads the decoded image -> a per-condition distance to the input condition, added to the diffusion
-    loss with --reward_weight.
+    the training forward (noise and timesteps drawn as usual) -> for the examples noised to at most
+    --reward_max_timestep: the clean latents in one step from that same prediction (epsilon, v or flow
+    parameterisation) -> the VAE decodes them, with gradient -> the condition's own annotator (a frozen torch
+    model, or Canny's differentiable stand-in) reads the decoded image -> a per-condition distance to the input
+    condition, averaged over those examples and added to the diffusion loss with --reward_weight.
 
-The reward models are a registry keyed by condition name (``REWARDS``), each with its distances; the
-families provide the one-step prediction (``FamilyAdapter.denoise_once``) and this module the rest.
+One forward and one backward per step, as plain training (so DDP works unchanged): the reward costs a VAE
+decode and the reward model on the chosen examples. The reward models are a registry keyed by condition name
+(``REWARDS``), each with its distances; the families return their forward's prediction
+(``FamilyAdapter.denoise``) and this module does the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.adapter import Denoised, FamilyAdapter
 from train.config import TrainConfig, reward_distances
 from train.errors import SetupError
 
@@ -314,7 +317,8 @@ REWARDS: dict[str, Reward] = {
 
 class RewardLoss:
     """The reward term of a run: its models loaded once, frozen, in the base's precision; called per micro-batch
-    beside the diffusion loss; keeps both losses of the steps since the last log."""
+    on the family's training forward (``FamilyAdapter.denoise``); keeps both losses of the steps since the last
+    log."""
 
     def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype):
         self.weight, self.max_timestep = config.reward_weight, config.reward_max_timestep
@@ -326,20 +330,26 @@ class RewardLoss:
             self.terms.append((index, model, reward.distances[reward_distances(config)[condition]]))
         self.logged: dict[str, list[float]] = {"diffusion_loss": [], "reward_loss": []}
 
-    def __call__(self, base, controlnet, latents, hidden, added, condition, generator) -> torch.Tensor:
-        """The mean reward distance of one micro-batch (noise and timesteps drawn from ``generator``)."""
-        clean = base.family.denoise_once(controlnet, base, latents, hidden, added, condition, generator,
-                                         self.max_timestep)
+    def __call__(self, base, denoised: Denoised, condition: torch.Tensor) -> torch.Tensor:
+        """The mean reward distance over the examples of ``denoised`` noised to at most ``max_timestep``
+        (ControlNet++'s mask: a one-step prediction from more noise is too blurred to score); 0 with none."""
+        chosen = denoised.timesteps <= self.max_timestep
+        if not bool(chosen.any()):
+            return torch.zeros((), device=denoised.loss.device)
+        level = denoised.level.to(chosen.device)[chosen]
+        clean = clean_prediction(denoised.parameterisation, denoised.noisy[chosen], denoised.prediction[chosen], level)
         images = decode_with_gradient(base.vae, clean, self.checkpointed).to(self.dtype)
-        chunks = condition.split(3, dim=1)
+        chunks = condition[chosen].split(3, dim=1)
         return sum(distance(model, images, chunks[i]).mean() for i, model, distance in self.terms)
 
-    def added_to(self, diffusion: torch.Tensor, *inputs) -> torch.Tensor:
-        """``diffusion`` + weight x the reward of the micro-batch ``inputs`` (as ``__call__`` takes them)."""
-        reward = self(*inputs)
-        self.logged["diffusion_loss"].append(diffusion.detach().item())
+    def loss(self, base, controlnet, latents, hidden, added, condition, generator) -> torch.Tensor:
+        """One micro-batch's diffusion loss + weight x its reward, both from one forward (the family's
+        ``denoise``: noise and timesteps drawn from ``generator`` as its ``loss`` draws them)."""
+        denoised = base.family.denoise(controlnet, base, latents, hidden, added, condition, generator)
+        reward = self(base, denoised, condition)
+        self.logged["diffusion_loss"].append(denoised.loss.detach().item())
         self.logged["reward_loss"].append(reward.detach().item())
-        return diffusion + self.weight * reward
+        return denoised.loss + self.weight * reward
 
     def pop_logs(self) -> dict[str, float]:
         """The mean of each loss since the last call (what the loop logs beside ``loss``)."""
@@ -348,13 +358,13 @@ class RewardLoss:
         return out
 
 
-def make_reward(config: TrainConfig, base, device: torch.device, dtype: torch.dtype, processes: int):
+def make_reward(config: TrainConfig, base, device: torch.device, dtype: torch.dtype):
     """The run's ``RewardLoss``, or None with ``--reward_weight 0``; refuses what it cannot do (a ``SetupError``)."""
     if config.reward_weight == 0:
         return None
-    if processes > 1:
-        raise SetupError("--reward_weight runs on one process for now (the reward pass is a second forward of the "
-                         "ControlNet, which DDP cannot reduce twice in a step): launch one process")
+    if type(base.family).denoise is FamilyAdapter.denoise:
+        raise SetupError(f"--reward_weight: the {base.family.name} family offers no one-step prediction yet; "
+                         "train it without --reward_weight")
     if config.cache_latents and base.family.encodes_conditions:
         raise SetupError("--reward_weight compares with the condition pixels, which --cache_latents leaves out on "
                          "SD3/Flux: drop --cache_latents")
@@ -362,6 +372,6 @@ def make_reward(config: TrainConfig, base, device: torch.device, dtype: torch.dt
         raise SetupError(f"--reward_max_timestep {config.reward_max_timestep}: this base's scheduler has "
                          f"{base.scheduler.config.num_train_timesteps} timesteps; give fewer")
     reward = RewardLoss(config, device, dtype)
-    log.info("reward fine-tuning: weight %g, timesteps 0..%d, %s", config.reward_weight, config.reward_max_timestep,
-             ", ".join(f"{c} {d}" for c, d in reward_distances(config).items()))
+    log.info("reward fine-tuning: weight %g on the examples noised to timestep %d or less, %s", config.reward_weight,
+             config.reward_max_timestep, ", ".join(f"{c} {d}" for c, d in reward_distances(config).items()))
     return reward

@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from train.adapter import BaseModels, FamilyAdapter, cast_floats, controlnet_subfolder, freeze, load_text_encoders
+from train.adapter import BaseModels, Denoised, FamilyAdapter, cast_floats, controlnet_subfolder, freeze, load_text_encoders
 from train.errors import SetupError
 from train.latents import CachedConditions, images_from_latents, vae_sample
-from train.reward import clean_prediction
 from train.step import prediction_loss, sample_noise
 
 
@@ -126,25 +125,19 @@ class HunyuanDiTAdapter(FamilyAdapter):
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Epsilon/v MSE (the scheduler's ``prediction_type``) at a uniform DDPM timestep (train/step.py)."""
+        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
+
+    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
+        """The training forward: its loss, and the noisy latents, prediction and alpha-bar the reward reads."""
         noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
         noisy = base.scheduler.add_noise(latents, noise, timesteps)
         with torch.no_grad():
             control = self.control_inputs(base, controlnet, condition, generator)
         prediction = self.predict(controlnet, base, noisy, timesteps, hidden, added, control)
-        return prediction_loss(base.scheduler, prediction, latents, noise, timesteps)
-
-    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                     added: dict, condition: torch.Tensor, generator: torch.Generator,
-                     max_timestep: int) -> torch.Tensor:
-        """x0 from the steered transformer's epsilon or v at a timestep in 0..``max_timestep``."""
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        timesteps = torch.randint(0, max_timestep + 1, (latents.shape[0],), generator=generator).to(latents.device)
-        noisy = base.scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad():
-            control = self.control_inputs(base, controlnet, condition, generator)
-        prediction = self.predict(controlnet, base, noisy, timesteps, hidden, added, control)
-        alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()]
-        return clean_prediction(base.scheduler.config.prediction_type, noisy, prediction, alpha_bar)
+        loss = prediction_loss(base.scheduler, prediction, latents, noise, timesteps)
+        alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()].to(latents.device)
+        return Denoised(loss, noisy, prediction, base.scheduler.config.prediction_type, alpha_bar, timesteps)
 
     def predict(self, controlnet, base: BaseModels, noisy: torch.Tensor, timesteps: torch.Tensor,
                 hidden: torch.Tensor, added: dict, control: dict) -> torch.Tensor:

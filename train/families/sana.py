@@ -28,11 +28,10 @@ from typing import Any, Callable
 
 import torch
 
-from train.adapter import BaseModels, FamilyAdapter, controlnet_subfolder, freeze, load_text_encoders
+from train.adapter import BaseModels, Denoised, FamilyAdapter, controlnet_subfolder, freeze, load_text_encoders
 from train.errors import SetupError
 from train.flow import flow_loss, noisy_latents, shifted_sigmas
 from train.latents import CachedConditions
-from train.reward import clean_prediction
 
 log = logging.getLogger("train")
 
@@ -151,22 +150,17 @@ class SanaAdapter(FamilyAdapter):
 
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Velocity MSE at a logit-normal sigma shifted by the scheduler's ``flow_shift`` (train/flow.py)."""
-        _, noise, _, prediction = self.noised_prediction(
+        """Velocity MSE at a logit-normal, shifted sigma (train/flow.py)."""
+        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
+
+    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
+        """The training forward: its loss, and the noisy latents, velocity and sigma the reward reads."""
+        noisy, noise, sigmas, prediction = self.noised_prediction(
             controlnet, base, latents, hidden, added, condition, generator,
             lambda: shifted_sigmas(latents.shape[0], generator, self.shift(base)))
-        return flow_loss(prediction, latents, noise)
-
-    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                     added: dict, condition: torch.Tensor, generator: torch.Generator,
-                     max_timestep: int) -> torch.Tensor:
-        """x0 = x_t - sigma v at a sigma uniform in 0..``max_timestep`` / the scheduler's timesteps (unshifted, as
-        the other flow families: the reward wants lightly noised images)."""
-        top = max_timestep / base.scheduler.config.num_train_timesteps
-        noisy, _, sigmas, prediction = self.noised_prediction(
-            controlnet, base, latents, hidden, added, condition, generator,
-            lambda: torch.rand(latents.shape[0], generator=generator) * top)
-        return clean_prediction("flow", noisy, prediction, sigmas)
+        return Denoised(flow_loss(prediction, latents, noise), noisy, prediction, "flow", sigmas,
+                        sigmas * base.scheduler.config.num_train_timesteps)
 
     def noised_prediction(self, controlnet, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
                           added: dict, condition, generator: torch.Generator, sigmas: Callable[[], torch.Tensor]):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from train.adapter import (BaseModels, FamilyAdapter, controlnet_config, controlnet_subfolder, freeze,
+from train.adapter import (BaseModels, Denoised, FamilyAdapter, controlnet_config, controlnet_subfolder, freeze,
                            load_text_encoders)
 from train.errors import SetupError
 from train.latents import images_from_latents
-from train.reward import clean_prediction
-from train.step import sample_noise, steered_prediction, unet_denoising_loss
+from train.step import sample_noise, unet_denoising
 
 
 class SDAdapter(FamilyAdapter):
@@ -70,24 +69,19 @@ class SDAdapter(FamilyAdapter):
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Epsilon/v loss at a random timestep (train/step.py); union ControlNets get their slots routed."""
+        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
+
+    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
         noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
         extra = None
         if base.options.union:
             condition, extra = union_slots(condition, len(base.options.conditions), generator,
                                            controlnet_config(controlnet).num_control_type)
-        return unet_denoising_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise,
-                                   timesteps, added, extra)
-
-    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                     added: dict, condition: torch.Tensor, generator: torch.Generator,
-                     max_timestep: int) -> torch.Tensor:
-        """x0 from the steered UNet's epsilon or v at a timestep in 0..``max_timestep``."""
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        timesteps = torch.randint(0, max_timestep + 1, (latents.shape[0],), generator=generator).to(latents.device)
-        noisy = base.scheduler.add_noise(latents, noise, timesteps)
-        prediction = steered_prediction(controlnet, base.unet, noisy, timesteps, hidden, condition, added)
-        alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()]
-        return clean_prediction(base.scheduler.config.prediction_type, noisy, prediction, alpha_bar)
+        loss, noisy, prediction = unet_denoising(controlnet, base.unet, base.scheduler, latents, hidden, condition,
+                                                 noise, timesteps, added, extra)
+        alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()].to(latents.device)
+        return Denoised(loss, noisy, prediction, base.scheduler.config.prediction_type, alpha_bar, timesteps)
 
     def card_extra(self, base: BaseModels) -> dict:
         """A union ControlNet's condition -> control-type slot mapping."""

@@ -21,14 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-from train.adapter import (BaseModels, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze,
+from train.adapter import (BaseModels, Denoised, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze,
                            load_text_encoders)
 from train.errors import SetupError
 from train.family_checks import layer_places_problem
 from train.family_specs import SPECS
 from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
 from train.latents import CachedConditions, images_from_latents
-from train.reward import clean_prediction
 
 log = logging.getLogger("train")
 
@@ -140,25 +139,16 @@ class ZImageAdapter(FamilyAdapter):
     def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
              added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Velocity MSE at a logit-normal, shifted sigma (train/flow.py)."""
-        def sigmas() -> torch.Tensor:
-            return shifted_sigmas(latents.shape[0], generator, self.shift(base, latents))
+        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
 
-        _, noise, _, prediction = self.noised_prediction(controlnet, base, latents, hidden, added, condition,
-                                                         generator, sigmas)
-        return flow_loss(prediction, latents, noise)
-
-    def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                     added: dict, condition: torch.Tensor, generator: torch.Generator,
-                     max_timestep: int) -> torch.Tensor:
-        """x0 = x_t - sigma v at a sigma uniform in 0..``max_timestep`` / the scheduler's timesteps (unshifted, as
-        the other flow families: the reward wants lightly noised images)."""
-        def sigmas() -> torch.Tensor:
-            top = max_timestep / base.scheduler.config.num_train_timesteps
-            return torch.rand(latents.shape[0], generator=generator) * top
-
-        noisy, _, drawn, prediction = self.noised_prediction(controlnet, base, latents, hidden, added, condition,
-                                                             generator, sigmas)
-        return clean_prediction("flow", noisy, prediction, drawn)
+    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
+                added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
+        """The training forward: its loss, and the noisy latents, velocity and sigma the reward reads."""
+        noisy, noise, sigmas, prediction = self.noised_prediction(
+            controlnet, base, latents, hidden, added, condition, generator,
+            lambda: shifted_sigmas(latents.shape[0], generator, self.shift(base, latents)))
+        return Denoised(flow_loss(prediction, latents, noise), noisy, prediction, "flow", sigmas,
+                        sigmas * base.scheduler.config.num_train_timesteps)
 
     def noised_prediction(self, controlnet, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
                           added: dict, condition, generator: torch.Generator, sigmas: Callable[[], torch.Tensor]):
