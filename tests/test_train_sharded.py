@@ -104,3 +104,80 @@ def test_a_plain_cpu_launch_of_the_fsdp_config_is_refused_not_run_as_ddp(demo_ma
     assert done.returncode != 0
     assert "the accelerate config asks for FSDP, but accelerate set up MULTI_CPU" in done.stderr
     assert not (tmp_path / "x" / "controlnet").exists()
+
+
+def deepspeed_or_skip(done: subprocess.CompletedProcess) -> None:
+    """A DeepSpeed run that could not start on this machine: skipped, with DeepSpeed's own message as the reason."""
+    errors = [line for line in done.stderr.splitlines() if "Error:" in line and "ChildFailedError" not in line]
+    if done.returncode != 0 and "deepspeed" in done.stderr.lower() and errors:
+        pytest.skip(f"DeepSpeed cannot run on this machine's CPU: {errors[-1].strip()}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed: pip install deepspeed")
+def test_deepspeed_zero3_trains_flux_exports_the_gathered_controlnet_and_resumes_exactly(demo_manifest, tiny_flux,
+                                                                                         tmp_path):
+    """DeepSpeed's own checkpoint layout (partitioned weights and optimiser state per rank); the export is the
+    ZeRO-3 gathered weights and equals a straight run's after 2 steps + resume."""
+    schedule = [*TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_checkpointing",
+                "--lr_scheduler", "linear", "--lr_warmup_steps", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    deepspeed_or_skip(launch_with("deepspeed_zero3.yaml", train_args(demo_manifest, tiny_flux, straight, "flux",
+                                                                     *schedule), script=TRAIN, ok=False))
+    figures = summary_of(straight)["figures"]
+    assert figures["global_step"] == 4 and np.isfinite(figures["final_loss"])
+    files = sorted(p.name for p in (straight / "checkpoint-2" / "pytorch_model").iterdir())
+    assert [f for f in files if f.endswith("optim_states.pt")] and len([f for f in files if "zero_pp_rank" in f]) >= 2
+    state = load_exported("flux", straight / "controlnet").state_dict()
+    assert any(v.abs().sum() > 0 for k, v in state.items() if k.startswith("controlnet_blocks"))
+
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    launch_with("deepspeed_zero3.yaml", train_args(demo_manifest, tiny_flux, resumed, "flux", *schedule,
+                                                   "--resume_from_checkpoint", "latest"), script=TRAIN)
+    assert_same_state(state, load_exported("flux", resumed / "controlnet").state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed: pip install deepspeed")
+def test_deepspeed_zero2_keeps_ema_working_and_exports_it(demo_manifest, tiny_flux, tmp_path):
+    out = tmp_path / "zero2"
+    deepspeed_or_skip(launch_with("deepspeed_zero2.yaml", train_args(
+        demo_manifest, tiny_flux, out, "flux", *TINY, "--use_ema", "--max_train_steps", "2",
+        "--checkpointing_steps", "2"), script=TRAIN, ok=False))
+    assert np.isfinite(summary_of(out)["figures"]["final_loss"])
+    exported = load_exported("flux", out / "controlnet")
+    ema = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
+    params = list(exported.parameters())
+    assert len(params) == len(ema["shadow_params"])
+    for param, shadow in zip(params, ema["shadow_params"]):
+        assert torch.allclose(param, shadow, atol=1e-7)  # the export holds the EMA weights
+
+
+# --- what each launch mode refuses, before any model loads (in process, fast) -------------------------------
+
+
+@pytest.mark.parametrize(("environ", "mode"), [
+    ({}, None), ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "fsdp"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "zero2"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "zero3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "zero2")])
+def test_the_launch_mode_is_read_from_what_accelerate_launch_sets(environ, mode):
+    from train.sharding import requested_mode
+
+    assert requested_mode(environ) == mode
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--use_ema", "--validation_steps", "0"], "--use_ema is not supported under"),
+    (["--validation_steps", "5"], "pass --validation_steps 0 and score the export with train/evaluate.py")])
+def test_sharded_weights_refuse_ema_and_validation_sampling(mode, flags, message, tiny_flux, tmp_path):
+    from train.sharding import MODES, flag_problem
+    from train.train import parse_args
+
+    config = parse_args(train_args(tmp_path, tiny_flux, tmp_path / "out", "flux", *flags))
+    problem = flag_problem(config, mode)
+    assert problem and message in problem and MODES[mode].name in problem
+    assert flag_problem(config, "zero2") is None and flag_problem(config, None) is None  # whole weights: fine

@@ -203,8 +203,8 @@ def make_accelerator(config: TrainConfig):
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        # Without a GPU, say so: accelerate then joins torchrun's ranks over gloo (multi-CPU); DeepSpeed excepted
-        cpu=sharding.use_cpu(sharding.requested_mode()),
+        # Without a GPU, say so: accelerate then joins torchrun's ranks over gloo (multi-CPU); DeepSpeed: gloo too
+        **sharding.accelerator_kwargs(sharding.requested_mode()),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,  # None: accelerate's own setting
         log_with=None if config.report_to == "none" else config.report_to,

@@ -75,10 +75,17 @@ def flag_problem(config: Any, mode: str | None) -> str | None:
     return None
 
 
-def use_cpu(mode: str | None) -> bool:
-    """Whether to tell accelerate ``cpu=True``: on a machine with no GPU, except under DeepSpeed, which picks its
-    own device (its CPU accelerator, over gloo) and which accelerate turns off when told ``cpu=True``."""
-    return not torch.cuda.is_available() and not (mode or "").startswith("zero")
+def accelerator_kwargs(mode: str | None) -> dict[str, Any]:
+    """How to build the ``Accelerator`` for the launch: on a machine with no GPU, ``cpu=True`` (torchrun's ranks
+    join over gloo), except under DeepSpeed, which accelerate turns off when told ``cpu=True``: there, DeepSpeed's
+    CPU accelerator, its process group over gloo (accelerate finds no backend of its own for a CPU)."""
+    if torch.cuda.is_available():
+        return {"cpu": False}
+    if not (mode or "").startswith("zero"):
+        return {"cpu": True}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
 
 
 def launch_problem(accelerator: Any, mode: str | None) -> str | None:
