@@ -16,7 +16,7 @@ Each measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is its own:
   ``--shard-rows`` rows holding the pass's columns (id, status, source_sha256, phash). Peak RSS of the
   driver process alone (Ray's workers are other processes), interpreter, numpy, pyarrow and Ray included.
 - ``memory``: the baseline, the in-memory pass the driver used to run (every shard's columns read into
-  one table, ``find_duplicates``, the table written): its peak RSS and time. Both tables must be equal.
+  one table, ``find_duplicates_in_memory``, the table written): its peak RSS and time. Both tables must be equal.
 - ``brute``: the baseline, an all-pairs XOR/popcount loop (numpy, in row blocks) over ``--sample``
   rows made the same way, extrapolated to all rows by (rows / sample)**2; the band search on the same
   rows must find exactly the same pairs.
@@ -134,14 +134,14 @@ def child_memory(manifest: str, max_distance: int, out: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from manifests.duplicates import COLUMNS, counts, find_duplicates
+    from manifests.duplicates import COLUMNS, counts, find_duplicates_in_memory
     from manifests.io import list_shards
 
     before = peak_rss_mb()
     t = time.perf_counter()
     rows = pa.concat_tables([pq.read_table(s, columns=list(COLUMNS)) for s in list_shards(manifest)])
     rows = rows.filter(pa.compute.equal(rows["status"], "ok"))
-    found = find_duplicates(rows["id"], rows["source_sha256"], rows["phash"], max_distance)
+    found = find_duplicates_in_memory(rows["id"], rows["source_sha256"], rows["phash"], max_distance)
     pq.write_table(found, out, compression="zstd")
     return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": before,
             **counts(found)}

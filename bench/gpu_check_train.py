@@ -1,5 +1,5 @@
 """``bench/gpu_check.py``'s training sections, through the trainer's own code (``train.loop.train`` with flags
-parsed by ``train/train.py``, ``train.models.load_base``, ``train.step.controlnet_loss``).
+parsed by ``train/train.py``, ``train.models.load_base``, ``train.step.unet_denoising_loss``).
 
 Bases are diffusers folders written here: in ``--tiny`` the test suite's tiny models (``tests/tiny_sd.py``,
 ``tests/tiny_flow.py``); in a full run SD 1.5 and SDXL at their published sizes and Flux.1-dev at its real
@@ -160,7 +160,7 @@ def bare_step(ctx: Context, kind: str) -> dict[str, Any]:
     import torch
 
     from train.models import load_base, make_controlnet
-    from train.step import controlnet_loss, sample_noise
+    from train.step import sample_noise, unet_denoising_loss
 
     s, device = ctx.sizes, torch.device(ctx.device)
     folder = base_folder(ctx, "sd")
@@ -188,7 +188,7 @@ def bare_step(ctx: Context, kind: str) -> dict[str, Any]:
                 prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
                 loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
             else:
-                loss = controlnet_loss(trained, unet, base.scheduler, latents, hidden, cond, noise, t)
+                loss = unet_denoising_loss(trained, unet, base.scheduler, latents, hidden, cond, noise, t)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

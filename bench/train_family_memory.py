@@ -5,8 +5,8 @@
     python bench/train_family_memory.py --measure none --fp8 flux   # ControlNet step, base bf16 vs --fp8_base
 
 1. Parameter counts of the base (denoiser, text encoders, VAE) and of the ControlNet the trainer builds
-   (train/families/unet.py, train/families/flow.py with their default sizes) for SD 1.5, SDXL,
-   SD3.5-medium, SD3.5-large and Flux.1-dev, from their published configs, on the meta device
+   (train/families/: unet.py, flow.py, qwenimage.py with their default sizes) for SD 1.5, SDXL,
+   SD3.5-medium, SD3.5-large, Flux.1-dev and Qwen-Image, from their published configs, on the meta device
    (``accelerate.init_empty_weights``: nothing is allocated). Implied training memory: the base in bf16
    (2 bytes/parameter) + the ControlNet in fp32 with its gradients and AdamW's two moments (16
    bytes/parameter); activations are not counted (they scale with batch and resolution, and
@@ -70,6 +70,29 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
 FLOW_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json: all_patch_size [2], all_f_patch_size [1], in_channels 16,
+# dim 3840, n_layers 30, n_refiner_layers 2, n_heads 30, n_kv_heads 30, norm_eps 1e-5, qk_norm true,
+# cap_feat_dim 2560, rope_theta 256, t_scale 1000, axes_dims [32, 48, 48], axes_lens [1024, 512, 512]
+# (ZImageTransformer2DModel's defaults in diffusers 0.42.1 are these values); its VAE is Flux's (FLOW_VAE).
+Z_IMAGE = dict(in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+               cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
+# Its text_encoder/config.json (Qwen3-4B, loaded as Qwen3Model: no LM head): hidden_size 2560,
+# intermediate_size 9728, num_hidden_layers 36, num_attention_heads 32, num_key_value_heads 8, head_dim 128,
+# vocab_size 151936.
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936)
+# Qwen/Qwen-Image: transformer/config.json and vae/config.json (both equal to the diffusers class defaults, written
+# out: a config built from defaults would let from_config ignore a changed num_layers) and text_encoder/config.json,
+# Qwen2.5-VL-7B-Instruct's (the whole Qwen2_5_VLForConditionalGeneration the pipeline loads)
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+QWEN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+QWEN_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, tie_word_embeddings=False)
+QWEN_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                         fullatt_block_indexes=[7, 15, 23, 31], in_chans=3, hidden_act="silu")
 
 
 def count(module: torch.nn.Module) -> int:
@@ -101,6 +124,43 @@ def text_encoders(*configs: tuple[str, dict], label: str = "") -> int:
         total += count(model) - (model.shared.weight.numel() if tied else 0)
         FP8_SAVED[label] = FP8_SAVED.get(label, 0) + fp8_saving(model)
     return total
+
+
+def zimage_row(vae: int) -> dict:
+    """Z-Image-Turbo and the ControlNet the trainer builds for it by default (train/families/zimage.py: a control
+    block at every 5th of its 30 layers, as alibaba-pai's Fun Union ControlNet), on the meta device. The
+    ControlNet's count is its own weights only: it runs the base's embedders and refiners, lent, not copied."""
+    import transformers
+    from diffusers import ZImageTransformer2DModel
+
+    from train.families.zimage import PLACE_EVERY, initial_controlnet
+
+    transformer = ZImageTransformer2DModel(**Z_IMAGE)
+    places = tuple(range(0, Z_IMAGE["n_layers"], PLACE_EVERY))
+    controlnet = initial_controlnet(transformer, places)
+    encoder = transformers.Qwen3Model(transformers.Qwen3Config(**QWEN3_4B))
+    return {"family": "Z-Image-Turbo", "denoiser": count(transformer), "text": count(encoder), "vae": vae,
+            "controlnet": count(controlnet), "layers": f"{len(places)} of {Z_IMAGE['n_layers']} at every 5th",
+            "fp8_saved": fp8_saving(transformer) + fp8_saving(encoder)}
+
+
+def qwen_image_row() -> dict:
+    """Qwen-Image (Qwen/Qwen-Image) and the ControlNet train/families/qwenimage.py builds by default."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageControlNetModel, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from train.families.qwenimage import QwenImageAdapter
+
+    transformer = QwenImageTransformer2DModel(**QWEN_IMAGE)
+    layers = QwenImageAdapter.default_layers
+    controlnet = QwenImageControlNetModel.from_config({**QWEN_IMAGE, "num_layers": layers})
+    text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=QWEN_VL_7B_TEXT, vision_config=QWEN_VL_7B_VISION, vocab_size=QWEN_VL_7B_TEXT["vocab_size"],
+        tie_word_embeddings=False))
+    return {"family": "Qwen-Image", "denoiser": count(transformer), "text": count(text),
+            "vae": count(AutoencoderKLQwenImage(**QWEN_VAE)), "controlnet": count(controlnet),
+            "layers": f"{layers} of {QWEN_IMAGE['num_layers']} double-stream",
+            "fp8_saved": fp8_saving(transformer) + fp8_saving(text)}
 
 
 def family_counts() -> list[dict]:
@@ -145,6 +205,8 @@ def family_counts() -> list[dict]:
                      "vae": flow_vae, "controlnet": count(controlnet),
                      "layers": f"{FluxAdapter.default_layers}+{FluxAdapter.default_single_layers} of 19+38",
                      "fp8_saved": fp8_saving(transformer) + FP8_SAVED["flux"]})
+        rows.append(zimage_row(flow_vae))
+        rows.append(qwen_image_row())
     for row in rows:
         row["base"] = row["denoiser"] + row["text"] + row["vae"]
         row["base_bf16_gib"] = 2 * row["base"] / GIB

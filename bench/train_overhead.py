@@ -47,7 +47,7 @@ def rss_mb() -> float:
 def one_kind(kind: str, sd: str, steps: int, batch: int, resolution: int) -> dict:
     """Time per step and peak memory growth of ``steps`` steps of ``kind`` (base or controlnet)."""
     from train.models import load_base, make_controlnet
-    from train.step import controlnet_loss, sample_noise
+    from train.step import sample_noise, unet_denoising_loss
 
     torch.manual_seed(0)
     base = load_base(sd, resolution)
@@ -70,7 +70,7 @@ def one_kind(kind: str, sd: str, steps: int, batch: int, resolution: int) -> dic
             noisy = base.scheduler.add_noise(latents, noise, t)
             loss = torch.nn.functional.mse_loss(base.unet(noisy, t, encoder_hidden_states=hidden).sample, noise)
         else:
-            loss = controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, cond, noise, t)
+            loss = unet_denoising_loss(controlnet, base.unet, base.scheduler, latents, hidden, cond, noise, t)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -94,7 +94,7 @@ def sd15_kind(kind: str, steps: int, resolution: int) -> dict:
     """``one_kind`` on SD 1.5's real architecture (random weights), batch 1, with AdamW."""
     from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
-    from train.step import controlnet_loss, sample_noise
+    from train.step import sample_noise, unet_denoising_loss
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
@@ -118,7 +118,7 @@ def sd15_kind(kind: str, steps: int, resolution: int) -> dict:
             noisy = scheduler.add_noise(latents, noise, t)
             loss = torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=hidden).sample, noise)
         else:
-            loss = controlnet_loss(controlnet, unet, scheduler, latents, hidden, cond, noise, t)
+            loss = unet_denoising_loss(controlnet, unet, scheduler, latents, hidden, cond, noise, t)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -138,7 +138,7 @@ def print_comparison(title: str, b: dict, c: dict) -> None:
 def bare_loop_samples_per_s(sd: str, steps: int, batch: int, resolution: int) -> float:
     """The trainer's step (VAE encode, text encode, loss, backward, AdamW) on in-memory tensors."""
     from train.models import load_base, make_controlnet
-    from train.step import controlnet_loss, sample_noise
+    from train.step import sample_noise, unet_denoising_loss
 
     base = load_base(sd, resolution)
     controlnet = make_controlnet(base, 3)
@@ -153,7 +153,7 @@ def bare_loop_samples_per_s(sd: str, steps: int, batch: int, resolution: int) ->
             latents = base.vae.encode(pixels).latent_dist.sample(generator=generator) * base.vae.config.scaling_factor
             hidden, _ = base.family.encode_prompts(base, captions, torch.device("cpu"))
         noise, t = sample_noise(latents, 1000, generator)
-        controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, cond, noise, t).backward()
+        unet_denoising_loss(controlnet, base.unet, base.scheduler, latents, hidden, cond, noise, t).backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()

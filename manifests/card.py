@@ -27,7 +27,7 @@ import json
 
 import pyarrow as pa
 
-from manifests.io import join, resolve, write_bytes
+from manifests.io import Location, join, resolve, write_bytes
 from manifests.schema import IMAGE_STRUCT, SHARD_PREFIX, SHARD_SUFFIX, STATUS_OK
 
 CARD_FILE = ".huggingface.yaml"
@@ -85,7 +85,7 @@ def is_our_card(text: bytes | str) -> bool:
     return raw.split("\n", 1)[0].rstrip("\r") == CARD_MARKER
 
 
-def write_card(out_dir: str, schema: pa.Schema) -> str:
+def write_card(out_dir: str | Location, schema: pa.Schema) -> str:
     """Write the card of the manifest at ``out_dir`` (atomically) for shards with ``schema``."""
     fs, base = resolve(out_dir)
     return write_bytes(fs, base, CARD_FILE, card_text(schema).encode())

@@ -32,7 +32,7 @@ uniform hashes, which is why large distances do not scale (see ``DEFAULT_MAX_DIS
 
 At collection scale (``write_duplicates``) the same pass runs in stages of small independent tasks over
 scratch files (``DistributedPass``), which the annotator runs as Ray tasks: no process holds every row's
-hash, and the table is identical to ``find_duplicates`` over all rows (the in-memory reference).
+hash, and the table is identical to ``find_duplicates_in_memory`` over all rows (the in-memory reference).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from manifests.io import delete_quietly, join, list_shards, resolve
+from manifests.io import Location, delete_quietly, join, list_shards, resolve
 from manifests.schema import STATUS_OK
 
 #: The side table's folder and file: a leading underscore, so pandas/pyarrow and ``datasets`` reading the
@@ -306,7 +306,7 @@ def _first_of_equal(codes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, n
     return rows[later], target[later]
 
 
-def find_duplicates(ids: Sequence[str] | pa.Array, sha256s: Sequence[str | None] | pa.Array | None,
+def find_duplicates_in_memory(ids: Sequence[str] | pa.Array, sha256s: Sequence[str | None] | pa.Array | None,
                     phashes: Sequence[int | None] | np.ndarray | pa.Array | None,
                     max_distance: int | None = DEFAULT_MAX_DISTANCE) -> pa.Table:
     """The duplicates among rows given in manifest order: a table ``(id, duplicate_of, distance, exact)``,
@@ -380,13 +380,13 @@ def run_here(fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
     return [fn(*args) for args in calls]
 
 
-def write_duplicates(manifest_path: str, max_distance: int | None = DEFAULT_MAX_DISTANCE,
+def write_duplicates(manifest_path: str | Location, max_distance: int | None = DEFAULT_MAX_DISTANCE,
                      computed_from: str | None = None, run_tasks: RunTasks = run_here,
                      shards_per_task: int = SHARDS_PER_TASK, partitions: int | None = None) -> dict[str, Any]:
     """Find the duplicates among the ok rows of the manifest's shards and write ``DUPLICATES_FILE``
     (atomically: a temp file moved into place); returns ``{"exact": n, "near": m, "max_distance": d}``.
 
-    The same table as ``find_duplicates`` over all ok rows in manifest order, made in stages of small
+    The same table as ``find_duplicates_in_memory`` over all ok rows in manifest order, made in stages of small
     tasks that ``run_tasks`` runs (Ray tasks in the annotator), so the caller never holds every row's
     hash: each task reads or writes a slice through scratch files under ``_duplicates/``
     (``DistributedPass``). Reads only ``id``, ``status``, ``source_sha256`` and ``phash`` of each shard;
@@ -414,8 +414,11 @@ def write_duplicates(manifest_path: str, max_distance: int | None = DEFAULT_MAX_
     return summary
 
 
-def _uri(path: str) -> str:
-    """An absolute path or URI that resolves the same in any process (tasks run in other folders)."""
+def _uri(path: str | Location) -> str | Location:
+    """An absolute path or URI that resolves the same in any process (tasks run in other folders), or the
+    resolved location itself (tasks receive its filesystem)."""
+    if isinstance(path, Location):
+        return path
     return path.rstrip("/") if "://" in path else resolve(path)[1]
 
 
@@ -441,17 +444,17 @@ class DistributedPass:
     7. ``_concat_parts`` (one task): the groups' parts, in order, into ``DUPLICATES_FILE``.
 
     Equal hashes are collapsed before the band search (steps 2-3), so copies of one picture cost one
-    hash there, however many there are. Exact: the same edges as ``find_duplicates`` up to connectivity
+    hash there, however many there are. Exact: the same edges as ``find_duplicates_in_memory`` up to connectivity
     (a forest has the components of the pairs it replaces), and the same kept row and fields.
     """
 
-    root: str
+    root: str | Location
     names: list[str]
     max_distance: int | None
     shards_per_task: int
     partitions: int | None = None
     """Partitions of the sha256/hash shuffle and buckets per band (default: one per group of shards)."""
-    work: str = ""
+    work: str | Location = ""
     """Scratch folder (default: a fresh one under ``_duplicates/``, removed by ``write_duplicates``)."""
     groups: list[tuple[int, list[str]]] = dataclasses.field(init=False)
     """(first shard's position, shard names) of each task's group of shards."""
@@ -484,7 +487,7 @@ _ROOTS = pa.schema([("member", pa.int64()), ("root", pa.int64()), ("root_id", pa
                     ("root_sha", pa.string()), ("root_phash", pa.int64())])
 
 
-def _write(path: str, table: pa.Table) -> None:
+def _write(path: str | Location, table: pa.Table) -> None:
     """One scratch file (overwritten when a retried task writes it again)."""
     fs, local = resolve(path)
     fs.create_dir(local.rsplit("/", 1)[0], recursive=True)
@@ -492,7 +495,7 @@ def _write(path: str, table: pa.Table) -> None:
         pq.write_table(table, stream)
 
 
-def _read_all(folder: str, schema: pa.Schema) -> pa.Table:
+def _read_all(folder: str | Location, schema: pa.Schema) -> pa.Table:
     """Every scratch file in ``folder`` as one table (empty when there is none)."""
     fs, local = resolve(folder)
     infos = fs.get_file_info(pafs.FileSelector(local, allow_not_found=True))
@@ -527,7 +530,7 @@ def _string_keys(values: pa.Array) -> np.ndarray:
     return keys
 
 
-def _shard_rows(root: str, names: list[str], first: int, ok_only: bool) -> pa.Table:
+def _shard_rows(root: str | Location, names: list[str], first: int, ok_only: bool) -> pa.Table:
     """(pos, id, sha, phash) of the rows of a group of shards, in manifest order (ok rows only, or all)."""
     parts = []
     for k, name in enumerate(names):
@@ -547,7 +550,7 @@ def _shard_rows(root: str, names: list[str], first: int, ok_only: bool) -> pa.Ta
         "phash": pa.array([], pa.int64())})
 
 
-def _scatter(root: str, names: list[str], first: int, group: int, work: str, parts: int) -> int:
+def _scatter(root: str | Location, names: list[str], first: int, group: int, work: str | Location, parts: int) -> int:
     """Stage 1: the group's ok rows, (pos, sha) by sha256 partition and (pos, phash) by hash partition."""
     rows = _shard_rows(root, names, first, ok_only=True)
     for column, schema, keys in (("sha", _SHA, _string_keys), ("phash", _HASH, lambda a: a.to_numpy().view(np.uint64))):
@@ -563,7 +566,7 @@ def _edges(left: np.ndarray, right: np.ndarray) -> pa.Table:
     return pa.table({"left": pa.array(left, pa.int64()), "right": pa.array(right, pa.int64())}, schema=_EDGES)
 
 
-def _reduce(work: str, part: int, parts: int, max_distance: int | None) -> None:
+def _reduce(work: str | Location, part: int, parts: int, max_distance: int | None) -> None:
     """Stage 2: edges from each row to the first row with its sha256 and to the first with its hash; the
     distinct hashes (with their first row) to each band's buckets."""
     sha = _read_all(join(work, "sha", str(part)), _SHA).sort_by("pos")
@@ -587,7 +590,7 @@ def _reduce(work: str, part: int, parts: int, max_distance: int | None) -> None:
                    pa.table({"pos": representative[keep], "phash": distinct[keep].view(np.int64)}, schema=_HASH))
 
 
-def _near(work: str, band: int, bucket: int, max_distance: int) -> None:
+def _near(work: str | Location, band: int, bucket: int, max_distance: int) -> None:
     """Stage 3: near pairs among one band bucket's distinct hashes, as a spanning forest (fewer edges than
     hashes): pairs are folded into it whenever they outnumber the hashes, so memory stays linear."""
     table = _read_all(join(work, f"band-{band}", str(bucket)), _HASH)
@@ -620,7 +623,7 @@ def _group_of(positions: np.ndarray, starts: list[int]) -> np.ndarray:
     return np.searchsorted(np.asarray(starts, np.int64), positions >> 32, side="right") - 1
 
 
-def _union(work: str, starts: list[int]) -> None:
+def _union(work: str | Location, starts: list[int]) -> None:
     """Stage 4: connected components of the edges; each member row with its group's first row (the
     smallest position), filed under the group of shards holding that first row."""
     edges = _read_all(join(work, "edges"), _EDGES)
@@ -637,7 +640,8 @@ def _union(work: str, starts: list[int]) -> None:
         _write(join(work, "members", str(g), "all.parquet"), _edges(member[keep], first[keep]))
 
 
-def _lookup(root: str, names: list[str], first: int, group: int, work: str, starts: list[int]) -> None:
+def _lookup(root: str | Location, names: list[str], first: int, group: int, work: str | Location,
+            starts: list[int]) -> None:
     """Stage 5: the id, sha256 and hash of the kept rows in this group, filed under their members' groups."""
     pairs = _read_all(join(work, "members", str(group)), _EDGES)
     if not pairs.num_rows:
@@ -651,8 +655,8 @@ def _lookup(root: str, names: list[str], first: int, group: int, work: str, star
         _write(join(work, "roots", str(g), f"{group}.parquet"), found.filter(pa.array(where == g)))
 
 
-def _explain(root: str, names: list[str], first: int, group: int, work: str) -> dict[str, int]:
-    """Stage 6: the table rows of this group's members, in manifest order, as ``find_duplicates`` gives them."""
+def _explain(root: str | Location, names: list[str], first: int, group: int, work: str | Location) -> dict[str, int]:
+    """Stage 6: the table rows of this group's members, in manifest order (as ``find_duplicates_in_memory``)."""
     found = _read_all(join(work, "roots", str(group)), _ROOTS).sort_by("member")
     if found.num_rows:
         rows = _shard_rows(root, names, first, ok_only=False)
@@ -677,7 +681,7 @@ def _numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False) if isinstance(values, pa.Array) else values.to_numpy()
 
 
-def _concat_parts(work: str, groups: int, final: str, metadata: str) -> None:
+def _concat_parts(work: str | Location, groups: int, final: str | Location, metadata: str) -> None:
     """Stage 7: the parts in group order into the side table (a temp file moved into place)."""
     fs, local = resolve(final)
     folder = local.rsplit("/", 1)[0]
@@ -697,7 +701,7 @@ def _concat_parts(work: str, groups: int, final: str, metadata: str) -> None:
         raise
 
 
-def read_table(manifest_path: str) -> pa.Table | None:
+def read_table(manifest_path: str | Location) -> pa.Table | None:
     """The manifest's duplicates table, or None when it has none (older manifests)."""
     fs, base = resolve(manifest_path)
     try:
@@ -706,7 +710,7 @@ def read_table(manifest_path: str) -> pa.Table | None:
         return None
 
 
-def read_summary(manifest_path: str) -> dict[str, Any] | None:
+def read_summary(manifest_path: str | Location) -> dict[str, Any] | None:
     """The counts written with the table (``exact``, ``near``, ``max_distance``, ...), None without a table."""
     fs, base = resolve(manifest_path)
     try:
@@ -730,55 +734,3 @@ def read_duplicates(manifest_path: str) -> set[str]:
     """The ids of the manifest's duplicates (rows to skip); empty when it has no duplicates table."""
     found = duplicate_ids(manifest_path)
     return set() if found is None else set(found.to_pylist())
-
-
-def keep_mask(ids: pa.Array | pa.ChunkedArray, skip: pa.Array | None) -> np.ndarray:
-    """True for each of ``ids`` that is not in ``skip`` (all True when ``skip`` is None)."""
-    if skip is None or len(skip) == 0:
-        return np.ones(len(ids), bool)
-    return ~pc.is_in(ids, value_set=skip).to_numpy(zero_copy_only=False)
-
-
-def duplicates_option(duplicates: str | bool) -> bool:
-    """True when ``duplicates`` asks to skip them: ``"skip"`` or False skip, ``"keep"`` or True keep."""
-    if isinstance(duplicates, bool):
-        return not duplicates
-    if duplicates not in ("skip", "keep"):
-        raise ValueError(f"duplicates must be 'skip', 'keep' or a bool (True keeps them), not {duplicates!r}")
-    return duplicates == "skip"
-
-
-def shards_schema(shards: Sequence[str], fs: pafs.FileSystem) -> pa.Schema:
-    """The columns of every shard together: a manifest resumed by a newer release holds shards of an older
-    minor version too (v1.1 shards lack ``caption_original_length``), whose rows read as null there. The
-    shard with the most columns comes first, so its key-value metadata (the image features) is kept."""
-    schemas = [pq.read_schema(s, filesystem=fs) for s in shards]
-    schemas.sort(key=lambda schema: -len(schema))
-    return pa.unify_schemas(schemas)
-
-
-def hf_dataset(manifest_path: str, duplicates: str | bool = "skip", status: str | None = "ok", **load_kwargs: Any):
-    """The manifest as a Hugging Face ``datasets.Dataset`` (image columns decode to PIL images), with
-    ``manifests.read``'s defaults: ok rows only, duplicates left out (``duplicates="keep"`` or True keeps
-    them; ``status=None`` keeps every status). ``load_kwargs`` go to ``datasets.load_dataset`` (e.g.
-    ``cache_dir``). The rows are selected by index on top of the shards, nothing is copied.
-
-    ``datasets.load_dataset("parquet", data_files="<manifest>/*.parquet")`` alone reads every row."""
-    import datasets
-
-    skip = duplicate_ids(manifest_path) if duplicates_option(duplicates) else None
-    fs, base = resolve(manifest_path)
-    shards = list_shards(manifest_path)
-    scheme = manifest_path.split("://", 1)[0] + "://" if "://" in manifest_path else ""
-    if shards and "features" not in load_kwargs:  # one set of columns for shards of several schema versions
-        load_kwargs["features"] = datasets.Features.from_arrow_schema(shards_schema(shards, fs))
-    ds = datasets.load_dataset("parquet", data_files=[scheme + s for s in shards], split="train", **load_kwargs)
-    if status is None and (skip is None or len(skip) == 0):
-        return ds
-    keys = pa.concat_tables([pq.read_table(s, columns=["id", "status"], filesystem=fs) for s in shards])
-    if keys.num_rows != len(ds):
-        raise RuntimeError(f"datasets read {len(ds)} rows from {manifest_path}, its shards hold {keys.num_rows}")
-    keep = keep_mask(keys["id"], skip)
-    if status is not None:
-        keep &= pc.equal(keys["status"], status).to_numpy(zero_copy_only=False)
-    return ds.select(np.flatnonzero(keep))

@@ -4,10 +4,13 @@ annotators."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from manifests import duplicates
@@ -20,67 +23,100 @@ from manifests.schema import image_columns
 CAPTION_WORD_BINS = ((0, 0), (1, 4), (5, 9), (10, 19), (20, 39), (40, 59), (60, None))
 
 
+@dataclasses.dataclass
+class _Tally:
+    """What ``inspect`` counts over the shards (small columns and footers only)."""
+
+    statuses: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    filters: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    sizes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    caption_sources: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    column_bytes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    caption_words: list[np.ndarray] = dataclasses.field(default_factory=list)
+    disk: int = 0
+
+    def add(self, shard: str, fs: pafs.FileSystem) -> None:
+        """Count one shard: its bytes per column from the footer, then its small columns."""
+        meta = pq.read_metadata(shard, filesystem=fs)
+        self.disk += fs.get_file_info(shard).size
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                col = group.column(c)
+                self.column_bytes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
+        names = set(meta.schema.to_arrow_schema().names)
+        wanted = ["status", "error", "width", "height", "caption", "caption_source"]
+        table = pq.read_table(shard, columns=[c for c in wanted if c in names], filesystem=fs)
+        self.statuses.update(table["status"].to_pylist())
+        self.reasons.update(_reason(e) for e in table["error"].to_pylist() if e)
+        filtered = table.filter(pc.equal(table["status"], "filtered"))
+        self.filters.update(error_kind(e) for e in filtered["error"].to_pylist() if e)
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        self.sizes.update(f"{w}x{h}" for w, h in zip(ok["width"].to_pylist(), ok["height"].to_pylist()))
+        if "caption" in names:
+            self.caption_words.append(_word_counts(ok["caption"]))
+        if "caption_source" in names:
+            self.caption_sources.update(s or "none" for s in ok["caption_source"].to_pylist())
+
+
 def inspect(path: str) -> str:
     """The report as text (reads only small columns, image columns' sizes from the footers)."""
     summary = read_manifest_json(path)
     fs, _ = resolve(path)
     shards = list_shards(path)
-    statuses: collections.Counter[str] = collections.Counter()
-    reasons: collections.Counter[str] = collections.Counter()
-    filters: collections.Counter[str] = collections.Counter()
-    sizes: collections.Counter[str] = collections.Counter()
-    caption_sources: collections.Counter[str] = collections.Counter()
-    column_bytes: collections.Counter[str] = collections.Counter()
-    caption_words: list[np.ndarray] = []
-    disk = 0
+    tally = _Tally()
     for shard in shards:
-        meta = pq.read_metadata(shard, filesystem=fs)
-        disk += fs.get_file_info(shard).size
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            for c in range(group.num_columns):
-                col = group.column(c)
-                column_bytes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
-        names = set(meta.schema.to_arrow_schema().names)
-        wanted = ["status", "error", "width", "height", "caption", "caption_source"]
-        table = pq.read_table(shard, columns=[c for c in wanted if c in names], filesystem=fs)
-        statuses.update(table["status"].to_pylist())
-        reasons.update(_reason(e) for e in table["error"].to_pylist() if e)
-        filtered = table.filter(pc.equal(table["status"], "filtered"))
-        filters.update(error_kind(e) for e in filtered["error"].to_pylist() if e)
-        ok = table.filter(pc.equal(table["status"], "ok"))
-        sizes.update(f"{w}x{h}" for w, h in zip(ok["width"].to_pylist(), ok["height"].to_pylist()))
-        if "caption" in names:
-            caption_words.append(_word_counts(ok["caption"]))
-        if "caption_source" in names:
-            caption_sources.update(s or "none" for s in ok["caption_source"].to_pylist())
-    rows = sum(statuses.values())
+        tally.add(shard, fs)
     schema_cols = image_columns(pq.read_schema(shards[0], filesystem=fs)) if shards else []
+    return "\n".join([*_header_lines(path, summary, len(shards), tally.disk), *_row_lines(path, tally),
+                      *_column_lines(tally, schema_cols), *_annotator_lines(summary)])
+
+
+def _header_lines(path: str, summary: dict[str, Any], shards: int, disk: int) -> list[str]:
+    """Where the manifest is, its schema version and size, and what it was made from."""
     version = f"v{summary['schema_version']}" + (f".{summary['schema_minor']}" if "schema_minor" in summary else "")
     lines = [
         f"manifest  {path}",
-        f"schema    {version}, {len(shards)} shards, {disk / 1e6:.1f} MB on disk",
+        f"schema    {version}, {shards} shards, {disk / 1e6:.1f} MB on disk",
     ]
     source = summary.get("input") or {}
     if source:
         lines.append(f"input     {source.get('uri')} ({source.get('images')} images, "
                      f"{source.get('ignored_files')} other files ignored)")
-    lines.append(f"rows      {rows}: " + ", ".join(f"{s} {statuses.get(s, 0)}" for s in ("ok", "error", "filtered")))
-    if reasons:
-        lines.append("not ok    " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common(10)))
+    return lines
+
+
+def _row_lines(path: str, tally: _Tally) -> list[str]:
+    """Rows by status, why rows are not ok, duplicates, sizes and captions."""
+    statuses = tally.statuses
+    rows = sum(statuses.values())
+    lines = [f"rows      {rows}: " + ", ".join(f"{s} {statuses.get(s, 0)}" for s in ("ok", "error", "filtered"))]
+    if tally.reasons:
+        lines.append("not ok    " + "; ".join(f"{n} x {r}" for r, n in tally.reasons.most_common(10)))
     if statuses.get("filtered"):
-        lines.append("filtered  " + ", ".join(f"{kind} {n}" for kind, n in filters.most_common())
+        lines.append("filtered  " + ", ".join(f"{kind} {n}" for kind, n in tally.filters.most_common())
                      + f" (of {statuses['filtered']} filtered rows)")
     lines.append(_duplicates_line(path, statuses.get("ok", 0)))
-    if sizes:
-        lines.append("sizes     " + ", ".join(f"{s} ({n})" for s, n in sizes.most_common(5)))
-    if caption_words:
-        lines.extend(_caption_lines(np.concatenate(caption_words)))
-    if caption_sources:
-        lines.append("captions  from " + ", ".join(f"{s} {n}" for s, n in caption_sources.most_common()))
-    for col in schema_cols:
-        per_row = column_bytes[col] / max(1, statuses.get("ok", 0))
-        lines.append(f"column    {col}: {column_bytes[col] / 1e6:.1f} MB, {per_row / 1e3:.0f} kB per ok row")
+    if tally.sizes:
+        lines.append("sizes     " + ", ".join(f"{s} ({n})" for s, n in tally.sizes.most_common(5)))
+    if tally.caption_words:
+        lines.extend(_caption_lines(np.concatenate(tally.caption_words)))
+    if tally.caption_sources:
+        lines.append("captions  from " + ", ".join(f"{s} {n}" for s, n in tally.caption_sources.most_common()))
+    return lines
+
+
+def _column_lines(tally: _Tally, schema_cols: list[str]) -> list[str]:
+    """Bytes of each image column, in all and per ok row."""
+    per_ok = max(1, tally.statuses.get("ok", 0))
+    return [f"column    {col}: {tally.column_bytes[col] / 1e6:.1f} MB, "
+            f"{tally.column_bytes[col] / per_ok / 1e3:.0f} kB per ok row" for col in schema_cols]
+
+
+def _annotator_lines(summary: dict[str, Any]) -> list[str]:
+    """Each annotator's class, versions, parameters and weights, then the run's speed."""
+    lines = []
     for a in summary.get("annotators", []):
         versions = ", ".join(f"{k} {v}" for k, v in a.get("versions", {}).items() if v)
         lines.append(f"annotator {a['name']} ({a['class']}; {versions})")
@@ -91,7 +127,7 @@ def inspect(path: str) -> str:
     if run:
         lines.append(f"run       {run.get('wall_s')} s wall, {run.get('images_per_s')} images/s, "
                      f"ray {run.get('ray', {}).get('mode')}")
-    return "\n".join(lines)
+    return lines
 
 
 def _duplicates_line(path: str, ok_rows: int) -> str:

@@ -1,28 +1,26 @@
-"""Write and read manifests: Parquet shards made visible atomically, ``_manifest.json`` last."""
+"""Manifest storage: locations, Parquet shards made visible atomically, ``_manifest.json`` last.
+
+Reading rows (``manifests.read``, the ``datasets`` view) is ``manifests/readers.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import typing
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 from manifests.schema import (
     IMAGE_STRUCT,
     KNOWN_SCHEMA_VERSIONS,
     MANIFEST_JSON,
-    PANDAS_INT_DTYPES,
     PROVENANCE_KEY,
-    STATUSES,
     is_shard_name,
     shard_index,
 )
@@ -32,12 +30,44 @@ from manifests.schema import (
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 
 
-def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A folder or file resolved once: the text it was given as, its filesystem and the path within it.
+
+    Resolving builds a filesystem object (on S3 a client that looks up credentials and opens its own
+    connections), so a job resolves its output once (``locate``) and passes this down: ``resolve`` and
+    ``join`` take it in place of a path or URI and build nothing. It pickles with its filesystem, so
+    workers use the same location without resolving it again.
+    """
+
+    uri: str
+    """The path or URI as given (what messages show)."""
+    fs: pafs.FileSystem = dataclasses.field(compare=False)  # filesystems do not hash; uri and path say where
+    path: str
+    """The path within ``fs`` (absolute for a local folder)."""
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def locate(where: str | Location) -> Location:
+    """``where`` resolved; a ``Location`` is returned as it is (resolving it again would build another
+    filesystem)."""
+    if isinstance(where, Location):
+        return where
+    fs, path = resolve(where)
+    return Location(where, fs, path)
+
+
+def resolve(uri_or_path: str | Location) -> tuple[pafs.FileSystem, str]:
     """A filesystem and path for a local path or any URI pyarrow (or fsspec) can open.
 
     A URI's query configures its filesystem (``s3://bucket/out?endpoint_override=http://host:9000``);
-    one pyarrow does not accept is refused here with a ``ValueError`` naming it.
+    one pyarrow does not accept is refused here with a ``ValueError`` naming it. A ``Location`` gives
+    its own filesystem and path (nothing is built).
     """
+    if isinstance(uri_or_path, Location):
+        return uri_or_path.fs, uri_or_path.path
     if not is_uri(uri_or_path):
         local = pafs.LocalFileSystem()
         return local, _abspath(uri_or_path)
@@ -60,22 +90,35 @@ def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def is_uri(path: str) -> bool:
+def is_uri(path: str | Location) -> bool:
     """Whether ``path`` is a URI (``scheme://...``) rather than a local path."""
-    return "://" in path
+    return "://" in str(path)
 
 
 def _abspath(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+@typing.overload
 def join(base: str, *parts: str) -> str:
+    ...
+
+
+@typing.overload
+def join(base: Location, *parts: str) -> Location:
+    ...
+
+
+def join(base: str | Location, *parts: str) -> str | Location:
     """Join path parts with '/', as every pyarrow filesystem expects.
 
     ``base`` may be a filesystem path or a URI: a URI's query (``?endpoint_override=...``) stays at its
     end, after the joined path. Parts are plain names and are not re-encoded. The URI is split by hand,
     not by ``urllib``, whose round trip drops an empty authority (``local:///tmp/x`` became ``local:/tmp/x``).
+    A ``Location`` gives the ``Location`` below it, on the same filesystem.
     """
+    if isinstance(base, Location):
+        return Location(join(base.uri, *parts), base.fs, join(base.path, *parts))
     if not is_uri(base):
         return "/".join([base.rstrip("/"), *parts])
     location, mark, query = base.partition("?")
@@ -90,7 +133,7 @@ def _row_group_rows(table: pa.Table) -> int:
     return max(1, ROW_GROUP_BYTES // per_row)
 
 
-def write_shard(rows: Sequence[dict[str, Any]], schema: pa.Schema, out_dir: str, name: str) -> str:
+def write_shard(rows: Sequence[dict[str, Any]], schema: pa.Schema, out_dir: str | Location, name: str) -> str:
     """Write ``rows`` as shard ``name`` under ``out_dir``; visible only once complete.
 
     The shard is written under a temporary name and then moved into place, so a crash never
@@ -162,13 +205,13 @@ def write_json(fs: pafs.FileSystem, folder: str, name: str, payload: Any) -> str
     return write_bytes(fs, folder, name, strict_json(payload, indent=2, sort_keys=True).encode())
 
 
-def write_manifest_json(out_dir: str, summary: dict[str, Any]) -> str:
+def write_manifest_json(out_dir: str | Location, summary: dict[str, Any]) -> str:
     """Write ``_manifest.json`` (last, atomically): its presence means the manifest is complete."""
     fs, base = resolve(out_dir)
     return write_json(fs, base, MANIFEST_JSON, summary)
 
 
-def read_manifest_json(path: str) -> dict[str, Any]:
+def read_manifest_json(path: str | Location) -> dict[str, Any]:
     """The parsed ``_manifest.json`` of the manifest at ``path``."""
     fs, base = resolve(path)
     try:
@@ -188,7 +231,7 @@ def read_manifest_json(path: str) -> dict[str, Any]:
     return summary
 
 
-def list_shards(path: str) -> list[str]:
+def list_shards(path: str | Location) -> list[str]:
     """Full paths of the complete shards under ``path``, in shard index order."""
     fs, base = resolve(path)
     try:
@@ -216,66 +259,3 @@ def shard_provenance(shard_path: str, filesystem: pafs.FileSystem | None = None)
         metadata = pq.read_schema(f).metadata or {}
     raw = metadata.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else None
-
-
-def _read_shard(shard: str, columns: list[str] | None, fs: pafs.FileSystem) -> pa.Table:
-    """A shard's ``columns`` (all when None), leaving out those it lacks: a shard written before v1.1 has
-    no ``caption_source`` or ``phash``, and a manifest may mix both kinds."""
-    if columns is not None:
-        names = set(pq.read_schema(shard, filesystem=fs).names)
-        columns = [c for c in columns if c in names]
-    return pq.read_table(shard, columns=columns, filesystem=fs)
-
-
-def _nullable_ints(arrow_type: pa.DataType) -> "pd.api.extensions.ExtensionDtype | None":
-    """pandas' nullable integer for the integer columns (``width`` of an error row is null: numpy's int would
-    become float64, and 64-bit ``phash`` values would round); None leaves other types to pyarrow. Shards carry
-    the same in their pandas metadata (``schema.PANDAS_INT_DTYPES``); this covers shards written before."""
-    import pandas as pd
-
-    name = PANDAS_INT_DTYPES.get(arrow_type)
-    return pd.api.types.pandas_dtype(name) if name else None
-
-
-def read(
-    path: str,
-    columns: Iterable[str] | None = None,
-    status: str | None = "ok",
-    duplicates: str | bool = "skip",
-) -> "pd.DataFrame":
-    """Read a manifest into pandas, rows in shard order.
-
-    ``status`` keeps only rows with that status (``None`` keeps all); ``columns`` limits what is
-    read, which matters because image columns dominate the size. ``duplicates``: ``"skip"`` (the
-    default; or False) leaves out the rows ``_duplicates/duplicates.parquet`` lists as exact or near duplicates
-    of an earlier row, ``"keep"`` (or True) keeps them; a manifest without that table has none. Integer
-    columns read as pandas' nullable ``Int32``/``Int64`` (``<NA>`` where an error row has no size).
-    """
-    import pandas as pd
-
-    from manifests.duplicates import duplicate_ids, duplicates_option, keep_mask
-
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES} or None, not {status!r}")
-    skip = duplicates_option(duplicates)
-    read_manifest_json(path)  # fails clearly on a folder that is not a (finished) manifest
-    fs, base = resolve(path)
-    shards = list_shards(path)
-    skip_ids = duplicate_ids(path) if skip else None
-    extra = ["status", *(["id"] if skip_ids is not None else [])]
-    cols = None if columns is None else list(dict.fromkeys([*columns, *extra]))
-    tables = [_read_shard(s, cols, fs) for s in shards]
-    if not tables:
-        return pd.DataFrame(columns=cols or [])
-    table = pa.concat_tables(tables, promote_options="default")  # v1.0 shards: v1.1 columns read as nulls
-    unknown = [c for c in cols or [] if c not in table.column_names]
-    if unknown:  # in no shard at all: a typo, not an older shard
-        raise KeyError(f"{path} has no column {', '.join(map(repr, unknown))}; it has {', '.join(table.column_names)}")
-    if status is not None:
-        table = table.filter(pc.equal(table["status"], status))
-    if skip_ids is not None and len(skip_ids):
-        table = table.filter(keep_mask(table["id"], skip_ids))
-    frame = table.to_pandas(types_mapper=_nullable_ints)
-    if columns is not None:
-        frame = frame[list(dict.fromkeys(columns))]
-    return frame

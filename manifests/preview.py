@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from manifests import duplicates as dup
-from manifests.io import read
+from manifests.readers import duplicates_option, read
 from manifests.schema import STATUS_OK, cond_columns
 
 BACKGROUND = (255, 255, 255)
@@ -72,7 +72,7 @@ def preview(path: str, out: str, rows: int = 8, tile: int = 256, status: str | N
     frame = read(path, status=status, duplicates=duplicates)
     if frame.empty:
         raise ValueError(f"{path} has no rows with status {status!r} to preview")
-    copies = _copies_of(path, frame) if not dup.duplicates_option(duplicates) else {}
+    copies = _copies_of(path, frame) if not duplicates_option(duplicates) else {}
     frame = frame.head(rows)
     columns = ["image", *cond_columns(frame.columns)]
     font = ImageFont.load_default()

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 from manifests.card import CARD_FILE, is_our_card, write_card
 from manifests.duplicates import DUPLICATES_DIR, DUPLICATES_FILE
-from manifests.io import delete_quietly, join, resolve, shard_provenance, write_json, write_manifest_json, write_shard
+from manifests.io import (Location, delete_quietly, join, resolve, shard_provenance, write_json, write_manifest_json,
+                          write_shard)
 from manifests.rows import error_kind, storable_rows
 from manifests.schema import (
     MANIFEST_JSON,
@@ -111,7 +112,8 @@ class ExistingShards:
 class ManifestSink:
     """Writes the shards and the summary of one manifest (see the module docstring)."""
 
-    output: str
+    output: str | Location
+    """The manifest folder (resolved once by the job: workers write through the same location)."""
     annotator_names: list[str]
     provenance: dict[str, Any]
     """Job provenance stored in every shard's metadata (settings, fingerprint, annotators)."""

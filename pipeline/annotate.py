@@ -4,8 +4,9 @@
     python pipeline/annotate.py --input photos/ --output data/manifests/photos --annotators canny
     ray job submit --working-dir . -- python pipeline/annotate.py --input s3://bucket/photos ...
 
-Reads top to bottom: parse flags -> stream the listing -> plan shards into small plan files
-(skipping finished ones) -> start Ray -> annotate shards in stages (pipeline/dispatch.py) -> write
+Reads top to bottom: parse flags -> stream the listing -> resolve the output once (every step below
+writes through that location) -> plan shards into small plan files (skipping finished ones) -> start
+Ray -> annotate shards in stages (pipeline/dispatch.py) -> the duplicates pass -> write
 ``_manifest.json`` from the shards' stats files -> print a summary.
 """
 
@@ -34,7 +35,7 @@ from annotators import registry
 from captioners import registry as caption_registry
 from manifests import duplicates
 from manifests.flags import DefaultsHelpFormatter, add_dataclass_flags, parsed_fields
-from manifests.io import resolve
+from manifests.io import Location, locate, resolve
 from manifests.schema import SCHEMA_VERSION, shard_name
 from manifests.sink import ExistingShards, ManifestSink, ShardStats
 from pipeline import dispatch, output_lock, ray_runtime
@@ -120,8 +121,9 @@ def annotator_overrides(config: AnnotateConfig, name: str) -> dict[str, Any]:
     return overrides
 
 
-def make_job(config: AnnotateConfig) -> ShardJob:
-    """The worker-side description of the job, with provenance recorded in every shard.
+def make_job(config: AnnotateConfig, output: Location | None = None) -> ShardJob:
+    """The worker-side description of the job, with provenance recorded in every shard; its sink writes
+    to ``output`` (``config.output`` resolved; resolved here when not given).
 
     Every weight file is located (and hashed) here, so a missing one stops the job before
     Ray starts, with a message naming the file and where to get it.
@@ -147,7 +149,7 @@ def make_job(config: AnnotateConfig) -> ShardJob:
         {"settings": provenance["settings"], "params": [a.params.to_dict() for a in annotators],
          **({"captioner": dataclasses.asdict(captioner.params)} if captioner else {})}
     )
-    sink = ManifestSink(config.output, names, provenance)
+    sink = ManifestSink(locate(output or config.output), names, provenance)
     return ShardJob(
         input=config.input, prepare=config.prepare_settings(), image_format=config.image_format,
         jpeg_quality=config.jpeg_quality, annotators=tuple((n, overrides[n]) for n in config.annotators),
@@ -158,7 +160,7 @@ def make_job(config: AnnotateConfig) -> ShardJob:
     )
 
 
-def check_writable(output: str) -> None:
+def check_writable(output: str | Location) -> None:
     """Fail before any work (and before Ray) when the output cannot take a manifest."""
     fs, base = resolve(output)
     info = fs.get_file_info(base)
@@ -263,22 +265,22 @@ def shards_digest(stats: dict[int, ShardStats]) -> str:
     return fingerprint([[i, s.fingerprint, s.rows, s.counts, s.seconds] for i, s in sorted(stats.items())])
 
 
-def find_duplicates(config: AnnotateConfig, source: str) -> dict[str, Any]:
+def run_duplicates_pass(config: AnnotateConfig, output: Location, source: str) -> dict[str, Any]:
     """Duplicates across the whole manifest (kept shards included), as a side table made by Ray tasks
     (pipeline/dispatch.py); shards stay as written. Call only when ``duplicates_up_to_date`` is None."""
-    return duplicates.write_duplicates(config.output, config.near_duplicate_distance, computed_from=source,
+    return duplicates.write_duplicates(output, config.near_duplicate_distance, computed_from=source,
                                        run_tasks=dispatch.run_tasks,
                                        shards_per_task=max(1, DUPLICATE_ROWS_PER_TASK // config.shard_size))
 
 
-def duplicates_up_to_date(config: AnnotateConfig, source: str) -> dict[str, Any] | None:
+def duplicates_up_to_date(config: AnnotateConfig, output: Location, source: str) -> dict[str, Any] | None:
     """The counts of the existing duplicates table when it was made from these shards (``source``)
     with this distance, else None (the pass must run). A table that does not read (cut short, not
     Parquet) is made again, as before the pass could be skipped, rather than blocking every rerun."""
     try:
-        made = duplicates.read_summary(config.output)
+        made = duplicates.read_summary(output)
     except (OSError, pa.ArrowException, ValueError) as exc:
-        log.warning("duplicates: the table at %s does not read (%s); making it again", config.output,
+        log.warning("duplicates: the table at %s does not read (%s); making it again", output,
                     " ".join(str(exc).split()))
         return None
     if made and made.get("max_distance") == config.near_duplicate_distance and made.get("computed_from") == source:
@@ -286,67 +288,108 @@ def duplicates_up_to_date(config: AnnotateConfig, source: str) -> dict[str, Any]
     return None
 
 
+@dataclasses.dataclass
+class Annotated:
+    """What the annotate step of one run did: its plan, the shards it wrote, where Ray ran, timings."""
+
+    plan: Plan
+    plan_s: float
+    """Listing and planning (the lock taken, the output checked, the plan files written)."""
+    ray: dict[str, Any] = dataclasses.field(default_factory=lambda: {"mode": "not started", "address": None})
+    work_s: float = 0.0
+    not_utf8: list[str] = dataclasses.field(default_factory=list)
+    written: dict[int, ShardStats] = dataclasses.field(default_factory=dict)
+
+
+def plan_run(config: AnnotateConfig, job: ShardJob, items: Iterator[InputItem], existing: ExistingShards,
+             listing: ListingStats, output: Location, planning: float) -> Annotated:
+    """Cut the listing into shards (plan files for those not done yet) and refuse a rerun that would
+    drop rows; then, every check passed, make the output ready for this run's shards."""
+    is_done = (lambda index, fp: False) if config.overwrite else existing.done
+    plan = plan_shards(items, config.shard_size, job.sink.provenance["settings_fingerprint"], is_done,
+                       run_plan_dir(output))
+    plan_s = time.perf_counter() - planning
+    log.info("listing and planning took %.1f s: %d images in %d shards (%d done before)",
+             plan_s, plan.rows, plan.shards, len(plan.kept))
+    if listing.skipped_links:
+        log.warning("skipped %d symlinked folders already listed through another path (loops or repeats): "
+                    "%s", len(listing.skipped_links), ", ".join(listing.skipped_links[:5]))
+    check_no_rows_dropped(config, existing, plan)
+    # Every check passed: from here on the output changes.
+    job.sink.on_write_start(existing, config.overwrite, writes=bool(plan.todo))
+    return Annotated(plan, plan_s)
+
+
+def annotate_planned(config: AnnotateConfig, job: ShardJob, done: Annotated) -> None:
+    """Start Ray and annotate the planned shards, if any (a rerun of a complete manifest starts nothing)."""
+    todo = done.plan.todo
+    if not todo:
+        return
+    done.ray = ray_runtime.connect(config.address, config.num_cpus)
+    done.work_s, failures, done.not_utf8, done.written = annotate_shards(job, todo, config)
+    if failures:
+        error = ShardFailures(
+            f"{len(failures)} of {len(todo)} shards failed (the others are written; run the "
+            "same command again to redo only these):\n  " + "\n  ".join(failures))
+        job.sink.on_write_failed(error)
+        raise error
+
+
+def find_or_keep_duplicates(config: AnnotateConfig, output: Location, source: str,
+                            run_info: dict[str, Any]) -> dict[str, Any]:
+    """The duplicates table's counts: kept when made from these shards, else made again (on Ray, which
+    starts here when no shard needed it); records the pass's time in ``run_info``."""
+    found = duplicates_up_to_date(config, output, source)
+    if found is not None:
+        log.info("duplicates: kept the table made from these shards (no shard changed)")
+        return found
+    if run_info["ray"]["mode"] == "not started":
+        run_info["ray"] = ray_runtime.connect(config.address, config.num_cpus)
+    duplicates_start = time.perf_counter()
+    found = run_duplicates_pass(config, output, source)
+    run_info["duplicates_s"] = round(time.perf_counter() - duplicates_start, 3)
+    return found
+
+
+def run_record(config: AnnotateConfig, done: Annotated, listing: ListingStats) -> tuple[dict, dict]:
+    """The ``input`` and ``run`` parts of the summary (``wall_s`` is filled in last)."""
+    plan = done.plan
+    done_rows = sum(s.rows for s in plan.todo)
+    run_info = {
+        "ray": done.ray, "shards_written": len(plan.todo), "shards_kept": len(plan.kept),
+        "wall_s": None, "plan_s": round(done.plan_s, 3), "annotate_s": round(done.work_s, 3),
+        "images_per_s": round(done_rows / done.work_s, 2) if done.work_s else None,
+        "captions_not_utf8": done.not_utf8,
+    }
+    input_info = {"uri": config.input, "list": config.input_list, "images": plan.rows,
+                  "ignored_files": listing.ignored, "skipped_links": listing.skipped_links}
+    return input_info, run_info
+
+
 def run(config: AnnotateConfig) -> dict[str, Any]:
     """The whole job; returns the summary written to ``_manifest.json``."""
     started = time.perf_counter()
     listing = ListingStats()
     items = stream_inputs(config, listing)
-    job = make_job(config)
-    settings_fp = job.sink.provenance["settings_fingerprint"]
-    check_writable(config.output)
-    with output_lock.acquire(config.output) as lock:  # one run per output, before any change
+    output = locate(config.output)  # once per run: on S3 each resolve builds a new filesystem client
+    job = make_job(config, output)
+    check_writable(output)
+    with output_lock.acquire(output) as lock:  # one run per output, before any change
         planning = time.perf_counter()
         existing = job.sink.existing(also_ours=DRIVER_FILES)
-        check_output(config, existing, settings_fp)
-        remove_plans(config.output)  # plan folders of killed runs (this run holds the lock)
+        check_output(config, existing, job.sink.provenance["settings_fingerprint"])
+        remove_plans(output)  # plan folders of killed runs (this run holds the lock)
         # Ray starts only when there is work for it (shards to annotate, or a duplicates pass to
         # redo): a rerun of a complete manifest decides "nothing to do" from the listing and the
         # stats files alone.
-        ray_info: dict[str, Any] = {"mode": "not started", "address": None}
         try:
-            is_done = (lambda index, fp: False) if config.overwrite else existing.done
-            plan = plan_shards(items, config.shard_size, settings_fp, is_done, run_plan_dir(config.output))
-            plan_s = time.perf_counter() - planning
-            log.info("listing and planning took %.1f s: %d images in %d shards (%d done before)",
-                     plan_s, plan.rows, plan.shards, len(plan.kept))
-            if listing.skipped_links:
-                log.warning("skipped %d symlinked folders already listed through another path (loops or repeats): "
-                            "%s", len(listing.skipped_links), ", ".join(listing.skipped_links[:5]))
-            check_no_rows_dropped(config, existing, plan)
-            # Every check passed: from here on the output changes.
-            job.sink.on_write_start(existing, config.overwrite, writes=bool(plan.todo))
-            work_s, not_utf8, written = 0.0, [], {}
-            if plan.todo:
-                ray_info = ray_runtime.connect(config.address, config.num_cpus)
-                work_s, failures, not_utf8, written = annotate_shards(job, plan.todo, config)
-                if failures:
-                    error = ShardFailures(
-                        f"{len(failures)} of {len(plan.todo)} shards failed (the others are written; run the "
-                        "same command again to redo only these):\n  " + "\n  ".join(failures))
-                    job.sink.on_write_failed(error)
-                    raise error
+            done = plan_run(config, job, items, existing, listing, output, planning)
+            annotate_planned(config, job, done)
         finally:
-            remove_plans(config.output)
-        done_rows = sum(s.rows for s in plan.todo)
-        run_info = {
-            "ray": ray_info, "shards_written": len(plan.todo), "shards_kept": len(plan.kept),
-            "wall_s": None, "plan_s": round(plan_s, 3), "annotate_s": round(work_s, 3),
-            "images_per_s": round(done_rows / work_s, 2) if work_s else None,
-            "captions_not_utf8": not_utf8,
-        }
-        input_info = {"uri": config.input, "list": config.input_list, "images": plan.rows,
-                      "ignored_files": listing.ignored, "skipped_links": listing.skipped_links}
-        source = shards_digest({**{i: existing.stats[i] for i in plan.kept}, **written})
-        found = duplicates_up_to_date(config, source)
-        if found is None:
-            if ray_info["mode"] == "not started":
-                ray_info = run_info["ray"] = ray_runtime.connect(config.address, config.num_cpus)
-            duplicates_start = time.perf_counter()
-            found = find_duplicates(config, source)
-            run_info["duplicates_s"] = round(time.perf_counter() - duplicates_start, 3)
-        else:
-            log.info("duplicates: kept the table made from these shards (no shard changed)")
-        run_info["duplicates"] = found
+            remove_plans(output)
+        input_info, run_info = run_record(config, done, listing)
+        source = shards_digest({**{i: existing.stats[i] for i in done.plan.kept}, **done.written})
+        run_info["duplicates"] = find_or_keep_duplicates(config, output, source, run_info)
         run_info["wall_s"] = round(time.perf_counter() - started, 3)
         summary = job.sink.summary(input_info, run_info)
         lock.check()  # a run that lost its lock never declares the manifest complete

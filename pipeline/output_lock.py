@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from manifests.io import join, resolve
+from manifests.io import Location, join, resolve
 
 LOCK_NAME = ".controlforge-lock.json"
 HEARTBEAT_S = 60.0
@@ -40,7 +40,7 @@ class OutputLocked(RuntimeError):
 class OutputLock:
     """A held lock; ``release`` (or the context manager's exit) removes it."""
 
-    output: str
+    output: str | Location
     owner: dict[str, Any]
     _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -81,7 +81,7 @@ class OutputLock:
             _write(self.output, self.owner)
 
 
-def acquire(output: str) -> OutputLock:
+def acquire(output: str | Location) -> OutputLock:
     """Take the output's lock, or raise ``OutputLocked`` naming the run that holds it."""
     owner = {
         "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
@@ -110,7 +110,7 @@ def acquire(output: str) -> OutputLock:
     raise OutputLocked(f"{output}: could not take the lock; another run took it first (run again to see which)")
 
 
-def _remove_if_still(output: str, held: dict[str, Any]) -> bool:
+def _remove_if_still(output: str | Location, held: dict[str, Any]) -> bool:
     """Remove the lock if it is still the stale one read as ``held``; False when another run replaced
     or removed it first. Several runs may find one stale lock at once: on a local disk they take
     turns through an exclusive takeover file, and each re-reads the lock inside its turn, so only
@@ -162,7 +162,7 @@ def _alive(pid: int, started_unix: float | None) -> bool:
     return started_unix is None or created <= float(started_unix) + 1.0
 
 
-def read_lock(output: str) -> dict[str, Any] | None:
+def read_lock(output: str | Location) -> dict[str, Any] | None:
     """The lock's content, or None when there is none (an unreadable lock reads as stale)."""
     fs, base = resolve(output)
     try:
@@ -174,7 +174,7 @@ def read_lock(output: str) -> dict[str, Any] | None:
         return {"host": None, "pid": None, "heartbeat": 0, "unreadable": True, "token": None}
 
 
-def _create(output: str, owner: dict[str, Any]) -> bool:
+def _create(output: str | Location, owner: dict[str, Any]) -> bool:
     """Create the lock exclusively; False when one exists."""
     fs, base = resolve(output)
     path = join(base, LOCK_NAME)
@@ -203,7 +203,7 @@ def _create_file(path: str, text: str) -> bool:
     return True
 
 
-def _write(output: str, owner: dict[str, Any]) -> None:
+def _write(output: str | Location, owner: dict[str, Any]) -> None:
     """Replace the lock's content atomically (a reader never sees a half-written lock)."""
     fs, base = resolve(output)
     tmp = join(base, f".tmp-{uuid.uuid4().hex}-lock")

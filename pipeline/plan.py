@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.io import is_uri, join, resolve
+from manifests.io import Location, is_uri, join, resolve
 from pipeline.reader import InputItem
 
 #: Folder under the output holding each run's plan files (removed when the run ends).
@@ -37,8 +37,8 @@ class ShardSpec:
     """``<settings fingerprint>-<slice key>``: stored with the shard; resume compares it."""
     rows: int
     """Files in the slice (one row each)."""
-    plan: str
-    """Path or URI of the plan file listing the slice's ``InputItem``s."""
+    plan: str | Location
+    """Path or URI (or resolved location) of the plan file listing the slice's ``InputItem``s."""
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ def slice_fingerprint(items: Iterable[InputItem], settings_fingerprint: str) -> 
 
 
 def plan_shards(items: Iterable[InputItem], shard_size: int, settings_fingerprint: str,
-                is_done: Callable[[int, str], bool], plan_dir: str) -> Plan:
+                is_done: Callable[[int, str], bool], plan_dir: str | Location) -> Plan:
     """Cut the streamed ``items`` into slices of ``shard_size``; write a plan file for each slice
     that ``is_done(index, fingerprint)`` says is not done yet."""
     todo: list[ShardSpec] = []
@@ -82,13 +82,16 @@ def plan_shards(items: Iterable[InputItem], shard_size: int, settings_fingerprin
     raise AssertionError("unreachable")
 
 
-def run_plan_dir(output: str) -> str:
-    """A fresh plan folder for this run under the output (absolute: workers run in other folders)."""
+def run_plan_dir(output: str | Location) -> str | Location:
+    """A fresh plan folder for this run under the output (absolute: workers run in other folders); under
+    a resolved ``Location``, a ``Location`` on its filesystem (nothing is resolved again)."""
+    if isinstance(output, Location):
+        return join(output, PLAN_DIR, uuid.uuid4().hex)
     root = output if is_uri(output) else resolve(output)[1]  # a URI keeps its query (endpoint_override=...)
     return join(root, PLAN_DIR, uuid.uuid4().hex)
 
 
-def write_plan(plan_dir: str, index: int, items: list[InputItem]) -> str:
+def write_plan(plan_dir: str | Location, index: int, items: list[InputItem]) -> str | Location:
     """Write one slice's items as a small Parquet file; returns its path or URI."""
     fs, base = resolve(plan_dir)
     fs.create_dir(base, recursive=True)
@@ -100,7 +103,7 @@ def write_plan(plan_dir: str, index: int, items: list[InputItem]) -> str:
     return path
 
 
-def read_plan(path: str) -> list[InputItem]:
+def read_plan(path: str | Location) -> list[InputItem]:
     """The items a plan file lists, in order."""
     fs, local = resolve(path)
     with fs.open_input_file(local) as f:
@@ -109,7 +112,7 @@ def read_plan(path: str) -> list[InputItem]:
     return [InputItem(**{name: columns[name][i] for name in _ITEM_FIELDS}) for i in range(table.num_rows)]
 
 
-def remove_plans(output: str) -> None:
+def remove_plans(output: str | Location) -> None:
     """Delete every run's plan folder (plans are scratch: a run writes its own)."""
     fs, base = resolve(output)
     try:

@@ -366,40 +366,54 @@ class _Folder:
     has_metadata: bool
 
 
-def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[InputItem]:
-    """The depth-first walk of ``iter_inputs``: items in full-path order, one folder listed at a time."""
-    folders: list[_Folder] = []
-    scopes: list[tuple[str, list[tuple[str, dict[str, str | CaptionError]]]]] = []
-    """(folder, [(metadata file, {path below folder: caption})]) of the metadata files above."""
+#: (metadata file, {path below its folder: caption}) of one metadata file; a folder may hold several.
+_Captions = list[tuple[str, dict[str, "str | CaptionError"]]]
 
-    def open_folder(rel_dir: str, token: Any) -> None:
-        entries = tree.entries(rel_dir)
+
+class _Walk:
+    """The state of one ``_stream`` walk: the folders being listed (a stack) and the metadata captions
+    of the folders above the current one."""
+
+    def __init__(self, tree: _LocalTree | _StoreTree, stats: ListingStats) -> None:
+        self.tree, self.stats = tree, stats
+        self.folders: list[_Folder] = []
+        self.scopes: list[tuple[str, _Captions]] = []
+        """(folder, its metadata files' captions) of the metadata files above."""
+
+    def open_folder(self, rel_dir: str, token: Any) -> None:
+        """List ``rel_dir`` and push it (with its sidecars and metadata captions) onto the stack."""
+        entries = self.tree.entries(rel_dir)
         if entries is None:
-            tree.leave(token)
+            self.tree.leave(token)
             return
-        # Sidecars match their image's stem exactly and their extension in any case (IMG_1.TXT).
-        sidecars: dict[tuple[str, str], list[tuple[str, Any]]] = {}
-        metadata = []
-        for name, kind, info in reversed(entries):  # ascending
-            if kind != _FILE:
-                continue
-            stem, ext = posixpath.splitext(name)
-            if ext.lower() in SIDECAR_EXTENSIONS:
-                sidecars.setdefault((stem, ext.lower()), []).append((name, info))
-            elif name in METADATA_NAMES:
-                metadata.append((name, info))
+        sidecars, metadata = _sidecars_and_metadata(entries)
         captions = []
         for name, info in metadata:
             rel = _child(rel_dir, name)
-            if tree.stat(rel, info)[2] is None:  # a FIFO named metadata.jsonl would wait forever
-                captions.append((rel, _metadata_captions(printable(rel), tree.read(rel))))
+            if self.tree.stat(rel, info)[2] is None:  # a FIFO named metadata.jsonl would wait forever
+                captions.append((rel, _metadata_captions(printable(rel), self.tree.read(rel))))
         if captions:
-            scopes.append((rel_dir, captions))
-        folders.append(_Folder(rel_dir, entries, sidecars, token, bool(captions)))
+            self.scopes.append((rel_dir, captions))
+        self.folders.append(_Folder(rel_dir, entries, sidecars, token, bool(captions)))
 
-    def caption_of(rel: str) -> str | CaptionError | None:
+    def close(self, folder: _Folder) -> None:
+        """Pop a folder whose entries are all taken, with its metadata captions."""
+        self.folders.pop()
+        self.tree.leave(folder.token)
+        if folder.has_metadata:
+            self.scopes.pop()
+
+    def enter(self, folder: _Folder, name: str, info: Any) -> None:
+        """Open the sub-folder ``name`` (entries of folders end in '/') unless the tree skips it."""
+        rel = _child(folder.rel, name[:-1])
+        token = self.tree.enter(rel, info)
+        if token is not None:
+            self.open_folder(rel, token)
+
+    def caption_of(self, rel: str) -> str | CaptionError | None:
+        """The metadata caption of ``rel``, if a metadata file above names it."""
         best: tuple[str, str | CaptionError] | None = None
-        for folder, files in scopes:
+        for folder, files in self.scopes:
             below = rel[len(folder) + 1:] if folder else rel
             for metadata_rel, captions in files:
                 text = captions.pop(below, None)  # each file is looked up once: free it
@@ -407,31 +421,12 @@ def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[Inpu
                     best = (metadata_rel, text)  # as before: the metadata file sorting last wins
         return best[1] if best else None
 
-    open_folder("", tree.root_token)
-    while folders:
-        folder = folders[-1]
-        if not folder.entries:
-            folders.pop()
-            tree.leave(folder.token)
-            if folder.has_metadata:
-                scopes.pop()
-            continue
-        name, kind, info = folder.entries.pop()
-        if kind == _DIR:
-            rel = _child(folder.rel, name[:-1])
-            token = tree.enter(rel, info)
-            if token is not None:
-                open_folder(rel, token)
-            continue
-        stem, ext = posixpath.splitext(name)
-        if ext.lower() not in IMAGE_EXTENSIONS:
-            is_sidecar = ext.lower() in SIDECAR_EXTENSIONS or name in METADATA_NAMES
-            stats.ignored += 0 if is_sidecar else 1
-            continue
+    def item(self, folder: _Folder, name: str, info: Any) -> InputItem:
+        """The input item of the image ``name`` in ``folder``: its sidecar, caption, stamp and problem."""
         source = _child(folder.rel, name)
-        size, mtime_ns, unusable = tree.stat(source, info)
-        sidecar = _sidecar(tree, folder, stem)
-        caption = caption_of(source) if scopes else None
+        size, mtime_ns, unusable = self.tree.stat(source, info)
+        sidecar = _sidecar(self.tree, folder, posixpath.splitext(name)[0])
+        caption = self.caption_of(source) if self.scopes else None
         caption_problem = str(caption) if isinstance(caption, CaptionError) else None
         stamp = ";".join(str(x) for x in (
             size, mtime_ns,
@@ -444,11 +439,49 @@ def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[Inpu
             problem = NOT_UTF8
         elif unusable is not None:
             problem = unusable
-        stats.images += 1
+        self.stats.images += 1
         if caption_problem:
             caption = None
-        yield InputItem(row_id(source), shown, sidecar[0] if sidecar else None, caption, stamp, problem,
-                        "metadata" if caption is not None else None, caption_problem)
+        return InputItem(row_id(source), shown, sidecar[0] if sidecar else None, caption, stamp, problem,
+                         "metadata" if caption is not None else None, caption_problem)
+
+
+def _sidecars_and_metadata(entries: list[tuple]) -> tuple[dict[tuple[str, str], list[tuple[str, Any]]],
+                                                          list[tuple[str, Any]]]:
+    """A folder's sidecars by (stem, lower-case extension) and its metadata files, in ascending order."""
+    # Sidecars match their image's stem exactly and their extension in any case (IMG_1.TXT).
+    sidecars: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+    metadata = []
+    for name, kind, info in reversed(entries):  # ascending
+        if kind != _FILE:
+            continue
+        stem, ext = posixpath.splitext(name)
+        if ext.lower() in SIDECAR_EXTENSIONS:
+            sidecars.setdefault((stem, ext.lower()), []).append((name, info))
+        elif name in METADATA_NAMES:
+            metadata.append((name, info))
+    return sidecars, metadata
+
+
+def _stream(tree: _LocalTree | _StoreTree, stats: ListingStats) -> Iterator[InputItem]:
+    """The depth-first walk of ``iter_inputs``: items in full-path order, one folder listed at a time."""
+    walk = _Walk(tree, stats)
+    walk.open_folder("", tree.root_token)
+    while walk.folders:
+        folder = walk.folders[-1]
+        if not folder.entries:
+            walk.close(folder)
+            continue
+        name, kind, info = folder.entries.pop()
+        if kind == _DIR:
+            walk.enter(folder, name, info)
+            continue
+        ext = posixpath.splitext(name)[1].lower()
+        if ext not in IMAGE_EXTENSIONS:
+            is_sidecar = ext in SIDECAR_EXTENSIONS or name in METADATA_NAMES
+            stats.ignored += 0 if is_sidecar else 1
+            continue
+        yield walk.item(folder, name, info)
 
 
 def _caption_stamp(caption: str | None) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 from annotators import registry
 from annotators.base import AnnotationSkipped, Annotator
 from annotators.image import check_map
+from captioners import registry as caption_registry
 from manifests.duplicates import phash
 from manifests.rows import empty_row, mark
 from manifests.schema import STATUS_ERROR, STATUS_FILTERED, STATUS_OK, cond_column
@@ -124,8 +125,6 @@ class ShardWorker:
                 annotator.setup()
         self.captioner = None
         if job.captioner is not None:
-            from captioners import registry as caption_registry
-
             self.captioner = caption_registry.create(job.captioner[0], job.captioner[1], job.weights_dir)
             if load_models:
                 self.captioner.setup()

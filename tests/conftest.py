@@ -129,6 +129,22 @@ def tiny_flux(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory) -> Path:
+    """A tiny Z-Image-style folder (single-stream transformer, Qwen3 text encoder, 16-channel VAE) from configs."""
+    from tests.tiny_zimage import write_tiny_zimage
+
+    return write_tiny_zimage(tmp_path_factory.mktemp("tiny_zimage") / "zimage")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image folder (MMDiT, video VAE, Qwen2.5-VL text encoder) built from configs."""
+    from tests.tiny_qwenimage import write_tiny_qwenimage
+
+    return write_tiny_qwenimage(tmp_path_factory.mktemp("tiny_qwenimage") / "qwenimage")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL-style folder (two CLIPs, pooled embeds, time ids) built from configs."""
     from tests.tiny_sd import write_tiny_sdxl

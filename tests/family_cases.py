@@ -41,3 +41,43 @@ class FamilyCase:
 
 CASES: dict[str, FamilyCase] = {}
 """Family name -> its case; each new family's tests add one entry (in family-name order)."""
+
+
+def _zimage_noisy(base) -> torch.Tensor:
+    return torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+def _zimage_plain(base, noisy, sigmas, hidden, added) -> torch.Tensor:
+    from tests.tiny_zimage import plain_prediction
+
+    return plain_prediction(base, noisy, sigmas, hidden, added)
+
+
+CASES["zimage"] = FamilyCase(
+    controlnet="ZImageControlNetModel", pipeline="ZImageControlNetPipeline", noisy=_zimage_noisy, plain=_zimage_plain,
+    zero_outputs="control_layers", size=("--control_layers_places", "0,5", "--max_sequence_length", "32"),
+    max_sequence_length=32, pipeline_kwargs={"max_sequence_length": 32},
+    refused=((("--union", "--condition", "canny,depth"), "no union ControlNet for Z-Image"),
+             (("--condition", "canny,depth"), "cannot be stacked"),
+             (("--controlnet_num_layers", "2"), "sized by --control_layers_places"),
+             (("--control_layers_places", "0,6"), "this Z-Image base has 6 layers"),
+             (("--control_layers_places", "2,4"), "start at 0"),
+             (("--control_layers_places", "0,x"), "give base layer numbers"),
+             (("--guidance_scale", "3.5"), "Z-Image has none"),
+             (("--resolution", "72"), "multiple of 16")))
+
+
+def _qwenimage() -> FamilyCase:
+    from tests import tiny_qwenimage
+
+    return FamilyCase(
+        "QwenImageControlNetModel", "QwenImageControlNetPipeline", tiny_qwenimage.noisy_latents,
+        tiny_qwenimage.plain_prediction, size=("--controlnet_num_layers", "1"), layers=(1, None),
+        pipeline_kwargs={"true_cfg_scale": 1.0},
+        refused=((("--resolution", "72"), "multiple of 16"),
+                 (("--controlnet_num_single_layers", "1"), "has no such blocks"),
+                 (("--guidance_scale", "4"), "has none"),
+                 (("--max_sequence_length", "2048"), "at most 1024")))
+
+
+CASES["qwenimage"] = _qwenimage()

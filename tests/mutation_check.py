@@ -184,15 +184,15 @@ MUTATIONS = [
     # Planning, the checks and ``on_write_start`` (which deletes _manifest.json and temp files)
     # moved above the lock: a run the lock refuses has already changed the live run's output.
     Mutation("hostile: lock taken after planning (a refused run already changed the output)", "pipeline/annotate.py",
-             "    with output_lock.acquire(config.output) as lock:  # one run per output, before any change\n"
+             "    with output_lock.acquire(output) as lock:  # one run per output, before any change\n"
              "        planning = time.perf_counter()\n"
              "        existing = job.sink.existing(also_ours=DRIVER_FILES)\n"
-             "        check_output(config, existing, settings_fp)\n",
+             "        check_output(config, existing, job.sink.provenance[\"settings_fingerprint\"])\n",
              "    existing = job.sink.existing(also_ours=DRIVER_FILES)\n"
-             "    remove_plans(config.output)\n"
+             "    remove_plans(output)\n"
              "    job.sink.on_write_start(existing, config.overwrite)\n"
-             "    check_output(config, existing, settings_fp)\n"
-             "    with output_lock.acquire(config.output) as lock:  # one run per output, before any change\n"
+             "    check_output(config, existing, job.sink.provenance[\"settings_fingerprint\"])\n"
+             "    with output_lock.acquire(output) as lock:  # one run per output, before any change\n"
              "        planning = time.perf_counter()\n",
              HOSTILE_LOCK_TESTS),
     Mutation("hostile: a stale lock removed without checking it is still the stale one", "pipeline/output_lock.py",
@@ -241,7 +241,7 @@ MUTATIONS = [
              "        items = iter(sorted(iter_input_list(config.input_list, config.input, stats), key=lambda i: i.source))\n",
              (f"{STAGES}::test_input_list_in_text_with_a_root_and_in_parquet_with_absolute_paths_and_captions",)),
     Mutation("stages: plan files left behind after a run", "pipeline/annotate.py",  # run
-             "        finally:\n            remove_plans(config.output)\n", "        finally:\n            pass\n",
+             "        finally:\n            remove_plans(output)\n", "        finally:\n            pass\n",
              (f"{STAGES}::test_each_shard_has_a_stats_file_and_the_plan_files_are_gone",)),
     # A rewrite killed between the two files then leaves the old shard under stats that claim the
     # new plan, and resume keeps it (no run is killed there in the job tests: the unit test cuts
@@ -291,6 +291,10 @@ MUTATIONS = [
              ("tests/test_manifest_readers_types.py",)),
     Mutation("preview: a failed row drawn without its reason", "manifests/preview.py",
              'if c == 0 and row["status"] != STATUS_OK:', "if False:", ("tests/test_manifest_preview.py",)),
+    Mutation("Qwen-Image: condition latents not normalised by the VAE's latents_mean / latents_std",
+             "train/families/qwenimage.py", "return (sample - mean) * inverse_std", "return sample",
+             ("tests/test_train_new_families.py::"
+              "test_qwenimage_prompt_and_condition_reach_the_controlnet_as_its_pipeline_passes_them",)),
 ]
 
 

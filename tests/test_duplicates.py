@@ -110,7 +110,7 @@ def test_bands_find_exactly_what_all_pairs_finds(max_distance):
 
 
 def groups(n: int, pairs) -> list[int]:
-    """The first member of each row's group (plain union-find), the reference for find_duplicates."""
+    """The first member of each row's group (plain union-find), the reference for find_duplicates_in_memory."""
     parent = list(range(n))
 
     def root(x):
@@ -124,13 +124,13 @@ def groups(n: int, pairs) -> list[int]:
     return [root(x) for x in range(n)]
 
 
-def test_find_duplicates_points_each_member_to_the_first_of_its_group_like_all_pairs_union_find():
+def test_find_duplicates_in_memory_points_each_member_to_the_first_of_its_group_like_all_pairs_union_find():
     hashes = planted(2000, D, seed=7)
     rng = np.random.default_rng(7)
     order = rng.permutation(len(hashes))  # copies anywhere in manifest order, before or after their source
     hashes = hashes[order]
     ids = [f"r{k:05d}" for k in range(len(hashes))]
-    table = dup.find_duplicates(ids, None, hashes, D)
+    table = dup.find_duplicates_in_memory(ids, None, hashes, D)
     first = groups(len(hashes), brute_force_pairs(hashes, D))
     expected = [(ids[k], ids[first[k]]) for k in range(len(hashes)) if first[k] != k]
     assert list(zip(table["id"].to_pylist(), table["duplicate_of"].to_pylist())) == expected  # manifest order
@@ -145,29 +145,29 @@ def test_exact_copies_are_found_with_distance_0_and_the_first_is_kept():
     ids = ["a", "b", "c", "d", "e"]
     sha = ["s1", "s2", "s1", None, "s1"]
     hashes = [11, 0x0123456789ABCDEF, 11, 0x0123456789ABCDEE, None]  # e: no hash (an older shard): matched by sha256 alone
-    table = dup.find_duplicates(ids, sha, hashes, D).to_pylist()
+    table = dup.find_duplicates_in_memory(ids, sha, hashes, D).to_pylist()
     assert table == [
         {"id": "c", "duplicate_of": "a", "distance": 0, "exact": True},
         {"id": "d", "duplicate_of": "b", "distance": 1, "exact": False},
         {"id": "e", "duplicate_of": "a", "distance": 0, "exact": True},
     ]
-    assert dup.counts(dup.find_duplicates(ids, sha, hashes, D)) == {"exact": 2, "near": 1}
+    assert dup.counts(dup.find_duplicates_in_memory(ids, sha, hashes, D)) == {"exact": 2, "near": 1}
     # exact duplicates only: hashes give distances but match nothing
-    assert dup.find_duplicates(ids, sha, hashes, None)["id"].to_pylist() == ["c", "e"]
+    assert dup.find_duplicates_in_memory(ids, sha, hashes, None)["id"].to_pylist() == ["c", "e"]
 
 
 def test_chains_form_one_group_even_when_their_ends_are_far_apart():
     a = 0
     b = a ^ 0b1111  # 4 bits from a
     c = b ^ (0b1111 << 8)  # 4 bits from b, 8 from a
-    table = dup.find_duplicates(["a", "b", "c"], None, [a, b, c], 4).to_pylist()
+    table = dup.find_duplicates_in_memory(["a", "b", "c"], None, [a, b, c], 4).to_pylist()
     assert [(r["id"], r["duplicate_of"], r["distance"]) for r in table] == [("b", "a", 4), ("c", "a", 8)]
 
 
 def test_bad_distances_are_refused():
     for bad in (-1, 64, 2.5):
         with pytest.raises(ValueError):
-            dup.find_duplicates(["a"], None, [1], bad)
+            dup.find_duplicates_in_memory(["a"], None, [1], bad)
 
 
 # --- a manifest with a duplicates table ---------------------------------------------------------
@@ -278,10 +278,10 @@ def test_a_manifest_mixing_v1_0_and_v1_1_shards_reads_with_nulls_for_the_new_col
 def test_the_datasets_view_skips_duplicates_too(manifest, tmp_path):
     pytest.importorskip("datasets")
     dup.write_duplicates(str(manifest))
-    view = dup.hf_dataset(str(manifest), cache_dir=str(tmp_path / "hf"))
+    view = manifests.hf_dataset(str(manifest), cache_dir=str(tmp_path / "hf"))
     assert view["id"] == ["id0", "id2", "id5", "id6"]
     assert isinstance(view[0]["image"], Image.Image)
-    assert dup.hf_dataset(str(manifest), "keep", cache_dir=str(tmp_path / "hf"))["id"] == \
+    assert manifests.hf_dataset(str(manifest), "keep", cache_dir=str(tmp_path / "hf"))["id"] == \
         ["id0", "id2", "id3", "id4", "id5", "id6"]
 
 

@@ -1,4 +1,4 @@
-"""The duplicates pass in stages of small tasks: the same table as the in-memory ``find_duplicates``,
+"""The duplicates pass in stages of small tasks: the same table as the in-memory ``find_duplicates_in_memory``,
 without any one process holding every row's hash."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def write_shards(folder, rows: dict[str, list], cuts: list[int]) -> None:
 
 def in_memory(rows: dict[str, list], max_distance: int | None) -> pa.Table:
     ok = [k for k, s in enumerate(rows["status"]) if s == "ok"]
-    return dup.find_duplicates([rows["id"][k] for k in ok], [rows["source_sha256"][k] for k in ok],
+    return dup.find_duplicates_in_memory([rows["id"][k] for k in ok], [rows["source_sha256"][k] for k in ok],
                                [rows["phash"][k] for k in ok], max_distance)
 
 
@@ -98,7 +98,7 @@ def test_no_process_holds_every_hash_and_the_caller_gets_only_counts(tmp_path, m
     rows = collisions(3000, seed=5)
     write_shards(tmp_path / "m", rows, list(range(100, 3000, 100)))
     expected = in_memory(rows, 4)
-    monkeypatch.setattr(dup, "find_duplicates", lambda *a, **k: pytest.fail("the in-memory pass ran"))
+    monkeypatch.setattr(dup, "find_duplicates_in_memory", lambda *a, **k: pytest.fail("the in-memory pass ran"))
     read = []
     real_shard_rows = dup._shard_rows
 

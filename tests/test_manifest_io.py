@@ -145,3 +145,21 @@ def test_shards_are_listed_in_index_order_past_99999(tmp_path):
         (tmp_path / shard_name(index)).write_bytes(b"")
     names = [p.rsplit("/", 1)[1] for p in mio.list_shards(str(tmp_path))]
     assert names == [shard_name(7), shard_name(99_999), shard_name(100_000), shard_name(1_000_000)]
+
+
+def test_a_location_resolved_once_serves_every_path_below_it(tmp_path, monkeypatch):
+    import pickle
+
+    out = mio.locate(str(tmp_path / "out"))
+    assert mio.locate(out) is out and str(out) == str(tmp_path / "out")
+    real, built = mio.resolve, []
+    monkeypatch.setattr(mio, "resolve", lambda where: (built.append(where) if isinstance(where, str) else None)
+                        or real(where))
+    plan = mio.join(out, "_plan", "run")
+    assert plan.fs is out.fs and plan.path == plan.uri == f"{tmp_path}/out/_plan/run"
+    mio.write_shard(make_rows(3), manifest_schema(["canny"]), out, shard_name(0))
+    assert [p.rsplit("/", 1)[1] for p in mio.list_shards(out)] == [shard_name(0)]
+    assert built == []  # every step used the location's own filesystem
+    back = pickle.loads(pickle.dumps(plan))  # what a worker receives: the same place, resolved already
+    assert back == plan and back.path == plan.path and type(back.fs) is type(plan.fs)
+    assert mio.join(mio.locate("file:///tmp/x?a=1"), "y").uri == "file:///tmp/x/y?a=1"

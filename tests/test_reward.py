@@ -76,7 +76,7 @@ def base_and_controlnet(path: Path, family: str):
     from train.models import load_base, make_controlnet
 
     base = load_base(str(path), 32 if family == "circles" else 64)
-    base.options = FamilyOptions(("canny",), False, 16 if family in ("sd3", "flux") else None, 3.5)
+    base.options = FamilyOptions(("canny",), False, 16 if family in ("sd3", "flux", "zimage") else None, 3.5)
     layers = {"sd3": (1, None), "flux": (1, 1)}.get(family, (None, None))
     torch.manual_seed(0)
     controlnet = make_controlnet(base, 3, None, *layers)
@@ -118,7 +118,7 @@ def assert_only_the_controlnet_has_gradients(base, controlnet, reward) -> None:
         assert all(p.grad is None and not p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["circles", "sd", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["circles", "sd", "sd3", "flux", "zimage"])
 def test_the_reward_gradient_reaches_the_controlnet_and_not_the_base(family, request):
     from train.reward import RewardLoss
 

@@ -251,7 +251,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(demo_manifest, tiny_sd,
     from train.data import check_conditions
     from train.train import parse_args
 
-    real = loop.controlnet_loss
+    real = loop.family_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -259,13 +259,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(demo_manifest, tiny_sd,
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(loop, "controlnet_loss", sometimes_nan)
+    monkeypatch.setattr(loop, "family_loss", sometimes_nan)
     config = parse_args(train_args(demo_manifest, tiny_sd, tmp_path / "a", "--max_train_steps", "3",
                                    "--checkpointing_steps", "10"))
     result = loop.train(config, check_conditions(config.manifest, config.condition))
     assert result["figures"]["skipped_steps"] == 1 and result["figures"]["global_step"] == 3
 
-    monkeypatch.setattr(loop, "controlnet_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    monkeypatch.setattr(loop, "family_loss", lambda *a, **k: real(*a, **k) * float("inf"))
     config = parse_args(train_args(demo_manifest, tiny_sd, tmp_path / "b", "--max_train_steps", "5",
                                    "--max_nonfinite_steps", "2", "--checkpointing_steps", "10"))
     with pytest.raises(loop.NonFiniteLossError, match="2 steps in a row had a non-finite loss"):

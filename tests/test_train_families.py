@@ -357,7 +357,7 @@ def test_bf16_base_with_gradient_checkpointing_trains_and_validates(demo_manifes
                                                                      monkeypatch):
     """The memory flags on a transformer family: locked base in bf16, ControlNet in fp32 with
     gradient checkpointing, and validation sampling with the trained module (no copy)."""
-    from train import loop
+    from train import loop, validation
     from train.train import main
 
     seen = {}
@@ -368,7 +368,7 @@ def test_bf16_base_with_gradient_checkpointing_trains_and_validates(demo_manifes
         return seen["controlnet"]
 
     monkeypatch.setattr(loop, "make_controlnet", keep)
-    monkeypatch.setattr(loop, "validation_model", lambda *a: pytest.fail("a copy was made for validation"))
+    monkeypatch.setattr(validation, "validation_model", lambda *a: pytest.fail("a copy was made for validation"))
     out = tmp_path / "run"
     assert main(train_args(demo_manifest, request.getfixturevalue(f"tiny_{family}"), out, family, "--max_train_steps",
                            "1", "--mixed_precision",
@@ -749,12 +749,12 @@ def test_with_ema_validation_samples_the_ema_weights_and_restores_the_trained_on
             inside[-1] = [p.detach().clone() for p in self.parameters()]
         return real_forward(self, *args, **kwargs)
 
-    def validation(config, base, controlnet, ema, *args, **kwargs):
+    def validation(run, controlnet, ema, *args, **kwargs):
         trained = [p.detach().clone() for p in controlnet.parameters()]
         shadow = [p.detach().clone() for p in ema.shadow_params] if ema is not None else trained
         inside.append(None)
         try:
-            return real_validation(config, base, controlnet, ema, *args, **kwargs)
+            return real_validation(run, controlnet, ema, *args, **kwargs)
         finally:
             sampled, after = inside.pop(), list(controlnet.parameters())
             checks.append({"ema": ema is not None, "sampled_ema": all(map(torch.equal, sampled, shadow)),

@@ -81,6 +81,7 @@ class Flags:
     condition = ("canny",)
     controlnet_num_layers = None
     controlnet_num_single_layers = None
+    control_layers_places = ()
     max_sequence_length = None
 
     def __init__(self, **changes):
@@ -96,8 +97,9 @@ def test_each_family_takes_exactly_the_flags_its_facts_allow(name):
     assert (family_flag_problem(Flags(condition=("canny", "depth")), name) is None) == spec.stacks_conditions
     assert (family_flag_problem(Flags(max_sequence_length=64), name) is None) == spec.sequence_length
     assert (family_flag_problem(Flags(guidance_scale=3.5), name) is None) == spec.guidance
-    for flag in ("controlnet_num_layers", "controlnet_num_single_layers"):
-        assert (family_flag_problem(Flags(**{flag: 2}), name) is None) == (flag in spec.layer_flags), flag
+    for flag, value in (("controlnet_num_layers", 2), ("controlnet_num_single_layers", 2),
+                        ("control_layers_places", (0, 1))):
+        assert (family_flag_problem(Flags(**{flag: value}), name) is None) == (flag in spec.layer_flags), flag
     if spec.patch:
         assert f"multiple of {step}" in family_flag_problem(Flags(resolution=64 * step + 8), name)
 
@@ -107,3 +109,15 @@ def test_an_unknown_transformer_names_every_family_the_trainer_knows(tmp_path):
     with pytest.raises(ValueError) as caught:
         detect_family(str(tmp_path))
     assert all(spec.label in str(caught.value) for spec in SPECS.values())
+
+
+@pytest.mark.parametrize(("places", "depth", "phrase"), [
+    ((1, 2), None, "start at 0"), ((0, 4, 4), None, "list each layer once"), ((0, 5, 3), None, "increasing"),
+    ((0, 30), 30, "has 30 layers"), ((0, 29), 30, None), ((0, 5, 10, 15, 20, 25), None, None)])
+def test_control_layers_places_start_at_0_increase_and_stay_within_the_base(places, depth, phrase):
+    takes = [n for n, s in SPECS.items() if "control_layers_places" in s.layer_flags]
+    assert takes, "no family takes --control_layers_places"
+    spec = SPECS[takes[0]]
+    transformer = {spec.depth_key: depth} if depth else None
+    problem = family_flag_problem(Flags(control_layers_places=places, resolution=512), spec.name, transformer)
+    assert (problem is None) if phrase is None else (phrase in problem)

@@ -90,7 +90,11 @@ def test_flags_the_family_cannot_take_fail_before_any_weights_load(demo_manifest
 
     monkeypatch.setattr(models, "load_base", lambda *a: pytest.fail("weights loaded before the flags were checked"))
     base = request.getfixturevalue(f"tiny_{family}")
-    assert main(train_args(demo_manifest, base, tmp_path / "out", family, *extra)) == 2
+    try:
+        status = main(train_args(demo_manifest, base, tmp_path / "out", family, *extra))
+    except SystemExit as exc:  # flags the config refuses exit through argparse (status 2) before main returns
+        status = exc.code
+    assert status == 2
     assert message in capsys.readouterr().err
 
 
@@ -183,3 +187,147 @@ def test_memory_flags_train_and_validate(demo_manifest, family, request, tmp_pat
     assert (out / "validation" / "step-final.png").is_file()
     load_exported(family, out / "controlnet")
     shutil.rmtree(out)
+
+
+# --- Z-Image: control block places, the pipeline's own encodings, the base's parts lent not owned -------------
+
+
+def zimage_base(request, places: tuple[int, ...] = ()):
+    from train.adapter import FamilyOptions
+
+    base = load_family_base(request, "zimage")
+    base.options = FamilyOptions(("canny",), False, 32, control_layers_places=places)
+    return base
+
+
+@pytest.mark.skipif("zimage" not in CASES, reason="Z-Image not registered")
+def test_zimage_control_blocks_sit_at_the_places_given_as_copies_of_those_layers(request):
+    from train.families.zimage import LENT
+    from train.models import make_controlnet
+
+    base = zimage_base(request, (0, 3, 4))
+    controlnet = make_controlnet(base, 3, None)
+    assert controlnet.config.control_layers_places == [0, 3, 4]
+    for block, place in zip(controlnet.control_layers, (0, 3, 4)):
+        layer = base.transformer.layers[place].state_dict()
+        for key, value in block.state_dict().items():
+            if key.startswith(("before_proj", "after_proj")):
+                assert not value.any(), key  # the zero outputs: it starts by adding nothing
+            else:
+                assert torch.equal(value, layer[key]), (place, key)
+    # the base's embedders and refiners it runs are lent: not its parameters, so not trained, saved or exported
+    assert not any(k.split(".")[0] in LENT for k in controlnet.state_dict())
+    assert {id(p) for p in controlnet.parameters()}.isdisjoint(id(p) for p in base.transformer.parameters())
+    noisy, sigmas = CASES["zimage"].noisy(base), torch.tensor([0.3, 0.9])
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    control = base.family.control_inputs(base, controlnet, torch.rand(2, 3, 64, 64), torch.Generator())
+    with torch.no_grad():
+        residuals = controlnet(list(noisy.unsqueeze(2).unbind(0)), 1 - sigmas,
+                               [h[m] for h, m in zip(hidden, added["prompt_mask"])], **control)
+    assert sorted(residuals) == [0, 3, 4]  # one residual per place, keyed by the base layer it is added to
+    default = make_controlnet(zimage_base(request), 3, None)
+    assert default.config.control_layers_places == [0, 5]  # every 5th of the tiny base's 6 layers
+
+
+@pytest.mark.skipif("zimage" not in CASES, reason="Z-Image not registered")
+def test_zimage_places_beyond_a_hub_bases_depth_fail_when_it_loads(request):
+    from train.errors import SetupError
+    from train.models import make_controlnet
+
+    with pytest.raises(SetupError, match="this Z-Image base has 6 layers"):
+        make_controlnet(zimage_base(request, (0, 6)), 3, None)
+
+
+@pytest.mark.skipif("zimage" not in CASES, reason="Z-Image not registered")
+def test_zimage_prompts_conditions_and_timestep_are_what_its_controlnet_pipeline_passes(request):
+    """One step of ZImageControlNetPipeline without guidance: the ControlNet receives exactly the caption
+    features, condition latents and timestep the adapter computes for the same prompt and image."""
+    base = zimage_base(request)
+    controlnet = fresh_controlnet(base, "zimage")
+    pipe = base.family.validation_pipeline(base, controlnet)
+    seen = {}
+    handle = controlnet.register_forward_pre_hook(lambda _, args: seen.update(args=args))
+    condition = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    try:
+        pipe(prompt="a red circle", height=64, width=64, num_inference_steps=1, guidance_scale=0.0,
+             max_sequence_length=32, output_type="latent", generator=torch.Generator().manual_seed(0),
+             **base.family.control_kwargs(condition, None))
+    finally:
+        handle.remove()
+    _, t, cap_feats, control_context = seen["args"]
+    hidden, added = base.family.encode_prompts(base, ["a red circle"], torch.device("cpu"))
+    assert torch.equal(cap_feats[0], hidden[0][added["prompt_mask"][0]])
+    control = base.family.control_inputs(base, controlnet, condition, torch.Generator())["control_context"]
+    assert torch.allclose(control_context[0], control[0], atol=1e-6)
+    pipe.scheduler.set_timesteps(sigmas=[1.0], mu=0.0)  # the pipeline's one sigma, shifted by the scheduler
+    assert torch.allclose(t, 1 - pipe.scheduler.sigmas[:1])
+    assert not any(k.startswith("t_embedder") for k in controlnet.state_dict())  # the pipeline lent them again
+# --- Qwen-Image: what QwenImageControlNetPipeline does, and its mode-free union ---------------------------
+
+
+def qwenimage_base(request):
+    return load_family_base(request, "qwenimage") if "qwenimage" in CASES else pytest.skip("no Qwen-Image case")
+
+
+def test_qwenimage_prompt_and_condition_reach_the_controlnet_as_its_pipeline_passes_them(request):
+    from diffusers import QwenImageControlNetPipeline
+
+    base = qwenimage_base(request)
+    controlnet = fresh_controlnet(base, "qwenimage")
+    seen = {}
+    controlnet.register_forward_pre_hook(lambda _, args, kwargs: seen.setdefault("call", kwargs) and None,
+                                         with_kwargs=True)
+    pipe = QwenImageControlNetPipeline(transformer=base.transformer, vae=base.vae, text_encoder=base.text_encoders[0],
+                                       tokenizer=base.tokenizers[0], scheduler=base.scheduler, controlnet=controlnet)
+    condition = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, output_type="latent", true_cfg_scale=1.0,
+         control_image=condition * 2 - 1, generator=torch.Generator().manual_seed(5))
+    # the pipeline's generator first draws the control image's VAE sample, as the adapter's does
+    control = base.family.control_inputs(base, controlnet, condition, torch.Generator().manual_seed(5))
+    assert torch.equal(control["controlnet_cond"], seen["call"]["controlnet_cond"])
+    hidden, added = base.family.encode_prompts(base, ["a red circle"], torch.device("cpu"))
+    assert torch.equal(hidden, seen["call"]["encoder_hidden_states"])
+    assert hidden.shape[1] == 8  # "a red circle" and the template's tail: the 34-token system prefix is dropped
+    assert seen["call"]["encoder_hidden_states_mask"] is None and bool(added["encoder_hidden_states_mask"].all())
+
+
+@pytest.mark.parametrize("kind", ["exponential", "linear"])
+def test_qwenimage_training_shift_is_the_schedulers_dynamic_shift(kind):
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_controlnet import calculate_shift
+
+    from tests.tiny_qwenimage import qwen_scheduler
+    from train.families.qwenimage import QwenImageAdapter
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config({**qwen_scheduler().config, "time_shift_type": kind})
+    u = torch.linspace(0.05, 0.95, 7)
+    for side in (32, 64, 128):  # latents of 256, 512, 1024 px
+        tokens = (side // 2) ** 2
+        mu = calculate_shift(tokens, 256, 8192, 0.5, 0.9)  # Qwen/Qwen-Image's scheduler config
+        shift = QwenImageAdapter(side * 8).shift(SimpleNamespace(scheduler=scheduler), torch.zeros(1, 16, side, side))
+        expected = scheduler.time_shift(mu, 1.0, u)  # what inference's sigmas go through
+        assert torch.allclose(shift * u / (1 + (shift - 1) * u), expected, atol=1e-6)
+
+
+def test_qwenimage_union_gives_each_example_one_condition_and_no_mode(request, tmp_path):
+    from train.adapter import FamilyOptions
+    from train.train import parse_args
+
+    base = qwenimage_base(request)
+    controlnet = fresh_controlnet(base, "qwenimage")
+    stacked = torch.rand(4, 6, 64, 64, generator=torch.Generator().manual_seed(4))  # canny | depth per example
+    base.options = FamilyOptions(("canny", "depth"), True)
+    control = base.family.control_inputs(base, controlnet, stacked, torch.Generator().manual_seed(9))
+    assert set(control) == {"controlnet_cond"}  # QwenImageControlNetModel has no mode input
+    g = torch.Generator().manual_seed(9)
+    picks = torch.randint(0, 2, (4,), generator=g)
+    one_each = stacked.view(4, 2, 3, 64, 64)[torch.arange(4), picks]
+    base.options = FamilyOptions(("canny",), False)
+    assert torch.equal(control["controlnet_cond"],
+                       base.family.control_inputs(base, controlnet, one_each, g)["controlnet_cond"])
+    config = parse_args(["--manifest", str(tmp_path), "--condition", "canny,depth", "--union", "--resolution", "64",
+                         "--pretrained_model_name_or_path", str(request.getfixturevalue("tiny_qwenimage")),
+                         "--output_dir", str(tmp_path / "out")])
+    assert config.union and config.condition == ("canny", "depth")

@@ -159,7 +159,7 @@ def test_resuming_a_finished_run_changes_nothing(demo_manifest, tiny_sd, tmp_pat
      (["--validation_image", "x.png", "--validation_prompt", "a circle"], 0)],
 )
 def test_rows_are_held_out_only_for_validation_that_uses_them(demo_manifest, tiny_sd, extra, held):
-    from train.loop import holdout_count
+    from train.validation import holdout_count
     from train.train import parse_args
 
     assert holdout_count(parse_args(train_args(demo_manifest, tiny_sd, "out", *extra))) == held

@@ -172,7 +172,8 @@ def test_the_launch_mode_is_read_from_what_accelerate_launch_sets(environ, mode)
 @pytest.mark.parametrize("mode", ["fsdp", "zero3"])
 @pytest.mark.parametrize(("flags", "message"), [
     (["--use_ema", "--validation_steps", "0"], "--use_ema is not supported under"),
-    (["--validation_steps", "5"], "pass --validation_steps 0 and score the export with train/evaluate.py")])
+    (["--validation_steps", "5"], "pass --validation_steps 0 and score the export with train/evaluate.py"),
+    (["--controlnet_lora_rank", "4", "--validation_steps", "0"], "--controlnet_lora_rank is not supported under")])
 def test_sharded_weights_refuse_ema_and_validation_sampling(mode, flags, message, tiny_flux, tmp_path):
     from train.sharding import MODES, flag_problem
     from train.train import parse_args

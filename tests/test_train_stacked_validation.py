@@ -5,6 +5,7 @@ grid showing every map, and the samples scored against each condition on its own
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def config_for(manifest, base, *extra, condition="canny,invert"):
 
 
 def test_stacked_runs_validate_and_hold_rows_out(stacked_manifest, tiny_sd, tiny_sdxl):
-    from train.loop import holdout_count, validation_groups, validation_views
+    from train.validation import holdout_count, validation_groups, validation_views
 
     config = config_for(stacked_manifest, tiny_sd, "--num_validation_rows", "3")
     assert holdout_count(config) == 3  # every run the config accepts validates, stacked ones too
@@ -43,7 +44,7 @@ def test_stacked_runs_validate_and_hold_rows_out(stacked_manifest, tiny_sd, tiny
 
 
 def test_view_inputs_give_each_condition_its_own_channels():
-    from train.loop import ValidationView, sampled_inputs, view_inputs
+    from train.validation import ValidationView, sampled_inputs, view_inputs
 
     stack = torch.arange(6.0).view(1, 6, 1, 1).expand(1, 6, 4, 4)
     inputs = [(stack, "a prompt")]
@@ -57,12 +58,12 @@ def test_view_inputs_give_each_condition_its_own_channels():
 
 
 def test_grid_shows_every_stacked_map(tmp_path):
-    from train.validation import grid
+    from train.grids import validation_grid
 
     canny, invert = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 200, np.uint8)
     stack = torch.from_numpy(np.concatenate([canny, invert], axis=2)).permute(2, 0, 1)[None].float() / 255
     sample = Image.new("RGB", (8, 8), (10, 20, 30))
-    sheet = np.asarray(Image.open(grid([(stack, "p")] * 2, [[sample, sample]] * 2, tmp_path / "g.png")))
+    sheet = np.asarray(Image.open(validation_grid([(stack, "p")] * 2, [[sample, sample]] * 2, tmp_path / "g.png")))
     assert sheet.shape == (16, 4 * 8, 3)  # two rows of canny | invert | 2 samples
     assert (sheet[:, :8] == 0).all() and (sheet[:, 8:16] == 200).all() and (sheet[:, 16:] == (10, 20, 30)).all()
 
@@ -70,8 +71,7 @@ def test_grid_shows_every_stacked_map(tmp_path):
 def test_validation_image_takes_one_map_per_condition(stacked_manifest, tiny_sd, tiny_sdxl, tmp_path, capsys):
     """A stacked run's --validation_image entries are comma-separated maps in --condition order; one file
     alone is refused when the flags are read (before any model loads), saying what to give."""
-    from train.loop import holdout_count
-    from train.validation import validation_inputs
+    from train.validation import holdout_count, validation_inputs
 
     prompt = ("--validation_prompt", "x")
     with pytest.raises(SystemExit):
@@ -380,7 +380,7 @@ def test_each_stacked_condition_is_scored_against_its_own_maps(tmp_path):
     import io
 
     from train.config import TrainConfig
-    from train.loop import validate_views, validation_groups
+    from train.validation import validate_views, validation_groups
 
     def png(value: int) -> dict:
         buffer = io.BytesIO()
@@ -400,7 +400,8 @@ def test_each_stacked_condition_is_scored_against_its_own_maps(tmp_path):
     def scorer(inputs, samples, label, step, trackers, maps, view):
         scored.append((view.condition, float(inputs[0][0].mean()), int(maps[0][0, 0, 0])))
 
+    run = types.SimpleNamespace(config=config, held_out=held_out, seed=0, scorer=scorer)
     (views,) = validation_groups(config)
-    validate_views(config, views, sample, [(stack, "p")], held_out, "000001", 0, (), 1, scorer)
+    validate_views(run, views, sample, [(stack, "p")], "000001", (), 1)
     assert calls == [(1, 6, 8, 8)]
     assert scored == [("invert", 0.25, 10), ("canny", 0.75, 200)]

@@ -34,10 +34,10 @@ def test_sdxl_validates_in_place_and_writes_its_grid_and_scores(demo_manifest, t
     edge F1."""
     from PIL import Image
 
-    from train import loop
+    from train import validation
     from train.train import main
 
-    monkeypatch.setattr(loop, "validation_model", lambda *a: pytest.fail("the SDXL ControlNet was copied"))
+    monkeypatch.setattr(validation, "validation_model", lambda *a: pytest.fail("the SDXL ControlNet was copied"))
     out = tmp_path / "sdxl"
     assert main(train_args(demo_manifest, tiny_sdxl, out, "sdxl", *VALIDATE_EVERY_STEP, "--use_ema",
                            "--mixed_precision", "bf16")) == 0
@@ -132,7 +132,7 @@ def test_union_validates_each_condition_alone(stacked_manifest, family, request,
 
 def test_stacked_conditions_without_union_hold_rows_out(stacked_manifest, tiny_sd):
     """Stacked runs validate too (tests/test_train_stacked_validation.py), so their rows are held out."""
-    from train.loop import holdout_count
+    from train.validation import holdout_count
     from train.train import parse_args
 
     args = train_args(stacked_manifest, tiny_sd, "out", "sd", condition="canny,invert")

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from train.latents import latents_from_sample
 
 @dataclasses.dataclass
 class FamilyOptions:
@@ -25,6 +26,8 @@ class FamilyOptions:
     max_sequence_length: int | None = None
     guidance_scale: float = 3.5
     """Flux.1-dev's guidance input (``--guidance_scale``, else ``DEFAULT_GUIDANCE``)."""
+    control_layers_places: tuple[int, ...] = ()
+    """Z-Image: the base layers a new ControlNet's blocks feed (``--control_layers_places``; empty: the default)."""
 
 
 @dataclasses.dataclass
@@ -85,6 +88,15 @@ class FamilyAdapter(abc.ABC):
     @abc.abstractmethod
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         """(encoder_hidden_states, added conditioning for the denoiser and the ControlNet) of ``captions``."""
+
+    def latent_distribution(self, base: BaseModels, pixels: torch.Tensor):
+        """The VAE's posterior (a ``DiagonalGaussianDistribution`` over (B, C, h, w) latents) of [-1, 1] images
+        (B, 3, H, W): what training samples from and ``--cache_latents`` stores the moments of."""
+        return base.vae.encode(pixels).latent_dist
+
+    def scale_latents(self, base: BaseModels, sample: torch.Tensor) -> torch.Tensor:
+        """A sample of ``latent_distribution`` as the denoiser reads it (shifted and scaled by default)."""
+        return latents_from_sample(base.vae.config, sample)
 
     def with_sizes(self, added: dict, batch: dict, device: torch.device) -> dict:
         """Added conditioning for a batch whose examples' sizes and crops are known (SDXL only)."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from train.latents import CachedConditions, latents_from_sample
+from train.latents import CachedConditions
 
 
 class EncodedCache:
@@ -27,7 +28,8 @@ class EncodedCache:
         with torch.no_grad():
             for start in tqdm(range(0, len(dataset), batch_size), desc="cache latents", disable=not show_progress):
                 pixels = torch.stack([dataset.image_tensor(i) for i in range(start, min(len(dataset), start + batch_size))])
-                moments.append(base.vae.encode(pixels.to(device, base.vae.dtype)).latent_dist.parameters.float().cpu())
+                posterior = base.family.latent_distribution(base, pixels.to(device, base.vae.dtype))
+                moments.append(posterior.parameters.float().cpu())
             self.moments = torch.cat(moments)
             self.condition_moments = (self._condition_moments(base, dataset, batch_size, show_progress)
                                       if base.family.encodes_conditions else None)
@@ -48,8 +50,8 @@ class EncodedCache:
                                    for i in range(start, min(len(dataset), start + batch_size))])
             pixels = stacked.view(-1, 3, *stacked.shape[-2:]) * 2.0 - 1.0  # one 3-channel map per condition
             # at most batch_size maps per VAE call, as a training step encodes: not batch_size x conditions
-            encoded = torch.cat([base.vae.encode(chunk.to(self.device, base.vae.dtype)).latent_dist.parameters
-                                 .float().cpu() for chunk in pixels.split(batch_size)])
+            encoded = torch.cat([base.family.latent_distribution(base, chunk.to(self.device, base.vae.dtype))
+                                 .parameters.float().cpu() for chunk in pixels.split(batch_size)])
             moments.append(encoded.view(stacked.shape[0], count, *encoded.shape[1:]))
         return torch.cat(moments)
 
@@ -68,9 +70,12 @@ class EncodedCache:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         sample = DiagonalGaussianDistribution(self.moments[list(indices)]).sample(generator=generator)
-        return latents_from_sample(self.base.vae.config, sample).to(self.device)
+        return self.base.family.scale_latents(self.base, sample).to(self.device)
 
     def prompts_for(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict]:
-        hidden = torch.stack([self.prompts[c][0] for c in captions])
+        """The captions' cached embeddings as one batch. An LLM text encoder pads each batch only to its longest
+        prompt (Qwen-Image), so captions cached in different batches differ in length: each is zero-padded at
+        the end of its sequence to the longest, and so is its attention mask (0: padding, never attended)."""
+        hidden = pad_sequence([self.prompts[c][0] for c in captions], batch_first=True)
         keys = self.prompts[captions[0]][1].keys()
-        return hidden, {k: torch.stack([self.prompts[c][1][k] for c in captions]) for k in keys}
+        return hidden, {k: pad_sequence([self.prompts[c][1][k] for c in captions], batch_first=True) for k in keys}

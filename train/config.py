@@ -159,11 +159,17 @@ class TrainConfig:
     controlnet_num_single_layers: int | None = None
     """Flux only: single-stream blocks in the ControlNet; None: diffusers' default 10, capped (with a log
     line) at the base's."""
+    control_layers_places: tuple[int, ...] = dataclasses.field(default=(), metadata={"separator": ","})
+    """Z-Image only: the base layers whose output each control block adds to, comma-separated, starting at 0
+    and increasing (``0,5,10,15,20,25``, as in alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union); each block
+    starts as a copy of the base layer it feeds. Empty: every 5th layer of the base from 0 (on Z-Image's 30
+    layers exactly the Fun Union places)."""
     guidance_scale: float | None = None
     """Flux.1-dev's distilled guidance input during training; only for bases whose transformer config has
     ``guidance_embeds`` (refused on others); None: 3.5 on such a base."""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt (SD3/Flux); None: the pipeline's default (SD3 256, Flux 512)."""
+    """T5 or LLM tokens per prompt (SD3, Flux, Z-Image's Qwen3, Qwen-Image's Qwen2.5-VL); None: the pipeline's
+    default (SD3 256, Flux, Z-Image and Qwen-Image 512; Qwen-Image at most 1024)."""
     cache_latents: bool = False
     """Encode images and prompts once; needs fixed crops (``center_crop`` and no flip) and no
     empty-prompt dropout randomness per step (drop decisions are fixed per row)."""
@@ -186,9 +192,19 @@ class TrainConfig:
     reward_weights_dir: str | None = None
     """Folder of the annotators' weights for the reward models (as ``pipeline/annotate.py --weights-dir``);
     default ``$CONTROLFORGE_WEIGHTS``. Canny needs none (a differentiable stand-in)."""
+    controlnet_lora_rank: int | None = None
+    """ControlNet-LoRA: keep the ControlNet's copied blocks frozen at the base's weights and train only LoRA
+    adapters of this rank on their Linear/Conv2d layers, plus the parts that are new (condition embedding,
+    zero convolutions / controlnet blocks, a union's routing); every family. Exports the merged ControlNet, the
+    adapter alone (peft) and, for SD 1.x/SDXL, a Control-LoRA file for ComfyUI. None: train the full copy."""
+    controlnet_lora_alpha: float | None = None
+    """LoRA alpha (the adapters' scale is alpha / rank); None: the rank (scale 1)."""
+    controlnet_lora_dropout: float = 0.0
+    """Dropout on the LoRA adapters' input during training, within 0..1 (0: none)."""
 
     def __post_init__(self) -> None:
         self.condition = tuple(self.condition)
+        self.control_layers_places = layer_places(self.control_layers_places)
         self.reward_distance = tuple(self.reward_distance)
         for check in CONFIG_CHECKS:
             problem = check(self)
@@ -203,6 +219,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def controlnet_lora_problem(config: TrainConfig) -> str | None:
+    """What makes the ControlNet-LoRA flags unusable, before any weights load (None: nothing)."""
+    rank = config.controlnet_lora_rank
+    if rank is None:
+        tuned = [k for k in ("controlnet_lora_alpha", "controlnet_lora_dropout") if getattr(config, k)]
+        return f"--{tuned[0]} shapes LoRA adapters: add --controlnet_lora_rank (e.g. 16)" if tuned else None
+    if rank < 1:
+        return f"--controlnet_lora_rank {rank}: give a rank of 1 or more (e.g. 16), or leave it out (full copy)"
+    if config.controlnet_lora_alpha is not None and config.controlnet_lora_alpha <= 0:
+        return f"--controlnet_lora_alpha {config.controlnet_lora_alpha}: give an alpha above 0 (default: the rank)"
+    if not 0.0 <= config.controlnet_lora_dropout < 1.0:
+        return f"--controlnet_lora_dropout {config.controlnet_lora_dropout}: give a probability within 0..1 (e.g. 0.1)"
+    if config.controlnet_model_name_or_path:
+        return ("--controlnet_lora_rank adapts a ControlNet copied from the base (its frozen weights are the "
+                "base's); it does not continue a full ControlNet given by --controlnet_model_name_or_path: drop one "
+                "of them (a LoRA run continues with --resume_from_checkpoint)")
+    return None
+
+
 def output_dir_problem(output_dir: str) -> str | None:
     """Why ``output_dir`` cannot be a folder (None when it can): it, or a folder above it, is an existing file."""
     path = os.path.abspath(os.path.expanduser(output_dir))
@@ -213,6 +248,17 @@ def output_dir_problem(output_dir: str) -> str | None:
     what = "is a file" if path == os.path.abspath(os.path.expanduser(output_dir)) else f"is inside {path}, a file"
     return (f"--output_dir {output_dir} {what}; give a folder (new, or a run to continue with "
             "--resume_from_checkpoint)")
+
+
+def layer_places(values) -> tuple[int, ...]:
+    """``--control_layers_places`` as layer numbers (the flag gives them as text); a ValueError naming the flag
+    for anything else."""
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        shown = ",".join(str(v) for v in values)
+        raise ValueError(f"--control_layers_places {shown}: give base layer numbers, comma-separated, "
+                         "e.g. 0,5,10,15,20,25") from None
 
 
 REWARD_DISTANCES = {"canny": ("soft_f1", "bce", "circle"), "hed": ("ssim", "l2"), "depth": ("ssi",),
@@ -340,7 +386,8 @@ def model_problem(config: TrainConfig) -> str | None:
         return ("--union trains one ControlNet for several conditions: name two or more, e.g. "
                 "--condition canny,depth (or drop --union)")
     if config.controlnet_model_name_or_path:
-        sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers") if getattr(config, k)]
+        sized = [k for k in ("controlnet_num_layers", "controlnet_num_single_layers", "control_layers_places")
+                 if getattr(config, k)]
         if sized:
             return (f"--{sized[0]} sizes a new ControlNet; --controlnet_model_name_or_path loads one with its own "
                     f"size: drop --{sized[0]}")
@@ -356,7 +403,7 @@ def model_problem(config: TrainConfig) -> str | None:
 CONFIG_CHECKS = (lambda config: nonfinite_problem(config, lambda name: f"--{name}"),
                  lambda config: output_dir_problem(config.output_dir),
                  condition_problem, choice_problem, range_problem, validation_problem, data_problem, model_problem,
-                 reward_problem)
+                 reward_problem, controlnet_lora_problem)
 """Run in this order when a ``TrainConfig`` is built; the first problem found is raised as a ValueError."""
 
 def differences_from_diffusers(config: TrainConfig) -> list[str]:

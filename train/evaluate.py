@@ -422,64 +422,19 @@ def stack_maps(maps: Sequence[np.ndarray], nearest: Sequence[bool]) -> np.ndarra
 
 def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Generate, re-annotate, score; write metrics.json and grid.png; return what metrics.json holds."""
-    from manifests.schema import cond_column
-
     started = time.perf_counter()
     conditions = config.conditions
     overrides = {c: annotator_params(summary, c) for c in conditions}
-    scored = [c for c in conditions if metrics.metric_names(c, config.task)]
-    unscored = {c: f"no controllability metric for the {c} annotator (train/metrics.py)"
-                for c in conditions if c not in scored}
-    annotators: dict[str, Any] = {}
-    for c in scored:
-        try:  # a missing weight file fails here, before the diffusion models load
-            annotators[c] = metrics.load_annotator(c, overrides[c], config.weights_dir) \
-                if c in metrics.CONDITION_METRICS else None
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"annotator {c}: {exc}") from exc
-    rows = load_rows(config.manifest, conditions, config.num_samples if config.held_out_ids else
-                     config.num_samples or DEFAULT_SAMPLES, config.keep_duplicates, config.held_out_ids)
-    if not rows:
-        raise UsageError(f"--manifest {config.manifest}: none of the rows to evaluate is there (the run's held-out "
-                         "rows are gone?); pass --num_samples to take the first N ok rows by id")
-    trained = trained_rows(config, [r["id"] for r in rows])
-    if trained:
-        print(f"warning: {len(trained)} of the {len(rows)} rows evaluated were trained on by the run (not held "
-              "out): their scores are not held-out scores", file=sys.stderr)
-    nearest = {c: c in LABEL_MAPS for c in conditions}
-    maps = {c: [prepare_condition(r[cond_column(c)], config.resolution, nearest[c]) for r in rows]
-            for c in conditions}
-    # Scored against the stored map (the region the sample covers, at its own resolution), not the
-    # resized copy the model was given: a thin edge map shrunk fades and would cap every score.
-    score_maps = {c: [metrics.centre_square(prepare_condition(r[cond_column(c)], None, nearest[c]))
-                      if config.resolution is not None else m for r, m in zip(rows, maps[c])] for c in scored}
-    given = [stack_maps([maps[c][i] for c in conditions], [nearest[c] for c in conditions])
-             for i in range(len(rows))]
-    captions = [r["caption"] or "" for r in rows]
-    ids = [r["id"] for r in rows]
+    annotators = load_annotators(config, overrides)
+    rows, trained = rows_to_evaluate(config)
+    maps, score_maps = condition_maps(config, rows, list(annotators))
+    given = stacked_inputs(config, maps, len(rows))
+    captions, ids = [r["caption"] or "" for r in rows], [r["id"] for r in rows]
     pipe, alone = load_pipelines(config)
-    controlled, base = [], []
-    from tqdm import tqdm
-
-    progress = tqdm(list(zip(given, captions)), desc="evaluate", unit="sample", file=sys.stderr)
-    for i, (cond, caption) in enumerate(progress):
-        controlled.append(generate(pipe, caption, config.seed + i, cond.shape[:2], config, cond))
-        base.append(generate(alone, caption, config.seed + i, cond.shape[:2], config))
-
-    def score_all(images: list[np.ndarray]) -> dict[str, list[float]]:
-        """Each scored condition's metrics, named ``condition/metric`` for a stacked ControlNet."""
-        out: dict[str, list[float]] = {}
-        for c in scored:
-            for name, values in metrics.score_images(c, images, score_maps[c], captions, task=config.task,
-                                                     annotator=annotators[c], ids=ids).items():
-                out[f"{c}/{name}" if config.stacked else name] = values
-        return out
-
-    score = {name: score_all(images) for name, images in (("controlnet", controlled), ("base", base))}
-    out = Path(config.output_dir)
-    tiles = [[*(maps[c][i] for c in conditions), a, b] for i, (a, b) in enumerate(zip(controlled, base))]
-    grid_path = contact_sheet(tiles, captions, [*(conditions if config.stacked else ["condition"]),
-                                                "with ControlNet", "base alone"], out / "grid.png")
+    controlled, base = generate_pairs(config, pipe, alone, given, captions)
+    scoring = Scoring(config, annotators, score_maps, captions, ids)
+    score = {name: scoring.score(images) for name, images in (("controlnet", controlled), ("base", base))}
+    grid_path = write_grid(config, maps, controlled, base, captions)
     result = {
         "condition": config.condition,
         "task": config.task,
@@ -492,11 +447,7 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
                      "base": {k: v[i] for k, v in score["base"].items()}}
                     for i, (id_, caption) in enumerate(zip(ids, captions))],
         "rows_trained_on": len(trained) if config.held_out_ids is not None else None,
-        "settings": {"seed": config.seed, "num_inference_steps": config.num_inference_steps,
-                     "resolution": config.resolution, "keep_duplicates": config.keep_duplicates,
-                     "guidance_scale": config.guidance_scale,
-                     "scheduler": type(pipe.scheduler).__name__, "device": config.device, "dtype": "float32",
-                     "annotator_params": overrides if config.stacked else overrides[conditions[0]]},
+        "settings": settings(config, type(pipe.scheduler).__name__, overrides),
         "controlnet_path": config.controlnet,
         "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
         "manifest": config.manifest,
@@ -504,9 +455,113 @@ def evaluate(config: EvalConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2),
     }
     if config.stacked:
+        unscored = {c: f"no controllability metric for the {c} annotator (train/metrics.py)"
+                    for c in conditions if c not in annotators}
         result.update(conditions=list(conditions), unscored=unscored)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (Path(config.output_dir) / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def load_annotators(config: EvalConfig, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each condition with a metric -> the annotator that re-annotates samples (None for task metrics alone),
+    with the parameters the manifest recorded; a missing weight file fails here, before the diffusion models
+    load."""
+    annotators: dict[str, Any] = {}
+    for c in config.conditions:
+        if not metrics.metric_names(c, config.task):
+            continue
+        try:
+            annotators[c] = metrics.load_annotator(c, overrides[c], config.weights_dir) \
+                if c in metrics.CONDITION_METRICS else None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"annotator {c}: {exc}") from exc
+    return annotators
+
+
+def rows_to_evaluate(config: EvalConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the rows to evaluate, the ids among them the run trained on), warning when there are such ids."""
+    rows = load_rows(config.manifest, config.conditions, config.num_samples if config.held_out_ids else
+                     config.num_samples or DEFAULT_SAMPLES, config.keep_duplicates, config.held_out_ids)
+    if not rows:
+        raise UsageError(f"--manifest {config.manifest}: none of the rows to evaluate is there (the run's held-out "
+                         "rows are gone?); pass --num_samples to take the first N ok rows by id")
+    trained = trained_rows(config, [r["id"] for r in rows])
+    if trained:
+        print(f"warning: {len(trained)} of the {len(rows)} rows evaluated were trained on by the run (not held "
+              "out): their scores are not held-out scores", file=sys.stderr)
+    return rows, trained
+
+
+def condition_maps(config: EvalConfig, rows: list[dict[str, Any]], scored: Sequence[str]) \
+        -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """(each condition's maps as the model is given them, each scored condition's maps to score against)."""
+    from manifests.schema import cond_column
+
+    nearest = {c: c in LABEL_MAPS for c in config.conditions}
+    maps = {c: [prepare_condition(r[cond_column(c)], config.resolution, nearest[c]) for r in rows]
+            for c in config.conditions}
+    # Scored against the stored map (the region the sample covers, at its own resolution), not the
+    # resized copy the model was given: a thin edge map shrunk fades and would cap every score.
+    score_maps = {c: [metrics.centre_square(prepare_condition(r[cond_column(c)], None, nearest[c]))
+                      if config.resolution is not None else m for r, m in zip(rows, maps[c])] for c in scored}
+    return maps, score_maps
+
+
+def stacked_inputs(config: EvalConfig, maps: dict[str, list[np.ndarray]], count: int) -> list[np.ndarray]:
+    """Each of ``count`` rows' maps stacked as channels in --condition order: what the ControlNet is given."""
+    nearest = [c in LABEL_MAPS for c in config.conditions]
+    return [stack_maps([maps[c][i] for c in config.conditions], nearest) for i in range(count)]
+
+
+def generate_pairs(config: EvalConfig, pipe: Any, alone: Any, given: list[np.ndarray],
+                   captions: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(with the ControlNet, the base alone): each caption twice, from the same seed."""
+    from tqdm import tqdm
+
+    controlled, base = [], []
+    progress = tqdm(list(zip(given, captions)), desc="evaluate", unit="sample", file=sys.stderr)
+    for i, (cond, caption) in enumerate(progress):
+        controlled.append(generate(pipe, caption, config.seed + i, cond.shape[:2], config, cond))
+        base.append(generate(alone, caption, config.seed + i, cond.shape[:2], config))
+    return controlled, base
+
+
+@dataclasses.dataclass
+class Scoring:
+    """How samples are scored: each scored condition's annotator and maps, the rows' captions and ids."""
+
+    config: EvalConfig
+    annotators: dict[str, Any]
+    """Scored condition -> its annotator (None: task metrics alone)."""
+    maps: dict[str, list[np.ndarray]]
+    captions: list[str]
+    ids: list[str]
+
+    def score(self, images: list[np.ndarray]) -> dict[str, list[float]]:
+        """Each scored condition's metrics per image, named ``condition/metric`` for a stacked ControlNet."""
+        out: dict[str, list[float]] = {}
+        for c, annotator in self.annotators.items():
+            for name, values in metrics.score_images(c, images, self.maps[c], self.captions, task=self.config.task,
+                                                     annotator=annotator, ids=self.ids).items():
+                out[f"{c}/{name}" if self.config.stacked else name] = values
+        return out
+
+
+def write_grid(config: EvalConfig, maps: dict[str, list[np.ndarray]], controlled: list[np.ndarray],
+               base: list[np.ndarray], captions: list[str]) -> Path:
+    """grid.png: each sample's maps | with ControlNet | base alone, its caption underneath."""
+    conditions = config.conditions
+    tiles = [[*(maps[c][i] for c in conditions), a, b] for i, (a, b) in enumerate(zip(controlled, base))]
+    labels = [*(conditions if config.stacked else ["condition"]), "with ControlNet", "base alone"]
+    return contact_sheet(tiles, captions, labels, Path(config.output_dir) / "grid.png")
+
+
+def settings(config: EvalConfig, scheduler: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the figures depend on besides the models and rows."""
+    return {"seed": config.seed, "num_inference_steps": config.num_inference_steps,
+            "resolution": config.resolution, "keep_duplicates": config.keep_duplicates,
+            "guidance_scale": config.guidance_scale, "scheduler": scheduler, "device": config.device,
+            "dtype": "float32", "annotator_params": overrides if config.stacked else overrides[config.conditions[0]]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

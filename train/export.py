@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from train.controlnet_lora import ADAPTER_FOLDER, is_lora, merged, save_adapter
+
 SINGLE_FILE = "controlnet.safetensors"
 EXAMPLE_CONDITION = "example_condition.png"
 
@@ -49,11 +51,18 @@ def export(controlnet: torch.nn.Module, output_dir: str, card: dict[str, Any],
     """Write ``controlnet/`` (save_pretrained, safetensors), the single file and ``README.md``; ``example``
     (a PIL condition map) is saved next to them for the card's snippet.
 
-    The single file holds the diffusers state dict in fp16; which tools load it is in ``LOADERS``.
+    The single file holds the diffusers state dict in fp16; which tools load it is in ``LOADERS``. A LoRA
+    ControlNet is exported merged (a plain ControlNet), plus its adapter alone and, where there is one, its
+    Control-LoRA file (``export_lora``).
     """
     from safetensors.torch import save_file
 
     out = Path(output_dir)
+    written: dict[str, str] = {}
+    if is_lora(controlnet):
+        written = export_lora(controlnet, out, card)
+        card = {**card, "lora_files": written}
+        controlnet = merged(controlnet)
     folder = out / "controlnet"
     controlnet.save_pretrained(folder, safe_serialization=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in controlnet.state_dict().items()}
@@ -63,7 +72,19 @@ def export(controlnet: torch.nn.Module, output_dir: str, card: dict[str, Any],
         example.save(out / EXAMPLE_CONDITION)
         card["example_condition"] = str((out / EXAMPLE_CONDITION).resolve())
     (out / "README.md").write_text(model_card(card))
-    return {"diffusers": str(folder), "single_file": str(out / SINGLE_FILE), "card": str(out / "README.md")}
+    return {"diffusers": str(folder), "single_file": str(out / SINGLE_FILE), "card": str(out / "README.md"), **written}
+
+
+def export_lora(controlnet: torch.nn.Module, out: Path, card: dict[str, Any]) -> dict[str, str]:
+    """A LoRA ControlNet's own files: the adapter alone (peft's format; peft is what trains it, and its
+    ``modules_to_save`` carries the new parts, which diffusers' LoRA format has no place for) and, for SD
+    1.x/SDXL (``ControlNetModel``), the Control-LoRA file ComfyUI loads."""
+    from train.control_lora_file import CONTROL_LORA_FILE, write_control_lora
+
+    written = {"adapter": str(save_adapter(controlnet, out / ADAPTER_FOLDER, card.get("base_model")))}
+    if type(controlnet).__name__ == "ControlNetModel":
+        written["control_lora"] = str(write_control_lora(controlnet, out / CONTROL_LORA_FILE, card["provenance"]))
+    return written
 
 
 def resolved_base(name: str) -> str:
@@ -97,6 +118,19 @@ def usage_snippet(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def lora_section(card: dict[str, Any]) -> str:
+    """What a ControlNet-LoRA run exports besides the merged ControlNet ("" for a full ControlNet)."""
+    files = card.get("lora_files")
+    if not files:
+        return ""
+    text = (f"\n## ControlNet-LoRA\nThe files above hold the adapters merged in. The adapter alone (peft): "
+            f"`{files['adapter']}` (`PeftModel.from_pretrained(<this family's ControlNet made from the base>, "
+            "path).merge_and_unload()`).")
+    if "control_lora" in files:
+        text += f" Control-LoRA for ComfyUI (Load ControlNet Model, over this base): `{files['control_lora']}`."
+    return text + "\n"
+
+
 def model_card(card: dict[str, Any]) -> str:
     """Markdown model card: base, data, conditions, usage, loaders, arguments, final figures."""
     args = json.dumps(card["args"], indent=2, sort_keys=True, default=str)
@@ -124,7 +158,7 @@ Trained with controlforge on the manifest `{card['manifest']}` (fingerprint `{ca
 
 ## One file: `{SINGLE_FILE}`
 {LOADERS.get(controlnet_class, "Not checked with any loader.")}
-{routing}
+{lora_section(card)}{routing}
 ## Final figures
 {figures}
 

@@ -17,6 +17,7 @@ from train.family_specs import FAMILY_NAMES, SPECS, FamilySpec
 LAYER_FLAG_USE = {
     "controlnet_num_layers": "sizes a transformer ControlNet's copied blocks",
     "controlnet_num_single_layers": "sizes Flux's single-stream blocks",
+    "control_layers_places": "places control blocks at chosen layers of the base (Z-Image)",
 }
 """What each ControlNet-size flag sizes, for refusing it on a family without such blocks."""
 
@@ -29,6 +30,7 @@ def family_flag_problem(config: Any, family: str, transformer: dict | None = Non
             or guidance_problem(config, family, transformer)
             or union_problem(config, spec)
             or layer_flag_problem(config, spec)
+            or layer_places_problem(getattr(config, "control_layers_places", ()), spec, transformer)
             or sequence_length_problem(config, spec)
             or stacking_problem(config, spec))
 
@@ -50,17 +52,41 @@ def union_problem(config: Any, spec: FamilySpec) -> str | None:
 def layer_flag_problem(config: Any, spec: FamilySpec) -> str | None:
     """A ControlNet-size flag the family has no blocks for."""
     for flag, use in LAYER_FLAG_USE.items():
-        if getattr(config, flag) is not None and flag not in spec.layer_flags:
+        if getattr(config, flag, None) not in (None, ()) and flag not in spec.layer_flags:
             what = ("copies the UNet's whole encoder" if spec.unet_embedding is not None
                     else "has no such blocks")
-            return f"--{flag} {use}; a {spec.label} ControlNet {what}: drop it"
+            takes = f" (it is sized by --{' and --'.join(spec.layer_flags)})" if spec.layer_flags else ""
+            return f"--{flag} {use}; a {spec.label} ControlNet {what}: drop it{takes}"
+    return None
+
+
+def layer_places_problem(places: tuple[int, ...], spec: FamilySpec, transformer: dict | None) -> str | None:
+    """``--control_layers_places`` that cannot place a ControlNet's blocks: the first must be 0 (the block that
+    reads the condition), each later one deeper than the one before (one residual per base layer), all within
+    the base's ``depth_key`` layers (when its transformer config is known)."""
+    if not places or "control_layers_places" not in spec.layer_flags:
+        return None
+    depth = (transformer or {}).get(spec.depth_key) if spec.depth_key else None
+    given = ",".join(str(p) for p in places)
+    if places[0] != 0 or any(b <= a for a, b in zip(places, places[1:])):
+        return (f"--control_layers_places {given}: start at 0 and list each layer once, in increasing order "
+                "(e.g. 0,5,10,15,20,25 as the Fun Union ControlNets)")
+    if depth is not None and places[-1] >= depth:
+        return (f"--control_layers_places {given}: this {spec.label} base has {depth} layers (0..{depth - 1}); "
+                "place every block within them")
     return None
 
 
 def sequence_length_problem(config: Any, spec: FamilySpec) -> str | None:
-    """``--max_sequence_length`` on a family whose text encoders take a fixed prompt length."""
-    if config.max_sequence_length is None or spec.sequence_length:
+    """``--max_sequence_length`` on a family whose text encoders take a fixed prompt length, or longer than its
+    pipeline takes."""
+    if config.max_sequence_length is None:
         return None
+    if spec.sequence_length:
+        if spec.max_sequence_length is None or config.max_sequence_length <= spec.max_sequence_length:
+            return None
+        return (f"--max_sequence_length {config.max_sequence_length}: the {spec.label} pipeline takes at most "
+                f"{spec.max_sequence_length} prompt tokens; use {spec.max_sequence_length} or less")
     having = ", ".join(s.label for s in SPECS.values() if s.sequence_length)
     return (f"--max_sequence_length sets the prompt length of a T5 or LLM text encoder ({having}); {spec.label} "
             "has no T5 or LLM text encoder: drop it")

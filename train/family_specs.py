@@ -49,9 +49,14 @@ class FamilySpec:
     position_reach: bool = False
     """The transformer's ``pos_embed_max_size`` caps the resolution (SD3)."""
     layer_flags: tuple[str, ...] = ()
-    """The ControlNet-size flags the family takes (``controlnet_num_layers``, ``controlnet_num_single_layers``)."""
+    """The ControlNet-size flags the family takes (``controlnet_num_layers``, ``controlnet_num_single_layers``,
+    ``control_layers_places``)."""
+    depth_key: str | None = None
+    """``transformer/config.json`` key of the base's block count that ``--control_layers_places`` must stay under."""
     sequence_length: bool = False
     """``--max_sequence_length`` sets its long text encoder's prompt length."""
+    max_sequence_length: int | None = None
+    """The longest ``--max_sequence_length`` its pipeline accepts (None: not checked here)."""
     guidance: bool = False
     """Its (distilled) bases may read a guidance input: ``--guidance_scale`` applies when the transformer
     config has ``guidance_embeds``."""
@@ -91,6 +96,19 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                transformer_prefixes=("Flux",), pipeline_prefixes=("Flux",), patch=2,
                layer_flags=("controlnet_num_layers", "controlnet_num_single_layers"), sequence_length=True,
                guidance=True),
+    # ZImageControlNetModel reads one VAE-encoded condition image and has no control-type or mode input (its
+    # forward takes latents, timestep, caption features and control_context only), so there is no union in our
+    # sense: alibaba-pai's "Z-Image-Turbo-Fun-Controlnet-Union" is one such ControlNet trained on several kinds
+    # of map (Canny, HED, depth, pose, MLSD) given alike, telling them apart from the image itself.
+    FamilySpec("zimage", "Z-Image", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+               "ZImageControlNetModel", transformer_prefixes=("ZImage",), pipeline_prefixes=("ZImage",), patch=2,
+               layer_flags=("control_layers_places",), depth_key="n_layers", sequence_length=True),
+    # Qwen-Image: QwenImageControlNetModel has no control mode; InstantX's union is this class trained on several
+    # condition types (the image says which), so --union trains it without one (train/families/qwenimage.py)
+    FamilySpec("qwenimage", "Qwen-Image", ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+               "QwenImageControlNetModel", union_class="QwenImageControlNetModel",
+               transformer_prefixes=("QwenImage",), pipeline_prefixes=("QwenImage",), patch=2,
+               layer_flags=("controlnet_num_layers",), sequence_length=True, max_sequence_length=1024),
 )}
 """Family name -> its facts; the keys are the adapters' names in train/families/."""
 

@@ -49,8 +49,16 @@ class CachedConditions:
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         """A fresh draw from each example's one condition distribution, drawn on the CPU like the latents."""
+        return self._distribution().sample(generator=generator)
+
+    def mode(self) -> torch.Tensor:
+        """Each example's one condition distribution's mean: what a pipeline encoding its condition with
+        ``sample_mode="argmax"`` reads (ZImageControlNetPipeline)."""
+        return self._distribution().mode()
+
+    def _distribution(self):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if self.moments.shape[1] != 1:
             raise ValueError(f"{self.moments.shape[1]} conditions per example: pick one per example first")
-        return DiagonalGaussianDistribution(self.moments[:, 0]).sample(generator=generator)
+        return DiagonalGaussianDistribution(self.moments[:, 0])

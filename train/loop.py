@@ -1,10 +1,12 @@
 """The training loop, readable top to bottom.
 
     train():  set_up (accelerate, the locked base, the ControlNet, data, optimiser, resume)
-              -> run_steps: for each batch, micro_step (encode, loss in train/step.py, backward,
-                 the optimiser step at the end of an accumulation) -> after_step (EMA, log,
-                 checkpoint, validate)
+              -> run_steps: for each batch, micro_step (encode, the family adapter's ``loss``:
+                 train/step.py for UNets, train/flow.py for SD3/Flux; backward, the optimiser step
+                 at the end of an accumulation) -> after_step (EMA, log, checkpoint, validate)
               -> finish (final validation on exactly the exported weights, export)
+
+Validation (views, sampling, scoring) is train/validation.py, called with the ``Run``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,12 +31,13 @@ from train.config import TrainConfig
 from train.errors import SetupError
 from train.family_checks import family_flag_problem
 from train.family_specs import DEFAULT_GUIDANCE
+from train.controlnet_lora import is_lora, register_checkpoint_hooks, settings_of, trained_parameters
 from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, cap_caption,
                         caption_char_limit, collate, drop_unreadable, load_rows)
 from train.export import export
-from train.latents import latents_from_sample
 from train.models import load_base, make_controlnet
 from train.reward import make_reward
+from train.validation import ValidationScorer, holdout_count, run_validation
 
 log = logging.getLogger("train")
 
@@ -45,9 +48,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimiser steps in a row had a non-finite loss."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Run:
-    """One training run's state: built by ``set_up``, advanced by ``micro_step``/``after_step``."""
+    """One training run's state: built (with keywords) by ``set_up``, advanced by ``micro_step``/``after_step``;
+    validation reads it as a ``train.validation.ValidationRun``."""
 
     config: TrainConfig
     accelerator: Any
@@ -121,32 +125,15 @@ def train(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
 
 def set_up(config: TrainConfig) -> Run:
     """Accelerate, the locked base, the ControlNet (and EMA), data, optimiser and schedule; resume."""
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(config)
-    problem = sharding.launch_problem(accelerator, sharding.requested_mode())
-    if problem:
-        raise SetupError(problem)
-    if accelerator.device.type == "cpu":
-        # Denormal floats take a slow path on CPUs (a bf16 validation here ran 45x slower); GPUs flush them.
-        torch.set_flush_denormal(True)
-    seed = config.seed if config.seed is not None else 0
-    set_seed(seed)
-    # accelerate resolved the precision: the flag, else `accelerate config` / launch / environment
-    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator.mixed_precision)
-    log.info("mixed precision: %s (locked base in %s, ControlNet in float32)", accelerator.mixed_precision,
-             weight_dtype)
-
-    base = load_base(config.pretrained_model_name_or_path, config.resolution)
-    check_family_flags(config, base)
-    guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
-    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance)
-    base.place(device, weight_dtype)
+    accelerator, seed, weight_dtype = start(config)
+    base = load_locked_base(config, accelerator.device, weight_dtype)
     with accelerator.local_main_process_first():  # one process per machine builds the row cache
         train_rows, held_out = load_rows(config.manifest, config.condition, holdout_count(config),
                                          config.data_cache_dir, config.keep_duplicates)
     controlnet = make_controlnet(base, 3 * len(config.condition), config.controlnet_model_name_or_path,
-                                 config.controlnet_num_layers, config.controlnet_num_single_layers)
+                                 config.controlnet_num_layers, config.controlnet_num_single_layers, settings_of(config))
+    if is_lora(controlnet):  # checkpoints hold only what trains
+        register_checkpoint_hooks(accelerator)
     if config.fp8_base:  # only now: the ControlNet has copied the base's full-precision weights
         from train.float8_base import store_base_in_float8
 
@@ -155,7 +142,69 @@ def set_up(config: TrainConfig) -> Run:
         controlnet.enable_gradient_checkpointing()
     ema = make_ema(accelerator, controlnet) if config.use_ema else None
 
-    # rows that do not decode: skipped and counted (held-out ones now, training ones as examples meet them)
+    dataset, sampler, held_out, skipped = make_data(config, accelerator, base, train_rows, held_out, seed)
+    cache = make_cache(config, accelerator, base, dataset, weight_dtype) if config.cache_latents else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
+    steps_per_epoch = sampler.batches_per_epoch() // config.gradient_accumulation_steps
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+
+    optimizer, lr_scheduler = make_optimizer_and_schedule(config, accelerator, controlnet, max_steps)
+    sharding.before_prepare(accelerator, controlnet, base.family.name, config)  # only the ControlNet is sharded
+    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers("controlnet", config={k: str(v) for k, v in config.to_dict().items()})
+    scorer = ValidationScorer(config) if config.validation_enabled and accelerator.is_main_process else None
+    run = Run(config=config, accelerator=accelerator, base=base, controlnet=controlnet, optimizer=optimizer,
+              lr_scheduler=lr_scheduler, ema=ema, dataset=dataset, sampler=sampler, loader=loader, cache=cache,
+              held_out=held_out, scorer=scorer, seed=seed, weight_dtype=weight_dtype, steps_per_epoch=steps_per_epoch,
+              max_steps=max_steps, epochs=math.ceil(max_steps / steps_per_epoch), skipped=skipped,
+              reward=make_reward(config, base, accelerator.device, weight_dtype, accelerator.num_processes))
+    if config.resume_from_checkpoint:
+        resume(run)
+    return run
+
+
+def start(config: TrainConfig) -> tuple[Any, int, torch.dtype]:
+    """(accelerator, seed, the locked base's dtype), the seed set for every library."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    sharding.check_launch(accelerator, sharding.requested_mode())  # a sharding config accelerate did not honour
+    if accelerator.device.type == "cpu":
+        # Denormal floats take a slow path on CPUs (a bf16 validation here ran 45x slower); GPUs flush them.
+        torch.set_flush_denormal(True)
+    seed = config.seed if config.seed is not None else 0
+    set_seed(seed)
+    # accelerate resolved the precision: the flag, else `accelerate config` / launch / environment
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+    log.info("mixed precision: %s (locked base in %s, ControlNet in float32)", accelerator.mixed_precision,
+             weight_dtype)
+    return accelerator, seed, weight_dtype
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The locked base's dtype for accelerate's resolved ``mixed_precision``."""
+    if mixed_precision not in WEIGHT_DTYPES:
+        raise ValueError(f"mixed precision {mixed_precision!r} is not supported; use no, fp16 or bf16")
+    return WEIGHT_DTYPES[mixed_precision]
+
+
+def load_locked_base(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> BaseModels:
+    """The locked base, its family checked against the flags and given its options, on ``device``."""
+    base = load_base(config.pretrained_model_name_or_path, config.resolution)
+    check_family_flags(config, base)
+    guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
+    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance,
+                                 control_layers_places=config.control_layers_places)
+    base.place(device, weight_dtype)
+    return base
+
+
+def make_data(config: TrainConfig, accelerator, base: BaseModels, train_rows: list[dict], held_out: list[dict],
+              seed: int) -> tuple[ManifestDataset, RankSampler, list[dict], SkippedRows]:
+    """(training dataset, this rank's sampler, the held-out rows that decode, the skipped-row count): held-out
+    rows that do not decode are counted now, training ones as examples meet them."""
     skipped = SkippedRows(config.manifest, max(1, len(train_rows) // accelerator.num_processes),
                           config.max_bad_rows_fraction)
     held_out, unreadable_held_out = drop_unreadable(held_out, config.condition)
@@ -169,24 +218,7 @@ def set_up(config: TrainConfig) -> Run:
         raise SetupError(f"{len(dataset)} training rows cannot fill {config.gradient_accumulation_steps} batch(es) "
                          f"of {config.train_batch_size} on each of {accelerator.num_processes} processes; lower "
                          "--train_batch_size or --gradient_accumulation_steps")
-    cache = make_cache(config, accelerator, base, dataset, weight_dtype) if config.cache_latents else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
-                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
-    steps_per_epoch = sampler.batches_per_epoch() // config.gradient_accumulation_steps
-    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-
-    optimizer, lr_scheduler = make_optimizer_and_schedule(config, accelerator, controlnet, max_steps)
-    sharding.before_prepare(accelerator, controlnet, base.family.name, config)  # only the ControlNet is sharded
-    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
-    if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers("controlnet", config={k: str(v) for k, v in config.to_dict().items()})
-    scorer = ValidationScorer(config) if config.validation_enabled and accelerator.is_main_process else None
-    run = Run(config, accelerator, base, controlnet, optimizer, lr_scheduler, ema, dataset, sampler, loader, cache,
-              held_out, scorer, seed, weight_dtype, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch),
-              skipped, reward=make_reward(config, base, device, weight_dtype, accelerator.num_processes))
-    if config.resume_from_checkpoint:
-        resume(run)
-    return run
+    return dataset, sampler, held_out, skipped
 
 
 def check_family_flags(config: TrainConfig, base: BaseModels) -> None:
@@ -216,7 +248,7 @@ def make_ema(accelerator, controlnet: torch.nn.Module):
     """An EMA of the ControlNet's weights, saved and loaded with every checkpoint."""
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(controlnet.parameters())
+    ema = EMAModel(trained_parameters(controlnet))
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
@@ -244,7 +276,7 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 def make_optimizer_and_schedule(config: TrainConfig, accelerator, controlnet: torch.nn.Module, max_steps: int):
     from diffusers.optimization import get_scheduler
 
-    optimizer = make_optimizer(config, controlnet.parameters())
+    optimizer = make_optimizer(config, trained_parameters(controlnet))  # a LoRA run: adapters and new parts
     # accelerate steps a prepared scheduler once per process per optimiser step
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -336,7 +368,7 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
             hash((run.seed, run.global_step, micro, accelerator.process_index)) % 2**63)
         latents, hidden, added = encode_batch(run, batch, generator)
         condition = batch_conditions(run, batch)
-        loss = controlnet_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
+        loss = family_loss(run.base, run.controlnet, latents, hidden, added, condition, generator)
         if run.reward is not None:  # ControlNet++'s reward on a one-step prediction (train/reward.py)
             loss = run.reward.added_to(loss, run.base, run.controlnet, latents, hidden, added, condition, generator)
         finite = bool(accelerator.gather(torch.isfinite(loss).float()[None].to(accelerator.device)).min() > 0)
@@ -355,8 +387,8 @@ def micro_step(run: Run, batch: dict[str, Any], micro: int, step_finite: bool, m
     return finite
 
 
-def controlnet_loss(base: BaseModels, controlnet: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor,
-                    added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def family_loss(base: BaseModels, controlnet: torch.nn.Module, latents: torch.Tensor, hidden: torch.Tensor,
+                added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A batch's loss as its family computes it: epsilon/v on a UNet (train/step.py) or flow matching on a
     transformer (train/flow.py); noise and timesteps come from ``generator``."""
     return base.family.loss(controlnet, base, latents, hidden, added, condition, generator)
@@ -379,8 +411,8 @@ def encode_batch(run: Run, batch: dict[str, Any], generator: torch.Generator) ->
         pixels = batch["pixel_values"].to(device, base.vae.dtype)
         # a CPU generator on any device: diffusers draws on the CPU and moves the sample, so GPU
         # runs get the numbers a CPU or a cached run gets
-        latents = base.vae.encode(pixels).latent_dist.sample(generator=generator)
-        latents = latents_from_sample(base.vae.config, latents).to(run.weight_dtype)
+        latents = base.family.latent_distribution(base, pixels).sample(generator=generator)
+        latents = base.family.scale_latents(base, latents).to(run.weight_dtype)
         hidden, added = base.family.encode_prompts(base, batch["captions"], device)
     return latents, hidden, base.family.with_sizes(added, batch, device)
 
@@ -401,7 +433,7 @@ def after_step(run: Run, meter: Meter, step_finite: bool) -> None:
     if run.global_step == meter.first_step + 1:
         meter.start = time.perf_counter()  # timing starts after the warm-up step
     if run.ema is not None:
-        run.ema.step(run.controlnet.parameters())
+        run.ema.step(trained_parameters(run.controlnet))
     logs = {"loss": sum(meter.losses) / max(1, len(meter.losses)), "lr": run.lr_scheduler.get_last_lr()[0],
             "samples_per_s": meter.samples_per_s(), "skipped_steps": meter.skipped_total,
             **(run.reward.pop_logs() if run.reward is not None else {})}
@@ -413,9 +445,8 @@ def after_step(run: Run, meter: Meter, step_finite: bool) -> None:
     if run.global_step % config.checkpointing_steps == 0 or run.global_step == run.max_steps:
         checkpoints.save(accelerator, config.output_dir, run.global_step, config.checkpoints_total_limit)
     if config.validation_enabled and run.global_step % config.validation_steps == 0 and accelerator.is_main_process:
-        run_validation(config, run.base, accelerator.unwrap_model(run.controlnet), run.ema, run.held_out,
-                       f"{run.global_step:06d}", run.seed, run.weight_dtype, accelerator.trackers, run.global_step,
-                       run.scorer)
+        run_validation(run, accelerator.unwrap_model(run.controlnet), run.ema, f"{run.global_step:06d}",
+                       accelerator.trackers, run.global_step)
     meter.paused += time.perf_counter() - pause_start
 
 
@@ -440,10 +471,9 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     final = sharding.exported_controlnet(accelerator, run.controlnet)  # all ranks: FSDP/ZeRO-3 gather it
     if accelerator.is_main_process:
         if run.ema is not None:
-            run.ema.copy_to(final.parameters())
+            run.ema.copy_to(trained_parameters(final))
         if config.validation_enabled:  # exactly the weights about to ship
-            run_validation(config, run.base, final, None, run.held_out, "final", run.seed, run.weight_dtype,
-                           scorer=run.scorer)
+            run_validation(run, final, None, "final")
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
             "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
@@ -523,250 +553,3 @@ def rank_report(accelerator, controlnet, seen_rows: list[int]) -> list[dict[str,
     with torch.no_grad():
         checksum = float(sum(p.double().sum() for p in accelerator.unwrap_model(controlnet).parameters()))
     return gather_object([{"rank": accelerator.process_index, "rows": sorted(seen_rows), "checksum": checksum}])
-
-
-def weight_dtype_of(mixed_precision: str) -> torch.dtype:
-    """The locked base's dtype for accelerate's resolved ``mixed_precision``."""
-    if mixed_precision not in WEIGHT_DTYPES:
-        raise ValueError(f"mixed precision {mixed_precision!r} is not supported; use no, fp16 or bf16")
-    return WEIGHT_DTYPES[mixed_precision]
-
-
-def holdout_count(config: TrainConfig) -> int:
-    """Rows to hold out for validation: none when they would never be used."""
-    if not config.validation_enabled or config.validation_image:
-        return 0
-    return config.num_validation_rows
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidationView:
-    """One condition a validation scores: the only one of a single-condition run; one slot (SDXL control
-    type, Flux mode) of a union run, sampled alone; or one of the maps stacked as channels, whose samples
-    (made once, from the whole stack) it scores against its own 3 channels."""
-
-    condition: str
-    mode: int | None = None
-    """The union slot/mode the pipeline is given alone; None: the pipeline is given the whole input."""
-    slot: int | None = None
-    """Where its 3 channels sit in the stacked condition tensor (union and stacked runs); None: a single
-    condition, all the input."""
-
-    @property
-    def suffix(self) -> str:
-        """Grid file name suffix: a union run writes one grid per condition, a stacked run one for all."""
-        return "" if self.mode is None else f"-{self.condition}"
-
-    def key(self, metric: str) -> str:
-        """A metric's name in metrics.jsonl and trackers: runs of several conditions name the condition
-        (``canny/edge_f1``)."""
-        return metric if self.slot is None else f"{self.condition}/{metric}"
-
-
-def validation_views(config: TrainConfig) -> list[ValidationView]:
-    """What each validation scores: every condition of a union run in turn (slot/mode = its position in
-    --condition, as the model card maps them), every condition of a stacked run (its channels' position),
-    else the run's one condition."""
-    if config.union:
-        return [ValidationView(name, i, i) for i, name in enumerate(config.condition)]
-    if len(config.condition) > 1:
-        return [ValidationView(name, None, i) for i, name in enumerate(config.condition)]
-    return [ValidationView(config.condition[0])]
-
-
-def validation_groups(config: TrainConfig) -> list[list[ValidationView]]:
-    """Views that share one set of samples: a stacked run samples once, from the whole stack, for all its
-    conditions; each union condition is sampled alone; a single condition is its own group."""
-    views = validation_views(config)
-    return [views] if not config.union and len(views) > 1 else [[view] for view in views]
-
-
-def view_inputs(inputs: list, view: ValidationView, given_images: bool) -> list:
-    """The inputs with only ``view``'s condition: its 3 channels of each stacked tensor (a --validation_image
-    given to a union run is one 3-channel map, taken as each condition's map in turn)."""
-    if view.slot is None or (given_images and view.mode is not None):
-        return inputs
-    channels = slice(3 * view.slot, 3 * view.slot + 3)
-    return [(cond[:, channels], prompt) for cond, prompt in inputs]
-
-
-def sampled_inputs(inputs: list, view: ValidationView, given_images: bool) -> list:
-    """What the pipeline is given for ``view``'s group: a union slot's own channels, else the whole input."""
-    return inputs if view.mode is None else view_inputs(inputs, view, given_images)
-
-
-def validation_model(trained: torch.nn.Module, ema, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of the ControlNet to sample with: the EMA weights when there are any, in the base's dtype.
-
-    A copy, not the trained module: accelerate's autocast wrapper on the trained module returns fp32
-    residuals, which would promote a half-precision UNet's activations (and crash its group norms).
-    Only for small ControlNets (SD 1.x/2.x); the others sample in place (``samples_in_place``).
-    """
-    clone = type(trained).from_config(trained.config)
-    clone.load_state_dict(trained.state_dict())
-    if ema is not None:
-        ema.copy_to(clone.parameters())
-    return clone.to(trained.device, dtype).eval()
-
-
-Sampler = Callable[[list, int, int, "int | None"], list]
-"""(inputs, samples per input, seed, union mode) -> PIL images per input."""
-
-
-def make_sampler(base, controlnet: torch.nn.Module, ema, weight_dtype: torch.dtype) -> Sampler:
-    """How this validation samples: with the trained module itself (EMA swapped in and back) when the family
-    says so, else with one copy in the base's dtype, made once for all conditions."""
-    from train import validation
-
-    if base.family.samples_in_place:
-        return lambda inputs, per_input, seed, mode: validation.generate_in_place(
-            base, controlnet, ema, inputs, per_input, seed, mode=mode)
-    model = validation_model(controlnet, ema, weight_dtype)
-    return lambda inputs, per_input, seed, mode: validation.generate(base, model, inputs, per_input, seed, mode=mode)
-
-
-class ValidationScorer:
-    """Controllability of validation samples (train/metrics.py): each sample re-annotated with the
-    condition's own annotator and compared with its condition; logged per validation (and per condition
-    of a union or stacked run) so the ControlNet's "sudden convergence" shows as a curve (TensorBoard and
-    validation/metrics.jsonl). A condition without a metric, or whose annotator cannot load here, is
-    recorded as unscored with the reason (logged once); its grid is still made."""
-
-    def __init__(self, config: TrainConfig):
-        self.config = config
-        self.annotators: dict[str, Any] = {}
-        self.unscored: dict[str, str] = {}
-        """condition -> why its samples are not scored."""
-
-    def __call__(self, inputs: list, samples: list, label: str, global_step: int | None, trackers=(),
-                 stored_maps: list | None = None, view: ValidationView | None = None) -> dict | None:
-        """Score ``samples`` of ``view``'s condition; against ``stored_maps`` (each held-out row's map at its
-        own resolution) when given, else against the condition tensors the model was given."""
-        from train import metrics
-
-        view = view or validation_views(self.config)[0]
-        record: dict[str, Any] = {"step": global_step if global_step is not None else label,
-                                  "condition": view.condition}
-        reason = self.unscored_reason(view.condition)
-        if reason is not None:
-            self._write({**record, "unscored": reason})
-            return None
-        images, maps, captions = paired(inputs, samples, stored_maps)
-        scores = metrics.metrics_for(view.condition, images, maps, captions, task=self.config.validation_task,
-                                     annotator=self.annotators.get(view.condition))
-        named = {view.key(k): v for k, v in scores.items()}
-        self._write({**record, **named})
-        for tracker in trackers:
-            tracker.log({f"validation/{k}": v for k, v in named.items()}, step=global_step)
-        log.info("validation %s: %s", label, ", ".join(f"{k} {v:.3f}" for k, v in named.items()))
-        return named
-
-    def unscored_reason(self, condition: str) -> str | None:
-        """Why ``condition``'s samples cannot be scored here (None: they can); loads its annotator once."""
-        from train import metrics
-
-        if condition in self.unscored or condition in self.annotators:
-            return self.unscored.get(condition)
-        reason = None
-        if not metrics.metric_names(condition, self.config.validation_task):
-            reason = f"no controllability metric for the {condition} annotator (train/metrics.py)"
-        elif condition in metrics.CONDITION_METRICS:  # task metrics alone read no annotator
-            try:
-                self.annotators[condition] = metrics.load_annotator(condition, self._params(condition))
-            except Exception as exc:  # e.g. no weights here: samples are still made, just not scored
-                reason = f"cannot load the {condition} annotator ({exc})"
-        else:
-            self.annotators[condition] = None
-        if reason is not None:
-            log.warning("validation metrics off for %s: %s", condition, reason)
-            self.unscored[condition] = reason
-        return reason
-
-    def _write(self, record: dict) -> None:
-        path = Path(self.config.output_dir) / "validation" / "metrics.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _params(self, condition: str) -> dict:
-        """The annotator's parameters recorded in the manifest, so samples are annotated as the data was."""
-        import manifests
-
-        for entry in manifests.read_manifest_json(self.config.manifest).get("annotators", []):
-            if entry.get("name") == condition:
-                params = dict(entry.get("params", {}))
-                params.pop("require_detection", None)  # a sample without a person scores zero, not a skip
-                return params
-        return {}
-
-
-def paired(inputs: list, samples: list, stored_maps: list | None) -> tuple[list, list, list]:
-    """(generated image, its condition map, its prompt) as three lists, one entry per sample."""
-    import numpy as np
-
-    from train import metrics
-
-    images, maps, captions = [], [], []
-    for i, ((cond, prompt), generated) in enumerate(zip(inputs, samples)):
-        as_map = (cond[0, :3].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        if stored_maps is not None:
-            as_map = metrics.centre_square(stored_maps[i])
-        # one-channel maps (edges, depth, masks) reach the ControlNet as three equal channels
-        grey = bool((as_map == as_map[:, :, :1]).all())
-        for image in generated:
-            images.append(image)
-            maps.append(as_map[:, :, 0] if grey else as_map)
-            captions.append(prompt)
-    return images, maps, captions
-
-
-def run_validation(config, base, controlnet, ema, held_out, label: str, seed: int, weight_dtype: torch.dtype,
-                   trackers=(), global_step: int | None = None, scorer: ValidationScorer | None = None) -> list[Path]:
-    """Generate from held-out conditions (or the given images): once from the whole input (a single
-    condition, or every map of a stacked run), or for each condition of a union run given alone; write a
-    PNG grid per sampling, send it to TensorBoard, and score the samples' controllability per condition."""
-    from train.validation import validation_inputs
-
-    inputs = validation_inputs(held_out, config.condition, config.validation_image, config.validation_prompt,
-                               config.resolution, stacked=len(config.condition) > 1 and not config.union)
-    if not inputs:
-        return []
-    sample = make_sampler(base, controlnet, ema, weight_dtype)
-    return [validate_views(config, views, sample, inputs, held_out, label, seed, trackers, global_step, scorer)
-            for views in validation_groups(config)]
-
-
-def validate_views(config, views: list[ValidationView], sample: Sampler, inputs: list, held_out: list, label: str,
-                   seed: int, trackers, global_step: int | None, scorer: ValidationScorer | None) -> Path:
-    """One sampling's samples (made once), grid and TensorBoard image; each of ``views`` scores them
-    against its own condition."""
-    from train.validation import grid
-
-    given_images, first = bool(config.validation_image), views[0]
-    given = sampled_inputs(inputs, first, given_images)
-    samples = sample(given, config.num_validation_images, seed, first.mode)
-    path = grid(given, samples, Path(config.output_dir) / "validation" / f"step-{label}{first.suffix}.png")
-    if scorer is not None:
-        for view in views:
-            scorer(view_inputs(inputs, view, given_images), samples, label, global_step, trackers,
-                   stored_maps(config, held_out, view.condition), view)
-    for tracker in trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-            from PIL import Image
-
-            tag = "validation" if first.mode is None else f"validation/{first.condition}"
-            tracker.writer.add_image(tag, np.asarray(Image.open(path)), global_step, dataformats="HWC")
-    return path
-
-
-def stored_maps(config, held_out: list, condition: str) -> list | None:
-    """Each held-out row's ``condition`` map at its stored resolution (None with --validation_image)."""
-    if config.validation_image:
-        return None
-    import numpy as np
-
-    from manifests.schema import cond_column
-    from train.data import decode_rgb
-
-    return [np.asarray(decode_rgb(row[cond_column(condition)])) for row in held_out]

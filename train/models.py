@@ -12,6 +12,7 @@ from train.adapter import BaseModels
 from train.errors import SetupError
 from train.family_checks import base_folder_problem, controlnet_family_problem, detect_family
 from train.family_specs import FAMILY_NAMES
+from train.controlnet_lora import LoraSettings, add_lora
 from train.families import FAMILIES
 
 
@@ -29,9 +30,11 @@ def load_base(path: str, resolution: int) -> BaseModels:
 
 
 def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | None = None,
-                    num_layers: int | None = None, num_single_layers: int | None = None) -> torch.nn.Module:
+                    num_layers: int | None = None, num_single_layers: int | None = None,
+                    lora: LoraSettings | None = None) -> torch.nn.Module:
     """The family's ControlNet: initialised from the base (zero-initialised outputs), or loaded to continue
-    (a folder of another family, or one that does not load, is a ``SetupError``)."""
+    (a folder of another family, or one that does not load, is a ``SetupError``); with ``lora``, its copied
+    layers frozen under LoRA adapters (train/controlnet_lora.py)."""
     problem = controlnet_family_problem(path, base.family.name, base.options.union)
     if problem:
         raise SetupError(problem)
@@ -39,5 +42,7 @@ def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | No
         controlnet = base.family.make_controlnet(base, conditioning_channels, path, num_layers, num_single_layers)
     except OSError as exc:  # from_pretrained: no such folder or hub id, no weights
         raise SetupError(f"--controlnet_model_name_or_path {path}: cannot load it: {exc}") from exc
+    if lora is not None:
+        controlnet = add_lora(controlnet, lora)
     controlnet.train()
     return controlnet

@@ -65,6 +65,9 @@ def flag_problem(config: Any, mode: str | None) -> str | None:
     if mode is None or not MODES[mode].shards_weights:
         return None
     name = MODES[mode].name
+    if getattr(config, "controlnet_lora_rank", None):
+        return (f"--controlnet_lora_rank is not supported under {name}: a ControlNet-LoRA trains only its adapters, "
+                "small enough for DDP; launch without the sharding config")
     if config.use_ema:
         return (f"--use_ema is not supported under {name}: the EMA would need the whole ControlNet on every "
                 "process, which sharding exists to avoid; drop --use_ema, or use DeepSpeed ZeRO-2 or DDP")
@@ -99,6 +102,21 @@ def launch_problem(accelerator: Any, mode: str | None) -> str | None:
     return (f"the accelerate config asks for {MODES[mode].name}, but accelerate set up {accelerator.distributed_type.value} "
             f"on {accelerator.device.type} (accelerate runs FSDP only on GPUs): launch on GPUs, or without the "
             "sharding config (plain DDP)")
+
+
+def check_launch(accelerator: Any, mode: str | None) -> None:
+    """Refuse a launch whose sharding accelerate did not set up (``SetupError``); under ZeRO-3, keep the base's
+    transformers models (text encoders) out of ZeRO-3: accelerate tells transformers about ZeRO-3, whose
+    ``from_pretrained`` would then load them partitioned, though only the ControlNet is given to DeepSpeed."""
+    from train.errors import SetupError
+
+    problem = launch_problem(accelerator, mode)
+    if problem:
+        raise SetupError(problem)
+    if mode == "zero3":
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def before_prepare(accelerator: Any, controlnet: torch.nn.Module, family: str, config: Any) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def controlnet_loss(
+def unet_denoising_loss(
     controlnet: torch.nn.Module,
     unet: torch.nn.Module,
     scheduler: Any,

@@ -13,7 +13,7 @@ from train.adapter import (BaseModels, FamilyAdapter, controlnet_config, control
 from train.errors import SetupError
 from train.latents import images_from_latents
 from train.reward import clean_prediction
-from train.step import controlnet_loss, sample_noise, steered_prediction
+from train.step import sample_noise, steered_prediction, unet_denoising_loss
 
 
 class SDAdapter(FamilyAdapter):
@@ -75,8 +75,8 @@ class SDAdapter(FamilyAdapter):
         if base.options.union:
             condition, extra = union_slots(condition, len(base.options.conditions), generator,
                                            controlnet_config(controlnet).num_control_type)
-        return controlnet_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise, timesteps,
-                               added, extra)
+        return unet_denoising_loss(controlnet, base.unet, base.scheduler, latents, hidden, condition, noise,
+                                   timesteps, added, extra)
 
     def denoise_once(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
                      added: dict, condition: torch.Tensor, generator: torch.Generator,
