@@ -207,6 +207,7 @@ def family_counts() -> list[dict]:
                      "fp8_saved": fp8_saving(transformer) + FP8_SAVED["flux"]})
         rows.append(zimage_row(flow_vae))
         rows.append(qwen_image_row())
+        rows.append(hunyuandit_row(sd_vae))
     for row in rows:
         row["base"] = row["denoiser"] + row["text"] + row["vae"]
         row["base_bf16_gib"] = 2 * row["base"] / GIB
@@ -217,6 +218,41 @@ def family_counts() -> list[dict]:
         row["base_finetune_gib"] = 16 * row["denoiser"] + 2 * (row["text"] + row["vae"])
         row["base_finetune_gib"] /= GIB
     return rows
+
+
+# Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers (its config.json files, as recalled: no hub here to check): transformer/
+# hidden_size 1408, num_layers 40, num_attention_heads 16, attention_head_dim 88, mlp_ratio 4.3637, in_channels 4,
+# patch_size 2, learn_sigma true, cross_attention_dim 1024, cross_attention_dim_t5 2048, pooled_projection_dim 1024,
+# text_len 77, text_len_t5 256, use_style_cond_and_image_meta_size false; text_encoder/config.json a BertModel
+# (hidden_size 1024, 24 layers, 16 heads, intermediate_size 4096, vocab_size 47020); text_encoder_2/config.json
+# mT5-XL's encoder (d_model 2048, d_ff 5120, d_kv 64, num_heads 32, num_layers 24, vocab_size 250112, gated-gelu);
+# vae/ the SDXL-style 4-channel VAE (SD_VAE's shape).
+HUNYUANDIT_V12 = dict(num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2, hidden_size=1408,
+                      num_layers=40, mlp_ratio=4.3637, learn_sigma=True, cross_attention_dim=1024,
+                      cross_attention_dim_t5=2048, pooled_projection_dim=1024, text_len=77, text_len_t5=256,
+                      use_style_cond_and_image_meta_size=False, sample_size=128)
+HUNYUAN_BERT = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    vocab_size=47020)
+MT5_XL = dict(vocab_size=250112, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+              feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def hunyuandit_row(vae: int) -> dict:
+    """HunyuanDiT v1.2 on the meta device: its ControlNet is the trainer's copy (train/families/hunyuandit.py),
+    one block per skip connection (num_layers // 2 - 1 = 19 of 40)."""
+    import transformers
+    from diffusers import HunyuanDiT2DModel
+
+    from train.families.hunyuandit import controlnet_from_transformer
+
+    transformer = HunyuanDiT2DModel(**HUNYUANDIT_V12)
+    controlnet = controlnet_from_transformer(transformer, 3)
+    bert = transformers.BertModel(transformers.BertConfig(**HUNYUAN_BERT))
+    text = count(bert) + text_encoders(("T5EncoderModel", MT5_XL), label="hunyuandit")
+    layers = HUNYUANDIT_V12["num_layers"]
+    return {"family": "HunyuanDiT-v1.2", "denoiser": count(transformer), "text": text, "vae": vae,
+            "controlnet": count(controlnet), "layers": f"{layers // 2 - 1} of {layers} (one per skip)",
+            "fp8_saved": fp8_saving(transformer) + fp8_saving(bert) + FP8_SAVED["hunyuandit"]}
 
 
 # --- measured: reduced depth, real width ---------------------------------------------------------

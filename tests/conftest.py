@@ -145,6 +145,14 @@ def tiny_qwenimage(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hunyuandit(tmp_path_factory) -> Path:
+    """A tiny HunyuanDiT-style folder (skip-connected DiT, BERT + mT5, DDPM v-prediction) built from configs."""
+    from tests.tiny_hunyuandit import write_tiny_hunyuandit
+
+    return write_tiny_hunyuandit(tmp_path_factory.mktemp("tiny_hunyuandit") / "hunyuandit")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL-style folder (two CLIPs, pooled embeds, time ids) built from configs."""
     from tests.tiny_sd import write_tiny_sdxl

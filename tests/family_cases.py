@@ -81,3 +81,19 @@ def _qwenimage() -> FamilyCase:
 
 
 CASES["qwenimage"] = _qwenimage()
+
+
+def _hunyuandit() -> FamilyCase:
+    from tests import tiny_hunyuandit
+
+    return FamilyCase(
+        "HunyuanDiT2DControlNetModel", "HunyuanDiTControlNetPipeline", tiny_hunyuandit.noisy, tiny_hunyuandit.plain,
+        pipeline_kwargs={"use_resolution_binning": False},  # else the pipeline samples at 1024 px
+        refused=((("--controlnet_num_layers", "1"), "one block per skip connection"),
+                 (("--max_sequence_length", "64"), "prompt lengths are fixed by its transformer"),
+                 (("--union", "--condition", "canny,depth"), "no union ControlNet for HunyuanDiT"),
+                 (("--guidance_scale", "3.5"), "HunyuanDiT has none"),
+                 (("--resolution", "72"), "needs a multiple of 16")))
+
+
+CASES["hunyuandit"] = _hunyuandit()

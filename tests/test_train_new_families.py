@@ -81,6 +81,29 @@ def test_the_controlnet_reads_the_condition(family, request):
     assert (a - b).abs().amax() > 1e-3 * a.abs().amax()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_controlnet_lora_starts_at_the_base_and_trains_only_its_adapters_and_new_parts(family, request):
+    """--controlnet_lora_rank on the family: the start predicts exactly what the base does, and the
+    parameters that train are the LoRA adapters and the ControlNet's new (zero-initialised) parts only."""
+    from train.controlnet_lora import LoraSettings, is_new, new_part_names
+    from train.models import make_controlnet
+
+    case, base = CASES[family], load_family_base(request, family)
+    controlnet = make_controlnet(base, 3, None, *case.layers, LoraSettings(rank=2)).eval()
+    noisy, sigmas = case.noisy(base), torch.tensor([0.3, 0.9])
+    prediction = steered(base, controlnet, noisy, sigmas, torch.rand(2, 3, 64, 64))
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(case.plain(base, noisy, sigmas, hidden, added), prediction)
+    parts = new_part_names(controlnet)
+    trained = [n for n, p in controlnet.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trained) and any(is_new(n, parts) for n in trained)
+    assert all("lora_" in n or is_new(n, parts) for n in trained), [n for n in trained if "lora_" not in n
+                                                                     and not is_new(n, parts)]
+    frozen_new = [n for n, p in controlnet.named_parameters() if is_new(n, parts) and not p.requires_grad]
+    assert frozen_new == [] or all(n.startswith(("controlnet_blocks", "transformer_blocks")) for n in frozen_new)
+
+
 @pytest.mark.parametrize(("family", "extra", "message"),
                          [(f, list(extra), message) for f in FAMILIES for extra, message in CASES[f].refused])
 def test_flags_the_family_cannot_take_fail_before_any_weights_load(demo_manifest, request, tmp_path, capsys,
@@ -331,3 +354,72 @@ def test_qwenimage_union_gives_each_example_one_condition_and_no_mode(request, t
                          "--pretrained_model_name_or_path", str(request.getfixturevalue("tiny_qwenimage")),
                          "--output_dir", str(tmp_path / "out")])
     assert config.union and config.condition == ("canny", "depth")
+# --- HunyuanDiT: its ControlNet copy and gradient checkpointing ----------------------------------------
+
+
+def hunyuandit_base(folder):
+    from train.adapter import FamilyOptions
+    from train.models import load_base
+
+    base = load_base(str(folder), 64)
+    base.options = FamilyOptions(("canny",))
+    return base
+
+
+def test_hunyuandit_controlnet_is_what_diffusers_from_transformer_makes_where_that_works():
+    """On a base with the published pooled_projection_dim (1024, which from_transformer leaves at its default)
+    and v1.1's style/size embedding, the adapter's copy equals diffusers' own, weight for weight."""
+    from diffusers import HunyuanDiT2DControlNetModel, HunyuanDiT2DModel
+
+    from train.families.hunyuandit import controlnet_from_transformer
+
+    torch.manual_seed(0)
+    transformer = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
+                                    sample_size=8, hidden_size=16, num_layers=6, cross_attention_dim=16,
+                                    cross_attention_dim_t5=32, pooled_projection_dim=1024)
+    ours = controlnet_from_transformer(transformer, 3).state_dict()
+    theirs = HunyuanDiT2DControlNetModel.from_transformer(transformer, transformer_num_layers=6).state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    assert {k.split(".")[1] for k in ours if k.startswith("blocks.")} == {"0", "1"}  # one per skip connection
+
+
+def test_hunyuandit_v1_2_base_without_style_or_size_embedding_gets_a_zero_start_controlnet(tmp_path):
+    """diffusers' from_transformer builds the style/size embedding whatever the base has, so a v1.2 base fails
+    to load into it; the adapter's copy takes the base's config and starts exactly at the base."""
+    from diffusers import HunyuanDiT2DControlNetModel
+
+    from tests.tiny_hunyuandit import noisy, plain, write_tiny_hunyuandit
+
+    base = hunyuandit_base(write_tiny_hunyuandit(tmp_path / "v12", use_style_cond_and_image_meta_size=False))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        HunyuanDiT2DControlNetModel.from_transformer(base.transformer,
+                                                     transformer_num_layers=base.transformer.config.num_layers)
+    controlnet = fresh_controlnet(base, "hunyuandit")
+    assert controlnet.config.use_style_cond_and_image_meta_size is False
+    latents, timesteps = noisy(base), torch.tensor([10, 900])
+    prediction = steered(base, controlnet, latents, timesteps, torch.rand(2, 3, 64, 64))
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(prediction, plain(base, latents, timesteps, hidden, added))
+
+
+def test_hunyuandit_gradient_checkpointing_keeps_the_loss_gradients_and_state_dict(tiny_hunyuandit):
+    base = hunyuandit_base(tiny_hunyuandit)
+    plain_net = fresh_controlnet(base, "hunyuandit").train()
+    perturb(plain_net)
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        plain_net.enable_gradient_checkpointing()  # diffusers' class has none: the adapter adds it
+    checkpointed = fresh_controlnet(base, "hunyuandit").train()
+    checkpointed.load_state_dict(plain_net.state_dict())
+    base.family.enable_gradient_checkpointing(checkpointed)
+    assert list(checkpointed.state_dict()) == list(plain_net.state_dict())
+    hidden, added = base.family.encode_prompts(base, ["a red circle", ""], torch.device("cpu"))
+    latents, condition = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 64, 64)
+    grads = []
+    for net in (plain_net, checkpointed):
+        loss = base.family.loss(net, base, latents, hidden, added, condition, torch.Generator().manual_seed(4))
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads[1])

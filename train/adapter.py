@@ -120,6 +120,10 @@ class FamilyAdapter(abc.ABC):
         """The clean latents predicted in one step from ``latents`` noised at a timestep drawn from
         0..``max_timestep`` (reward fine-tuning, train/reward.py), differentiable for the ControlNet."""
 
+    def enable_gradient_checkpointing(self, controlnet: torch.nn.Module) -> None:
+        """``--gradient_checkpointing``: recompute the ControlNet's activations in the backward pass."""
+        controlnet.enable_gradient_checkpointing()
+
     def card_pipeline_class(self, base: BaseModels) -> str:
         """The diffusers pipeline the model card tells users to load the ControlNet in."""
         return self.pipeline_class

@@ -36,9 +36,15 @@ NEW_PARTS: dict[str, tuple[str, ...]] = {
     "SD3ControlNetModel": ("pos_embed_input", "controlnet_blocks"),
     "FluxControlNetModel": ("controlnet_x_embedder", "input_hint_block", "controlnet_blocks",
                             "controlnet_single_blocks", "controlnet_mode_embedder"),
+    "QwenImageControlNetModel": ("controlnet_x_embedder", "controlnet_blocks"),
+    # each control layer is a copy of a base layer plus zero-initialised projections in and out
+    "ZImageControlNetModel": ("control_all_x_embedder", "control_layers.*.before_proj",
+                              "control_layers.*.after_proj", "control_noise_refiner.*.before_proj",
+                              "control_noise_refiner.*.after_proj"),
 }
 """ControlNet class -> the attributes that are new (not copied from the base): they train in full. Everything
-else is a copy of the base's weights and gets LoRA adapters on its Linear/Conv2d layers."""
+else is a copy of the base's weights and gets LoRA adapters on its Linear/Conv2d layers. ``*`` stands for one
+name segment (a block's index)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +78,7 @@ def new_part_names(controlnet: torch.nn.Module) -> tuple[str, ...]:
 
 def is_new(name: str, parts: tuple[str, ...]) -> bool:
     """Whether the module or parameter ``name`` belongs to one of the new ``parts``."""
-    return any(name == p or name.startswith(p + ".") for p in parts)
+    return any(re.fullmatch(re.escape(p).replace(r"\*", r"[^.]+") + r"(?:\..*)?", name) for p in parts)
 
 
 def lora_targets(controlnet: torch.nn.Module) -> list[str]:

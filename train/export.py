@@ -34,6 +34,9 @@ LOADERS = {
         "ComfyUI only (the InstantX/diffusers Flux layout; a union's `controlnet_mode_embedder` gives its mode "
         "count); A1111/Forge have no Flux ControlNet support. diffusers: no `from_single_file`; use "
         "`FluxControlNetModel.from_pretrained(<output_dir>/controlnet)`."),
+    "HunyuanDiT2DControlNetModel": (
+        "Not checked with ComfyUI or A1111/Forge. diffusers: no `from_single_file`; use "
+        "`HunyuanDiT2DControlNetModel.from_pretrained(<output_dir>/controlnet)` in `HunyuanDiTControlNetPipeline`."),
 }
 
 # The pipeline keyword that takes the condition image, per pipeline class the card names.
@@ -43,6 +46,7 @@ CONDITION_KWARG = {
     "StableDiffusionXLControlNetUnionPipeline": "control_image",
     "StableDiffusion3ControlNetPipeline": "control_image",
     "FluxControlNetPipeline": "control_image",
+    "HunyuanDiTControlNetPipeline": "control_image",
 }
 
 

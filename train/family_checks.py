@@ -29,6 +29,7 @@ def family_flag_problem(config: Any, family: str, transformer: dict | None = Non
     return (resolution_problem(config.resolution, family, transformer)
             or guidance_problem(config, family, transformer)
             or union_problem(config, spec)
+            or fixed_flag_problem(config, spec)
             or layer_flag_problem(config, spec)
             or layer_places_problem(getattr(config, "control_layers_places", ()), spec, transformer)
             or sequence_length_problem(config, spec)
@@ -46,6 +47,14 @@ def union_problem(config: Any, spec: FamilySpec) -> str | None:
     if spec.max_union_types is not None and len(config.condition) > spec.max_union_types:
         return (f"--union on {spec.label}: {spec.union_class} has {spec.max_union_types} control types; name at "
                 "most that many")
+    return None
+
+
+def fixed_flag_problem(config: Any, spec: FamilySpec) -> str | None:
+    """A flag whose setting the family's base fixes (``FamilySpec.fixed_flags``), with the reason."""
+    for flag, why in spec.fixed_flags:
+        if getattr(config, flag) is not None:
+            return f"--{flag}: {why}; drop it"
     return None
 
 

@@ -60,6 +60,9 @@ class FamilySpec:
     guidance: bool = False
     """Its (distilled) bases may read a guidance input: ``--guidance_scale`` applies when the transformer
     config has ``guidance_embeds``."""
+    fixed_flags: tuple[tuple[str, str], ...] = ()
+    """(flag, why its base fixes that setting) pairs: flags refused with that reason although the family has
+    such blocks or encoders (HunyuanDiT's ControlNet depth and prompt lengths)."""
 
     @property
     def hint(self) -> str:
@@ -109,6 +112,16 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                "QwenImageControlNetModel", union_class="QwenImageControlNetModel",
                transformer_prefixes=("QwenImage",), pipeline_prefixes=("QwenImage",), patch=2,
                layer_flags=("controlnet_num_layers",), sequence_length=True, max_sequence_length=1024),
+    # HunyuanDiT2DControlNetModel has no union mode (HunyuanDiT2DMultiControlNetModel sums separate ControlNets)
+    # and reads one VAE-encoded condition through its patch embedding: no union, no stacking
+    FamilySpec("hunyuandit", "HunyuanDiT", ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                            "tokenizer_2", "scheduler"), "HunyuanDiT2DControlNetModel",
+               transformer_prefixes=("HunyuanDiT",), pipeline_prefixes=("HunyuanDiT",), vae_scale=8, patch=2,
+               fixed_flags=(
+                   ("controlnet_num_layers", "a HunyuanDiT ControlNet has one block per skip connection of its base "
+                    "(num_layers // 2 - 1: HunyuanDiT2DModel adds one residual to each)"),
+                   ("max_sequence_length", "HunyuanDiT's prompt lengths are fixed by its transformer (text_len 77 "
+                    "BERT and text_len_t5 256 mT5 tokens: its text padding has that many rows)"))),
 )}
 """Family name -> its facts; the keys are the adapters' names in train/families/."""
 

@@ -139,7 +139,7 @@ def set_up(config: TrainConfig) -> Run:
 
         log.info("fp8 base: %s", store_base_in_float8(base, weight_dtype).line())
     if config.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
+        base.family.enable_gradient_checkpointing(controlnet)
     ema = make_ema(accelerator, controlnet) if config.use_ema else None
 
     dataset, sampler, held_out, skipped = make_data(config, accelerator, base, train_rows, held_out, seed)
