@@ -147,6 +147,8 @@ def test_deepspeed_zero2_keeps_ema_working_and_exports_it(demo_manifest, tiny_fl
         demo_manifest, tiny_flux, out, "flux", *TINY, "--use_ema", "--max_train_steps", "2",
         "--checkpointing_steps", "2"), script=TRAIN, ok=False))
     assert np.isfinite(summary_of(out)["figures"]["final_loss"])
+    optimizer_parts = list((out / "checkpoint-2" / "pytorch_model").glob("*zero_pp_rank_*optim_states.pt"))
+    assert len(optimizer_parts) == 2  # DeepSpeed's layout: AdamW state partitioned, one file per rank
     exported = load_exported("flux", out / "controlnet")
     ema = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
     params = list(exported.parameters())
