@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from manifests.io import strict_json
-from train import checkpoints
+from train import checkpoints, sharding
 from train.adapter import BaseModels, FamilyOptions
 from train.cache import EncodedCache
 from train.config import TrainConfig
@@ -150,6 +150,7 @@ def set_up(config: TrainConfig) -> Run:
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
 
     optimizer, lr_scheduler = make_optimizer_and_schedule(config, accelerator, controlnet, max_steps)
+    sharding.before_prepare(accelerator, controlnet, base.family.name, config)  # only the ControlNet is sharded
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("controlnet", config={k: str(v) for k, v in config.to_dict().items()})
@@ -169,6 +170,7 @@ def start(config: TrainConfig) -> tuple[Any, int, torch.dtype]:
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(config)
+    sharding.check_launch(accelerator, sharding.requested_mode())  # a sharding config accelerate did not honour
     if accelerator.device.type == "cpu":
         # Denormal floats take a slow path on CPUs (a bf16 validation here ran 45x slower); GPUs flush them.
         torch.set_flush_denormal(True)
@@ -233,8 +235,8 @@ def make_accelerator(config: TrainConfig):
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        # Without a GPU, say so: accelerate then joins torchrun's ranks over gloo (multi-CPU).
-        cpu=not torch.cuda.is_available(),
+        # Without a GPU, say so: accelerate then joins torchrun's ranks over gloo (multi-CPU); DeepSpeed: gloo too
+        **sharding.accelerator_kwargs(sharding.requested_mode()),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,  # None: accelerate's own setting
         log_with=None if config.report_to == "none" else config.report_to,
@@ -467,8 +469,8 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
     accelerator.wait_for_everyone()
     unreadable = figures.pop("unreadable_rows", [])
     result: dict[str, Any] = {"figures": figures, "unreadable_rows": unreadable}
+    final = sharding.exported_controlnet(accelerator, run.controlnet)  # all ranks: FSDP/ZeRO-3 gather it
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(run.controlnet)
         if run.ema is not None:
             run.ema.copy_to(trained_parameters(final))
         if config.validation_enabled:  # exactly the weights about to ship

@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from train.sharding import flag_problem, requested_mode
+
+    sharding_problem = flag_problem(config, requested_mode())  # the launch's FSDP/ZeRO-3 config: known now
+    if sharding_problem:
+        print(f"error: {sharding_problem}", file=sys.stderr)
+        return 2
     missing = missing_validation_images(config)
     if missing:  # found now, not at the first validation hours into training
         print(f"error: --validation_image: no such file: {', '.join(missing)}", file=sys.stderr)
