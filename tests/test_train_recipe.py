@@ -208,7 +208,9 @@ def test_cached_latents_draw_from_the_step_generator_on_any_device(monkeypatch):
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample",
                         lambda self, generator=None: (seen.append(generator), real(self, generator))[1])
     cache = EncodedCache.__new__(EncodedCache)
-    cache.base = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5)))
+    from train.families.unet import SDAdapter
+
+    cache.base = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5)), family=SDAdapter(64))
     cache.moments = torch.randn(3, 8, 4, 4)
     cache.device = torch.device("meta")  # stands in for a GPU: anything but the CPU
     generator = torch.Generator().manual_seed(3)
