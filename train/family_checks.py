@@ -26,13 +26,24 @@ def family_flag_problem(config: Any, family: str, transformer: dict | None = Non
     """What is wrong with the flags for this model family (a message saying what to do), or None;
     ``transformer``: the base's transformer config, for the checks that need it."""
     spec = SPECS[family]
-    return (resolution_problem(config.resolution, family, transformer)
+    return (control_method_family_problem(config, spec)
+            or resolution_problem(config.resolution, family, transformer)
             or guidance_problem(config, family, transformer)
             or union_problem(config, spec)
             or layer_flag_problem(config, spec)
             or layer_places_problem(getattr(config, "control_layers_places", ()), spec, transformer)
             or sequence_length_problem(config, spec)
             or stacking_problem(config, spec))
+
+
+def control_method_family_problem(config: Any, spec: FamilySpec) -> str | None:
+    """A ``--control_method`` the family's diffusers pipelines cannot load (``FamilySpec.control_methods``)."""
+    method = getattr(config, "control_method", "controlnet")
+    if method in spec.control_methods:
+        return None
+    having = ", ".join(s.label for s in SPECS.values() if method in s.control_methods)
+    return (f"--control_method {method}: diffusers has no {spec.label} pipeline for it (only {having or 'none'}); "
+            "use --control_method controlnet")
 
 
 def union_problem(config: Any, spec: FamilySpec) -> str | None:
