@@ -273,3 +273,35 @@ def test_controlnet_stays_the_default_method(demo_manifest, tiny_flux, tmp_path)
     base = with_control_method(load_base(str(tiny_flux), 64), "controlnet")
     base.options = FamilyOptions(("canny",))
     assert type(base.family) is FluxAdapter
+
+
+@pytest.mark.slow
+def test_bf16_base_with_checkpointing_ema_and_cached_latents_trains_validates_and_exports(demo_manifest, tiny_flux,
+                                                                                          tmp_path, monkeypatch):
+    """The memory flags with a channel-concat run: the base in bf16, the LoRA in fp32 with gradient checkpointing
+    and EMA, condition latents cached, validation sampling in place; the export still loads."""
+    from diffusers import FluxControlPipeline
+
+    from train import loop
+    from train.train import main
+
+    seen = {}
+    real = loop.make_controlnet
+
+    def keep(*args, **kwargs):
+        seen["control"] = real(*args, **kwargs)
+        return seen["control"]
+
+    monkeypatch.setattr(loop, "make_controlnet", keep)
+    out = tmp_path / "run"
+    assert main(concat_args(demo_manifest, tiny_flux, out, "--max_train_steps", "2", "--mixed_precision", "bf16",
+                            "--gradient_checkpointing", "--use_ema", "--cache_latents", "--center_crop",
+                            "--validation_steps", "2", "--num_validation_rows", "1", "--num_validation_images", "1",
+                            "--checkpointing_steps", "10")) == 0
+    control = seen["control"]
+    assert control.transformer.gradient_checkpointing
+    assert {p.dtype for p in control.parameters()} == {torch.float32}
+    assert control.transformer.x_embedder.base_layer.weight.dtype == torch.bfloat16  # the frozen base stays bf16
+    assert (out / "validation" / "step-final.png").is_file()
+    pipe = FluxControlPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights(out)

@@ -59,8 +59,25 @@ def add_lora(transformer: torch.nn.Module, rank: int) -> None:
     """peft LoRA adapters of ``rank`` on ``LORA_TARGETS`` (their B starts at zero: the base's output)."""
     from peft import LoraConfig
 
+    from diffusers.training_utils import cast_training_params
+
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=list(LORA_TARGETS)))
+    # the adapters train in fp32 beside a bf16/fp16 base, as a ControlNet does (peft casts their inputs)
+    cast_training_params(transformer, dtype=torch.float32)
+
+
+def frozen_dtype(transformer: torch.nn.Module) -> torch.dtype:
+    """The base weights' dtype (bf16 beside fp32 LoRA weights: diffusers' ``transformer.dtype`` may name either)."""
+    layer = transformer.x_embedder
+    return getattr(layer, "base_layer", layer).weight.dtype
+
+
+def cast_input_to_base(transformer: torch.nn.Module) -> None:
+    """Cast what enters ``x_embedder`` to the base's dtype: the condition latents of an fp32 (upcast) VAE meet
+    bf16 image latents in FluxControlPipeline's concatenation, which would reach the bf16 layer as fp32."""
+    transformer.x_embedder.register_forward_pre_hook(
+        lambda _, args: tuple(a.to(frozen_dtype(transformer)) if torch.is_tensor(a) else a for a in args))
 
 
 class ConcatControl(torch.nn.Module):
@@ -103,6 +120,7 @@ class FluxConcatAdapter(FluxAdapter):
         widen_input(transformer)
         if rank:
             add_lora(transformer, rank)
+            cast_input_to_base(transformer)
         else:  # a full fine-tune trains in fp32, as a ControlNet does beside a half-precision base
             transformer.to(torch.float32).requires_grad_(True)
         return ConcatControl(transformer, rank)
@@ -115,7 +133,7 @@ class FluxConcatAdapter(FluxAdapter):
         from diffusers import FluxPipeline
 
         batch, _, height, width = noisy.shape
-        device, dtype = noisy.device, base.transformer.dtype
+        device, dtype = noisy.device, frozen_dtype(base.transformer)
         img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
         txt_ids = torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype)
         tokens = torch.cat([pack(noisy), control["control"].to(noisy.dtype)], dim=2).to(dtype)
