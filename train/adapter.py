@@ -28,6 +28,8 @@ class FamilyOptions:
     """Flux.1-dev's guidance input (``--guidance_scale``, else ``DEFAULT_GUIDANCE``)."""
     control_layers_places: tuple[int, ...] = ()
     """Z-Image: the base layers a new ControlNet's blocks feed (``--control_layers_places``; empty: the default)."""
+    control_lora_rank: int | None = None
+    """Channel-concat control: the transformer's LoRA rank (``--control_lora_rank``; 0: full fine-tune; None: 4)."""
 
 
 @dataclasses.dataclass

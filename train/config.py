@@ -14,6 +14,17 @@ from train.family_checks import base_json, controlnet_family_problem, family_fla
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+CONTROL_METHODS = ("controlnet", "channel_concat")
+"""``--control_method`` choices, the default first; which family takes which: ``FamilySpec.control_methods``."""
+CONCAT_REFUSED = {
+    "union": "a union needs a ControlNet's mode input",
+    "controlnet_num_layers": "it sizes a ControlNet, and channel-concat control has none",
+    "controlnet_num_single_layers": "it sizes a ControlNet, and channel-concat control has none",
+    "control_layers_places": "it places ControlNet blocks, and channel-concat control has none",
+    "controlnet_model_name_or_path": "it continues a ControlNet, and channel-concat control has none",
+    "fp8_base": "the transformer is what trains here (its LoRA or all of it), so it cannot be stored in float8",
+}
+"""Flags that make no sense with ``--control_method channel_concat``, and why."""
 
 # Where our defaults differ from diffusers' examples/controlnet/train_controlnet.py, and why.
 DIFFUSERS_DIFFERENCES = {
@@ -178,6 +189,13 @@ class TrainConfig:
     scale per output channel, upcast to the base's dtype layer by layer in the forward and again in the
     backward (train/float8_base.py): about half the memory of those weights in bf16, a quarter of fp32. Lossy
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
+    control_method: str = "controlnet"
+    """How the condition steers the base: ``controlnet`` (a ControlNet beside the locked base) or
+    ``channel_concat`` (Flux.1 only, diffusers' FluxControlPipeline: the condition's latents concatenated to the
+    input channels, the input projection widened with zero-initialised columns, LoRA on the transformer)."""
+    control_lora_rank: int | None = None
+    """``channel_concat`` only: rank of the transformer's LoRA; None: 4 (diffusers' train_control_lora_flux.py);
+    0: fine-tune the whole transformer instead (exported as a transformer folder, not a LoRA)."""
     reward_weight: float = 0.0
     """Weight of the ControlNet++-style reward loss (train/reward.py): from the training forward itself, the
     examples noised to at most ``reward_max_timestep`` get their clean image predicted in one step, decoded and
@@ -402,10 +420,29 @@ def model_problem(config: TrainConfig) -> str | None:
                        or controlnet_family_problem(config.controlnet_model_name_or_path, family, config.union))
 
 
+def control_method_problem(config: TrainConfig) -> str | None:
+    """An unknown ``--control_method``, a negative rank, or flags its method has no use for (the family's own
+    check, whether its pipeline supports the method, is train/family_checks.py's)."""
+    if config.control_method not in CONTROL_METHODS:
+        return f"--control_method {config.control_method!r}: choose one of {', '.join(CONTROL_METHODS)}"
+    if config.control_lora_rank is not None and config.control_method != "channel_concat":
+        return ("--control_lora_rank sets the LoRA of --control_method channel_concat: add that, or drop "
+                "--control_lora_rank")
+    if config.control_lora_rank is not None and config.control_lora_rank < 0:
+        return (f"--control_lora_rank {config.control_lora_rank}: give a rank of 1 or more (e.g. 4), or 0 to "
+                "fine-tune the whole transformer")
+    if config.control_method != "channel_concat":
+        return None
+    for flag, why in CONCAT_REFUSED.items():
+        if getattr(config, flag) not in (None, False, ()):
+            return f"--{flag} with --control_method channel_concat: {why}; drop --{flag}"
+    return None
+
+
 CONFIG_CHECKS = (lambda config: nonfinite_problem(config, lambda name: f"--{name}"),
                  lambda config: output_dir_problem(config.output_dir),
-                 condition_problem, choice_problem, range_problem, validation_problem, data_problem, model_problem,
-                 reward_problem, controlnet_lora_problem)
+                 condition_problem, choice_problem, range_problem, validation_problem, data_problem,
+                 control_method_problem, model_problem, reward_problem, controlnet_lora_problem)
 """Run in this order when a ``TrainConfig`` is built; the first problem found is raised as a ValueError."""
 
 def differences_from_diffusers(config: TrainConfig) -> list[str]:

@@ -61,6 +61,9 @@ def export(controlnet: torch.nn.Module, output_dir: str, card: dict[str, Any],
     """
     from safetensors.torch import save_file
 
+    own = getattr(controlnet, "export_to", None)
+    if own is not None:  # a trained module that is not a ControlNet (channel-concat control) writes its own
+        return own(output_dir, card, example)
     out = Path(output_dir)
     written: dict[str, str] = {}
     if is_lora(controlnet):

@@ -26,7 +26,8 @@ def family_flag_problem(config: Any, family: str, transformer: dict | None = Non
     """What is wrong with the flags for this model family (a message saying what to do), or None;
     ``transformer``: the base's transformer config, for the checks that need it."""
     spec = SPECS[family]
-    return (resolution_problem(config.resolution, family, transformer)
+    return (control_method_family_problem(config, spec)
+            or resolution_problem(config.resolution, family, transformer)
             or unmirrored_problem(spec, transformer)
             or guidance_problem(config, family, transformer)
             or union_problem(config, spec)
@@ -45,6 +46,16 @@ def unmirrored_problem(spec: FamilySpec, transformer: dict | None) -> str | None
             return (f"this {spec.label} base's transformer sets {key}={value!r}; {spec.controlnet_class} has no "
                     f"{key}, so it cannot copy the base's blocks: use a {spec.label} base without it")
     return None
+
+
+def control_method_family_problem(config: Any, spec: FamilySpec) -> str | None:
+    """A ``--control_method`` the family's diffusers pipelines cannot load (``FamilySpec.control_methods``)."""
+    method = getattr(config, "control_method", "controlnet")
+    if method in spec.control_methods:
+        return None
+    having = ", ".join(s.label for s in SPECS.values() if method in s.control_methods)
+    return (f"--control_method {method}: diffusers has no {spec.label} pipeline for it (only {having or 'none'}); "
+            "use --control_method controlnet")
 
 
 def union_problem(config: Any, spec: FamilySpec) -> str | None:

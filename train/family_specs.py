@@ -66,6 +66,10 @@ class FamilySpec:
     unmirrored: tuple[str, ...] = ()
     """Transformer config settings its ControlNet class has no parameter for: a base that sets one (truthy) has
     blocks the ControlNet cannot copy, and is refused (Sana's ``qk_norm``, ``guidance_embeds``)."""
+    control_methods: tuple[str, ...] = ("controlnet",)
+    """The ``--control_method`` values it takes: ``channel_concat`` where diffusers has a pipeline that reads the
+    condition's latents as extra input channels (Flux.1: FluxControlPipeline; diffusers 0.42.1 has none for
+    SD3, Z-Image, Qwen-Image, Sana or HunyuanDiT, only ControlNet pipelines)."""
 
     @property
     def hint(self) -> str:
@@ -101,7 +105,7 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                                   "scheduler"), "FluxControlNetModel", union_class="FluxControlNetModel",
                transformer_prefixes=("Flux",), pipeline_prefixes=("Flux",), patch=2,
                layer_flags=("controlnet_num_layers", "controlnet_num_single_layers"), sequence_length=True,
-               guidance=True),
+               guidance=True, control_methods=("controlnet", "channel_concat")),
     # ZImageControlNetModel reads one VAE-encoded condition image and has no control-type or mode input (its
     # forward takes latents, timestep, caption features and control_context only), so there is no union in our
     # sense: alibaba-pai's "Z-Image-Turbo-Fun-Controlnet-Union" is one such ControlNet trained on several kinds

@@ -35,7 +35,7 @@ from train.controlnet_lora import is_lora, register_checkpoint_hooks, settings_o
 from train.data import (ManifestDataset, RankSampler, SkippedRows, TooManyUnreadableRows, cap_caption,
                         caption_char_limit, collate, drop_unreadable, load_rows)
 from train.export import export
-from train.models import load_base, make_controlnet
+from train.models import load_base, make_controlnet, with_control_method
 from train.reward import make_reward
 from train.validation import ValidationScorer, holdout_count, run_validation
 
@@ -192,11 +192,13 @@ def weight_dtype_of(mixed_precision: str) -> torch.dtype:
 
 def load_locked_base(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> BaseModels:
     """The locked base, its family checked against the flags and given its options, on ``device``."""
-    base = load_base(config.pretrained_model_name_or_path, config.resolution)
+    base = with_control_method(load_base(config.pretrained_model_name_or_path, config.resolution),
+                               config.control_method)
     check_family_flags(config, base)
     guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
     base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance,
-                                 control_layers_places=config.control_layers_places)
+                                 control_layers_places=config.control_layers_places,
+                                 control_lora_rank=config.control_lora_rank)
     base.place(device, weight_dtype)
     return base
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from train.adapter import BaseModels
+from train.adapter import BaseModels, FamilyAdapter
+from train.channel_concat import FluxConcatAdapter
 from train.errors import SetupError
 from train.family_checks import base_folder_problem, controlnet_family_problem, detect_family
 from train.family_specs import FAMILY_NAMES
@@ -27,6 +28,19 @@ def load_base(path: str, resolution: int) -> BaseModels:
         return FAMILIES[family](resolution).load(path)
     except (OSError, ValueError) as exc:
         raise SetupError(f"{path}: cannot load it as a {FAMILY_NAMES[family]} base: {exc}") from exc
+
+
+METHOD_ADAPTERS: dict[tuple[str, str], type[FamilyAdapter]] = {("flux", "channel_concat"): FluxConcatAdapter}
+"""(family, ``--control_method``) -> the adapter that trains that control method on that family, where it is
+not the family's own (a ControlNet); which families take which methods is ``FamilySpec.control_methods``."""
+
+
+def with_control_method(base: BaseModels, method: str) -> BaseModels:
+    """``base`` with the adapter that trains ``method`` on its family (the family's own for ``controlnet``)."""
+    adapter = METHOD_ADAPTERS.get((base.family.name, method))
+    if adapter is not None:
+        base.family = adapter(base.family.resolution)
+    return base
 
 
 def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | None = None,

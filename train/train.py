@@ -122,7 +122,8 @@ def short_summary(result: dict, output_dir: str) -> list[str]:
     if scores:
         lines.append("final validation: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     exported = result["exported"]
-    lines.append(f"ControlNet: {exported['diffusers']} (single file {exported['single_file']}, card {exported['card']})")
+    # what was written depends on the control method (a ControlNet folder and single file, a LoRA, ...)
+    lines.append("exported: " + ", ".join(f"{kind} {path}" for kind, path in exported.items()))
     lines.append(f"all figures: {Path(output_dir) / 'train_summary.json'}")
     return lines
 
