@@ -110,7 +110,7 @@ MUTATIONS = [
              "rng = _rng(self.seed, self.epoch, index)", "rng = _rng(self.seed, self.epoch, 0)",
              ("tests/test_train_data.py",)),
     Mutation("raw weights exported instead of the EMA weights", "train/loop.py",
-             "ema.copy_to(final.parameters())", "pass", ("tests/test_train.py::test_ema_run_exports_the_averaged_weights",)),
+             "run.ema.copy_to(trained_parameters(final))", "pass", ("tests/test_train.py::test_ema_run_exports_the_averaged_weights",)),
     Mutation("EXIF orientation ignored", "pipeline/decode.py",
              "ImageOps.exif_transpose(im, in_place=True)", "pass", ("tests/test_decode.py",)),
     Mutation("ControlNet outputs not zero at the start", "train/models.py",
@@ -142,7 +142,7 @@ MUTATIONS = [
              'runtime_env = None if in_ray_job() else {"py_modules": project_modules()}', "runtime_env = None",
              ("tests/test_ray_cluster.py",)),
     Mutation("--gradient_checkpointing ignored", "train/loop.py",
-             "controlnet.enable_gradient_checkpointing()", "pass", ("tests/test_train.py",)),
+             "base.family.enable_gradient_checkpointing(controlnet)", "pass", ("tests/test_train.py",)),
     # Messy collections and one run per output (tests/test_annotate_hostile_inputs.py).
     Mutation("hostile: resume ignores file stamps (edits not noticed)", "pipeline/plan.py",  # slice_fingerprint
              "{item.source}\\t{item.stamp}", "{item.source}",
