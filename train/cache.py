@@ -73,6 +73,14 @@ class EncodedCache:
         """The captions' cached embeddings as one batch. An LLM text encoder pads each batch only to its longest
         prompt (Qwen-Image), so captions cached in different batches differ in length: each is zero-padded at
         the end of its sequence to the longest, and so is its attention mask (0: padding, never attended)."""
-        hidden = pad_sequence([self.prompts[c][0] for c in captions], batch_first=True)
+        hidden = batched([self.prompts[c][0] for c in captions])
         keys = self.prompts[captions[0]][1].keys()
-        return hidden, {k: pad_sequence([self.prompts[c][1][k] for c in captions], batch_first=True) for k in keys}
+        return hidden, {k: batched([self.prompts[c][1][k] for c in captions]) for k in keys}
+
+
+def batched(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One batch of per-caption tensors: stacked when their shapes agree (scalars and fixed-length embeddings
+    alike), else zero-padded at the end of their first axis (prompts of different lengths)."""
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    return pad_sequence(tensors, batch_first=True)
