@@ -49,13 +49,14 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def annotate(work: Path, name: str, count: int, seed: int) -> str:
-    """``count`` 64 px circles drawn with ``seed``, annotated with Canny into a manifest (local Ray)."""
+    """``count`` 64 px circles drawn with ``seed`` (files named ``name``_N.png, so each set's manifest ids are its
+    own), annotated with Canny into a manifest (local Ray)."""
     from pipeline import ray_runtime
     from pipeline.annotate import run
     from pipeline.config import AnnotateConfig
     from demo.circles import write_circles
 
-    write_circles(work / name, count, size=64, seed=seed)
+    write_circles(work / name, count, size=64, seed=seed, prefix=name)
     run(AnnotateConfig(input=str(work / name), output=str(work / f"{name}_manifest"), resolution=64, shard_size=500))
     ray_runtime.shutdown()
     return str(work / f"{name}_manifest")

@@ -32,17 +32,21 @@ def circle(seed: int, index: int, size: int = 64) -> tuple[Image.Image, str]:
     return im, circle_caption(colour, background)
 
 
-def write_circles(folder: Path, count: int, size: int = 64, seed: int = 0) -> list[Path]:
-    """``count`` circle PNGs (``circle_00000.png`` ...) with ``.txt`` caption sidecars."""
+def write_circles(folder: Path, count: int, size: int = 64, seed: int = 0, prefix: str = "circle") -> list[Path]:
+    """``count`` circle PNGs (``{prefix}_00000.png`` ...) with ``.txt`` caption sidecars.
+
+    A manifest's ids come from the file names, so a held-out set drawn with another seed needs another
+    ``prefix`` too: with the same names its rows would share ids with the training rows.
+    """
     if count < 1 or size < 16:
         raise ValueError(f"circles need count >= 1 and size >= 16, got count={count} size={size}")
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         im, caption = circle(seed, i, size)
-        path = folder / f"circle_{i:05d}.png"
+        path = folder / f"{prefix}_{i:05d}.png"
         im.save(path)
-        (folder / f"circle_{i:05d}.txt").write_text(caption + "\n")
+        path.with_suffix(".txt").write_text(caption + "\n")
         paths.append(path)
     return paths
 

@@ -113,3 +113,15 @@ def test_bad_circle_flags_exit_2(tmp_path, args):
         samples.main(["circles", str(tmp_path / "x"), *args])
     assert exc.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_a_prefixed_set_gets_manifest_ids_of_its_own(tmp_path):
+    """A held-out set drawn with another seed but the default names would share the training set's manifest
+    ids (ids come from the relative path), and evaluate would call every held-out row trained on."""
+    from pipeline.reader import row_id
+
+    train = write_circles(tmp_path / "train", 4, seed=0)
+    held = write_circles(tmp_path / "held", 4, seed=9, prefix="heldout")
+    assert [p.name for p in held] == [f"heldout_{i:05d}.png" for i in range(4)]
+    assert all(p.with_suffix(".txt").read_text().strip() for p in held)
+    assert not {row_id(p.name) for p in train} & {row_id(p.name) for p in held}
