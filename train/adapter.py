@@ -25,6 +25,8 @@ class FamilyOptions:
     max_sequence_length: int | None = None
     guidance_scale: float = 3.5
     """Flux.1-dev's guidance input (``--guidance_scale``, else ``DEFAULT_GUIDANCE``)."""
+    controlnet_xs_size_ratio: float | None = None
+    """A new ControlNet-XS adapter's width / the UNet's (``--controlnet_xs_size_ratio``); None: the default."""
 
 
 @dataclasses.dataclass
@@ -73,6 +75,8 @@ class FamilyAdapter(abc.ABC):
     casting between dtypes) rather than with a copy in the base's dtype: large ControlNets are not copied."""
     encodes_conditions = False
     """The ControlNet reads its condition through the VAE (SD3, Flux): ``--cache_latents`` caches those too."""
+    method = "controlnet"
+    """The ``--control_method`` it trains (train/families/__init__.py ``adapter_class`` picks the adapter)."""
 
     def __init__(self, resolution: int = 512):
         self.resolution = resolution
@@ -107,6 +111,10 @@ class FamilyAdapter(abc.ABC):
                      max_timestep: int) -> torch.Tensor:
         """The clean latents predicted in one step from ``latents`` noised at a timestep drawn from
         0..``max_timestep`` (reward fine-tuning, train/reward.py), differentiable for the ControlNet."""
+
+    def exported(self, controlnet: torch.nn.Module) -> torch.nn.Module:
+        """The module the export writes and the model card names, of the trained (unwrapped) one: itself."""
+        return controlnet
 
     def card_pipeline_class(self, base: BaseModels) -> str:
         """The diffusers pipeline the model card tells users to load the ControlNet in."""

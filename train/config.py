@@ -10,10 +10,15 @@ import os
 from typing import Any
 
 from manifests.flags import nonfinite_problem
-from train.family_checks import base_json, controlnet_family_problem, family_flag_problem, local_family
+from train.family_checks import (base_json, control_method_base_problem, controlnet_family_problem,
+                                 family_flag_problem, local_family)
+from train.family_specs import XS_SIZE_RATIO
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+CONTROL_METHODS = ("controlnet", "controlnet_xs")
+"""``--control_method`` choices: ``controlnet`` (a copy of the base's encoder, every family) and ``controlnet_xs``
+(diffusers' ControlNet-XS adapter, SD 1.x/2.x and SDXL); which family takes which: ``FamilySpec.control_methods``."""
 
 # Where our defaults differ from diffusers' examples/controlnet/train_controlnet.py, and why.
 DIFFUSERS_DIFFERENCES = {
@@ -172,6 +177,14 @@ class TrainConfig:
     scale per output channel, upcast to the base's dtype layer by layer in the forward and again in the
     backward (train/float8_base.py): about half the memory of those weights in bf16, a quarter of fp32. Lossy
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
+    control_method: str = "controlnet"
+    """What is trained to steer the locked base: ``controlnet`` (a ControlNet, the family's copy of the
+    denoiser's encoder) or ``controlnet_xs`` (SD 1.x/2.x, SDXL: diffusers' ``ControlNetXSAdapter``, a narrow
+    network that exchanges features with the UNet at every block; exported for
+    ``StableDiffusion(XL)ControlNetXSPipeline``)."""
+    controlnet_xs_size_ratio: float | None = None
+    """``--control_method controlnet_xs``: the adapter's block widths as a fraction of the UNet's (within 0..1;
+    diffusers' ``ControlNetXSAdapter.from_unet(size_ratio=...)``); None: 0.1, as the published XS models."""
     reward_weight: float = 0.0
     """Weight of the ControlNet++-style reward loss (train/reward.py): each step also noises the batch lightly,
     predicts the clean image in one step, decodes it and scores it with the condition's own annotator against the
@@ -332,6 +345,38 @@ def data_problem(config: TrainConfig) -> str | None:
     return None
 
 
+METHOD_CONTRADICTIONS = {
+    "union": "only a ControlNet trains as a union (other methods take several conditions stacked as channels)",
+    "controlnet_num_layers": "it sizes a transformer ControlNet's copied blocks, which this method has none of",
+    "controlnet_num_single_layers": "it sizes a Flux ControlNet's single-stream blocks, which this method has none of",
+    "fp8_base": "float8 storage of the base is built for a ControlNet (stored after the copy) and not checked with "
+                "this method",
+}
+"""Flags that only mean something with ``--control_method controlnet`` -> why (for the refusal)."""
+
+
+def control_method_problem(config: TrainConfig) -> str | None:
+    """A control method the trainer lacks, or flags that contradict it (the family's own: family_checks.py)."""
+    method = config.control_method
+    if method not in CONTROL_METHODS:
+        return f"--control_method {method!r}: choose one of {', '.join(CONTROL_METHODS)}"
+    ratio = config.controlnet_xs_size_ratio
+    if ratio is not None and method != "controlnet_xs":
+        return "--controlnet_xs_size_ratio sizes a ControlNet-XS adapter: add --control_method controlnet_xs or drop it"
+    if ratio is not None and not 0 < ratio <= 1:
+        return (f"--controlnet_xs_size_ratio {ratio}: give the adapter's width as a fraction of the UNet's, above 0 "
+                f"and at most 1 (default {XS_SIZE_RATIO})")
+    if method == "controlnet":
+        return None
+    for flag, why in METHOD_CONTRADICTIONS.items():
+        if getattr(config, flag) not in (None, False):
+            return f"--{flag} with --control_method {method}: {why}; drop --{flag}"
+    if ratio is not None and config.controlnet_model_name_or_path:
+        return ("--controlnet_xs_size_ratio sizes a new adapter; --controlnet_model_name_or_path loads one with its "
+                "own size: drop --controlnet_xs_size_ratio")
+    return None
+
+
 def model_problem(config: TrainConfig) -> str | None:
     """ControlNet and base settings that cannot work together (the family's own checks: family_checks.py)."""
     if config.fp8_base and fp8_problem():
@@ -350,13 +395,15 @@ def model_problem(config: TrainConfig) -> str | None:
     path = config.pretrained_model_name_or_path
     family = local_family(path)  # a hub id's is checked once it loads
     return family and (family_flag_problem(config, family, base_json(path, "transformer/config.json"))
-                       or controlnet_family_problem(config.controlnet_model_name_or_path, family, config.union))
+                       or control_method_base_problem(config.control_method, base_json(path, "unet/config.json"))
+                       or controlnet_family_problem(config.controlnet_model_name_or_path, family, config.union,
+                                                    config.control_method))
 
 
 CONFIG_CHECKS = (lambda config: nonfinite_problem(config, lambda name: f"--{name}"),
                  lambda config: output_dir_problem(config.output_dir),
-                 condition_problem, choice_problem, range_problem, validation_problem, data_problem, model_problem,
-                 reward_problem)
+                 condition_problem, choice_problem, range_problem, validation_problem, data_problem,
+                 control_method_problem, model_problem, reward_problem)
 """Run in this order when a ``TrainConfig`` is built; the first problem found is raised as a ValueError."""
 
 def differences_from_diffusers(config: TrainConfig) -> list[str]:

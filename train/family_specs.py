@@ -55,6 +55,9 @@ class FamilySpec:
     guidance: bool = False
     """Its (distilled) bases may read a guidance input: ``--guidance_scale`` applies when the transformer
     config has ``guidance_embeds``."""
+    control_methods: tuple[str, ...] = ("controlnet",)
+    """The ``--control_method`` values it trains (``controlnet``: the family's ControlNet; ``controlnet_xs``:
+    diffusers' ControlNet-XS adapter, UNet families only)."""
 
     @property
     def hint(self) -> str:
@@ -76,11 +79,13 @@ class FamilySpec:
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("sd", "SD 1.x/2.x", ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), "ControlNetModel",
-               stacks_conditions=True, unet_embedding="", pipeline_prefixes=("StableDiffusion",)),
+               stacks_conditions=True, unet_embedding="", pipeline_prefixes=("StableDiffusion",),
+               control_methods=("controlnet", "controlnet_xs")),
     FamilySpec("sdxl", "SDXL", ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                                 "scheduler"), "ControlNetModel", union_class="ControlNetUnionModel",
                max_union_types=6,  # ControlNetUnionModel.from_unet builds num_control_type=6 slots
-               stacks_conditions=True, unet_embedding="text_time", pipeline_prefixes=("StableDiffusionXL",)),
+               stacks_conditions=True, unet_embedding="text_time", pipeline_prefixes=("StableDiffusionXL",),
+               control_methods=("controlnet", "controlnet_xs")),
     FamilySpec("sd3", "SD3/3.5", ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                                   "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"), "SD3ControlNetModel",
                transformer_prefixes=("SD3",), pipeline_prefixes=("StableDiffusion3",), patch=2,
@@ -93,6 +98,14 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                guidance=True),
 )}
 """Family name -> its facts; the keys are the adapters' names in train/families/."""
+
+XS_SIZE_RATIO = 0.1
+"""A ControlNet-XS adapter's width / its UNet's when ``--controlnet_xs_size_ratio`` is not given: the published
+diffusers ControlNet-XS checkpoints (SD 2.1, SDXL canny/depth) are 0.1 of their UNet's width."""
+
+METHOD_CLASSES: dict[str, str] = {"controlnet_xs": "ControlNetXSAdapter"}
+"""Control method -> the diffusers class it trains and exports, where it is not the family's ControlNet class
+(what a ``--controlnet_model_name_or_path`` folder's config.json must name to continue such a run)."""
 
 FAMILY_NAMES = {name: spec.label for name, spec in SPECS.items()}
 """Family name -> how messages name it."""

@@ -188,10 +188,11 @@ def weight_dtype_of(mixed_precision: str) -> torch.dtype:
 
 def load_locked_base(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> BaseModels:
     """The locked base, its family checked against the flags and given its options, on ``device``."""
-    base = load_base(config.pretrained_model_name_or_path, config.resolution)
+    base = load_base(config.pretrained_model_name_or_path, config.resolution, config.control_method)
     check_family_flags(config, base)
     guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
-    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance)
+    base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance,
+                                 controlnet_xs_size_ratio=config.controlnet_xs_size_ratio)
     base.place(device, weight_dtype)
     return base
 
@@ -469,9 +470,10 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
             run.ema.copy_to(final.parameters())
         if config.validation_enabled:  # exactly the weights about to ship
             run_validation(run, final, None, "final")
+        shipped = run.base.family.exported(final)  # what the export writes (an XS run: the adapter alone)
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
-            "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
+            "controlnet_class": type(shipped).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
             **run.base.family.card_extra(run.base),
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
             "provenance": summary.get("annotators", []), "figures": figures,
@@ -480,7 +482,7 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
         example = example_row(run)
         # cut as training cuts it: a caption that is really a log file must not land whole in README.md
         card["example_prompt"] = cap_caption(example["caption"], run.dataset.max_caption_chars) if example else ""
-        result["exported"] = export(final, config.output_dir, card, example_condition(run, example))
+        result["exported"] = export(shipped, config.output_dir, card, example_condition(run, example))
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
         result["args"] = config.to_dict()  # what the report reads the run's settings from
         result["run"] = run_record(config, run.held_out)  # what evaluate.py defaults to

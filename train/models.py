@@ -12,18 +12,19 @@ from train.adapter import BaseModels
 from train.errors import SetupError
 from train.family_checks import base_folder_problem, controlnet_family_problem, detect_family
 from train.family_specs import FAMILY_NAMES
-from train.families import FAMILIES
+from train.families import adapter_class
 
 
-def load_base(path: str, resolution: int) -> BaseModels:
-    """The frozen base of whichever family ``path`` holds (read from its model_index.json / subfolders);
-    a folder missing a part, or one that does not load, is a ``SetupError`` saying what is wrong."""
+def load_base(path: str, resolution: int, method: str = "controlnet") -> BaseModels:
+    """The frozen base of whichever family ``path`` holds (read from its model_index.json / subfolders), its
+    adapter the one training the control ``method``; a folder missing a part, or one that does not load, is a
+    ``SetupError`` saying what is wrong."""
     family = detect_family(path)
     problem = base_folder_problem(path, family)
     if problem:
         raise SetupError(problem)
     try:
-        return FAMILIES[family](resolution).load(path)
+        return adapter_class(family, method)(resolution).load(path)
     except (OSError, ValueError) as exc:
         raise SetupError(f"{path}: cannot load it as a {FAMILY_NAMES[family]} base: {exc}") from exc
 
@@ -32,7 +33,7 @@ def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | No
                     num_layers: int | None = None, num_single_layers: int | None = None) -> torch.nn.Module:
     """The family's ControlNet: initialised from the base (zero-initialised outputs), or loaded to continue
     (a folder of another family, or one that does not load, is a ``SetupError``)."""
-    problem = controlnet_family_problem(path, base.family.name, base.options.union)
+    problem = controlnet_family_problem(path, base.family.name, base.options.union, base.family.method)
     if problem:
         raise SetupError(problem)
     try:

@@ -31,6 +31,13 @@ def unet_denoising_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = steered_prediction(controlnet, unet, noisy, timesteps, encoder_hidden_states, condition,
                                     added_cond_kwargs, controlnet_kwargs)
+    return prediction_loss(scheduler, prediction, latents, noise, timesteps)
+
+
+def prediction_loss(scheduler: Any, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a denoiser's prediction against the scheduler's target: the noise (epsilon) or the
+    velocity (v_prediction) of ``latents`` noised with ``noise`` at ``timesteps``."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise

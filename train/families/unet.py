@@ -85,9 +85,14 @@ class SDAdapter(FamilyAdapter):
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
         timesteps = torch.randint(0, max_timestep + 1, (latents.shape[0],), generator=generator).to(latents.device)
         noisy = base.scheduler.add_noise(latents, noise, timesteps)
-        prediction = steered_prediction(controlnet, base.unet, noisy, timesteps, hidden, condition, added)
+        prediction = self.steered(controlnet, base, noisy, timesteps, hidden, condition, added)
         alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()]
         return clean_prediction(base.scheduler.config.prediction_type, noisy, prediction, alpha_bar)
+
+    def steered(self, controlnet: torch.nn.Module, base: BaseModels, noisy: torch.Tensor, timesteps: torch.Tensor,
+                hidden: torch.Tensor, condition: torch.Tensor, added: dict) -> torch.Tensor:
+        """The steered UNet's prediction (epsilon or v) on ``noisy``: the locked UNet plus the ControlNet's residuals."""
+        return steered_prediction(controlnet, base.unet, noisy, timesteps, hidden, condition, added)
 
     def card_extra(self, base: BaseModels) -> dict:
         """A union ControlNet's condition -> control-type slot mapping."""
