@@ -115,8 +115,8 @@ def test_training_changes_the_controlnet_and_never_the_base(demo_manifest, tiny_
 
     captured = {}
 
-    def keep(path, resolution):
-        captured["base"] = load_base(path, resolution)
+    def keep(path, resolution, *method):
+        captured["base"] = load_base(path, resolution, *method)
         return captured["base"]
 
     monkeypatch.setattr(loop, "load_base", keep)

@@ -154,8 +154,8 @@ def train_keeping_base(family: str, base_dir, out, args: list[str]) -> dict:
 
     captured = {}
 
-    def keep(path, resolution):
-        captured["base"] = load_base(path, resolution)
+    def keep(path, resolution, *method):
+        captured["base"] = load_base(path, resolution, *method)
         return captured["base"]
 
     with pytest.MonkeyPatch.context() as mp:
