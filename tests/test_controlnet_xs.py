@@ -3,6 +3,7 @@ SD and SDXL: diffusers' XS fuses only that layout): zero start, what trains, res
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -21,8 +22,15 @@ def xs_bases(tmp_path_factory) -> dict:
     from tests.tiny_sd import write_tiny_sd, write_tiny_sdxl
 
     root = tmp_path_factory.mktemp("xs_bases")
-    return {"sd": write_tiny_sd(root / "sd", layers_per_block=2),
-            "sdxl": write_tiny_sdxl(root / "sdxl", layers_per_block=2)}
+    sdxl = write_tiny_sdxl(root / "sdxl", layers_per_block=2)
+    # the model_index.json an SDXL folder has, so pipelines load it with from_pretrained as users do
+    (sdxl / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}))
+    return {"sd": write_tiny_sd(root / "sd", layers_per_block=2), "sdxl": sdxl}
 
 
 def xs_base(path, ratio: float = 0.5):
