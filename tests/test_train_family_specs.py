@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from train.config import CONTROL_METHODS
 from train.family_checks import (base_folder_problem, controlnet_family_problem, controlnet_families, detect_family,
                                  family_flag_problem)
 from train.family_specs import SPECS, FamilySpec
@@ -82,6 +83,7 @@ class Flags:
     controlnet_num_layers = None
     controlnet_num_single_layers = None
     max_sequence_length = None
+    control_method = "controlnet"
 
     def __init__(self, **changes):
         self.__dict__.update(changes)
@@ -98,6 +100,8 @@ def test_each_family_takes_exactly_the_flags_its_facts_allow(name):
     assert (family_flag_problem(Flags(guidance_scale=3.5), name) is None) == spec.guidance
     for flag in ("controlnet_num_layers", "controlnet_num_single_layers"):
         assert (family_flag_problem(Flags(**{flag: 2}), name) is None) == (flag in spec.layer_flags), flag
+    for method in CONTROL_METHODS:
+        assert (family_flag_problem(Flags(control_method=method), name) is None) == (method in spec.control_methods)
     if spec.patch:
         assert f"multiple of {step}" in family_flag_problem(Flags(resolution=64 * step + 8), name)
 
