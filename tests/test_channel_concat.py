@@ -238,7 +238,7 @@ def test_rank_0_fine_tunes_the_whole_transformer_and_exports_it(demo_manifest, t
     ("tiny_flux", ["--fp8_base"], "drop --fp8_base"),
     ("tiny_flux", ["--control_lora_rank", "-1"], "--control_lora_rank -1: give a rank of 1 or more"),
     ("tiny_flux", ["--control_method", "concat"], "--control_method 'concat': choose one of controlnet, "
-                                                  "channel_concat"),
+                                                  "controlnet_xs, channel_concat"),
 ])
 def test_flags_that_make_no_sense_with_channel_concat_fail_before_any_weights_load(
         demo_manifest, tmp_path, capsys, monkeypatch, request, fixture, extra, message):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from train.config import CONTROL_METHODS
 from train.family_checks import (base_folder_problem, controlnet_family_problem, controlnet_families, detect_family,
                                  family_flag_problem)
 from train.family_specs import SPECS, FamilySpec
@@ -83,6 +84,7 @@ class Flags:
     controlnet_num_single_layers = None
     control_layers_places = ()
     max_sequence_length = None
+    control_method = "controlnet"
 
     def __init__(self, **changes):
         self.__dict__.update(changes)
@@ -100,6 +102,8 @@ def test_each_family_takes_exactly_the_flags_its_facts_allow(name):
     for flag, value in (("controlnet_num_layers", 2), ("controlnet_num_single_layers", 2),
                         ("control_layers_places", (0, 1))):
         assert (family_flag_problem(Flags(**{flag: value}), name) is None) == (flag in spec.layer_flags), flag
+    for method in CONTROL_METHODS:
+        assert (family_flag_problem(Flags(control_method=method), name) is None) == (method in spec.control_methods)
     if spec.patch:
         assert f"multiple of {step}" in family_flag_problem(Flags(resolution=64 * step + 8), name)
 

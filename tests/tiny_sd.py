@@ -16,16 +16,16 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def write_tiny_sd(folder: Path, seed: int = 0, vae_factor: int = 8) -> Path:
+def write_tiny_sd(folder: Path, seed: int = 0, vae_factor: int = 8, layers_per_block: int = 1) -> Path:
     """Save a tiny SD 1.x-style pipeline (UNet 32/64 channels, 2-layer CLIP, a VAE down-sampling by
-    ``vae_factor``: 8 as in SD)."""
+    ``vae_factor``: 8 as in SD; ``layers_per_block`` 2 as in SD for ControlNet-XS, which fuses only that)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
     )
@@ -51,15 +51,16 @@ def write_tiny_sd(folder: Path, seed: int = 0, vae_factor: int = 8) -> Path:
     return folder
 
 
-def write_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
-    """A tiny SDXL-style folder: two text encoders, pooled embeddings and time ids in the UNet."""
+def write_tiny_sdxl(folder: Path, seed: int = 0, layers_per_block: int = 1) -> Path:
+    """A tiny SDXL-style folder: two text encoders, pooled embeddings and time ids in the UNet
+    (``layers_per_block`` 2 as in SDXL for ControlNet-XS)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,

@@ -30,6 +30,8 @@ class FamilyOptions:
     """Z-Image: the base layers a new ControlNet's blocks feed (``--control_layers_places``; empty: the default)."""
     control_lora_rank: int | None = None
     """Channel-concat control: the transformer's LoRA rank (``--control_lora_rank``; 0: full fine-tune; None: 4)."""
+    controlnet_xs_size_ratio: float | None = None
+    """A new ControlNet-XS adapter's width / the UNet's (``--controlnet_xs_size_ratio``); None: the default."""
 
 
 @dataclasses.dataclass
@@ -96,6 +98,8 @@ class FamilyAdapter(abc.ABC):
     casting between dtypes) rather than with a copy in the base's dtype: large ControlNets are not copied."""
     encodes_conditions = False
     """The ControlNet reads its condition through the VAE (SD3, Flux): ``--cache_latents`` caches those too."""
+    method = "controlnet"
+    """The ``--control_method`` it trains (train/families/__init__.py ``adapter_class`` picks the adapter)."""
 
     def __init__(self, resolution: int = 512):
         self.resolution = resolution
@@ -154,6 +158,10 @@ class FamilyAdapter(abc.ABC):
     def encode_latents(self, base: BaseModels, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The VAE's (unscaled) latents of [-1, 1] pixels, drawn from ``generator`` where the encoder samples."""
         return self.latents_from_moments(self.latent_moments(base, pixels), generator)
+
+    def exported(self, controlnet: torch.nn.Module) -> torch.nn.Module:
+        """The module the export writes and the model card names, of the trained (unwrapped) one: itself."""
+        return controlnet
 
     def card_pipeline_class(self, base: BaseModels) -> str:
         """The diffusers pipeline the model card tells users to load the ControlNet in."""

@@ -108,6 +108,7 @@ class FluxConcatAdapter(FluxAdapter):
     """Flux.1 with the condition's packed latents concatenated to the input tokens (``FluxControlPipeline``):
     the flow-matching loss, encoding and validation of ``FluxAdapter``; the control module and prediction differ."""
 
+    method = "channel_concat"
     pipeline_class = "FluxControlPipeline"
     union_class = None
 

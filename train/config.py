@@ -10,21 +10,40 @@ import os
 from typing import Any
 
 from manifests.flags import nonfinite_problem
-from train.family_checks import base_json, controlnet_family_problem, family_flag_problem, local_family
+from train.family_checks import (base_json, control_method_base_problem, controlnet_family_problem,
+                                 family_flag_problem, local_family)
+from train.family_specs import XS_SIZE_RATIO
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-CONTROL_METHODS = ("controlnet", "channel_concat")
-"""``--control_method`` choices, the default first; which family takes which: ``FamilySpec.control_methods``."""
-CONCAT_REFUSED = {
-    "union": "a union needs a ControlNet's mode input",
-    "controlnet_num_layers": "it sizes a ControlNet, and channel-concat control has none",
-    "controlnet_num_single_layers": "it sizes a ControlNet, and channel-concat control has none",
-    "control_layers_places": "it places ControlNet blocks, and channel-concat control has none",
-    "controlnet_model_name_or_path": "it continues a ControlNet, and channel-concat control has none",
-    "fp8_base": "the transformer is what trains here (its LoRA or all of it), so it cannot be stored in float8",
+CONTROL_METHODS = ("controlnet", "controlnet_xs", "channel_concat")
+"""``--control_method`` choices, the default first: ``controlnet`` (a copy of the base's encoder, every family),
+``controlnet_xs`` (diffusers' ControlNet-XS adapter, SD 1.x/2.x and SDXL), ``channel_concat`` (the condition's
+latents as extra input channels of a LoRA-tuned transformer, Flux.1); which family takes which:
+``FamilySpec.control_methods``."""
+METHOD_SETTINGS = {
+    "controlnet_xs_size_ratio": ("controlnet_xs", "sizes a ControlNet-XS adapter"),
+    "control_lora_rank": ("channel_concat", "sets the LoRA of --control_method channel_concat"),
 }
-"""Flags that make no sense with ``--control_method channel_concat``, and why."""
+"""Flags that belong to one control method -> (that method, what the flag does), for the refusal elsewhere."""
+NO_CONTROLNET = {
+    "union": "a union needs a ControlNet's mode input",
+    "controlnet_num_layers": "it sizes a ControlNet's copied blocks, and this method has none",
+    "controlnet_num_single_layers": "it sizes a Flux ControlNet's single-stream blocks, and this method has none",
+    "control_layers_places": "it places ControlNet blocks, and this method has none",
+    "controlnet_lora_rank": "it puts LoRA on a ControlNet's copied layers, and this method copies none",
+}
+"""Flags that only mean something with a ControlNet (``--control_method controlnet``), and why."""
+METHOD_REFUSED: dict[str, dict[str, str]] = {
+    "controlnet_xs": {**NO_CONTROLNET,
+                      "fp8_base": "float8 storage of the base is built for a ControlNet (stored after the copy), and "
+                                  "the XS adapter fuses with the UNet's own modules"},
+    "channel_concat": {**NO_CONTROLNET,
+                       "controlnet_model_name_or_path": "it continues a ControlNet, and channel-concat control has none",
+                       "fp8_base": "the transformer is what trains here (its LoRA or all of it), so it cannot be "
+                                   "stored in float8"},
+}
+"""Control method -> the flags that make no sense with it, and why."""
 
 # Where our defaults differ from diffusers' examples/controlnet/train_controlnet.py, and why.
 DIFFUSERS_DIFFERENCES = {
@@ -190,9 +209,14 @@ class TrainConfig:
     backward (train/float8_base.py): about half the memory of those weights in bf16, a quarter of fp32. Lossy
     (3 mantissa bits per weight); the ControlNet still copies, and trains in, full precision."""
     control_method: str = "controlnet"
-    """How the condition steers the base: ``controlnet`` (a ControlNet beside the locked base) or
+    """How the condition steers the base: ``controlnet`` (a ControlNet beside the locked base, every family),
+    ``controlnet_xs`` (SD 1.x/2.x, SDXL: diffusers' ``ControlNetXSAdapter``, a narrow network that exchanges
+    features with the UNet at every block; exported for ``StableDiffusion(XL)ControlNetXSPipeline``) or
     ``channel_concat`` (Flux.1 only, diffusers' FluxControlPipeline: the condition's latents concatenated to the
     input channels, the input projection widened with zero-initialised columns, LoRA on the transformer)."""
+    controlnet_xs_size_ratio: float | None = None
+    """``controlnet_xs`` only: the adapter's block widths as a fraction of the UNet's (above 0, at most 1;
+    diffusers' ``ControlNetXSAdapter.from_unet(size_ratio=...)``); None: 0.1, as the published XS models."""
     control_lora_rank: int | None = None
     """``channel_concat`` only: rank of the transformer's LoRA; None: 4 (diffusers' train_control_lora_flux.py);
     0: fine-tune the whole transformer instead (exported as a transformer folder, not a LoRA)."""
@@ -417,25 +441,37 @@ def model_problem(config: TrainConfig) -> str | None:
     path = config.pretrained_model_name_or_path
     family = local_family(path)  # a hub id's is checked once it loads
     return family and (family_flag_problem(config, family, base_json(path, "transformer/config.json"))
-                       or controlnet_family_problem(config.controlnet_model_name_or_path, family, config.union))
+                       or control_method_base_problem(config.control_method, base_json(path, "unet/config.json"))
+                       or controlnet_family_problem(config.controlnet_model_name_or_path, family, config.union,
+                                                    config.control_method))
 
 
 def control_method_problem(config: TrainConfig) -> str | None:
-    """An unknown ``--control_method``, a negative rank, or flags its method has no use for (the family's own
-    check, whether its pipeline supports the method, is train/family_checks.py's)."""
-    if config.control_method not in CONTROL_METHODS:
-        return f"--control_method {config.control_method!r}: choose one of {', '.join(CONTROL_METHODS)}"
-    if config.control_lora_rank is not None and config.control_method != "channel_concat":
-        return ("--control_lora_rank sets the LoRA of --control_method channel_concat: add that, or drop "
-                "--control_lora_rank")
-    if config.control_lora_rank is not None and config.control_lora_rank < 0:
-        return (f"--control_lora_rank {config.control_lora_rank}: give a rank of 1 or more (e.g. 4), or 0 to "
-                "fine-tune the whole transformer")
-    if config.control_method != "channel_concat":
-        return None
-    for flag, why in CONCAT_REFUSED.items():
+    """An unknown ``--control_method``, a setting of another method, a value out of range, or flags the method has
+    no use for (the family's own check, whether its pipelines take the method, is train/family_checks.py's)."""
+    method = config.control_method
+    if method not in CONTROL_METHODS:
+        return f"--control_method {method!r}: choose one of {', '.join(CONTROL_METHODS)}"
+    for flag, (owner, what) in METHOD_SETTINGS.items():
+        if getattr(config, flag) is not None and method != owner:
+            return f"--{flag} {what}: add --control_method {owner} or drop --{flag}"
+    for flag, why in METHOD_REFUSED.get(method, {}).items():
         if getattr(config, flag) not in (None, False, ()):
-            return f"--{flag} with --control_method channel_concat: {why}; drop --{flag}"
+            return f"--{flag} with --control_method {method}: {why}; drop --{flag}"
+    return method_setting_problem(config)
+
+
+def method_setting_problem(config: TrainConfig) -> str | None:
+    """A control method's own setting out of range (each is refused above unless its method is chosen)."""
+    rank, ratio = config.control_lora_rank, config.controlnet_xs_size_ratio
+    if rank is not None and rank < 0:
+        return f"--control_lora_rank {rank}: give a rank of 1 or more (e.g. 4), or 0 to fine-tune the whole transformer"
+    if ratio is not None and not 0 < ratio <= 1:
+        return (f"--controlnet_xs_size_ratio {ratio}: give the adapter's width as a fraction of the UNet's, above 0 "
+                f"and at most 1 (default {XS_SIZE_RATIO})")
+    if ratio is not None and config.controlnet_model_name_or_path:
+        return ("--controlnet_xs_size_ratio sizes a new adapter; --controlnet_model_name_or_path loads one with its "
+                "own size: drop --controlnet_xs_size_ratio")
     return None
 
 

@@ -43,6 +43,8 @@ LOADERS = {
 CONDITION_KWARG = {
     "StableDiffusionControlNetPipeline": "image",
     "StableDiffusionXLControlNetPipeline": "image",
+    "StableDiffusionControlNetXSPipeline": "image",
+    "StableDiffusionXLControlNetXSPipeline": "image",
     "StableDiffusionXLControlNetUnionPipeline": "control_image",
     "StableDiffusion3ControlNetPipeline": "control_image",
     "FluxControlNetPipeline": "control_image",

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from train.errors import SetupError
-from train.family_specs import FAMILY_NAMES, SPECS, FamilySpec
+from train.family_specs import FAMILY_NAMES, METHOD_CLASSES, SPECS, FamilySpec
 
 LAYER_FLAG_USE = {
     "controlnet_num_layers": "sizes a transformer ControlNet's copied blocks",
@@ -56,6 +56,24 @@ def control_method_family_problem(config: Any, spec: FamilySpec) -> str | None:
     having = ", ".join(s.label for s in SPECS.values() if method in s.control_methods)
     return (f"--control_method {method}: diffusers has no {spec.label} pipeline for it (only {having or 'none'}); "
             "use --control_method controlnet")
+
+
+XS_UNET_LAYOUT = {"layers_per_block": 2, "mid_block_type": "UNetMidBlock2DCrossAttn"}
+"""The UNet layout diffusers' ``UNetControlNetXSModel`` fuses with (SD 1.x/2.x and SDXL): two resnets per down
+block (three per up block) and a cross-attention mid block."""
+
+
+def control_method_base_problem(method: str, unet: dict | None) -> str | None:
+    """Why the base UNet (its config) cannot take the ``method`` (None when it can, or its config is not known)."""
+    if method != "controlnet_xs" or unet is None:
+        return None
+    for key, wanted in XS_UNET_LAYOUT.items():
+        value = unet.get(key) or wanted  # diffusers' default when the config leaves it out
+        values = set(value) if isinstance(value, (list, tuple)) else {value}
+        if values != {wanted}:
+            return (f"--control_method controlnet_xs: diffusers' UNetControlNetXSModel fuses only UNets with "
+                    f"{key}={wanted} (SD 1.x/2.x, SDXL); this base's UNet has {key}={value}: drop --control_method")
+    return None
 
 
 def union_problem(config: Any, spec: FamilySpec) -> str | None:
@@ -176,9 +194,10 @@ def controlnet_families(config: dict) -> tuple[str, ...]:
     return families
 
 
-def controlnet_family_problem(path: str | None, family: str, union: bool) -> str | None:
-    """Why the ControlNet folder at ``path`` cannot continue on this base (None when it can, or when its
-    config cannot be read here: a hub id offline is left to the loader). Read before any weights load."""
+def controlnet_family_problem(path: str | None, family: str, union: bool, method: str = "controlnet") -> str | None:
+    """Why the ControlNet folder at ``path`` cannot continue on this base with this control ``method`` (None when
+    it can, or when its config cannot be read here: a hub id offline is left to the loader). Read before any
+    weights load; an adapter of another method (ControlNet-XS) is checked against the base's sizes when it loads."""
     if not path:
         return None
     config = controlnet_json(path)
@@ -188,8 +207,8 @@ def controlnet_family_problem(path: str | None, family: str, union: bool) -> str
     families = controlnet_families(config)
     what = ", ".join(FAMILY_NAMES[f] for f in families) or "no family this trainer knows"
     spec = SPECS[family]
-    wanted = spec.union_class if union else spec.controlnet_class
-    if family in families and kind == wanted:  # a Flux ControlNet's num_mode is checked when it loads
+    wanted = METHOD_CLASSES.get(method) or (spec.union_class if union else spec.controlnet_class)
+    if kind == wanted and (family in families or method in METHOD_CLASSES):  # Flux num_mode: checked at load
         return None
     return (f"{path} is a {kind or 'ControlNet of unknown class'} ({what} ControlNet); this "
             f"{'--union ' if union else ''}run's base is {spec.label}: pass a {wanted} folder "

@@ -67,7 +67,9 @@ class FamilySpec:
     """Transformer config settings its ControlNet class has no parameter for: a base that sets one (truthy) has
     blocks the ControlNet cannot copy, and is refused (Sana's ``qk_norm``, ``guidance_embeds``)."""
     control_methods: tuple[str, ...] = ("controlnet",)
-    """The ``--control_method`` values it takes: ``channel_concat`` where diffusers has a pipeline that reads the
+    """The ``--control_method`` values it takes: ``controlnet`` (the family's ControlNet, every family);
+    ``controlnet_xs`` (diffusers' ControlNet-XS adapter: SD 1.x/2.x and SDXL, the UNets its
+    ``UNetControlNetXSModel`` fuses with); ``channel_concat`` where diffusers has a pipeline that reads the
     condition's latents as extra input channels (Flux.1: FluxControlPipeline; diffusers 0.42.1 has none for
     SD3, Z-Image, Qwen-Image, Sana or HunyuanDiT, only ControlNet pipelines)."""
 
@@ -91,11 +93,13 @@ class FamilySpec:
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("sd", "SD 1.x/2.x", ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), "ControlNetModel",
-               stacks_conditions=True, unet_embedding="", pipeline_prefixes=("StableDiffusion",)),
+               stacks_conditions=True, unet_embedding="", pipeline_prefixes=("StableDiffusion",),
+               control_methods=("controlnet", "controlnet_xs")),
     FamilySpec("sdxl", "SDXL", ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                                 "scheduler"), "ControlNetModel", union_class="ControlNetUnionModel",
                max_union_types=6,  # ControlNetUnionModel.from_unet builds num_control_type=6 slots
-               stacks_conditions=True, unet_embedding="text_time", pipeline_prefixes=("StableDiffusionXL",)),
+               stacks_conditions=True, unet_embedding="text_time", pipeline_prefixes=("StableDiffusionXL",),
+               control_methods=("controlnet", "controlnet_xs")),
     FamilySpec("sd3", "SD3/3.5", ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                                   "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"), "SD3ControlNetModel",
                transformer_prefixes=("SD3",), pipeline_prefixes=("StableDiffusion3",), patch=2,
@@ -137,6 +141,14 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (
                unmirrored=("qk_norm", "guidance_embeds")),
 )}
 """Family name -> its facts; the keys are the adapters' names in train/families/."""
+
+XS_SIZE_RATIO = 0.1
+"""A ControlNet-XS adapter's width / its UNet's when ``--controlnet_xs_size_ratio`` is not given: the published
+diffusers ControlNet-XS checkpoints (SD 2.1, SDXL canny/depth) are 0.1 of their UNet's width."""
+
+METHOD_CLASSES: dict[str, str] = {"controlnet_xs": "ControlNetXSAdapter"}
+"""Control method -> the diffusers class it trains and exports, where it is not the family's ControlNet class
+(what a ``--controlnet_model_name_or_path`` folder's config.json must name to continue such a run)."""
 
 FAMILY_NAMES = {name: spec.label for name, spec in SPECS.items()}
 """Family name -> how messages name it."""

@@ -198,7 +198,8 @@ def load_locked_base(config: TrainConfig, device: torch.device, weight_dtype: to
     guidance = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE
     base.options = FamilyOptions(config.condition, config.union, config.max_sequence_length, guidance,
                                  control_layers_places=config.control_layers_places,
-                                 control_lora_rank=config.control_lora_rank)
+                                 control_lora_rank=config.control_lora_rank,
+                                 controlnet_xs_size_ratio=config.controlnet_xs_size_ratio)
     base.place(device, weight_dtype)
     return base
 
@@ -477,9 +478,10 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
             run.ema.copy_to(trained_parameters(final))
         if config.validation_enabled:  # exactly the weights about to ship
             run_validation(run, final, None, "final")
+        shipped = run.base.family.exported(final)  # what the export writes (an XS run: the adapter alone)
         card = {
             "base_model": config.pretrained_model_name_or_path, "manifest": config.manifest,
-            "controlnet_class": type(final).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
+            "controlnet_class": type(shipped).__name__, "pipeline_class": run.base.family.card_pipeline_class(run.base),
             **run.base.family.card_extra(run.base),
             "manifest_fingerprint": manifest_fingerprint(summary), "conditions": list(config.condition),
             "provenance": summary.get("annotators", []), "figures": figures,
@@ -488,7 +490,7 @@ def finish(run: Run, figures: dict[str, Any], summary: dict[str, Any]) -> dict[s
         example = example_row(run)
         # cut as training cuts it: a caption that is really a log file must not land whole in README.md
         card["example_prompt"] = cap_caption(example["caption"], run.dataset.max_caption_chars) if example else ""
-        result["exported"] = export(final, config.output_dir, card, example_condition(run, example))
+        result["exported"] = export(shipped, config.output_dir, card, example_condition(run, example))
         result["conditions"] = list(config.condition)  # channel order, which evaluate.py checks
         result["args"] = config.to_dict()  # what the report reads the run's settings from
         result["run"] = run_record(config, run.held_out)  # what evaluate.py defaults to

@@ -15,6 +15,7 @@ from train.family_checks import base_folder_problem, controlnet_family_problem, 
 from train.family_specs import FAMILY_NAMES
 from train.controlnet_lora import LoraSettings, add_lora
 from train.families import FAMILIES
+from train.families.unet_xs import SDXLXSAdapter, SDXSAdapter
 
 
 def load_base(path: str, resolution: int) -> BaseModels:
@@ -30,7 +31,9 @@ def load_base(path: str, resolution: int) -> BaseModels:
         raise SetupError(f"{path}: cannot load it as a {FAMILY_NAMES[family]} base: {exc}") from exc
 
 
-METHOD_ADAPTERS: dict[tuple[str, str], type[FamilyAdapter]] = {("flux", "channel_concat"): FluxConcatAdapter}
+METHOD_ADAPTERS: dict[tuple[str, str], type[FamilyAdapter]] = {
+    ("flux", "channel_concat"): FluxConcatAdapter, ("sd", "controlnet_xs"): SDXSAdapter,
+    ("sdxl", "controlnet_xs"): SDXLXSAdapter}
 """(family, ``--control_method``) -> the adapter that trains that control method on that family, where it is
 not the family's own (a ControlNet); which families take which methods is ``FamilySpec.control_methods``."""
 
@@ -49,7 +52,7 @@ def make_controlnet(base: BaseModels, conditioning_channels: int, path: str | No
     """The family's ControlNet: initialised from the base (zero-initialised outputs), or loaded to continue
     (a folder of another family, or one that does not load, is a ``SetupError``); with ``lora``, its copied
     layers frozen under LoRA adapters (train/controlnet_lora.py)."""
-    problem = controlnet_family_problem(path, base.family.name, base.options.union)
+    problem = controlnet_family_problem(path, base.family.name, base.options.union, base.family.method)
     if problem:
         raise SetupError(problem)
     try:

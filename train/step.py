@@ -28,19 +28,10 @@ def unet_denoising_loss(
 
     ``controlnet_kwargs``: more arguments for the ControlNet only (a union ControlNet's control-type
     mask and slot indices, with ``condition`` the list of its slots' images)."""
-    return unet_denoising(controlnet, unet, scheduler, latents, encoder_hidden_states, condition, noise, timesteps,
-                          added_cond_kwargs, controlnet_kwargs)[0]
-
-
-def unet_denoising(controlnet: torch.nn.Module, unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor,
-                   encoder_hidden_states: torch.Tensor, condition: torch.Tensor | list[torch.Tensor],
-                   noise: torch.Tensor, timesteps: torch.Tensor, added_cond_kwargs: dict | None = None,
-                   controlnet_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, noisy latents, prediction) of ``unet_denoising_loss``: the reward reads the same forward."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = steered_prediction(controlnet, unet, noisy, timesteps, encoder_hidden_states, condition,
                                     added_cond_kwargs, controlnet_kwargs)
-    return prediction_loss(scheduler, prediction, latents, noise, timesteps), noisy, prediction
+    return prediction_loss(scheduler, prediction, latents, noise, timesteps)
 
 
 def prediction_loss(scheduler: Any, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,

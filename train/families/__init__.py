@@ -6,6 +6,10 @@ hunyuandit.py (HunyuanDiT), sana.py (Sana). Adding a family is one new file here
 and one entry in ``FAMILIES``, plus its ``FamilySpec`` in train/family_specs.py (folders, ControlNet
 classes, what flags it takes: checked before any model is imported). Family files import train/adapter.py, train/latents.py
 and the loss modules, never each other or this registry.
+
+A control method other than a ControlNet (``--control_method``) is an adapter subclassing its family's, in its
+own file (unet_xs.py: ControlNet-XS over SD 1.x/2.x and SDXL; train/channel_concat.py: Flux channel-concat),
+registered in train/models.py ``METHOD_ADAPTERS`` by (family, method), so the loop never branches on the method.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from train.adapter import (BaseModels, Denoised, FamilyAdapter, controlnet_confi
                            load_text_encoders)
 from train.errors import SetupError
 from train.latents import images_from_latents
-from train.step import sample_noise, unet_denoising
+from train.step import prediction_loss, sample_noise, steered_prediction
 
 
 class SDAdapter(FamilyAdapter):
@@ -78,10 +78,18 @@ class SDAdapter(FamilyAdapter):
         if base.options.union:
             condition, extra = union_slots(condition, len(base.options.conditions), generator,
                                            controlnet_config(controlnet).num_control_type)
-        loss, noisy, prediction = unet_denoising(controlnet, base.unet, base.scheduler, latents, hidden, condition,
-                                                 noise, timesteps, added, extra)
+        noisy = base.scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.steered(controlnet, base, noisy, timesteps, hidden, condition, added, extra)
+        loss = prediction_loss(base.scheduler, prediction, latents, noise, timesteps)
         alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()].to(latents.device)
         return Denoised(loss, noisy, prediction, base.scheduler.config.prediction_type, alpha_bar, timesteps)
+
+    def steered(self, controlnet: torch.nn.Module, base: BaseModels, noisy: torch.Tensor, timesteps: torch.Tensor,
+                hidden: torch.Tensor, condition: torch.Tensor, added: dict, extra: dict | None = None) -> torch.Tensor:
+        """The steered UNet's prediction (epsilon or v) on ``noisy``: the locked UNet plus the ControlNet's
+        residuals (``extra``: a union ControlNet's slot arguments); a control method trained otherwise
+        (ControlNet-XS) overrides this alone."""
+        return steered_prediction(controlnet, base.unet, noisy, timesteps, hidden, condition, added, extra)
 
     def card_extra(self, base: BaseModels) -> dict:
         """A union ControlNet's condition -> control-type slot mapping."""
