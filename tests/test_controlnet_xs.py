@@ -267,3 +267,34 @@ def test_xs_continues_from_its_exported_adapter(xs_run, tmp_path):
     start, after = (load_adapter(xs_run["out"] / "controlnet").state_dict(),
                     load_adapter(out / "controlnet").state_dict())
     assert set(start) == set(after) and all(torch.equal(start[k], after[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_evaluate_measures_an_xs_run_in_the_xs_pipeline(xs_run, demo_manifest, tmp_path):
+    """train/evaluate.py takes the XS export: the adapter in its family's XS pipeline against the base alone."""
+    from train.evaluate import main
+
+    out = tmp_path / "eval"
+    assert main(["--controlnet", str(xs_run["out"]), "--pretrained_model_name_or_path", str(xs_run["base_dir"]),
+                 "--manifest", str(demo_manifest), "--condition", "canny", "--num_samples", "2", "--resolution", "64",
+                 "--num_inference_steps", "2", "--output_dir", str(out), "--keep_duplicates"]) == 0
+    figures = json.loads((out / "metrics.json").read_text())
+    for model in ("controlnet", "base"):
+        assert figures[model] and all(np.isfinite(v) for v in figures[model].values() if isinstance(v, float))
+    assert (out / "grid.png").is_file()
+
+
+def test_the_reward_gradient_reaches_the_xs_adapter_and_not_the_base(xs_bases):
+    """``--reward_weight`` with XS: the reward reads the fused UNet's one-step prediction (SDAdapter.denoise through
+    the XS ``steered``), and its gradient reaches the adapter only."""
+    from tests.test_reward import assert_only_the_controlnet_has_gradients, reward_config, reward_gradients
+    from train.models import make_controlnet
+    from train.reward import RewardLoss
+
+    base = xs_base(xs_bases["sd"])
+    xs = make_controlnet(base, 3)
+    nudge_outputs(xs.adapter)
+    reward = RewardLoss(reward_config(xs_bases["sd"], reward_distance=("canny=soft_f1",), reward_max_timestep=999),
+                        torch.device("cpu"), torch.float32)
+    reward_gradients(base, xs, reward, 64)
+    assert_only_the_controlnet_has_gradients(base, xs, reward)

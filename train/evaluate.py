@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run by path (python train/evaluate.py)
 import argparse
 import dataclasses
 import io
+import inspect
 import json
 import os
 import re
@@ -307,9 +308,10 @@ def check(config: EvalConfig) -> dict[str, Any]:
                          f"for {', '.join(metrics.CONDITION_METRICS)} and --task {', '.join(metrics.TASK_METRICS)}")
     controlnet_config = json.loads((Path(folder) / "config.json").read_text())
     kind = controlnet_config.get("_class_name", "ControlNetModel")
-    if kind != "ControlNetModel":
-        raise UsageError(f"{folder} holds a {kind}; evaluate takes ControlNetModel ControlNets (SD 1.x/2.x, SDXL, "
-                         "one condition or conditions stacked as channels), not union or SD3/Flux ones")
+    if kind not in PIPELINE_LOADERS:
+        raise UsageError(f"{folder} holds a {kind}; evaluate takes SD 1.x/2.x and SDXL ControlNets: "
+                         f"{' or '.join(PIPELINE_LOADERS)} (one condition or conditions stacked as channels), not "
+                         "union or SD3/Flux ones")
     recorded = trained_conditions(folder)
     if recorded is not None and (config.stacked or len(recorded) > 1) and recorded != list(config.conditions):
         raise UsageError(f"{folder} was trained on --condition {','.join(recorded)} (train_summary.json); "
@@ -365,9 +367,10 @@ def prepare_condition(cell: dict[str, Any], resolution: int | None, nearest: boo
 
 
 def load_pipelines(config: EvalConfig) -> tuple[Any, Any]:
-    """(pipeline with the ControlNet, the same modules without it), fp32, quiet."""
+    """(pipeline with the ControlNet, the same base without it), fp32, quiet; which pipeline depends on what the
+    folder holds (``PIPELINE_LOADERS``)."""
     import torch
-    from diffusers import AutoPipelineForText2Image, ControlNetModel, UniPCMultistepScheduler
+    from diffusers import UniPCMultistepScheduler
 
     base = config.pretrained_model_name_or_path
     extra: dict[str, Any] = {}
@@ -375,18 +378,46 @@ def load_pipelines(config: EvalConfig) -> tuple[Any, Any]:
     if index.is_file() and "safety_checker" in json.loads(index.read_text()):
         # A safety checker blanks images it flags; measured obedience must not depend on it.
         extra = {"safety_checker": None, "requires_safety_checker": False}
+    folder = controlnet_folder(config.controlnet)
+    kind = json.loads((Path(folder) / "config.json").read_text()).get("_class_name", "ControlNetModel")
     try:
-        controlnet = ControlNetModel.from_pretrained(controlnet_folder(config.controlnet))
-        pipe = AutoPipelineForText2Image.from_pretrained(base, controlnet=controlnet, **extra)
+        pipe, alone = PIPELINE_LOADERS[kind](base, folder, extra)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load the models: {exc}") from exc
-    # UniPC, as the trainer's validation samples use: good images in ~20 steps.
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe = pipe.to(config.device, torch.float32)  # fp32 whatever was saved (``dtype`` kwargs differ by version)
-    alone = AutoPipelineForText2Image.from_pipe(pipe, controlnet=None)  # shares every module
     for p in (pipe, alone):
+        # UniPC, as the trainer's validation samples use: good images in ~20 steps.
+        p.scheduler = UniPCMultistepScheduler.from_config(p.scheduler.config)
+        p.to(config.device, torch.float32)  # fp32 whatever was saved (``dtype`` kwargs differ by version)
         p.set_progress_bar_config(disable=True)
     return pipe, alone
+
+
+def controlnet_pipelines(base: str, folder: str, extra: dict[str, Any]) -> tuple[Any, Any]:
+    """A ControlNetModel in the base's ControlNet pipeline, and the base alone sharing every module."""
+    from diffusers import AutoPipelineForText2Image, ControlNetModel
+
+    pipe = AutoPipelineForText2Image.from_pretrained(base, controlnet=ControlNetModel.from_pretrained(folder), **extra)
+    return pipe, AutoPipelineForText2Image.from_pipe(pipe, controlnet=None)
+
+
+def xs_pipelines(base: str, folder: str, extra: dict[str, Any]) -> tuple[Any, Any]:
+    """A ControlNet-XS adapter in ``StableDiffusion(XL)ControlNetXSPipeline`` (which fuses the base's UNet with
+    it, as a user's pipeline does), and the base alone sharing the VAE and text encoders."""
+    import diffusers
+
+    alone = diffusers.AutoPipelineForText2Image.from_pretrained(base, **extra)
+    xl = "text_encoder_2" in alone.components
+    cls = diffusers.StableDiffusionXLControlNetXSPipeline if xl else diffusers.StableDiffusionControlNetXSPipeline
+    takes = inspect.signature(cls.__init__).parameters
+    modules = {name: module for name, module in alone.components.items() if name in takes}
+    settings = {"add_watermarker": False} if xl else {"safety_checker": None, "feature_extractor": None,
+                                                      "requires_safety_checker": False}
+    pipe = cls(**{**settings, **modules}, controlnet=diffusers.ControlNetXSAdapter.from_pretrained(folder))
+    return pipe, alone
+
+
+PIPELINE_LOADERS = {"ControlNetModel": controlnet_pipelines, "ControlNetXSAdapter": xs_pipelines}
+"""The class in a ControlNet folder's config.json -> the loader of (its pipeline, the base alone)."""
 
 
 def generate(pipe: Any, prompt: str, seed: int, size: tuple[int, int], config: EvalConfig,
