@@ -305,3 +305,29 @@ def test_bf16_base_with_checkpointing_ema_and_cached_latents_trains_validates_an
     assert (out / "validation" / "step-final.png").is_file()
     pipe = FluxControlPipeline.from_pretrained(tiny_flux)
     pipe.load_lora_weights(out)
+
+
+def test_the_reward_gradient_reaches_the_concat_lora_and_not_the_frozen_weights(tiny_flux):
+    """``--reward_weight`` with channel-concat: the reward reads the same forward's one-step prediction; its gradient
+    reaches what trains (the LoRA) and never the transformer's own weights, the VAE, the text encoders or the reward
+    model."""
+    from tests.test_reward import reward_config, reward_gradients
+    from train.models import make_controlnet
+    from train.reward import RewardLoss
+
+    base = concat_base(tiny_flux, 4)
+    control = make_controlnet(base, 3)
+    with torch.no_grad():  # a fresh LoRA's up matrices are zero, so only they would get a gradient
+        for name, p in control.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 1e-2)
+    reward = RewardLoss(reward_config(tiny_flux, reward_distance=("canny=soft_f1",), reward_max_timestep=999),
+                        torch.device("cpu"), torch.float32)
+    reward_gradients(base, control, reward, 64)
+    trained = {n: p for n, p in control.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert sum(1 for p in trained.values() if p.grad is not None and p.grad.abs().sum() > 0) > len(trained) // 2
+    frozen = [p for n, p in base.transformer.named_parameters() if "lora_" not in n]
+    for p in [*frozen, *base.vae.parameters(), *(q for e in base.text_encoders for q in e.parameters()),
+              *(q for _, model, _ in reward.terms for q in model.parameters())]:
+        assert p.grad is None and not p.requires_grad
