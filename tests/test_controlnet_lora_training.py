@@ -70,3 +70,31 @@ def test_the_merged_export_loads_in_the_family_pipeline_and_the_lora_files_are_w
     assert (out / "control-lora.safetensors").is_file() == (family == "sd")
     exported = lora_run["result"]["exported"]
     assert "adapter" in exported and ("control_lora" in exported) == (family == "sd")
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_gradient_checkpointing_trains_a_lora_controlnet_as_without_it(family, demo_manifest, tmp_path, request,
+                                                                      monkeypatch):
+    """``--gradient_checkpointing`` recomputes the peft-wrapped ControlNet's activations (its blocks go through
+    torch's checkpoint): two steps with it give the weights two steps without it give."""
+    import torch.utils.checkpoint
+
+    from train.train import main
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    base_dir = request.getfixturevalue(f"tiny_{family}")
+    exported = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        out = tmp_path / name
+        calls.clear()
+        assert main(train_args(demo_manifest, base_dir, out, family, "--max_train_steps", "2",
+                               "--controlnet_lora_rank", "4", "--validation_steps", "0", *extra)) == 0
+        assert bool(calls) == (name == "checkpointed")
+        exported[name] = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    plain, checkpointed = exported["plain"], exported["checkpointed"]
+    assert set(plain) == set(checkpointed)
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+    zero_start = [k for k in plain if "controlnet_blocks" in k or "controlnet_down_blocks" in k]
+    assert zero_start and any(plain[k].abs().sum() > 0 for k in zero_start)  # it trained
