@@ -98,3 +98,21 @@ def test_gradient_checkpointing_trains_a_lora_controlnet_as_without_it(family, d
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
     zero_start = [k for k in plain if "controlnet_blocks" in k or "controlnet_down_blocks" in k]
     assert zero_start and any(plain[k].abs().sum() > 0 for k in zero_start)  # it trained
+
+
+def test_two_processes_train_a_lora_controlnet_in_sync(demo_manifest, tiny_sd, tmp_path):
+    """DDP over a peft-wrapped ControlNet (its copied weights frozen): both ranks train their own rows, every
+    trained parameter is reduced (the ranks end equal) and the merged export loads."""
+    from tests.test_train import launch
+    from tests.test_train_families_ddp import assert_ranks_in_sync, ddp_args, summary_of
+
+    out = tmp_path / "ddp"
+    launch(ddp_args(demo_manifest, tiny_sd, out, "sd", "--controlnet_lora_rank", "4", "--max_train_steps", "2",
+                    "--checkpointing_steps", "2"), processes=2)
+    assert_ranks_in_sync(out)
+    assert summary_of(out)["figures"]["global_step"] == 2
+    checkpoint = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    assert checkpoint and all("lora_" in k or "controlnet_" in k or "cond_embedding" in k for k in checkpoint)
+    merged = load_exported("sd", out / "controlnet")
+    blocks = [v for k, v in merged.state_dict().items() if k.startswith("controlnet_down_blocks")]
+    assert blocks and any(v.abs().sum() > 0 for v in blocks)
