@@ -9,7 +9,8 @@ trained first with the demo's recipe), two arms train on in this one process for
 (a) plain training, (b) the same flags plus ``--reward_weight`` (the fill task's circle distance by default).
 The arms alternate in segments of ``--segment_seconds`` (a, b, a, b, ...) until each has trained ``--minutes``,
 so a slow or fast spell of a shared machine falls on both; each arm's clock counts its own steps only (data
-loading included). Both see the same batches, noise and timesteps step for step (same seed). The start and
+loading included). Each arm's ControlNet is also saved as its clock passes each of ``--eval_at``'s minutes, and
+every snapshot is evaluated after training (the IoU curves, printed and drawn in reward_curve.png). Both see the same batches, noise and timesteps step for step (same seed). The start and
 both arms are then evaluated on fresh circle outlines no run saw (circle IoU, colour accuracy). Printed: the
 cost per step (time from the arms themselves; peak memory from a few calibration steps of each in a fresh
 process), the figures, each arm's gain, the reward arm's IoU ratio over the plain arm's and the verdict
@@ -118,23 +119,37 @@ class Arm:
             self.seconds += time.perf_counter() - began
             self.steps += 1
 
-    def export(self) -> str:
-        folder = self.out / "controlnet"
+    def export(self, name: str = "controlnet") -> str:
+        folder = self.out / name
         self.run.accelerator.unwrap_model(self.run.controlnet).save_pretrained(folder)
         return str(folder)
 
 
 def train_arms(manifest: str, work: Path, start: str, args) -> dict[str, Arm]:
-    """Both arms, alternating segments until each has trained ``--minutes``."""
+    """Both arms, alternating segments until each has trained ``--minutes``; each arm's ControlNet is saved as
+    its clock passes each of ``--eval_at``'s minutes (evaluated after training, off the clock)."""
     arms = {"(a) plain": Arm(manifest, work / "plain", start, args, reward=False),
             "(b) reward": Arm(manifest, work / "reward", start, args, reward=True)}
-    budget = args.minutes * 60
-    while any(arm.seconds < budget for arm in arms.values()):
+    marks = [m * 60 for m in eval_marks(args)]
+    for arm in arms.values():
+        arm.snapshots = {}
+    while any(arm.seconds < marks[-1] for arm in arms.values()):
         for arm in arms.values():
-            if arm.seconds < budget:
-                arm.advance(min(args.segment_seconds, budget - arm.seconds))
+            due = [m for m in marks if m > arm.seconds]
+            if due:
+                arm.advance(min(args.segment_seconds, due[0] - arm.seconds))
+            for mark in marks:
+                if arm.seconds >= mark and mark not in arm.snapshots:
+                    arm.snapshots[mark] = {"steps": arm.steps, "seconds": arm.seconds,
+                                           "controlnet": arm.export(f"at_{mark / 60:g}min")}
         print(" | ".join(f"{n} {a.steps} steps {a.seconds / 60:.1f} min" for n, a in arms.items()), flush=True)
     return arms
+
+
+def eval_marks(args) -> list[float]:
+    """The minutes each arm is evaluated at: ``--eval_at``'s within ``--minutes``, and ``--minutes`` itself."""
+    marks = {float(m) for m in args.eval_at.split(",") if m.strip() and 0 < float(m) < args.minutes}
+    return sorted(marks | {float(args.minutes)})
 
 
 def evaluate(controlnet: str, manifest: str, out: Path, samples: int) -> dict[str, float]:
@@ -197,6 +212,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--reward_max_timestep", type=int, default=200)
     p.add_argument("--reward_distance", default="circle", help="the Canny reward's distance: circle, soft_f1, bce")
     p.add_argument("--segment_seconds", type=float, default=30.0, help="each arm's turn before the other's")
+    p.add_argument("--eval_at", default="2.5,5,10",
+                   help="also evaluate both arms after these minutes of their training (comma-separated)")
     p.add_argument("--calibration_steps", type=int, default=4, help="steps of each arm's memory measurement")
     p.add_argument("--out", default=None, help="where to keep the runs (default: a temp folder)")
     return p.parse_args()
@@ -218,7 +235,42 @@ def report(before: dict, arms: dict[str, dict], memory: dict[str, float], args) 
         m = arm["metrics"]["controlnet"]
         print(f"{name:16}{arm['steps']:7d}{arm['seconds'] / 60:9.1f}{m['circle_iou']:12.3f}"
               f"{m['colour_accuracy']:12.3f}")
+    print(curve(before, arms))
     print(verdict(before, arms))
+
+
+def curve(before: dict, arms: dict[str, dict]) -> str:
+    """Circle IoU of both arms at each evaluated minute (the start at 0), with their steps."""
+    rows = [f"{'minutes':>8}" + "".join(f"{name + ' IoU (steps)':>24}" for name in arms)]
+    rows.append(f"{0:8g}" + "".join(f"{before['controlnet']['circle_iou']:>16.3f} {'(0)':>7}" for _ in arms))
+    marks = sorted({m for arm in arms.values() for m in arm["curve"]}, key=float)
+    for mark in marks:
+        cells = [arm["curve"].get(mark) for arm in arms.values()]
+        rows.append(f"{float(mark) / 60:8g}" + "".join(
+            f"{c['metrics']['controlnet']['circle_iou']:>16.3f} {'(' + str(c['steps']) + ')':>7}" if c else f"{'':>24}"
+            for c in cells))
+    return "\n".join(rows)
+
+
+def plot_curve(before: dict, arms: dict[str, dict], path: Path) -> None:
+    """The IoU curves as a PNG: minutes of each arm's own training against circle IoU on the fresh outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, arm in arms.items():
+        marks = sorted(arm["curve"], key=float)
+        ax.plot([0] + [float(m) / 60 for m in marks], [before["controlnet"]["circle_iou"]]
+                + [arm["curve"][m]["metrics"]["controlnet"]["circle_iou"] for m in marks], marker="o", label=name)
+    ax.axhline(0.85, color="grey", linestyle=":", label="target 0.85")
+    ax.set_xlabel("extra training (minutes of each arm)")
+    ax.set_ylabel("circle IoU, fresh outlines")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def verdict(before: dict, arms: dict[str, dict]) -> str:
@@ -247,13 +299,19 @@ def main() -> None:
     memory = {name: calibrate(manifest, work, start, args, reward=name == "reward") for name in ("plain", "reward")}
     before = evaluate(start, fresh, work / "eval_start", args.held_out)
     arms = {name: {"steps": arm.steps, "seconds": arm.seconds,
-                   "metrics": evaluate(arm.export(), fresh, work / f"eval_{arm.out.name}", args.held_out)}
+                   "curve": {str(mark): {**snap, "metrics": evaluate(snap["controlnet"], fresh, work /
+                                                                      f"eval_{arm.out.name}_{mark / 60:g}min",
+                                                                      args.held_out)}
+                             for mark, snap in arm.snapshots.items()}}
             for name, arm in train_arms(manifest, work, start, args).items()}
+    for arm in arms.values():
+        arm["metrics"] = arm["curve"][max(arm["curve"], key=float)]["metrics"]  # at --minutes
     report(before, arms, memory, args)
+    plot_curve(before, arms, work / "reward_curve.png")
     print(f"soft Canny stand-in vs cv2.Canny: {canny_agreement(work / 'fresh')}")
     (work / "reward_finetune.json").write_text(json.dumps({"before": before, "arms": arms, "memory_mb": memory,
                                                            "args": vars(args)}, indent=2))
-    print(f"runs and figures: {work}")
+    print(f"runs and figures: {work} (IoU curves: {work / 'reward_curve.png'})")
 
 
 if __name__ == "__main__":
