@@ -38,7 +38,7 @@ class TransformerAdapter(FamilyAdapter):
     """The diffusers class of the family's VAE."""
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     """The diffusers class of the family's noise scheduler."""
-    samples_in_place = True  # billions of weights at the real sizes: validation does not copy the ControlNet
+    samples_in_place = True  # 0.7B (HunyuanDiT) to billions of weights: validation does not copy the ControlNet
     encodes_conditions = True
 
     def __init__(self, resolution: int = 512):

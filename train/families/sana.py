@@ -108,8 +108,7 @@ class SanaAdapter(FlowAdapter):
         if blocks < 2:
             raise SetupError("--controlnet_num_layers: this Sana base has fewer than 2 blocks, so it reads no "
                              "ControlNet residual")
-        return self.capped_layers(wanted, self.default_layers, blocks,
-                                  reads=lambda count: set(range(min(count, blocks - 1))))
+        return self.capped_layers(wanted, self.default_layers, blocks - 1)
 
     def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
         config = base.scheduler.config
