@@ -31,16 +31,6 @@ def pixels_from_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(scaled + shift if shift else scaled, return_dict=False)[0]
 
 
-def vae_sample(vae: Any, condition: "torch.Tensor | CachedConditions", generator: torch.Generator) -> torch.Tensor:
-    """A draw from the VAE's latent distribution of a batch of [0, 1] condition images (or from their cached
-    distribution, ``--cache_latents``), unscaled, on the VAE's device in its dtype: what a ControlNet that reads
-    its condition through the VAE starts from (each family then shifts and scales it as its pipeline does)."""
-    if isinstance(condition, CachedConditions):
-        return condition.sample(generator).to(vae.device, vae.dtype)
-    pixels = (condition * 2.0 - 1.0).to(vae.device, vae.dtype)
-    return vae.encode(pixels).latent_dist.sample(generator=generator)
-
-
 class CachedConditions:
     """A batch's cached condition latent distributions (``--cache_latents``), standing in for its condition
     pixels: the family samples from them where it would have run the VAE encoder (train/families/flow.py)."""
@@ -66,9 +56,14 @@ class CachedConditions:
         ``sample_mode="argmax"`` reads (ZImageControlNetPipeline)."""
         return self._distribution().mode()
 
+    def one(self) -> torch.Tensor:
+        """Each example's one condition's cached ``latent_moments`` (batch first): what the family's
+        ``latents_from_moments`` draws from."""
+        if self.moments.shape[1] != 1:
+            raise ValueError(f"{self.moments.shape[1]} conditions per example: pick one per example first")
+        return self.moments[:, 0]
+
     def _distribution(self):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        if self.moments.shape[1] != 1:
-            raise ValueError(f"{self.moments.shape[1]} conditions per example: pick one per example first")
-        return DiagonalGaussianDistribution(self.moments[:, 0])
+        return DiagonalGaussianDistribution(self.one())

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from train.adapter import Denoised
 
 
 def unet_denoising_loss(
@@ -71,3 +73,17 @@ def sample_noise(latents: torch.Tensor, num_timesteps: int, generator: torch.Gen
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
     timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
     return noise, timesteps
+
+
+def ddpm_denoised(scheduler: Any, latents: torch.Tensor, generator: torch.Generator,
+                  predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Denoised:
+    """A DDPM training forward (the UNets, HunyuanDiT): noise and uniform timesteps from ``generator``
+    (``sample_noise``), the latents noised by ``scheduler``, ``predict(noisy, timesteps)`` (the steered
+    denoiser's epsilon or v; it may draw more from ``generator``), its loss (``prediction_loss``) and the
+    alpha-bar the reward's one-step clean prediction reads."""
+    noise, timesteps = sample_noise(latents, scheduler.config.num_train_timesteps, generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = predict(noisy, timesteps)
+    loss = prediction_loss(scheduler, prediction, latents, noise, timesteps)
+    alpha_bar = scheduler.alphas_cumprod[timesteps.cpu()].to(latents.device)
+    return Denoised(loss, noisy, prediction, scheduler.config.prediction_type, alpha_bar, timesteps)

@@ -17,7 +17,7 @@ import torch
 
 from train.adapter import BaseModels, cast_floats, controlnet_config, controlnet_subfolder
 from train.errors import SetupError
-from train.families_shared import FlowAdapter, one_condition_each, unpack
+from train.families_shared import FlowAdapter, one_condition_each, pack, unpack
 from train.flow import flux_shift
 
 
@@ -50,8 +50,8 @@ class SD3Adapter(FlowAdapter):
         # SD3Transformer2DModel adds residual int(i / (blocks / count)) after each block i but its last
         blocks = base.transformer.config.num_layers
         readers = [i for i, b in enumerate(base.transformer.transformer_blocks) if b.context_pre_only is False]
-        layers = self.layers(num_layers, self.default_layers, blocks - 1,
-                             reads=lambda count: {int(i / (blocks / count)) for i in readers})
+        layers = self.capped_layers(num_layers, self.default_layers, blocks - 1,
+                                    reads=lambda count: {int(i / (blocks / count)) for i in readers})
         # from_transformer writes num_layers into the config it is given: hand it a copy, not the base's
         view = TransformerView(base.transformer, {})
         return freeze_dead_text_stream(
@@ -64,9 +64,6 @@ class SD3Adapter(FlowAdapter):
 
     def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
         return float(base.scheduler.config.shift)  # 3.0 for SD3/3.5
-
-    def control_inputs(self, base: BaseModels, controlnet, condition: torch.Tensor, generator) -> dict:
-        return {"controlnet_cond": self.condition_latents(base, controlnet, condition, generator)}
 
     def predict(self, controlnet, base: BaseModels, noisy, sigmas, hidden, added, control: dict) -> torch.Tensor:
         config = controlnet_config(controlnet)
@@ -119,12 +116,12 @@ class FluxAdapter(FlowAdapter):
         config = base.transformer.config
         # a union ControlNet (num_mode) is the same model plus a mode embedding prepended to the text tokens
         extra = {"num_mode": modes} if modes else {}
+        layers = self.capped_layers(num_layers, self.default_layers, config.num_layers,
+                                    reads=flux_reads(config.num_layers))
+        singles = self.capped_layers(num_single_layers, self.default_single_layers, config.num_single_layers,
+                                     "controlnet_num_single_layers", reads=flux_reads(config.num_single_layers))
         return freeze_dead_text_stream(FluxControlNetModel.from_transformer(
-            TransformerView(base.transformer, extra),
-            num_layers=self.layers(num_layers, self.default_layers, config.num_layers,
-                                   reads=flux_reads(config.num_layers)),
-            num_single_layers=self.layers(num_single_layers, self.default_single_layers, config.num_single_layers,
-                                          "controlnet_num_single_layers", reads=flux_reads(config.num_single_layers)),
+            TransformerView(base.transformer, extra), num_layers=layers, num_single_layers=singles,
             attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads))
 
     def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
@@ -210,14 +207,6 @@ def freeze_dead_text_stream(controlnet: torch.nn.Module) -> torch.nn.Module:
         if module is not None:
             module.requires_grad_(False)
     return controlnet
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, 4C): FluxPipeline._pack_latents' 2x2 patches as tokens."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
 
 
 class TransformerView:

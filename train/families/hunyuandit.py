@@ -19,66 +19,46 @@ from typing import Any
 
 import torch
 
-from train.adapter import BaseModels, Denoised, FamilyAdapter, cast_floats, controlnet_subfolder, freeze, load_text_encoders
+from train.adapter import BaseModels, Denoised, cast_floats, controlnet_subfolder
 from train.errors import SetupError
-from train.latents import CachedConditions, images_from_latents, vae_sample
-from train.step import prediction_loss, sample_noise
+from train.families_shared import TransformerAdapter
+from train.latents import CachedConditions
+from train.step import ddpm_denoised
 
 
-class HunyuanDiTAdapter(FamilyAdapter):
+class HunyuanDiTAdapter(TransformerAdapter):
     """HunyuanDiT: BERT + mT5 prompts, DDPM loss on HunyuanDiT2DModel, HunyuanDiT2DControlNetModel."""
 
     name = "hunyuandit"
     controlnet_class = "HunyuanDiT2DControlNetModel"
     pipeline_class = "HunyuanDiTControlNetPipeline"
+    denoiser_class = "HunyuanDiT2DModel"
     text_encoder_classes = ("BertModel", "T5EncoderModel")
-    samples_in_place = True  # about 0.7B weights at the real size: validation does not copy it
-    encodes_conditions = True
-
-    def __init__(self, resolution: int = 512):
-        super().__init__(resolution)
-        self._encoder: tuple[int, Any] | None = None
+    scheduler_class = "DDPMScheduler"
 
     # --- loading ---------------------------------------------------------------------------
 
-    def load(self, path: str) -> BaseModels:
-        """Transformer, BERT and mT5 with their tokenizers, VAE and DDPM scheduler, all frozen."""
-        import diffusers
-
-        transformer = diffusers.HunyuanDiT2DModel.from_pretrained(path, subfolder="transformer")
-        if not transformer.config.learn_sigma:  # the pipeline keeps the first half of the output channels
+    def check_denoiser(self, path: str, denoiser: torch.nn.Module) -> None:
+        if not denoiser.config.learn_sigma:  # the pipeline keeps the first half of the output channels
             raise SetupError(f"{path}: its HunyuanDiT transformer has learn_sigma false; HunyuanDiTControlNetPipeline "
                              "splits the output into prediction and variance, so it cannot sample with this base")
-        tokenizers, encoders = load_text_encoders(path, self.text_encoder_classes)
-        vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae")
-        scheduler = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        freeze(*encoders, vae, transformer)
-        return BaseModels(tokenizers, encoders, vae, None, scheduler, self, transformer=transformer)
 
-    def pipeline(self, base: BaseModels, controlnet: torch.nn.Module | None, scheduler: Any) -> Any:
-        """HunyuanDiTControlNetPipeline over the base's in-memory modules (references, no copies)."""
-        from diffusers import HunyuanDiTControlNetPipeline
+    def prompt_pipeline(self, base: BaseModels):
+        """HunyuanDiTControlNetPipeline without a ControlNet, for its ``encode_prompt``."""
+        return self.controlnet_pipeline(base, None, base.scheduler)
 
-        (tokenizer, tokenizer_2), (text_encoder, text_encoder_2) = base.tokenizers, base.text_encoders
-        pipe = HunyuanDiTControlNetPipeline(
-            vae=base.vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=base.transformer,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, controlnet=controlnet,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    def pipeline_extras(self) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     # --- encoding --------------------------------------------------------------------------
 
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         """(BERT states; their mask, mT5 states and mask, image meta sizes, style ids) by the pipeline's
         ``encode_prompt`` at the transformer's text lengths (77 and 256, as ``__call__`` passes them)."""
-        if self._encoder is None or self._encoder[0] != id(base):
-            self._encoder = (id(base), self.pipeline(base, None, base.scheduler))
-        config = base.transformer.config
+        config, pipe = base.transformer.config, self.encoder_pipeline(base)
         (bert, _, bert_mask, _), (t5, _, t5_mask, _) = (
-            self._encoder[1].encode_prompt(prompt=list(captions), device=device, dtype=base.transformer.dtype,
-                                           do_classifier_free_guidance=False, max_sequence_length=length,
-                                           text_encoder_index=index)
+            pipe.encode_prompt(prompt=list(captions), device=device, dtype=base.transformer.dtype,
+                               do_classifier_free_guidance=False, max_sequence_length=length, text_encoder_index=index)
             for index, length in enumerate((config.text_len, config.text_len_t5)))
         r, count = self.resolution, len(captions)
         sizes = torch.tensor([[r, r]] * count)
@@ -98,7 +78,7 @@ class HunyuanDiTAdapter(FamilyAdapter):
     def control_inputs(self, base: BaseModels, controlnet, condition: "torch.Tensor | CachedConditions",
                        generator: torch.Generator) -> dict:
         """The condition through the VAE, scaled and not shifted (the pipeline's step 4)."""
-        return {"controlnet_cond": vae_sample(base.vae, condition, generator) * base.vae.config.scaling_factor}
+        return {"controlnet_cond": self.condition_sample(base, condition, generator) * base.vae.config.scaling_factor}
 
     # --- the ControlNet and its loss ---------------------------------------------------------
 
@@ -122,22 +102,16 @@ class HunyuanDiTAdapter(FamilyAdapter):
         for block in controlnet.blocks:
             block.__class__ = checkpointed(type(block))
 
-    def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-             added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Epsilon/v MSE (the scheduler's ``prediction_type``) at a uniform DDPM timestep (train/step.py)."""
-        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
-
     def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
                 added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
-        """The training forward: its loss, and the noisy latents, prediction and alpha-bar the reward reads."""
-        noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
-        noisy = base.scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad():
-            control = self.control_inputs(base, controlnet, condition, generator)
-        prediction = self.predict(controlnet, base, noisy, timesteps, hidden, added, control)
-        loss = prediction_loss(base.scheduler, prediction, latents, noise, timesteps)
-        alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()].to(latents.device)
-        return Denoised(loss, noisy, prediction, base.scheduler.config.prediction_type, alpha_bar, timesteps)
+        """Epsilon/v MSE (the scheduler's ``prediction_type``) at a uniform DDPM timestep (train/step.py), and the
+        noisy latents, prediction and alpha-bar the reward reads."""
+        def steered(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                control = self.control_inputs(base, controlnet, condition, generator)
+            return self.predict(controlnet, base, noisy, timesteps, hidden, added, control)
+
+        return ddpm_denoised(base.scheduler, latents, generator, steered)
 
     def predict(self, controlnet, base: BaseModels, noisy: torch.Tensor, timesteps: torch.Tensor,
                 hidden: torch.Tensor, added: dict, control: dict) -> torch.Tensor:
@@ -155,22 +129,8 @@ class HunyuanDiTAdapter(FamilyAdapter):
 
     # --- validation --------------------------------------------------------------------------
 
-    def validation_pipeline(self, base: BaseModels, controlnet: torch.nn.Module):
-        """HunyuanDiTControlNetPipeline with the trained ControlNet and its own copy of the DDPM scheduler."""
-        return self.pipeline(base, controlnet, type(base.scheduler).from_config(base.scheduler.config))
-
-    def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
-        # the pipeline takes a tensor condition as is: [-1, 1], as the VAE reads it in training
-        return {"control_image": condition * 2.0 - 1.0}
-
-    def sample(self, pipe, base: BaseModels, condition: torch.Tensor, prompt: str, count: int,
-               generator: torch.Generator, steps: int, mode: int | None = None) -> list:
-        """``count`` PIL images for one [0, 1] condition image (1xCxHxW), at its size (no resolution binning)."""
-        height, width = condition.shape[-2:]
-        latents = pipe(prompt=[prompt] * count, height=height, width=width, num_inference_steps=steps,
-                       generator=generator, output_type="latent", use_resolution_binning=False,
-                       **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
-        return images_from_latents(base.vae, pipe.image_processor, latents)
+    def call_kwargs(self, base: BaseModels) -> dict:
+        return {"use_resolution_binning": False}  # sample at the condition's size, not a binned one
 
 
 def controlnet_from_transformer(transformer: torch.nn.Module, conditioning_channels: int) -> torch.nn.Module:

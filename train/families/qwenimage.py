@@ -28,7 +28,7 @@ import math
 import torch
 
 from train.adapter import BaseModels, cast_floats, controlnet_subfolder
-from train.families_shared import FlowAdapter, one_condition_each, unpack
+from train.families_shared import FlowAdapter, one_condition_each, pack, unpack
 from train.flow import flux_shift
 
 PIPELINE_SEQUENCE_LENGTH = 512
@@ -104,8 +104,8 @@ class QwenImageAdapter(FlowAdapter):
                 QwenImageControlNetModel.from_pretrained(path, subfolder=controlnet_subfolder(path)))
         config = base.transformer.config
         blocks = config.num_layers
-        layers = self.layers(num_layers, self.default_layers, blocks,
-                             reads=lambda count: {i // math.ceil(blocks / count) for i in range(blocks)})
+        layers = self.capped_layers(num_layers, self.default_layers, blocks,
+                                    reads=lambda count: {i // math.ceil(blocks / count) for i in range(blocks)})
         return freeze_unread_text_stream(QwenImageControlNetModel.from_transformer(
             base.transformer, num_layers=layers, attention_head_dim=config.attention_head_dim,
             num_attention_heads=config.num_attention_heads, extra_condition_channels=0))
@@ -159,14 +159,6 @@ def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
     inverse_std = (1.0 / torch.tensor(vae.config.latents_std).view(shape)).to(like.device, like.dtype)
     return mean, inverse_std
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, 4C): ``QwenImagePipeline._pack_latents``' 2x2 patches as tokens."""
-    from diffusers import QwenImagePipeline
-
-    b, c, h, w = latents.shape
-    return QwenImagePipeline._pack_latents(latents, b, c, h, w)
 
 
 def freeze_unread_text_stream(controlnet: torch.nn.Module) -> torch.nn.Module:

@@ -23,17 +23,13 @@ control mode, and the pipeline passes none: Sana has no union ControlNet.
 from __future__ import annotations
 
 import inspect
-import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from train.adapter import BaseModels, Denoised, FamilyAdapter, controlnet_subfolder, freeze, load_text_encoders
+from train.adapter import BaseModels, controlnet_subfolder
 from train.errors import SetupError
-from train.flow import flow_loss, noisy_latents, shifted_sigmas
-from train.latents import CachedConditions
-
-log = logging.getLogger("train")
+from train.families_shared import FlowAdapter
 
 SHIFT_KEYS = ("flow_shift", "shift")
 """Scheduler config keys of the time shift: DPMSolverMultistepScheduler's, FlowMatchEulerDiscreteScheduler's."""
@@ -49,55 +45,35 @@ def pipeline_default(argument: str) -> Any:
     return inspect.signature(SanaControlNetPipeline.__call__).parameters[argument].default
 
 
-class SanaAdapter(FamilyAdapter):
+class SanaAdapter(FlowAdapter):
     """Sana 1.0 bases: Gemma2 prompts, DC-AE latents, ``SanaControlNetModel`` copying the first blocks."""
 
     name = "sana"
     controlnet_class = "SanaControlNetModel"
     pipeline_class = "SanaControlNetPipeline"
+    denoiser_class = "SanaTransformer2DModel"
+    encode_pipeline_class = "SanaPipeline"
+    text_encoder_classes = ("Gemma2Model",)
+    vae_class = "AutoencoderDC"
     default_layers = 7  # SanaControlNetModel's default num_layers, as the published Sana ControlNets have
-    samples_in_place = True
-    encodes_conditions = True
 
-    def __init__(self, resolution: int = 512):
-        super().__init__(resolution)
-        self._encoder: tuple[int, Any] | None = None
-
-    def load(self, path: str) -> BaseModels:
+    def load_scheduler(self, path: str) -> Any:
+        """The scheduler class the folder names (published: DPMSolverMultistepScheduler with flow sigmas)."""
         import diffusers
 
-        transformer = diffusers.SanaTransformer2DModel.from_pretrained(path, subfolder="transformer")
-        tokenizers, encoders = load_text_encoders(path, ("Gemma2Model",))
-        vae = diffusers.AutoencoderDC.from_pretrained(path, subfolder="vae")
-        # the scheduler class the folder names (published: DPMSolverMultistepScheduler with flow sigmas)
         config = diffusers.DPMSolverMultistepScheduler.load_config(path, subfolder="scheduler")
-        scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-        freeze(*encoders, vae, transformer)
-        return BaseModels(tokenizers, encoders, vae, None, scheduler, self, transformer=transformer)
+        return getattr(diffusers, config["_class_name"]).from_config(config)
 
     # --- encoding ----------------------------------------------------------------------------
 
-    def encoder_pipeline(self, base: BaseModels):
-        """``SanaPipeline`` over the base's modules (references, no copies), for its ``encode_prompt``."""
-        if self._encoder is None or self._encoder[0] != id(base):
-            from diffusers import SanaPipeline
-
-            self._encoder = (id(base), SanaPipeline(**self.pipeline_modules(base)))
-        return self._encoder[1]
-
-    def pipeline_modules(self, base: BaseModels) -> dict[str, Any]:
-        return {"tokenizer": base.tokenizers[0], "text_encoder": base.text_encoders[0], "vae": base.vae,
-                "transformer": base.transformer, "scheduler": base.scheduler}
-
-    def sequence_length(self, base: BaseModels) -> int:
+    def sequence_kwargs(self, base: BaseModels) -> dict:
         n = base.options.max_sequence_length
-        return pipeline_default("max_sequence_length") if n is None else n
+        return {"max_sequence_length": pipeline_default("max_sequence_length") if n is None else n}
 
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         """(Gemma2 states, {their attention mask}) as SanaControlNetPipeline encodes its prompts."""
         hidden, mask, _, _ = self.encoder_pipeline(base).encode_prompt(
-            list(captions), do_classifier_free_guidance=False, device=device,
-            max_sequence_length=self.sequence_length(base),
+            list(captions), do_classifier_free_guidance=False, device=device, **self.sequence_kwargs(base),
             complex_human_instruction=pipeline_default("complex_human_instruction"))
         return hidden, {"encoder_attention_mask": mask}
 
@@ -107,14 +83,8 @@ class SanaAdapter(FamilyAdapter):
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return moments
 
-    def condition_latents(self, base: BaseModels, condition: "torch.Tensor | CachedConditions",
-                          generator: torch.Generator) -> torch.Tensor:
-        """The [0, 1] condition image through DC-AE (or its cached latents), scaled as the pipeline does."""
-        if isinstance(condition, CachedConditions):  # one condition per example: Sana stacks none
-            sample = self.latents_from_moments(condition.moments[:, 0], generator).to(base.vae.device, base.vae.dtype)
-        else:
-            sample = self.encode_latents(base, (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype),
-                                         generator)
+    def scaled_condition(self, base: BaseModels, controlnet, sample: torch.Tensor) -> torch.Tensor:
+        """DC-AE's condition latents scaled, not shifted (``__call__`` step 4)."""
         return sample * base.vae.config.scaling_factor
 
     # --- the ControlNet and its loss ---------------------------------------------------------
@@ -135,46 +105,14 @@ class SanaAdapter(FamilyAdapter):
     def layers(self, wanted: int | None, blocks: int) -> int:
         """``wanted`` blocks (None: 7), capped at ``blocks - 1``: the base adds residual ``i`` after its block
         ``i + 1``, so a residual past that is never read (no gradient: DDP fails at the second step)."""
-        chosen = self.default_layers if wanted is None else wanted
         if blocks < 2:
             raise SetupError("--controlnet_num_layers: this Sana base has fewer than 2 blocks, so it reads no "
                              "ControlNet residual")
-        if chosen > blocks - 1:
-            log.info("--controlnet_num_layers %d capped at %d: this Sana base adds no residual past that", chosen,
-                     blocks - 1)
-        return min(chosen, blocks - 1)
+        return self.capped_layers(wanted, self.default_layers, blocks - 1)
 
-    def shift(self, base: BaseModels) -> float:
+    def shift(self, base: BaseModels, latents: torch.Tensor) -> float:
         config = base.scheduler.config
         return float(next((config[k] for k in SHIFT_KEYS if k in config), 1.0))
-
-    def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-             added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Velocity MSE at a logit-normal, shifted sigma (train/flow.py)."""
-        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
-
-    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
-        """The training forward: its loss, and the noisy latents, velocity and sigma the reward reads."""
-        noisy, noise, sigmas, prediction = self.noised_prediction(
-            controlnet, base, latents, hidden, added, condition, generator,
-            lambda: shifted_sigmas(latents.shape[0], generator, self.shift(base)))
-        return Denoised(flow_loss(prediction, latents, noise), noisy, prediction, "flow", sigmas,
-                        sigmas * base.scheduler.config.num_train_timesteps)
-
-    def noised_prediction(self, controlnet, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                          added: dict, condition, generator: torch.Generator, sigmas: Callable[[], torch.Tensor]):
-        """(noisy latents, noise, sigmas, velocity) for noise then ``sigmas()`` drawn from ``generator``."""
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        drawn = sigmas().to(latents.device)
-        noisy = noisy_latents(latents, noise, drawn)
-        with torch.no_grad():
-            control = self.control_inputs(base, controlnet, condition, generator)
-        return noisy, noise, drawn, self.predict(controlnet, base, noisy, drawn, hidden, added, control)
-
-    def control_inputs(self, base: BaseModels, controlnet, condition: "torch.Tensor | CachedConditions",
-                       generator: torch.Generator) -> dict:
-        return {"controlnet_cond": self.condition_latents(base, condition, generator)}
 
     def predict(self, controlnet, base: BaseModels, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
                 added: dict, control: dict) -> torch.Tensor:
@@ -190,26 +128,13 @@ class SanaAdapter(FamilyAdapter):
 
     # --- validation --------------------------------------------------------------------------
 
-    def validation_pipeline(self, base: BaseModels, controlnet: torch.nn.Module):
-        from diffusers import SanaControlNetPipeline
-
-        modules = self.pipeline_modules(base)
-        modules["scheduler"] = type(base.scheduler).from_config(base.scheduler.config)  # its own step state
-        pipe = SanaControlNetPipeline(**modules, controlnet=controlnet)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
-        # the pipeline takes a tensor condition as is: [-1, 1], as DC-AE reads it in training
-        return {"control_image": condition * 2.0 - 1.0}
+    def call_kwargs(self, base: BaseModels) -> dict:
+        return {**self.sequence_kwargs(base), "use_resolution_binning": False}  # at the condition's own size
 
     def sample(self, pipe, base: BaseModels, condition: torch.Tensor, prompt: str, count: int,
                generator: torch.Generator, steps: int, mode: int | None = None) -> list:
-        """``count`` PIL images at the condition's own size (no aspect-ratio binning)."""
-        height, width = condition.shape[-2:]
-        return pipe(prompt=[prompt] * count, height=height, width=width, num_inference_steps=steps,
-                    generator=generator, max_sequence_length=self.sequence_length(base),
-                    use_resolution_binning=False, **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
+        """``count`` PIL images at the condition's own size, decoded by the pipeline itself (DC-AE)."""
+        return self.pipeline_images(pipe, base, condition, prompt, count, generator, steps, mode, "pil")
 
 
 def copy_base(controlnet: torch.nn.Module, transformer: torch.nn.Module) -> None:

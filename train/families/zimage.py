@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable
 
 import torch
 
-from train.adapter import (BaseModels, Denoised, FamilyAdapter, cast_floats, controlnet_config, controlnet_subfolder, freeze,
-                           load_text_encoders)
+from train.adapter import BaseModels, cast_floats, controlnet_config, controlnet_subfolder
 from train.errors import SetupError
+from train.families_shared import FlowAdapter
 from train.family_checks import layer_places_problem
 from train.family_specs import SPECS
-from train.flow import flow_loss, flux_shift, noisy_latents, shifted_sigmas
-from train.latents import CachedConditions, images_from_latents
+from train.flow import flux_shift
+from train.latents import CachedConditions
 
 log = logging.getLogger("train")
 
@@ -36,71 +35,45 @@ PLACE_EVERY = 5
 layers 0, 5, ..., 25 of Z-Image's 30 (``control_layers_places``; VideoX-Fun config/z_image/z_image_control.yaml)."""
 
 
-class ZImageAdapter(FamilyAdapter):
+class ZImageAdapter(FlowAdapter):
     """Z-Image: ZImageTransformer2DModel, Qwen3 prompts, a ControlNet whose blocks sit at chosen base layers."""
 
     name = "zimage"
     controlnet_class = "ZImageControlNetModel"
     pipeline_class = "ZImageControlNetPipeline"
-    samples_in_place = True  # the Fun ControlNets are about 2B weights: validation does not copy one
-    encodes_conditions = True
-
-    def __init__(self, resolution: int = 512):
-        super().__init__(resolution)
-        self._encoder: tuple[int, Any] | None = None
-
-    def load(self, path: str) -> BaseModels:
-        import diffusers
-
-        transformer = diffusers.ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer")
-        tokenizers, encoders = load_text_encoders(path, ("Qwen3Model",))
-        vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        freeze(*encoders, vae, transformer)
-        return BaseModels(tokenizers, encoders, vae, None, scheduler, self, transformer=transformer)
+    denoiser_class = "ZImageTransformer2DModel"
+    encode_pipeline_class = "ZImagePipeline"
+    text_encoder_classes = ("Qwen3Model",)
 
     # --- prompts and conditions ------------------------------------------------------------------
-
-    def modules(self, base: BaseModels) -> dict[str, Any]:
-        """The pipelines' modules, the base's own (no copies)."""
-        return {"transformer": base.transformer, "vae": base.vae, "scheduler": base.scheduler,
-                "text_encoder": base.text_encoders[0], "tokenizer": base.tokenizers[0]}
-
-    def sequence_kwargs(self, base: BaseModels) -> dict:
-        n = base.options.max_sequence_length
-        return {} if n is None else {"max_sequence_length": n}
 
     def encode_prompts(self, base: BaseModels, captions: list[str], device: torch.device) -> tuple[torch.Tensor, dict]:
         """ZImagePipeline.encode_prompt's per-prompt embeddings, padded to the prompt length so a batch (and the
         ``--cache_latents`` cache) holds one tensor; ``prompt_mask`` marks each prompt's own tokens."""
-        if self._encoder is None or self._encoder[0] != id(base):
-            import diffusers
-
-            self._encoder = (id(base), diffusers.ZImagePipeline(**self.modules(base)))
         length = base.options.max_sequence_length or 512  # the pipeline's default
-        embeds, _ = self._encoder[1].encode_prompt(list(captions), device=device, do_classifier_free_guidance=False,
-                                                   max_sequence_length=length)  # it rewrites the list it is given
+        embeds, _ = self.encoder_pipeline(base).encode_prompt(list(captions), device=device,
+                                                              do_classifier_free_guidance=False,
+                                                              max_sequence_length=length)  # it rewrites its list
         hidden = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
         mask = torch.zeros(len(embeds), length, dtype=torch.bool, device=hidden.device)
         for k, e in enumerate(embeds):
             hidden[k, :len(e)], mask[k, :len(e)] = e, True
         return hidden, {"prompt_mask": mask}
 
-    def condition_latents(self, base: BaseModels, condition: "torch.Tensor | CachedConditions") -> torch.Tensor:
+    def condition_sample(self, base: BaseModels, condition: "torch.Tensor | CachedConditions",
+                         generator: torch.Generator) -> torch.Tensor:
         """The [0, 1] condition image through the VAE at its mode (``sample_mode="argmax"``), or its cached
-        distribution's mean, shifted and scaled: (B, 16, H/8, W/8)."""
+        distribution's mean (shifted and scaled by ``condition_latents``: (B, 16, H/8, W/8))."""
         if isinstance(condition, CachedConditions):
-            sample = condition.mode().to(base.vae.device, base.vae.dtype)
-        else:
-            pixels = (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype)
-            sample = base.vae.encode(pixels).latent_dist.mode()
-        return (sample - base.vae.config.shift_factor) * base.vae.config.scaling_factor
+            return condition.mode().to(base.vae.device, base.vae.dtype)
+        pixels = (condition * 2.0 - 1.0).to(base.vae.device, base.vae.dtype)
+        return base.vae.encode(pixels).latent_dist.mode()
 
     def control_inputs(self, base: BaseModels, controlnet, condition: "torch.Tensor | CachedConditions",
                        generator: torch.Generator) -> dict:
         """``control_context``: one (control_in_dim, 1, h, w) tensor per example; channels past the latents' are
         zeros, as the pipeline pads them for the Fun 2.x ControlNets (control_in_dim 33)."""
-        latents = self.condition_latents(base, condition)
+        latents = self.condition_latents(base, controlnet, condition, generator)
         extra = controlnet_config(controlnet).control_in_dim - latents.shape[1]
         if extra > 0:
             latents = torch.cat([latents, latents.new_zeros(latents.shape[0], extra, *latents.shape[2:])], dim=1)
@@ -136,30 +109,6 @@ class ZImageAdapter(FamilyAdapter):
             return flux_shift((latents.shape[-2] // 2) * (latents.shape[-1] // 2), config)
         return float(config.shift)
 
-    def loss(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-             added: dict, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Velocity MSE at a logit-normal, shifted sigma (train/flow.py)."""
-        return self.denoise(controlnet, base, latents, hidden, added, condition, generator).loss
-
-    def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
-        """The training forward: its loss, and the noisy latents, velocity and sigma the reward reads."""
-        noisy, noise, sigmas, prediction = self.noised_prediction(
-            controlnet, base, latents, hidden, added, condition, generator,
-            lambda: shifted_sigmas(latents.shape[0], generator, self.shift(base, latents)))
-        return Denoised(flow_loss(prediction, latents, noise), noisy, prediction, "flow", sigmas,
-                        sigmas * base.scheduler.config.num_train_timesteps)
-
-    def noised_prediction(self, controlnet, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
-                          added: dict, condition, generator: torch.Generator, sigmas: Callable[[], torch.Tensor]):
-        """(noisy latents, noise, sigmas, velocity) for noise then ``sigmas()`` drawn from ``generator``."""
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        drawn = sigmas().to(latents.device)
-        noisy = noisy_latents(latents, noise, drawn)
-        with torch.no_grad():
-            control = self.control_inputs(base, controlnet, condition, generator)
-        return noisy, noise, drawn, self.predict(controlnet, base, noisy, drawn, hidden, added, control)
-
     def predict(self, controlnet, base: BaseModels, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor,
                 added: dict, control: dict) -> torch.Tensor:
         """The velocity (B, C, H, W) as ZImageControlNetPipeline's loop computes it: the ControlNet's residuals
@@ -180,12 +129,8 @@ class ZImageAdapter(FamilyAdapter):
 
     def validation_pipeline(self, base: BaseModels, controlnet: torch.nn.Module):
         """ZImageControlNetPipeline over the in-memory modules (its own scheduler state)."""
-        import diffusers
-
-        modules = {**self.modules(base), "scheduler": type(base.scheduler).from_config(base.scheduler.config)}
-        pipe = diffusers.ZImageControlNetPipeline(**modules, controlnet=controlnet)
+        pipe = super().validation_pipeline(base, controlnet)
         hide_base_parts(controlnet)  # the pipeline's from_transformer made them the ControlNet's
-        pipe.set_progress_bar_config(disable=True)
         return pipe
 
     @contextlib.contextmanager
@@ -195,19 +140,6 @@ class ZImageAdapter(FamilyAdapter):
         with super().sampling(base, controlnet), base_precision(controlnet, base.transformer.dtype,
                                                                 base.transformer.device):
             yield
-
-    def control_kwargs(self, condition: torch.Tensor, mode: int | None) -> dict:
-        # the pipeline takes a tensor condition as is: [-1, 1], as the VAE reads it in training
-        return {"control_image": condition * 2.0 - 1.0}
-
-    def sample(self, pipe, base: BaseModels, condition: torch.Tensor, prompt: str, count: int,
-               generator: torch.Generator, steps: int, mode: int | None = None) -> list:
-        """``count`` PIL images for one [0, 1] condition image (1xCxHxW) and prompt, at the pipeline's defaults."""
-        height, width = condition.shape[-2:]
-        latents = pipe(prompt=[prompt] * count, height=height, width=width, num_inference_steps=steps,
-                       generator=generator, output_type="latent", **self.sequence_kwargs(base),
-                       **self.control_kwargs(condition.repeat(count, 1, 1, 1), mode)).images
-        return images_from_latents(base.vae, pipe.image_processor, latents)
 
 
 def initial_controlnet(transformer: torch.nn.Module, places: tuple[int, ...]) -> torch.nn.Module:
