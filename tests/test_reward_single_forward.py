@@ -47,21 +47,21 @@ def test_denoise_returns_exactly_the_loss_the_family_trains_with(circles):
 
 def denoised_at(base, controlnet, timesteps: list[int]):
     """The circles base's training forward with the timesteps forced to ``timesteps``."""
-    import train.families.unet as unet_family
+    import train.step as step  # the DDPM forward (ddpm_denoised) draws its noise and timesteps there
 
     latents, hidden, added, condition = batch(base, len(timesteps))
-    real = unet_family.sample_noise
+    real = step.sample_noise
 
     def forced(latents, num_timesteps, generator):
         noise, _ = real(latents, num_timesteps, generator)
         return noise, torch.tensor(timesteps)
 
-    unet_family.sample_noise = forced
+    step.sample_noise = forced
     try:
         return base.family.denoise(controlnet, base, latents, hidden, added, condition,
                                    torch.Generator().manual_seed(0)), condition
     finally:
-        unet_family.sample_noise = real
+        step.sample_noise = real
 
 
 def test_only_examples_noised_up_to_the_threshold_are_rewarded(circles):

@@ -12,7 +12,7 @@ from train.adapter import (BaseModels, Denoised, FamilyAdapter, controlnet_confi
                            load_text_encoders)
 from train.errors import SetupError
 from train.latents import images_from_latents
-from train.step import prediction_loss, sample_noise, steered_prediction
+from train.step import ddpm_denoised, steered_prediction
 
 
 class SDAdapter(FamilyAdapter):
@@ -73,16 +73,16 @@ class SDAdapter(FamilyAdapter):
 
     def denoise(self, controlnet: torch.nn.Module, base: BaseModels, latents: torch.Tensor, hidden: torch.Tensor,
                 added: dict, condition: torch.Tensor, generator: torch.Generator) -> Denoised:
-        noise, timesteps = sample_noise(latents, base.scheduler.config.num_train_timesteps, generator)
-        extra = None
-        if base.options.union:
-            condition, extra = union_slots(condition, len(base.options.conditions), generator,
-                                           controlnet_config(controlnet).num_control_type)
-        noisy = base.scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.steered(controlnet, base, noisy, timesteps, hidden, condition, added, extra)
-        loss = prediction_loss(base.scheduler, prediction, latents, noise, timesteps)
-        alpha_bar = base.scheduler.alphas_cumprod[timesteps.cpu()].to(latents.device)
-        return Denoised(loss, noisy, prediction, base.scheduler.config.prediction_type, alpha_bar, timesteps)
+        """The DDPM forward of the steered UNet (train/step.py ``ddpm_denoised``); a union ControlNet's slots are
+        drawn after the noise and timesteps."""
+        def steered(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            routed, extra = condition, None
+            if base.options.union:
+                routed, extra = union_slots(condition, len(base.options.conditions), generator,
+                                            controlnet_config(controlnet).num_control_type)
+            return self.steered(controlnet, base, noisy, timesteps, hidden, routed, added, extra)
+
+        return ddpm_denoised(base.scheduler, latents, generator, steered)
 
     def steered(self, controlnet: torch.nn.Module, base: BaseModels, noisy: torch.Tensor, timesteps: torch.Tensor,
                 hidden: torch.Tensor, condition: torch.Tensor, added: dict, extra: dict | None = None) -> torch.Tensor:
