@@ -112,6 +112,9 @@ class TinyBaseConfig:
     [-1, 1] units; small, so the posterior stays narrow around its mean (few latents' spread)."""
     unet_channels: tuple[int, ...] = (32, 64, 64)
     """UNet block widths at 16x16, 8x8 and 4x4 latents; cross-attention in all but the first."""
+    unet_layers_per_block: int = 1
+    """ResNet (and attention) layers per UNet down block (up blocks get one more, as in diffusers).
+    ControlNet-XS (``diffusers.UNetControlNetXSModel``) needs 2; the shipped base uses 1."""
     unet_steps: int = 3000
     """Optimiser steps of the UNet and text encoder."""
     batch_size: int = 32
@@ -256,7 +259,8 @@ def build_unet(config: TinyBaseConfig) -> torch.nn.Module:
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
     return UNet2DConditionModel(
         sample_size=config.resolution // vae_factor(config), in_channels=config.latent_channels,
-        out_channels=config.latent_channels, layers_per_block=1, block_out_channels=tuple(config.unet_channels),
+        out_channels=config.latent_channels, layers_per_block=config.unet_layers_per_block,
+        block_out_channels=tuple(config.unet_channels),
         down_block_types=down, up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
         cross_attention_dim=config.text_hidden_size, attention_head_dim=4, norm_num_groups=16,
     )
