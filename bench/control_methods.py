@@ -20,9 +20,10 @@
    ``--base``) a base with ``demo/tiny_base.py``'s recipe and ``--unet_layers_per_block 2``; every method trains on
    it. Channel-concat needs a Flux base, which the fill task has none of: it is in the real-size table only.
    Each method trains in this one process (bench/arms.py: the trainer's own ``set_up``/``micro_step``/
-   ``after_step``) on the same 800 circles, batches, noise and timesteps (same seed), resolution 32, batch 16, the
-   demo's lr. The arms take turns of ``--segment_seconds`` of their own clock, the full ControlNet first in each
-   round, so a slow or fast spell of the shared machine falls on all of them. Each is scored twice on fresh
+   ``after_step``) on the same 800 circles, batches, noise and timesteps (same seed), resolution 32, batch 16,
+   50 warm-up steps; lr 1e-3 (the demo's) for the full ControlNet, 3e-3 for LoRA and XS (``--lr``, ``--lora_lr``,
+   ``--xs_lr``). The arms take turns up to a shared deadline on their own clocks, ``--segment_seconds`` later each
+   round, the full ControlNet first, so a slow or fast spell of the shared machine falls on all of them. Each is scored twice on fresh
    outlines no run saw (another seed and file prefix): at ``--steps`` steps (equal steps) and when its own clock
    reaches the time the full ControlNet took for those steps (equal wall time). Scores: circle IoU and colour
    accuracy of samples from the trainer's validation sampler (UniPC 20 steps) on the same noise; the first arm's
@@ -217,16 +218,18 @@ def fill_methods(ranks: list[int], xs_ratios: list[float]) -> dict[str, list[str
     return methods
 
 
-def ensure_base(folder: Path, threads: int) -> dict[str, Any]:
+def ensure_base(folder: Path, threads: int, recipe: tuple[str, ...] = ()) -> dict[str, Any]:
     """The 2-layer tiny base in ``folder``: built with demo/tiny_base.py's recipe (only ``--unet_layers_per_block
-    2`` differs from models/tiny-circles) unless already there; returns how long building took (0: cached)."""
+    2`` differs from models/tiny-circles; ``recipe``: more of its flags) unless already there; returns how long
+    building took (0: cached)."""
     if (folder / "model_index.json").is_file():
         return {"base": str(folder), "built_s": 0.0}
     from demo import tiny_base
 
     began = time.perf_counter()
     print(f"building the 2-layer tiny base in {folder} (demo/tiny_base.py's recipe; about 20-30 minutes)", flush=True)
-    if tiny_base.main(["--output", str(folder), "--unet_layers_per_block", "2", "--threads", str(threads)]) != 0:
+    flags = ["--output", str(folder), "--unet_layers_per_block", "2", "--threads", str(threads), *recipe]
+    if tiny_base.main(flags) != 0:
         raise SystemExit(f"building the base in {folder} failed")
     return {"base": str(folder), "built_s": time.perf_counter() - began}
 
@@ -339,6 +342,7 @@ def compare(base: str, manifest: str, fresh: str, work: Path, methods: dict[str,
     """Every method on the fill task: memory in fresh processes, then the race; the figures go into ``result``
     as they come in (``save`` writes them)."""
     rows = held_out_rows(fresh, args.held_out)
+    result["layers_per_block"] = json.loads((Path(base) / "unet" / "config.json").read_text())["layers_per_block"]
     result["methods"] = {name: {"lr": method_lr(name, args)} for name in methods}
     for name, flags in methods.items():
         out = work / slug(name)
@@ -377,7 +381,7 @@ def print_fill(fill: dict[str, Any], args) -> None:
     ref = methods[REFERENCE]
     ref_step = ref["equal steps"]["step_s"]
     ref_ship = min(ref["files"].values())
-    print(f"\nfill task: tiny 2-layer SD base on the CPU, {args.count} circles, resolution {args.resolution}, batch "
+    print(f"\nfill task: tiny SD base ({fill['layers_per_block']} layers per UNet block) on the CPU, {args.count} circles, resolution {args.resolution}, batch "
           f"{args.batch}; scored on {args.held_out} fresh outlines; equal steps {args.steps}, equal time "
           f"{fill['wall_s']:.0f} s (the full ControlNet's time for them); ratios against the full ControlNet")
     print(f"{'method':22}{'lr':>7}{'trained':>10}{'ratio':>7}{'ship MB':>9}{'ratio':>7}{'peak MB':>9}{'growth':>8}"
@@ -441,9 +445,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes_only", action="store_true", help="only the real-size table (meta device, seconds)")
     p.add_argument("--base", default=str(ROOT / "models" / "tiny-circles-2l"),
                    help="the 2-layer tiny base folder: used if there, else built there first (20-30 min)")
-    p.add_argument("--ranks", type=ints, default=[4, 16, 64], help="ControlNet-LoRA ranks (comma-separated)")
+    p.add_argument("--ranks", type=ints, default=[2, 8, 32],
+                   help="ControlNet-LoRA ranks on the tiny base (comma-separated; 2, 8, 32 train 0.08, 0.21, 0.70 of "
+                        "its ControlNet's parameters)")
+    p.add_argument("--real_ranks", type=ints, default=[4, 16, 64], help="ControlNet-LoRA ranks at real sizes")
     p.add_argument("--xs_ratios", type=floats, default=None,
-                   help="ControlNet-XS size ratios on the tiny base (default: the smallest it allows, and 0.5)")
+                   help="ControlNet-XS size ratios on the tiny base (default: the smallest it allows, and 0.5; '': none)")
     p.add_argument("--real_xs_ratio", type=float, default=0.1, help="XS ratio at real sizes (the published 0.1)")
     p.add_argument("--concat_rank", type=int, default=0, help="channel-concat LoRA rank (0: the trainer's default)")
     p.add_argument("--steps", type=int, default=800, help="equal steps (the demo's 800)")
@@ -451,13 +458,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--held_out", type=int, default=64, help="fresh circle outlines to score on")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="every method's learning rate (the demo's)")
-    p.add_argument("--lora_lr", type=float, default=None, help="ControlNet-LoRA's, if not --lr")
-    p.add_argument("--xs_lr", type=float, default=None, help="ControlNet-XS's, if not --lr")
+    p.add_argument("--lr", type=float, default=1e-3, help="the full ControlNet's learning rate (the demo's)")
+    p.add_argument("--lora_lr", type=float, default=3e-3,
+                   help="ControlNet-LoRA's (3e-3: better than 1e-3 for it on the fill task, worse for the full "
+                        "ControlNet; README's lighter-control section has the check)")
+    p.add_argument("--xs_lr", type=float, default=3e-3, help="ControlNet-XS's (as LoRA's: a small network trained "
+                                                            "from zero outputs)")
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps (the demo's 50)")
     p.add_argument("--segment_seconds", type=float, default=30.0, help="each arm's turn before the next's")
     p.add_argument("--calibration_steps", type=int, default=4, help="steps of each memory measurement (0: none)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (one beats two fighting ones here)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the arms (one beats two fighting ones "
+                                                          "on a shared machine)")
+    p.add_argument("--base_threads", type=int, default=1, help="torch threads building the base (the recipe's 1)")
     p.add_argument("--out", default=str(ROOT / "runs" / "control_methods"), help="runs, figures, JSON, PNG")
     return p.parse_args(argv)
 
@@ -473,14 +485,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save() -> None:
         (work / "control_methods.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
 
-    figures["real_sizes"] = real_sizes(args.ranks, args.real_xs_ratio, args.concat_rank)
+    figures["real_sizes"] = real_sizes(args.real_ranks, args.real_xs_ratio, args.concat_rank)
     print_real(figures["real_sizes"])
     save()
     if not args.sizes_only:
-        figures["base"] = ensure_base(Path(args.base), args.threads)
+        figures["base"] = ensure_base(Path(args.base), args.base_threads)
         torch.set_num_threads(args.threads)
         save()
-        ratios = args.xs_ratios or sorted({smallest_xs_ratio(args.base), 0.5})
+        ratios = sorted({smallest_xs_ratio(args.base), 0.5}) if args.xs_ratios is None else args.xs_ratios
         manifest = annotate(work, "circles", args.count, seed=0)
         fresh = annotate(work, "fresh", args.held_out, seed=12345)  # outlines no run trained on, ids of their own
         figures["fill"] = {}

@@ -581,6 +581,19 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def changed_flags(config: dict[str, Any]) -> str:
+    """The flags (other than --output) by which a recorded config differs from the defaults: the card's command
+    must rebuild this base, not the default one."""
+    flags = ""
+    for field in dataclasses.fields(TinyBaseConfig):
+        if field.name in config and field.default is not dataclasses.MISSING and field.name != "measure_only":
+            value, default = config[field.name], field.default
+            if (list(default) if isinstance(default, tuple) else default) != value:
+                shown = ",".join(map(str, value)) if isinstance(value, list) else value
+                flags += f" --{field.name} {shown}"
+    return flags
+
+
 def write_model_card(folder: Path, report: dict[str, Any]) -> None:
     """README.md of the folder: what it is, how it was made, how well it draws."""
     m, t = report["metrics"], report.get("training", {})
@@ -590,7 +603,8 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> None:
         "A tiny Stable Diffusion (diffusers layout, safetensors) pretrained from nothing on 32x32 circle images",
         "captioned like \"a red circle on a light blue background\": it draws the captioned colours and puts the",
         "circle anywhere, for a ControlNet to learn where (the ControlNet paper's fill50k task).", "",
-        f"Made by `python -m demo.tiny_base --output {output}` (`demo/tiny_base.py`; the recipe is in its docstring,",
+        f"Made by `python -m demo.tiny_base --output {output}{changed_flags(report.get('config', {}))}` "
+        "(`demo/tiny_base.py`; the recipe is in its docstring,",
         "every other setting is in `tiny_base.json`, with the figures); `samples.png` shows one sample per colour",
         "pair (row: circle, column: background).",
         "", "| | |", "|---|---|",

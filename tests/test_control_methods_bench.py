@@ -153,6 +153,27 @@ def test_the_race_scores_each_arm_at_equal_steps_and_at_the_references_time_for_
     assert len(marks) == 6 and all(arm.steps >= 10 and arm.seconds >= 10.0 for arm in arms.values())
 
 
+def test_the_bench_builds_a_two_layer_base_once_and_xs_trains_on_it(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from train.models import make_controlnet
+
+    quick = ("--vae_steps", "2", "--unet_steps", "2", "--pool_size", "16", "--batch_size", "4", "--vae_batch_size",
+             "4", "--warmup_steps", "1", "--eval_samples", "2", "--num_inference_steps", "2")
+    built = bench.ensure_base(tmp_path / "base", 1, quick)
+    assert built["built_s"] > 0
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "base", subfolder="unet").config.layers_per_block == 2
+    assert "--unet_layers_per_block 2" in (tmp_path / "base" / "README.md").read_text()  # its card rebuilds it
+    assert bench.ensure_base(tmp_path / "base", 1)["built_s"] == 0  # cached: never rebuilt
+    ratio = bench.smallest_xs_ratio(str(tmp_path / "base"))
+    from train.adapter import FamilyOptions
+    from train.models import load_base, with_control_method
+
+    base = with_control_method(load_base(str(tmp_path / "base"), 32), "controlnet_xs")
+    base.options = FamilyOptions(("canny",), controlnet_xs_size_ratio=ratio)
+    assert bench.trained_count(make_controlnet(base, 3)) > 0  # the shipped 1-layer base refuses XS
+
+
 @pytest.fixture(scope="module")
 def circle_manifests(local_ray, tmp_path_factory) -> tuple[str, str]:
     """A few training circles and fresh held-out ones (another seed and file prefix), annotated with Canny."""
