@@ -223,7 +223,7 @@ def ensure_base(folder: Path, threads: int, recipe: tuple[str, ...] = ()) -> dic
     2`` differs from models/tiny-circles; ``recipe``: more of its flags) unless already there; returns how long
     building took (0: cached)."""
     if (folder / "model_index.json").is_file():
-        return {"base": str(folder), "built_s": 0.0}
+        return {"base": str(folder), "built_s": 0.0, **base_report(folder)}
     from demo import tiny_base
 
     began = time.perf_counter()
@@ -231,7 +231,16 @@ def ensure_base(folder: Path, threads: int, recipe: tuple[str, ...] = ()) -> dic
     flags = ["--output", str(folder), "--unet_layers_per_block", "2", "--threads", str(threads), *recipe]
     if tiny_base.main(flags) != 0:
         raise SystemExit(f"building the base in {folder} failed")
-    return {"base": str(folder), "built_s": time.perf_counter() - began}
+    return {"base": str(folder), "built_s": time.perf_counter() - began, **base_report(folder)}
+
+
+def base_report(folder: Path) -> dict[str, Any]:
+    """What demo/tiny_base.py measured of the base (its colour accuracy, circles drawn, training minutes)."""
+    report = json.loads((folder / "tiny_base.json").read_text()) if (folder / "tiny_base.json").is_file() else {}
+    metrics, seconds = report.get("metrics", {}), report.get("training", {}).get("seconds", {})
+    return {"colour_accuracy": metrics.get("colour_accuracy"), "circle_drawn": metrics.get("circle_drawn"),
+            "training_min": sum(seconds.values()) / 60 if seconds else None,
+            "threads": report.get("training", {}).get("threads")}
 
 
 def train_flags(base: str, manifest: str, out: Path, method: list[str], lr: float, steps: int, args) -> list[str]:
@@ -491,6 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.sizes_only:
         figures["base"] = ensure_base(Path(args.base), args.base_threads)
         torch.set_num_threads(args.threads)
+        print(f"base: {figures['base']}", flush=True)
         save()
         ratios = sorted({smallest_xs_ratio(args.base), 0.5}) if args.xs_ratios is None else args.xs_ratios
         manifest = annotate(work, "circles", args.count, seed=0)
