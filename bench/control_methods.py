@@ -54,6 +54,7 @@ from typing import Any, Callable
 import torch
 
 from bench.arms import FOREVER, ROOT, Arm, annotate, peak_memory
+from bench.train_family_memory import FLUX_DEV, SD15_UNET, SDXL_UNET, count
 
 GIB, MB = 2 ** 30, 1e6
 REFERENCE = "full ControlNet"
@@ -67,6 +68,7 @@ def trained_count(module: torch.nn.Module) -> int:
 
 
 def numel(tensors) -> int:
+    """Elements of the tensors of a state dict (``.values()``)."""
     return sum(t.numel() for t in tensors)
 
 
@@ -82,7 +84,7 @@ def controlnet_rows(family: str, build: Callable[[], torch.nn.Module], ranks: li
     from train.controlnet_lora import LoraSettings, add_lora
 
     full = build()
-    size = full.num_parameters() if hasattr(full, "num_parameters") else numel(full.parameters())
+    size = count(full)
     rows = [size_row(family, REFERENCE, size, 0, {"ControlNet folder fp32": 4 * size, "single file fp16": 2 * size})]
     for rank in ranks:
         lora = add_lora(build(), LoraSettings(rank))
@@ -103,7 +105,7 @@ def xs_row(family: str, unet: torch.nn.Module, ratio: float, hint_channels: tupl
     with quiet_build():
         adapter = ControlNetXSAdapter.from_unet(unet, size_ratio=ratio, conditioning_channels=3,
                                                 conditioning_embedding_out_channels=hint_channels)
-    size = numel(adapter.parameters())
+    size = count(adapter)
     return size_row(family, f"ControlNet-XS {ratio:g}", size, 0,
                     {"XS adapter folder fp32": 4 * size, "single file fp16": 2 * size})
 
@@ -148,7 +150,7 @@ def concat_rows(family: str, transformer_config: dict, rank: int) -> list[dict]:
                 rows.append({**size_row(family, f"channel-concat LoRA r{rank}", trained, 0, files),
                              "widened_input_columns": widened})
             else:
-                size = numel(transformer.parameters())
+                size = count(transformer)
                 rows.append({**size_row(family, "channel-concat full fine-tune", size, 0,
                                         {"transformer fp32": 4 * size, "transformer bf16": 2 * size}),
                              "widened_input_columns": widened})
@@ -167,7 +169,6 @@ def real_sizes(ranks: list[int], xs_ratio: float, concat_rank: int) -> list[dict
     depth, LoRA ranks, channel-concat LoRA and full fine-tune)."""
     from accelerate import init_empty_weights
 
-    from bench.train_family_memory import FLUX_DEV, SD15_UNET, SDXL_UNET
     from train.channel_concat import DEFAULT_RANK
     from train.families.flow import FluxAdapter
 
