@@ -386,30 +386,41 @@ def slug(name: str) -> str:
     return name.lower().replace(" ", "_").replace("-", "_").replace(".", "")
 
 
+def growth_ratio(memory: dict, ref: dict) -> float:
+    """A method's peak memory growth over the full ControlNet's (nan when not measured)."""
+    if "growth_mb" not in memory or "growth_mb" not in ref.get("memory", {}):
+        return math.nan
+    return memory["growth_mb"] / ref["memory"]["growth_mb"]
+
+
+EXPORT_COLUMNS = {"diffusers": "folder", "single_file": "single", "adapter": "adapter", "control_lora": "C-LoRA"}
+"""train/export.py's written files -> column: the ``controlnet/`` folder (fp32; an XS run's is the adapter), the
+single file (fp16), a LoRA run's adapter alone (peft, fp32) and its Control-LoRA file (fp16)."""
+
+
 def print_fill(fill: dict[str, Any], args) -> None:
     methods = fill["methods"]
     ref = methods[REFERENCE]
-    ref_step = ref["equal steps"]["step_s"]
-    ref_ship = min(ref["files"].values())
-    print(f"\nfill task: tiny SD base ({fill['layers_per_block']} layers per UNet block) on the CPU, {args.count} circles, resolution {args.resolution}, batch "
-          f"{args.batch}; scored on {args.held_out} fresh outlines; equal steps {args.steps}, equal time "
-          f"{fill['wall_s']:.0f} s (the full ControlNet's time for them); ratios against the full ControlNet")
-    print(f"{'method':22}{'lr':>7}{'trained':>10}{'ratio':>7}{'ship MB':>9}{'ratio':>7}{'peak MB':>9}{'growth':>8}"
-          f"{'s/step':>8}{'ratio':>7}{'IoU@steps':>10}{'colour':>7}{'steps@time':>11}{'IoU@time':>9}{'colour':>7}")
+    ref_step, ref_ship = ref["equal steps"]["step_s"], min(ref["files"].values())
+    print(f"\nfill task: tiny SD base ({fill['layers_per_block']} layers per UNet block) on the CPU, {args.count} "
+          f"circles, resolution {args.resolution}, batch {args.batch}; scored on {args.held_out} fresh outlines; "
+          f"equal steps {args.steps}, equal time {fill['wall_s']:.0f} s (the full ControlNet's time for them); "
+          "ratios against the full ControlNet; export sizes in MB")
+    print(f"{'method':20}{'lr':>6}{'trained':>10}{'ratio':>6}"
+          + "".join(f"{c:>8}" for c in EXPORT_COLUMNS.values())
+          + f"{'ratio':>6}{'peak MB':>8}{'growth':>7}{'ratio':>6}{'s/step':>7}{'ratio':>6}{'IoU@steps':>10}{'colour':>7}"
+          f"{'steps@time':>11}{'IoU@time':>9}{'colour':>7}")
     base = fill["base_alone"]
-    print(f"{'base alone':22}{'':>7}{'':>10}{'':>7}{'':>9}{'':>7}{'':>9}{'':>8}{'':>8}{'':>7}"
+    print(f"{'base alone':20}{'':>6}{'':>10}{'':>6}{'':>32}{'':>6}{'':>8}{'':>7}{'':>6}{'':>7}{'':>6}"
           f"{base['circle_iou']:10.3f}{base['colour_accuracy']:7.3f}")
     for name, m in methods.items():
         steps, timed, memory = m["equal steps"], m["equal time"], m.get("memory", {})
-        ship = min(m["files"].values())
-        print(f"{name:22}{m['lr']:7.0e}{m['trained']:10,}{m['trained'] / ref['trained']:7.3f}{ship / MB:9.2f}"
-              f"{ship / ref_ship:7.3f}{memory.get('peak_mb', math.nan):9.0f}{memory.get('growth_mb', math.nan):8.0f}"
-              f"{steps['step_s']:8.3f}{steps['step_s'] / ref_step:7.2f}{steps['circle_iou']:10.3f}"
-              f"{steps['colour_accuracy']:7.3f}{timed['steps']:11d}{timed['circle_iou']:9.3f}"
-              f"{timed['colour_accuracy']:7.3f}")
-    print("ship MB: the smallest file a user can ship (files per method in control_methods.json: "
-          + "; ".join(f"{n}: " + ", ".join(f"{k} {v / MB:.2f} MB" for k, v in m["files"].items())
-                      for n, m in methods.items()) + ")")
+        files = "".join(f"{m['files'][k] / MB:8.2f}" if k in m["files"] else f"{'-':>8}" for k in EXPORT_COLUMNS)
+        print(f"{name:20}{m['lr']:6.0e}{m['trained']:10,}{m['trained'] / ref['trained']:6.3f}{files}"
+              f"{min(m['files'].values()) / ref_ship:6.3f}{memory.get('peak_mb', math.nan):8.0f}"
+              f"{memory.get('growth_mb', math.nan):7.0f}{growth_ratio(memory, ref):6.2f}{steps['step_s']:7.3f}{steps['step_s'] / ref_step:6.2f}"
+              f"{steps['circle_iou']:10.3f}{steps['colour_accuracy']:7.3f}{timed['steps']:11d}"
+              f"{timed['circle_iou']:9.3f}{timed['colour_accuracy']:7.3f}")
 
 
 # ------------------------------------------------------------------------------------------ outputs
