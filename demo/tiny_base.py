@@ -587,9 +587,10 @@ def changed_flags(config: dict[str, Any]) -> str:
     flags = ""
     for field in dataclasses.fields(TinyBaseConfig):
         if field.name in config and field.default is not dataclasses.MISSING and field.name != "measure_only":
-            value, default = config[field.name], field.default
-            if (list(default) if isinstance(default, tuple) else default) != value:
-                shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            value = config[field.name]
+            value = tuple(value) if isinstance(value, list) else value  # as JSON gives it back
+            if value != field.default:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
                 flags += f" --{field.name} {shown}"
     return flags
 

@@ -163,7 +163,16 @@ def test_the_bench_builds_a_two_layer_base_once_and_xs_trains_on_it(tmp_path):
     built = bench.ensure_base(tmp_path / "base", 1, quick)
     assert built["built_s"] > 0
     assert UNet2DConditionModel.from_pretrained(tmp_path / "base", subfolder="unet").config.layers_per_block == 2
-    assert "--unet_layers_per_block 2" in (tmp_path / "base" / "README.md").read_text()  # its card rebuilds it
+    # the card's command rebuilds this base: parsed, it gives the recorded settings
+    import re
+
+    from demo import tiny_base
+
+    command = re.search(r"`python -m demo.tiny_base ([^`]*)`", (tmp_path / "base" / "README.md").read_text())[1]
+    rebuilt = vars(tiny_base.build_parser().parse_args(command.split()))
+    recorded = json.loads((tmp_path / "base" / "tiny_base.json").read_text())["config"]
+    assert "--unet_layers_per_block 2" in command
+    assert rebuilt == {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
     assert bench.ensure_base(tmp_path / "base", 1)["built_s"] == 0  # cached: never rebuilt
     ratio = bench.smallest_xs_ratio(str(tmp_path / "base"))
     from train.adapter import FamilyOptions
