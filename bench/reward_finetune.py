@@ -28,40 +28,14 @@ if __package__ in (None, ""):
 import argparse
 import json
 import os
-import subprocess
 import tempfile
-import time
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.arms import FOREVER, ROOT, Arm, alternate, annotate, peak_memory
+
 BASE = ROOT / "models" / "tiny-circles"
 DEMO_RECIPE = ["--resolution", "32", "--train_batch_size", "16", "--learning_rate", "1e-3", "--lr_warmup_steps", "50",
                "--max_train_steps", "800"]
 """The Makefile's ``demo`` training (less its validation flags): how a start is trained without ``--start``."""
-
-FOREVER = 10 ** 7
-"""The arms' --max_train_steps: a constant schedule, stopped by the bench's clock, never by the step count."""
-
-CALIBRATE = """
-import json, resource, sys
-from train.train import main
-assert main(json.loads(sys.argv[1])) == 0
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
-
-
-def annotate(work: Path, name: str, count: int, seed: int) -> str:
-    """``count`` 64 px circles drawn with ``seed`` (files named ``name``_N.png, so each set's manifest ids are its
-    own), annotated with Canny into a manifest (local Ray)."""
-    from pipeline import ray_runtime
-    from pipeline.annotate import run
-    from pipeline.config import AnnotateConfig
-    from demo.circles import write_circles
-
-    write_circles(work / name, count, size=64, seed=seed, prefix=name)
-    run(AnnotateConfig(input=str(work / name), output=str(work / f"{name}_manifest"), resolution=64, shard_size=500))
-    ray_runtime.shutdown()
-    return str(work / f"{name}_manifest")
-
 
 def train_args(manifest: str, out: Path, start: str | None, steps: int, args, reward: bool) -> list[str]:
     """One arm's trainer flags: continue ``start`` for ``steps`` steps, with or without the reward."""
@@ -79,70 +53,22 @@ def train_args(manifest: str, out: Path, start: str | None, steps: int, args, re
 def calibrate(manifest: str, work: Path, start: str, args, reward: bool) -> float:
     """Peak memory (MB) of a fresh process training a few steps of one arm."""
     out = work / f"calibrate_{'reward' if reward else 'plain'}"
-    flags = train_args(manifest, out, start, args.calibration_steps, args, reward)
-    done = subprocess.run([sys.executable, "-c", CALIBRATE, json.dumps(flags)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    return next(int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("MAXRSS_KB")) / 1024
-
-
-class Arm:
-    """One arm's training run, set up by the trainer itself and advanced a segment at a time."""
-
-    def __init__(self, manifest: str, out: Path, start: str, args, reward: bool):
-        from train.loop import Meter, set_up
-        from train.train import parse_args
-
-        self.out = out
-        self.run = set_up(parse_args(train_args(manifest, out, start, FOREVER, args, reward)))
-        self.meter = Meter(first_step=0)
-        self.batches = self.epochs()
-        self.seconds, self.steps = 0.0, 0
-
-    def epochs(self):
-        """The trainer's batches, epoch after epoch (as ``run_steps`` draws them)."""
-        for epoch in range(self.run.epochs):
-            self.run.dataset.set_epoch(epoch)
-            self.run.sampler.set_epoch(epoch, 0)
-            yield from self.run.loader
-
-    def advance(self, seconds: float) -> None:
-        """Optimiser steps, as the trainer's loop makes them, for ``seconds`` more of this arm's clock."""
-        from train.loop import after_step, micro_step
-
-        end = self.seconds + seconds
-        while self.seconds < end:
-            began = time.perf_counter()
-            finite = micro_step(self.run, next(self.batches), 0, True, self.meter)
-            after_step(self.run, self.meter, finite)
-            self.seconds += time.perf_counter() - began
-            self.steps += 1
-
-    def export(self, name: str = "controlnet") -> str:
-        folder = self.out / name
-        self.run.accelerator.unwrap_model(self.run.controlnet).save_pretrained(folder)
-        return str(folder)
+    return peak_memory(train_args(manifest, out, start, args.calibration_steps, args, reward))["peak_mb"]
 
 
 def train_arms(manifest: str, work: Path, start: str, args) -> dict[str, Arm]:
     """Both arms, alternating segments until each has trained ``--minutes``; each arm's ControlNet is saved as
-    its clock passes each of ``--eval_at``'s minutes (evaluated after training, off the clock)."""
-    arms = {"(a) plain": Arm(manifest, work / "plain", start, args, reward=False),
-            "(b) reward": Arm(manifest, work / "reward", start, args, reward=True)}
-    marks = [m * 60 for m in eval_marks(args)]
+    its clock passes each of ``--eval_at``'s minutes (``arm.snapshots``; evaluated after training, off the clock)."""
+    arms = {"(a) plain": Arm(train_args(manifest, work / "plain", start, FOREVER, args, False), work / "plain"),
+            "(b) reward": Arm(train_args(manifest, work / "reward", start, FOREVER, args, True), work / "reward")}
     for arm in arms.values():
         arm.snapshots = {}
-    while any(arm.seconds < marks[-1] for arm in arms.values()):
-        for arm in arms.values():
-            due = [m for m in marks if m > arm.seconds]
-            if due:
-                arm.advance(min(args.segment_seconds, due[0] - arm.seconds))
-            for mark in marks:
-                if arm.seconds >= mark and mark not in arm.snapshots:
-                    arm.snapshots[mark] = {"steps": arm.steps, "seconds": arm.seconds,
-                                           "controlnet": arm.export(f"at_{mark / 60:g}min")}
-        print(" | ".join(f"{n} {a.steps} steps {a.seconds / 60:.1f} min" for n, a in arms.items()), flush=True)
+
+    def snapshot(name: str, arm: Arm, mark: float) -> None:
+        arm.snapshots[mark] = {"steps": arm.steps, "seconds": arm.seconds,
+                               "controlnet": arm.export(f"at_{mark / 60:g}min")}
+
+    alternate(arms, args.minutes * 60, args.segment_seconds, [m * 60 for m in eval_marks(args)], snapshot)
     return arms
 
 

@@ -112,6 +112,9 @@ class TinyBaseConfig:
     [-1, 1] units; small, so the posterior stays narrow around its mean (few latents' spread)."""
     unet_channels: tuple[int, ...] = (32, 64, 64)
     """UNet block widths at 16x16, 8x8 and 4x4 latents; cross-attention in all but the first."""
+    unet_layers_per_block: int = 1
+    """ResNet (and attention) layers per UNet down block (up blocks get one more, as in diffusers).
+    ControlNet-XS (``diffusers.UNetControlNetXSModel``) needs 2; the shipped base uses 1."""
     unet_steps: int = 3000
     """Optimiser steps of the UNet and text encoder."""
     batch_size: int = 32
@@ -256,7 +259,8 @@ def build_unet(config: TinyBaseConfig) -> torch.nn.Module:
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
     return UNet2DConditionModel(
         sample_size=config.resolution // vae_factor(config), in_channels=config.latent_channels,
-        out_channels=config.latent_channels, layers_per_block=1, block_out_channels=tuple(config.unet_channels),
+        out_channels=config.latent_channels, layers_per_block=config.unet_layers_per_block,
+        block_out_channels=tuple(config.unet_channels),
         down_block_types=down, up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
         cross_attention_dim=config.text_hidden_size, attention_head_dim=4, norm_num_groups=16,
     )
@@ -577,6 +581,20 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def changed_flags(config: dict[str, Any]) -> str:
+    """The flags (other than --output) by which a recorded config differs from the defaults: the card's command
+    must rebuild this base, not the default one."""
+    flags = ""
+    for field in dataclasses.fields(TinyBaseConfig):
+        if field.name in config and field.default is not dataclasses.MISSING and field.name != "measure_only":
+            value = config[field.name]
+            value = tuple(value) if isinstance(value, list) else value  # as JSON gives it back
+            if value != field.default:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                flags += f" --{field.name} {shown}"
+    return flags
+
+
 def write_model_card(folder: Path, report: dict[str, Any]) -> None:
     """README.md of the folder: what it is, how it was made, how well it draws."""
     m, t = report["metrics"], report.get("training", {})
@@ -586,7 +604,8 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> None:
         "A tiny Stable Diffusion (diffusers layout, safetensors) pretrained from nothing on 32x32 circle images",
         "captioned like \"a red circle on a light blue background\": it draws the captioned colours and puts the",
         "circle anywhere, for a ControlNet to learn where (the ControlNet paper's fill50k task).", "",
-        f"Made by `python -m demo.tiny_base --output {output}` (`demo/tiny_base.py`; the recipe is in its docstring,",
+        f"Made by `python -m demo.tiny_base --output {output}{changed_flags(report.get('config', {}))}` "
+        "(`demo/tiny_base.py`; the recipe is in its docstring,",
         "every other setting is in `tiny_base.json`, with the figures); `samples.png` shows one sample per colour",
         "pair (row: circle, column: background).",
         "", "| | |", "|---|---|",
