@@ -81,6 +81,8 @@ class EvalConfig:
     """Replace an evaluation already in ``output_dir`` (refused otherwise)."""
     held_out_ids: tuple[str, ...] | None = None
     """The run's held-out rows (train_summary.json); None: no record."""
+    run_manifest: str | None = None
+    """The manifest the run trained on (train_summary.json), to tell which rows of another manifest it saw."""
 
     @property
     def conditions(self) -> tuple[str, ...]:
@@ -243,7 +245,7 @@ def with_run_defaults(config: EvalConfig) -> tuple[EvalConfig, list[str]]:
     nor recorded."""
     folder = controlnet_folder(config.controlnet)
     recorded = run_settings(train_summary(folder))
-    changes: dict[str, Any] = {"held_out_ids": recorded.get("held_out_ids")}
+    changes: dict[str, Any] = {"held_out_ids": recorded.get("held_out_ids"), "run_manifest": recorded.get("manifest")}
     warnings = []
     for name in RUN_DEFAULTS:
         given = getattr(config, name)
@@ -267,11 +269,28 @@ def with_run_defaults(config: EvalConfig) -> tuple[EvalConfig, list[str]]:
 
 
 def trained_rows(config: EvalConfig, ids: Sequence[str]) -> list[str]:
-    """The ``ids`` evaluated that the run trained on (not among its held-out rows); [] without a record."""
+    """The ``ids`` evaluated that the run trained on: rows of its manifest it did not hold out ([] without a
+    record). On another manifest those are only the ids the run's manifest has too (the same files re-annotated);
+    fresh rows are held out whatever their ids, and a run's manifest that cannot be read claims none."""
     if config.held_out_ids is None:
         return []
     held_out = set(config.held_out_ids)
-    return [i for i in ids if i not in held_out]
+    candidates = [i for i in ids if i not in held_out]
+    run_manifest = config.run_manifest
+    if not candidates or run_manifest is None or same_setting("manifest", config.manifest, run_manifest):
+        return candidates
+    seen = manifest_ids(run_manifest)
+    return [i for i in candidates if i in seen]
+
+
+def manifest_ids(manifest: str) -> set[str]:
+    """The ids of ``manifest``'s ok rows; none when it cannot be read (moved or deleted since the run)."""
+    import manifests
+
+    try:
+        return set(manifests.read(manifest, columns=["id"], status="ok", duplicates="keep")["id"])
+    except (OSError, ValueError):
+        return set()
 
 
 def check(config: EvalConfig) -> dict[str, Any]:
