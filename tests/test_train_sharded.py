@@ -184,3 +184,19 @@ def test_sharded_weights_refuse_ema_and_validation_sampling(mode, flags, message
     problem = flag_problem(config, mode)
     assert problem and message in problem and MODES[mode].name in problem
     assert flag_problem(config, "zero2") is None and flag_problem(config, None) is None  # whole weights: fine
+
+
+@pytest.mark.parametrize("method", ["controlnet_xs", "channel_concat"])
+@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
+def test_control_methods_other_than_a_controlnet_are_refused_under_sharded_weights(mode, method):
+    """ControlNet-XS (and channel-concat) were never built for sharding: refused in one line, not left to fail
+    inside the wrap policy or the gathered export."""
+    from types import SimpleNamespace
+
+    from train.sharding import MODES, flag_problem
+
+    config = SimpleNamespace(control_method=method, controlnet_lora_rank=None, use_ema=False, validation_enabled=False)
+    problem = flag_problem(config, mode)
+    assert problem and f"--control_method {method} is not supported under" in problem and MODES[mode].name in problem
+    assert flag_problem(config, "zero2") is None
+    assert flag_problem(SimpleNamespace(**{**vars(config), "control_method": "controlnet"}), mode) is None

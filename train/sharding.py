@@ -65,6 +65,11 @@ def flag_problem(config: Any, mode: str | None) -> str | None:
     if mode is None or not MODES[mode].shards_weights:
         return None
     name = MODES[mode].name
+    method = getattr(config, "control_method", "controlnet")
+    if method != "controlnet":  # the wrap policy, gathered export and checkpoints are built for a ControlNet
+        return (f"--control_method {method} is not supported under {name}: sharding is built for a ControlNet "
+                "(its wrap policy names ControlNet blocks); its trained part is small enough for DDP (channel-concat's "
+                "--control_lora_rank 0 full fine-tune is not), so launch without the sharding config")
     if getattr(config, "controlnet_lora_rank", None):
         return (f"--controlnet_lora_rank is not supported under {name}: a ControlNet-LoRA trains only its adapters, "
                 "small enough for DDP; launch without the sharding config")
