@@ -4,11 +4,11 @@ load_lora_weights loads and that the condition steers, and flags refused before 
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
+
+from tests.test_train_families import resumed_run, train_keeping_base
 
 
 def concat_args(manifest, base, out, *extra) -> list[str]:
@@ -81,36 +81,13 @@ def test_the_trained_module_holds_only_the_lora_or_with_rank_0_the_whole_transfo
 # --- a run: only the LoRA changes, the optimiser and checkpoints hold only it, exact resume, export -----
 
 
-def train_keeping_base(base_dir, out, args: list[str]) -> dict:
-    """Train in process with ``args``, keeping the base the loop trained beside (for checks after the run)."""
-    from accelerate.state import AcceleratorState
-
-    from train import loop
-    from train.data import check_conditions
-    from train.models import load_base
-    from train.train import parse_args
-
-    captured = {}
-
-    def keep(path, resolution):
-        captured["base"] = load_base(path, resolution)
-        return captured["base"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_base", keep)
-        config = parse_args(args)
-        result = loop.train(config, check_conditions(config.manifest, config.condition))
-    AcceleratorState._reset_state(True)
-    return {"base_dir": base_dir, "out": out, "args": args, "base": captured["base"], "result": result}
-
-
 @pytest.fixture(scope="module")
 def concat_run(demo_manifest, tiny_flux, tmp_path_factory):
     """3 steps (checkpoints at 2 and 3, validation samples at 3), keeping the base the loop trained beside."""
     out = tmp_path_factory.mktemp("concat_run") / "run"
     args = concat_args(demo_manifest, tiny_flux, out, "--max_train_steps", "3", "--checkpointing_steps", "2",
                        "--validation_steps", "3", "--num_validation_rows", "2", "--num_validation_images", "1")
-    return train_keeping_base(tiny_flux, out, args)
+    return train_keeping_base("flux", tiny_flux, out, args)
 
 
 @pytest.mark.slow
@@ -165,13 +142,8 @@ def test_resume_matches_an_uninterrupted_run(concat_run, tmp_path):
     from safetensors.torch import load_file
 
     from train.channel_concat import LORA_FILE
-    from train.train import main
 
-    straight, resumed = concat_run["out"], tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    args = [a if a != str(straight) else str(resumed) for a in concat_run["args"]]
-    assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    straight, resumed = concat_run["out"], resumed_run(concat_run, "checkpoint-2", tmp_path)
     a, b = load_file(straight / LORA_FILE), load_file(resumed / LORA_FILE)
     assert set(a) == set(b) and a
     for k in a:

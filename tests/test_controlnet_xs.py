@@ -4,13 +4,12 @@ SD and SDXL: diffusers' XS fuses only that layout): zero start, what trains, res
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from tests.test_train_families import train_args, train_keeping_base
+from tests.test_train_families import resumed_run, train_args, train_keeping_base
 
 PIPELINE = {"sd": "StableDiffusionControlNetXSPipeline", "sdxl": "StableDiffusionXLControlNetXSPipeline"}
 XS = ["--control_method", "controlnet_xs", "--controlnet_xs_size_ratio", "0.5"]  # 0.1 leaves tiny heads no width
@@ -218,13 +217,7 @@ def test_training_changes_the_adapter_and_never_the_base(xs_run):
 
 @pytest.mark.slow
 def test_xs_resume_matches_an_uninterrupted_run(xs_run, tmp_path):
-    from train.train import main
-
-    straight, resumed = xs_run["out"], tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    args = [a if a != str(straight) else str(resumed) for a in xs_run["args"]]
-    assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    straight, resumed = xs_run["out"], resumed_run(xs_run, "checkpoint-2", tmp_path)
     a, b = load_adapter(straight / "controlnet").state_dict(), load_adapter(resumed / "controlnet").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,9 +198,9 @@ def test_training_changes_the_controlnet_and_never_the_base(straight_run):
     assert np.isfinite(straight_run["result"]["figures"]["final_loss"])
 
 
-def assert_resume_from_checkpoint_is_exact(run: dict, checkpoint: str, tmp_path) -> None:
-    """Resume ``run`` (a ``train_keeping_base`` result) from its ``checkpoint`` folder in a new output dir: the
-    exported ControlNet equals the uninterrupted run's exactly."""
+def resumed_run(run: dict, checkpoint: str, tmp_path) -> Path:
+    """The output dir of ``run`` (a ``train_keeping_base`` result) resumed from its ``checkpoint`` folder in a new
+    output dir with the same flags, trained to the end."""
     from train.train import main
 
     straight, resumed = run["out"], tmp_path / "resumed"
@@ -207,6 +208,12 @@ def assert_resume_from_checkpoint_is_exact(run: dict, checkpoint: str, tmp_path)
     shutil.copytree(straight / checkpoint, resumed / checkpoint)
     args = [a if a != str(straight) else str(resumed) for a in run["args"]]
     assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    return resumed
+
+
+def assert_resume_from_checkpoint_is_exact(run: dict, checkpoint: str, tmp_path) -> None:
+    """Resumed from its ``checkpoint``, ``run``'s exported ControlNet equals the uninterrupted run's exactly."""
+    straight, resumed = run["out"], resumed_run(run, checkpoint, tmp_path)
     a = load_exported(run["family"], straight / "controlnet").state_dict()
     b = load_exported(run["family"], resumed / "controlnet").state_dict()
     assert set(a) == set(b)

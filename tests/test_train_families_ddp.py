@@ -137,8 +137,13 @@ def test_flux_with_ema_and_gradient_checkpointing_under_ddp(demo_manifest, tiny_
                     "--max_train_steps", "2", "--checkpointing_steps", "2"), processes=2)
     assert_ranks_in_sync(out)  # the raw trained weights, before the EMA is copied in for export
     assert summary_of(out)["figures"]["global_step"] == 2
-    exported = load_exported("flux", out / "controlnet")
-    ema = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert_export_holds_the_ema(out, "flux", "checkpoint-2")
+
+
+def assert_export_holds_the_ema(out, family: str, checkpoint: str) -> None:
+    """The run's exported ControlNet holds the EMA weights its ``checkpoint`` saved (accelerate's custom object)."""
+    exported = load_exported(family, out / "controlnet")
+    ema = torch.load(out / checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
     params = list(exported.parameters())
     assert len(params) == len(ema["shadow_params"])
     for param, shadow in zip(params, ema["shadow_params"]):

@@ -18,6 +18,7 @@ import torch
 
 from tests.test_train import ACCELERATE, ROOT
 from tests.test_train_families import load_exported, train_args
+from tests.test_train_families_ddp import assert_export_holds_the_ema
 
 CONFIGS = ROOT / "train" / "accelerate_configs"
 TRAIN = ROOT / "train" / "train.py"
@@ -149,12 +150,7 @@ def test_deepspeed_zero2_keeps_ema_working_and_exports_it(demo_manifest, tiny_fl
     assert np.isfinite(summary_of(out)["figures"]["final_loss"])
     optimizer_parts = list((out / "checkpoint-2" / "pytorch_model").glob("*zero_pp_rank_*optim_states.pt"))
     assert len(optimizer_parts) == 2  # DeepSpeed's layout: AdamW state partitioned, one file per rank
-    exported = load_exported("flux", out / "controlnet")
-    ema = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
-    params = list(exported.parameters())
-    assert len(params) == len(ema["shadow_params"])
-    for param, shadow in zip(params, ema["shadow_params"]):
-        assert torch.allclose(param, shadow, atol=1e-7)  # the export holds the EMA weights
+    assert_export_holds_the_ema(out, "flux", "checkpoint-2")
 
 
 # --- what each launch mode refuses, before any model loads (in process, fast) -------------------------------
